@@ -1,0 +1,346 @@
+//! Small value types that both the command line and the TOML file accept.
+//!
+//! Each type parses through `FromStr`, so a flag and its config key can never disagree about
+//! what a valid value is. Nothing here knows which key a value came from: callers add that.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+/// Implements `Deserialize` through `FromStr`, so serde errors carry the same text as flag errors.
+macro_rules! deserialize_from_str {
+    ($ty:ty) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(de::Error::custom)
+            }
+        }
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    };
+}
+
+/// A duration written as a whole number and a unit: `500ms`, `5s`, `10m`, `1h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        if digits.is_empty() {
+            return Err(format!(
+                "invalid duration {s:?}: expected a number and a unit, such as 500ms, 5s or 10m"
+            ));
+        }
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "" => {
+                return Err(format!(
+                    "invalid duration {s:?}: missing unit (ms, s, m or h)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
+                ))
+            }
+        };
+        Ok(Dur(d))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            _ if ms % 3_600_000 == 0 && ms > 0 => write!(f, "{}h", ms / 3_600_000),
+            _ if ms % 60_000 == 0 && ms > 0 => write!(f, "{}m", ms / 60_000),
+            _ if ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            _ => write!(f, "{ms}ms"),
+        }
+    }
+}
+deserialize_from_str!(Dur);
+
+/// A `host:port` or `ip:port` to connect to. Names are resolved once, when the config is loaded,
+/// so a DNS failure is a config error rather than a per-connection one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    /// What the operator wrote, kept for logs and for `mxgate check`.
+    pub text: String,
+    /// The first address it resolved to.
+    pub addr: SocketAddr,
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(HostPort {
+                text: s.to_string(),
+                addr,
+            });
+        }
+        if !s.contains(':') {
+            return Err(format!("invalid address {s:?}: expected HOST:PORT"));
+        }
+        let addr = s
+            .to_socket_addrs()
+            .map_err(|e| format!("invalid address {s:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("invalid address {s:?}: the name has no address"))?;
+        Ok(HostPort {
+            text: s.to_string(),
+            addr,
+        })
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+deserialize_from_str!(HostPort);
+
+/// Where the metrics endpoint listens, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    On(SocketAddr),
+}
+
+impl FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(MetricsAddr::Off);
+        }
+        s.parse()
+            .map(MetricsAddr::On)
+            .map_err(|_| format!("invalid metrics address {s:?}: expected IP:PORT or off"))
+    }
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsAddr::Off => f.write_str("off"),
+            MetricsAddr::On(a) => write!(f, "{a}"),
+        }
+    }
+}
+deserialize_from_str!(MetricsAddr);
+
+/// A listening address. Only literal addresses: binding to a name is ambiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse().map(ListenAddr).map_err(|_| {
+            format!("invalid listen address {s:?}: expected IP:PORT, such as 0.0.0.0:25 or [::]:25")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+deserialize_from_str!(ListenAddr);
+
+/// A complete SMTP reply line that replaces one of mxgate's own, without its CRLF.
+///
+/// It must be one line of printable ASCII that starts with a 4xx or 5xx code and a space, because
+/// a client reads anything else as a protocol error or, worse, as acceptance.
+/// `{hostname}` is replaced by the configured host name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplyText(pub String);
+
+/// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including its CRLF.
+const MAX_REPLY_LINE: usize = 510;
+
+impl FromStr for ReplyText {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.contains(['\r', '\n']) {
+            return Err("invalid reply: it must be a single line".into());
+        }
+        if let Some(c) = s.chars().find(|c| !(' '..='~').contains(c)) {
+            return Err(format!(
+                "invalid reply {s:?}: character {c:?} is not printable ASCII"
+            ));
+        }
+        let b = s.as_bytes();
+        let code_ok = b.len() >= 4
+            && (b[0] == b'4' || b[0] == b'5')
+            && b[1].is_ascii_digit()
+            && b[2].is_ascii_digit()
+            && b[3] == b' ';
+        if !code_ok {
+            return Err(format!(
+                "invalid reply {s:?}: it must start with a 4xx or 5xx code followed by a space"
+            ));
+        }
+        if s.len() > MAX_REPLY_LINE {
+            return Err(format!(
+                "invalid reply: {} characters, more than the {MAX_REPLY_LINE} SMTP allows",
+                s.len()
+            ));
+        }
+        Ok(ReplyText(s.to_string()))
+    }
+}
+
+impl fmt::Display for ReplyText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+deserialize_from_str!(ReplyText);
+
+/// A size in bytes: `4096`, `64KiB`, `1MiB`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: usize = digits.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected bytes, such as 65536, 64KiB or 1MiB")
+        })?;
+        let mult = match unit {
+            "" | "B" => 1,
+            "KiB" | "K" => 1024,
+            "MiB" | "M" => 1024 * 1024,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use KiB or MiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            n if n > 0 && n % (1024 * 1024) == 0 => write!(f, "{}MiB", n / (1024 * 1024)),
+            n if n > 0 && n % 1024 == 0 => write!(f, "{}KiB", n / 1024),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+deserialize_from_str!(ByteSize);
+
+/// A domain name as it may appear first in an SMTP greeting (RFC 5321 §4.3.1).
+pub fn validate_hostname(s: &str) -> Result<(), String> {
+    let ok_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if s.is_empty() || s.len() > 253 || !s.trim_end_matches('.').split('.').all(ok_label) {
+        return Err(format!(
+            "invalid host name {s:?}: expected a domain name such as mx.example.com"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print_back() {
+        for (text, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("5s", Duration::from_secs(5)),
+            ("10m", Duration::from_secs(600)),
+            ("2h", Duration::from_secs(7200)),
+        ] {
+            let parsed: Dur = text.parse().unwrap();
+            assert_eq!(parsed.0, d);
+            assert_eq!(parsed.to_string(), text);
+        }
+        for bad in ["", "5", "s", "5x", "-5s", "5.5s", "99999999999999999999s"] {
+            assert!(bad.parse::<Dur>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn reply_text_rules() {
+        assert!("421 4.3.2 busy".parse::<ReplyText>().is_ok());
+        assert!("554 5.7.1 no".parse::<ReplyText>().is_ok());
+        for bad in [
+            "250 ok",
+            "421",
+            "421-multi",
+            "4x1 no",
+            "421 a\r\n250 b",
+            "421 caf\u{e9}",
+        ] {
+            assert!(
+                bad.parse::<ReplyText>().is_err(),
+                "{bad:?} must be rejected"
+            );
+        }
+        assert!(format!("421 {}", "x".repeat(600))
+            .parse::<ReplyText>()
+            .is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
+        for bad in ["", "1GiB", "x", "1.5MiB"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn host_names() {
+        assert!(validate_hostname("mx.example.com").is_ok());
+        assert!(validate_hostname("localhost").is_ok());
+        for bad in ["", "a b", "-a.com", "a..b", "x_y.com"] {
+            assert!(validate_hostname(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+}

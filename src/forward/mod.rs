@@ -1,0 +1,224 @@
+//! Forwarding: moves bytes between an admitted client and its backend, both ways, unchanged.
+//!
+//! [`forward`] runs the two directions concurrently in the session's own task, plus an idle
+//! watchdog. Each direction is a *pump* that moves bytes in bursts: wait until the source is
+//! readable, move everything it has, go back to waiting. Between bursts a direction holds no
+//! buffer and no pipe, so an idle SMTP session costs two sockets and a small task.
+//!
+//! A FIN from one side shuts down writing toward the other side only once everything before it
+//! has been written (half-close), and the other direction goes on until it ends too. An error on
+//! either side ends the session: both sockets are closed when the streams drop.
+//!
+//! Bytes are never altered, dropped or reordered. This module never decides admission and never
+//! writes anything of its own to either peer.
+
+mod copy;
+#[cfg(target_os = "linux")]
+pub mod splice;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// How bytes are moved. `Splice` is Linux's zero-copy path; `Copy` goes through userspace.
+#[derive(Clone)]
+pub enum Mode {
+    Copy,
+    #[cfg(target_os = "linux")]
+    Splice(Arc<splice::PipePool>),
+}
+
+/// Which peer a fault came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+/// How a forwarded session ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both sides finished sending and every byte was delivered.
+    Closed,
+    /// No byte moved in either direction for the idle timeout.
+    Idle,
+    /// A read or write on one side failed (reset, broken pipe, ...).
+    Fault(Side, io::Error),
+    /// The session was cut from outside (drain deadline).
+    Cancelled,
+}
+
+impl End {
+    /// A short word for logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Idle => "idle_timeout",
+            End::Fault(Side::Client, _) => "client_error",
+            End::Fault(Side::Backend, _) => "backend_error",
+            End::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a session moved, and how it ended.
+#[derive(Debug)]
+pub struct Report {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+    /// Of those bytes, how many went through a pipe rather than userspace.
+    pub spliced: u64,
+    pub end: End,
+}
+
+/// Process-wide counters the pumps feed while bytes move, so long sessions show up live.
+#[derive(Clone)]
+pub struct Traffic {
+    pub client_to_backend: Counter,
+    pub backend_to_client: Counter,
+    pub spliced: Counter,
+    pub splice_fallbacks: Counter,
+}
+
+/// State the two pumps of one session share.
+struct Shared<'a> {
+    traffic: &'a Traffic,
+    /// When the session started; activity is measured from here.
+    start: Instant,
+    /// Milliseconds from `start` to the last byte moved in either direction.
+    last_activity_ms: AtomicU64,
+    c2b: AtomicU64,
+    b2c: AtomicU64,
+    spliced: AtomicU64,
+    /// Set when splice turned out not to work for these sockets; both directions then copy.
+    splice_failed: AtomicBool,
+}
+
+impl Shared<'_> {
+    fn moved(&self, to: Side, n: usize) {
+        let n = n as u64;
+        let (total, counter) = match to {
+            Side::Backend => (&self.c2b, &self.traffic.client_to_backend),
+            Side::Client => (&self.b2c, &self.traffic.backend_to_client),
+        };
+        total.fetch_add(n, Ordering::Relaxed);
+        counter.increment(n);
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// One direction of a session: bytes flow from `src` to `dst`.
+struct Flow<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    /// The peer `dst` belongs to; `src` is the other one.
+    to: Side,
+    shared: &'a Shared<'a>,
+}
+
+impl Flow<'_> {
+    fn from(&self) -> Side {
+        match self.to {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
+    /// Propagates the source's FIN: no more bytes will be written toward `dst`.
+    fn finish(&self) -> Result<(), (Side, io::Error)> {
+        match socket2::SockRef::from(self.dst).shutdown(std::net::Shutdown::Write) {
+            Ok(()) => Ok(()),
+            // The peer is already gone; the other direction reports how.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err((self.to, e)),
+        }
+    }
+}
+
+/// Moves bytes both ways until both sides have finished, one side fails, no byte moves for
+/// `idle`, or `cancel` resolves.
+pub async fn forward(
+    client: &TcpStream,
+    backend: &TcpStream,
+    mode: &Mode,
+    idle: Duration,
+    traffic: &Traffic,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Report {
+    let shared = Shared {
+        traffic,
+        start: Instant::now(),
+        last_activity_ms: AtomicU64::new(0),
+        c2b: AtomicU64::new(0),
+        b2c: AtomicU64::new(0),
+        spliced: AtomicU64::new(0),
+        splice_failed: AtomicBool::new(false),
+    };
+    let up = Flow {
+        src: client,
+        dst: backend,
+        to: Side::Backend,
+        shared: &shared,
+    };
+    let down = Flow {
+        src: backend,
+        dst: client,
+        to: Side::Client,
+        shared: &shared,
+    };
+    let end = tokio::select! {
+        r = async { tokio::try_join!(pump(&up, mode), pump(&down, mode)) } => match r {
+            Ok(_) => End::Closed,
+            Err((side, e)) => End::Fault(side, e),
+        },
+        () = idle_watch(&shared, idle) => End::Idle,
+        () = cancel => End::Cancelled,
+    };
+    Report {
+        client_to_backend: shared.c2b.load(Ordering::Relaxed),
+        backend_to_client: shared.b2c.load(Ordering::Relaxed),
+        spliced: shared.spliced.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// Runs one direction to its end with the configured mode.
+async fn pump(flow: &Flow<'_>, mode: &Mode) -> Result<(), (Side, io::Error)> {
+    match mode {
+        Mode::Copy => copy::pump(flow).await,
+        #[cfg(target_os = "linux")]
+        Mode::Splice(pool) => splice::pump(flow, pool).await,
+    }
+}
+
+/// Resolves once no byte has moved for `idle`.
+async fn idle_watch(shared: &Shared<'_>, idle: Duration) {
+    loop {
+        let last = Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
+        let deadline = shared.start + last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// Writes all of `data` to `dst`, waiting for room as needed.
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

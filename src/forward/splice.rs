@@ -1,0 +1,329 @@
+//! The zero-copy forwarder for Linux: socket → pipe → socket with splice(2).
+//!
+//! Rules this module keeps, each learnt from other proxies' bugs:
+//! - A direction borrows a pipe from a bounded [`PipePool`] only for a burst and returns it as
+//!   soon as it is empty, so an idle session holds no pipe (2 fds, not 6), and thousands of idle
+//!   sessions never run into the per-user pipe quota (`fs.pipe-user-pages-soft`).
+//! - It only ever splices into an *empty* pipe, so EAGAIN from socket→pipe means "socket empty"
+//!   and clearing tokio's readiness is right; EAGAIN from pipe→socket means "destination full".
+//! - The length passed is never above the pipe's real size (read back with `F_GETPIPE_SZ`).
+//! - The FIN toward the destination is sent only after the pipe has been drained into it.
+//! - A pipe that still holds bytes when its session ends is closed, never pooled.
+//! - When no pipe is free, that step is copied through userspace instead; when splice itself is
+//!   refused (EINVAL, ENOSYS), the session switches to copying and the fallback is counted.
+//!
+//! This module must never drop, reorder or duplicate a byte, and never block a thread.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use metrics::Counter;
+use tokio::io::Interest;
+
+use super::copy::{self, Burst};
+use super::{Flow, Side};
+
+/// The pipe size asked for when none is configured.
+pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
+/// The most pipes a privileged process keeps in existence; each costs two descriptors.
+const MAX_PIPES_PRIVILEGED: usize = 1024;
+/// The fewest pipes a pool allows, so splice is used at all under a tiny quota.
+const MIN_PIPES: usize = 4;
+
+/// A pipe owned by the pool, with the size the kernel actually gave it.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    size: usize,
+}
+
+/// A bounded set of pipes shared by every session.
+pub struct PipePool {
+    idle: Mutex<Vec<Pipe>>,
+    /// Pipes in existence: idle in the pool or borrowed by a direction.
+    live: AtomicUsize,
+    /// The bound on `live`.
+    max: usize,
+    /// The size asked for with `F_SETPIPE_SZ`.
+    want_size: usize,
+    /// Steps that were copied because every pipe was in use.
+    exhausted: Counter,
+}
+
+impl PipePool {
+    /// A pool of pipes of about `pipe_size` bytes (capped at `fs.pipe-max-size`), bounded so
+    /// that its pipes fit in half of the per-user pipe quota when running unprivileged.
+    pub fn new(pipe_size: usize, exhausted: Counter) -> Arc<PipePool> {
+        let max_size = read_proc_usize("/proc/sys/fs/pipe-max-size").unwrap_or(DEFAULT_PIPE_SIZE);
+        let want_size = pipe_size.min(max_size).max(4096);
+        Self::with_bound(want_size, pool_bound(want_size), exhausted)
+    }
+
+    /// A pool of at most `max` pipes of about `want_size` bytes.
+    pub fn with_bound(want_size: usize, max: usize, exhausted: Counter) -> Arc<PipePool> {
+        tracing::debug!(want_size, max_pipes = max, "splice pipe pool");
+        Arc::new(PipePool {
+            idle: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+            max,
+            want_size,
+            exhausted,
+        })
+    }
+
+    /// The most pipes this pool keeps in existence.
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
+    /// Pipes in existence right now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Borrows an empty pipe, creating one while under the bound. `None` means "copy this step".
+    fn borrow(self: &Arc<Self>) -> Option<Loan> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pipe = match pooled {
+            Some(p) => p,
+            None => {
+                let reserved = self
+                    .live
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.max).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !reserved {
+                    self.exhausted.increment(1);
+                    return None;
+                }
+                match new_pipe(self.want_size) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.live.fetch_sub(1, Ordering::AcqRel);
+                        self.exhausted.increment(1);
+                        tracing::debug!(error = %e, "cannot create a pipe; copying this step");
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(Loan {
+            pool: self.clone(),
+            pipe: Some(pipe),
+            filled: 0,
+        })
+    }
+}
+
+/// A borrowed pipe and how many bytes sit in it. Dropping it returns the pipe when empty and
+/// closes it otherwise, so stale bytes can never leak into another session.
+struct Loan {
+    pool: Arc<PipePool>,
+    pipe: Option<Pipe>,
+    filled: usize,
+}
+
+impl Loan {
+    fn pipe(&self) -> &Pipe {
+        self.pipe.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        let pipe = self.pipe.take().expect("present until drop");
+        if self.filled == 0 {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(pipe);
+        } else {
+            drop(pipe);
+            self.pool.live.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Runs one direction to its end, splicing while it can.
+pub(super) async fn pump(flow: &Flow<'_>, pool: &Arc<PipePool>) -> Result<(), (Side, io::Error)> {
+    loop {
+        flow.src.readable().await.map_err(|e| (flow.from(), e))?;
+        let step = if flow.shared.splice_failed.load(Ordering::Relaxed) {
+            None
+        } else {
+            pool.borrow()
+        };
+        let burst = match step {
+            Some(loan) => splice_burst(flow, loan).await?,
+            None => copy::burst(flow).await?,
+        };
+        if let Burst::Eof = burst {
+            return flow.finish();
+        }
+    }
+}
+
+/// Fills the (empty) pipe from the source and drains it into the destination, until the
+/// source has nothing more. Falls back to a copy burst if splice is refused.
+async fn splice_burst(flow: &Flow<'_>, mut loan: Loan) -> Result<Burst, (Side, io::Error)> {
+    let src_fd = flow.src.as_raw_fd();
+    let dst_fd = flow.dst.as_raw_fd();
+    loop {
+        debug_assert_eq!(loan.filled, 0, "only an empty pipe is filled");
+        let (pipe_in, size) = (loan.pipe().write.as_raw_fd(), loan.pipe().size);
+        let filled = flow
+            .src
+            .try_io(Interest::READABLE, || splice(src_fd, pipe_in, size));
+        match filled {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(n) => loan.filled = n,
+            // The pipe is empty, so this can only mean the socket is: readiness is cleared.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                flow.shared.splice_failed.store(true, Ordering::Relaxed);
+                flow.shared.traffic.splice_fallbacks.increment(1);
+                tracing::warn!(error = %e, "splice refused for this session; copying instead");
+                drop(loan);
+                return copy::burst(flow).await;
+            }
+            Err(e) => return Err((flow.from(), e)),
+        }
+        drain(flow, &mut loan, dst_fd).await?;
+    }
+}
+
+/// Writes the pipe's bytes to the destination, waiting for room as needed.
+async fn drain(flow: &Flow<'_>, loan: &mut Loan, dst_fd: RawFd) -> Result<(), (Side, io::Error)> {
+    let pipe_out = loan.pipe().read.as_raw_fd();
+    while loan.filled > 0 {
+        flow.dst.writable().await.map_err(|e| (flow.to, e))?;
+        let len = loan.filled;
+        match flow
+            .dst
+            .try_io(Interest::WRITABLE, || splice(pipe_out, dst_fd, len))
+        {
+            Ok(n) => {
+                loan.filled -= n;
+                flow.shared.moved(flow.to, n);
+                flow.shared.spliced.fetch_add(n as u64, Ordering::Relaxed);
+                flow.shared.traffic.spliced.increment(n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((flow.to, e)),
+        }
+    }
+    Ok(())
+}
+
+/// One non-blocking splice of at most `len` bytes.
+fn splice(fd_in: RawFd, fd_out: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call (borrowed from live
+    // streams and pipes), null offsets are required for sockets and pipes, and the kernel
+    // reads and writes no user memory for splice.
+    let n = unsafe {
+        libc::splice(
+            fd_in,
+            std::ptr::null_mut(),
+            fd_out,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Creates a non-blocking pipe and grows it towards `want` bytes. Under an exceeded quota the
+/// kernel refuses to grow it (EPERM); the pipe is then kept at whatever size it has.
+fn new_pipe(want: usize) -> io::Result<Pipe> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid, writable array of two descriptors, as pipe2 requires.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let want = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ and F_GETPIPE_SZ take an int argument and touch no user memory.
+    let size = unsafe {
+        libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+        libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+    };
+    if size <= 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Pipe {
+        read,
+        write,
+        size: size as usize,
+    })
+}
+
+/// How many pipes of `size` bytes to allow: half of the per-user soft quota when it applies to
+/// this process, so the pool never pushes its own pipes down to one page.
+fn pool_bound(size: usize) -> usize {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let soft_pages = read_proc_usize("/proc/sys/fs/pipe-user-pages-soft").unwrap_or(16384);
+    if privileged || soft_pages == 0 {
+        return MAX_PIPES_PRIVILEGED;
+    }
+    let budget = soft_pages * 4096 / 2;
+    (budget / size).clamp(MIN_PIPES, MAX_PIPES_PRIVILEGED)
+}
+
+fn read_proc_usize(path: &str) -> Option<usize> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_are_sized_and_reused() {
+        let pool = PipePool::new(256 * 1024, metrics::Counter::noop());
+        let a = pool.borrow().unwrap();
+        assert!(a.pipe().size >= 4096 && a.pipe().size <= 256 * 1024);
+        let fd = a.pipe().read.as_raw_fd();
+        drop(a);
+        assert_eq!(pool.live(), 1);
+        let b = pool.borrow().unwrap();
+        assert_eq!(
+            b.pipe().read.as_raw_fd(),
+            fd,
+            "an empty pipe goes back to the pool"
+        );
+    }
+
+    #[test]
+    fn a_pipe_with_bytes_is_destroyed() {
+        let pool = PipePool::new(64 * 1024, metrics::Counter::noop());
+        let mut a = pool.borrow().unwrap();
+        a.filled = 10;
+        drop(a);
+        assert_eq!(pool.live(), 0);
+        assert!(pool.idle.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_bound_holds() {
+        let pool = PipePool::with_bound(64 * 1024, 8, metrics::Counter::noop());
+        let held: Vec<_> = (0..pool.capacity())
+            .map(|_| pool.borrow().unwrap())
+            .collect();
+        assert!(pool.borrow().is_none(), "past the bound a step is copied");
+        drop(held);
+        assert!(pool.borrow().is_some());
+    }
+}

@@ -1,0 +1,28 @@
+//! mxgate: a transparent TCP connection-limiting proxy for SMTP servers.
+//!
+//! It caps inbound connections globally and per source, answers clients over a limit with its
+//! own RFC 5321 `421` reply, and forwards everyone else to the backend byte for byte.
+//!
+//! | concern | module |
+//! | --- | --- |
+//! | flags, file, validation | [`config`] |
+//! | who gets in | [`admission`] |
+//! | mxgate's own replies and graceful close | [`reply`] |
+//! | moving bytes (splice, copy) | [`forward`] |
+//! | connecting to the mail server | [`backend`] |
+//! | Prometheus series and endpoint | [`metrics`] |
+//! | listening sockets, accept errors | [`listener`] |
+//! | accept loops and the connection lifecycle | [`server`] |
+
+pub mod admission;
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod reply;
+pub mod server;
+
+pub use config::Config;
+pub use server::{start, start_with, Running};

@@ -1,0 +1,269 @@
+//! Prometheus metrics: the fixed set of series mxgate exports, and the `/metrics` endpoint.
+//!
+//! Each running instance owns its own recorder instead of installing a process-wide one, so
+//! several instances (the tests run many in one process) never mix their counts. Handles are
+//! registered once at start-up; the hot path only touches atomics. No label ever carries an
+//! address, so the number of series is fixed.
+//!
+//! The endpoint is a deliberately tiny HTTP/1.x responder: it reads one bounded request head,
+//! answers it and closes. Anything it cannot parse gets a 400, never a crash.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::RejectReason;
+
+/// Buckets for the connect-time histogram: loopback connects take tens of µs, a remote backend
+/// under load can take seconds.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Buckets for session length: SMTP sessions last from milliseconds to the idle timeout.
+const SESSION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+/// A request head larger than this is not a metrics scrape.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// A scraper that has not sent its request head by then is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every series mxgate exports, as ready-to-use handles.
+pub struct Metrics {
+    /// The recorder that owns the storage behind every handle below.
+    recorder: PrometheusRecorder,
+    /// Renders the text exposition format on each scrape.
+    handle: PrometheusHandle,
+    pub accepted: Counter,
+    pub active: Gauge,
+    pub sources_active: Gauge,
+    /// Indexed by `RejectReason as usize`.
+    rejected: Vec<Counter>,
+    pub bytes_client_to_backend: Counter,
+    pub bytes_backend_to_client: Counter,
+    pub limit_max_connections: Gauge,
+    pub limit_max_per_source: Gauge,
+    pub backend_connect_seconds: Histogram,
+    pub session_duration_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("mxgate_backend_connect_seconds".into()),
+                CONNECT_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .set_buckets_for_metric(
+                Matcher::Full("mxgate_session_duration_seconds".into()),
+                SESSION_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            recorder.describe_counter(name.into(), unit, help.into());
+        };
+        describe(
+            "mxgate_connections_accepted_total",
+            None,
+            "Client connections accepted by the listeners, admitted or not.",
+        );
+        describe(
+            "mxgate_connections_active",
+            None,
+            "Admitted client sessions now open.",
+        );
+        describe(
+            "mxgate_sources_active",
+            None,
+            "Distinct sources (address masked to its prefix) with an admitted session open.",
+        );
+        describe(
+            "mxgate_connections_rejected_total",
+            None,
+            "Client connections answered by mxgate itself instead of the backend, by reason.",
+        );
+        describe(
+            "mxgate_bytes_total",
+            Some(Unit::Bytes),
+            "Bytes forwarded, by direction.",
+        );
+        describe("mxgate_limit", None, "The limits in force.");
+        describe(
+            "mxgate_backend_connect_seconds",
+            Some(Unit::Seconds),
+            "Time to connect to the backend.",
+        );
+        describe(
+            "mxgate_session_duration_seconds",
+            Some(Unit::Seconds),
+            "Length of forwarded sessions.",
+        );
+
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let key = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            Key::from_parts(
+                name,
+                labels
+                    .iter()
+                    .map(|(k, v)| Label::new(*k, *v))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let counter = |name, labels: &[(&'static str, &'static str)]| {
+            recorder.register_counter(&key(name, labels), &meta)
+        };
+        let gauge = |name, labels: &[(&'static str, &'static str)]| {
+            recorder.register_gauge(&key(name, labels), &meta)
+        };
+        let histogram = |name| recorder.register_histogram(&key(name, &[]), &meta);
+
+        let rejected = RejectReason::ALL
+            .iter()
+            .map(|r| {
+                counter(
+                    "mxgate_connections_rejected_total",
+                    &[("reason", r.label())],
+                )
+            })
+            .collect();
+        let m = Metrics {
+            accepted: counter("mxgate_connections_accepted_total", &[]),
+            active: gauge("mxgate_connections_active", &[]),
+            sources_active: gauge("mxgate_sources_active", &[]),
+            rejected,
+            bytes_client_to_backend: counter(
+                "mxgate_bytes_total",
+                &[("direction", "client_to_backend")],
+            ),
+            bytes_backend_to_client: counter(
+                "mxgate_bytes_total",
+                &[("direction", "backend_to_client")],
+            ),
+            limit_max_connections: gauge("mxgate_limit", &[("kind", "max_connections")]),
+            limit_max_per_source: gauge("mxgate_limit", &[("kind", "max_per_source")]),
+            backend_connect_seconds: histogram("mxgate_backend_connect_seconds"),
+            session_duration_seconds: histogram("mxgate_session_duration_seconds"),
+            handle,
+            recorder,
+        };
+        Arc::new(m)
+    }
+
+    pub fn rejected(&self, reason: RejectReason) -> &Counter {
+        &self.rejected[reason as usize]
+    }
+
+    /// Registers (or finds) a counter outside the fixed set. Only for series whose label values
+    /// come from a fixed, bounded set.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &meta)
+    }
+
+    /// The text exposition format, as served on `/metrics`.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+/// Serves `/metrics` until `stop` is cancelled. Each request is handled in its own task.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await;
+        });
+    }
+}
+
+/// Reads one request head and answers it.
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let complete = loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break false;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            break true;
+        }
+        if head.len() > MAX_REQUEST_HEAD {
+            break false;
+        }
+    };
+    let (status, body) = if !complete {
+        ("400 Bad Request", String::from("bad request\n"))
+    } else {
+        route(&head, metrics)
+    };
+    let is_head = head.starts_with(b"HEAD ");
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    if !is_head {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+fn route(head: &[u8], metrics: &Metrics) -> (&'static str, String) {
+    let line_end = head
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(head.len());
+    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
+        return ("400 Bad Request", "bad request\n".into());
+    };
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return ("400 Bad Request", "bad request\n".into());
+    };
+    if !version.starts_with("HTTP/1.") {
+        return ("400 Bad Request", "bad request\n".into());
+    }
+    if method != "GET" && method != "HEAD" {
+        return ("405 Method Not Allowed", "only GET and HEAD\n".into());
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match path {
+        "/metrics" => ("200 OK", metrics.render()),
+        "/" => ("200 OK", "mxgate: metrics at /metrics\n".into()),
+        _ => ("404 Not Found", "not found\n".into()),
+    }
+}
+
+/// Binds the metrics listener, so a busy port is an error at start-up.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

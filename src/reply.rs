@@ -1,0 +1,243 @@
+//! mxgate's own SMTP replies, and closing a refused connection so the client actually reads them.
+//!
+//! A reply followed at once by `close()` while unread client bytes remain makes the kernel send
+//! RST, and the client may never see the line. So a refused connection is answered with the line,
+//! then `shutdown(SHUT_WR)`, then a bounded read-and-discard, then the close. The number of
+//! connections lingering like that is bounded; past the bound they close right after the write.
+//!
+//! Rejections are also summarised here: at most one log line per reason every
+//! [`SUMMARY_INTERVAL`], never one per rejected connection, so a flood cannot flood the journal.
+//! Nothing in this module ever opens a backend connection.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::{timeout, Instant};
+
+use crate::admission::RejectReason;
+use crate::config::ReplyOverrides;
+
+/// How long a refused connection is read and discarded after the reply, at most.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How many bytes a refused connection may send after the reply before it is closed anyway.
+pub const LINGER_BYTES: usize = 64 * 1024;
+/// How many refused connections may linger at once; each holds a file descriptor.
+pub const MAX_LINGERING: usize = 1024;
+/// How long the reply itself may take to write. It is one short line, so only a client with a
+/// zero window can make it block.
+const WRITE_TIME: Duration = Duration::from_secs(2);
+/// How often, at most, a reason's rejections are logged.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+/// How many distinct sources a summary window tracks to find the busiest.
+const SUMMARY_SOURCES: usize = 4096;
+
+/// The reply templates; `{hostname}` is replaced by the configured host name.
+fn default_template(reason: RejectReason) -> &'static str {
+    match reason {
+        RejectReason::GlobalLimit => "421 4.3.2 {hostname} Too many connections, try again later",
+        RejectReason::SourceLimit => {
+            "421 4.7.0 {hostname} Too many connections from your address, try again later"
+        }
+        RejectReason::BackendUnavailable => {
+            "421 4.3.2 {hostname} Service not available, try again later"
+        }
+    }
+}
+
+/// The reply line for every reason, rendered once, CRLF included.
+#[derive(Clone, Debug)]
+pub struct Replies {
+    /// Indexed by `RejectReason as usize`.
+    lines: Vec<Box<[u8]>>,
+}
+
+impl Replies {
+    pub fn new(hostname: &str, overrides: &ReplyOverrides) -> Replies {
+        let lines = RejectReason::ALL
+            .iter()
+            .map(|&r| {
+                let over = match r {
+                    RejectReason::GlobalLimit => &overrides.global_limit,
+                    RejectReason::SourceLimit => &overrides.source_limit,
+                    RejectReason::BackendUnavailable => &overrides.backend_unavailable,
+                };
+                let template = over.as_ref().map_or(default_template(r), |t| t.0.as_str());
+                format!("{}\r\n", template.replace("{hostname}", hostname))
+                    .into_bytes()
+                    .into_boxed_slice()
+            })
+            .collect();
+        Replies { lines }
+    }
+
+    pub fn line(&self, reason: RejectReason) -> &[u8] {
+        &self.lines[reason as usize]
+    }
+}
+
+/// Bounds the connections that linger after a reply.
+pub struct Closer {
+    lingering: Semaphore,
+}
+
+impl Default for Closer {
+    fn default() -> Self {
+        Closer {
+            lingering: Semaphore::new(MAX_LINGERING),
+        }
+    }
+}
+
+impl Closer {
+    /// Writes `line`, half-closes, drains what the client still sends for a bounded time, then
+    /// closes. Returns whether the whole line was written.
+    pub async fn reply_and_close(&self, mut stream: TcpStream, line: &[u8]) -> bool {
+        let written = matches!(
+            timeout(WRITE_TIME, stream.write_all(line)).await,
+            Ok(Ok(()))
+        );
+        if !written {
+            return false;
+        }
+        // FIN after the line: the client reads the reply, then end-of-file.
+        if stream.shutdown().await.is_err() {
+            return true;
+        }
+        if let Ok(_permit) = self.lingering.try_acquire() {
+            drain(&stream).await;
+        }
+        true
+    }
+}
+
+/// Reads and discards until the client closes, [`LINGER_BYTES`] arrive, or [`LINGER_TIME`]
+/// passes. Without this, unread bytes at close() turn the FIN into an RST.
+async fn drain(stream: &TcpStream) {
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut buf = [0u8; 2048];
+    let mut seen = 0usize;
+    while seen < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Err(_) | Ok(Err(_)) => return,
+            Ok(Ok(())) => {}
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => seen += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Counts rejections per reason between two log lines, with the busiest source of each.
+#[derive(Default)]
+pub struct RejectSummary {
+    windows: Mutex<HashMap<RejectReason, Window>>,
+}
+
+#[derive(Default)]
+struct Window {
+    count: u64,
+    by_source: HashMap<IpNet, u64>,
+}
+
+impl RejectSummary {
+    pub fn record(&self, reason: RejectReason, source: IpNet) {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let w = windows.entry(reason).or_default();
+        w.count += 1;
+        let len = w.by_source.len();
+        match w.by_source.get_mut(&source) {
+            Some(n) => *n += 1,
+            None if len < SUMMARY_SOURCES => {
+                w.by_source.insert(source, 1);
+            }
+            None => {}
+        }
+    }
+
+    /// Logs one line per reason seen since the last flush, and starts new windows.
+    pub fn flush(&self) {
+        let windows = std::mem::take(&mut *self.windows.lock().unwrap_or_else(|p| p.into_inner()));
+        for (reason, w) in windows {
+            let (busiest, busiest_count) = w
+                .by_source
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map_or((String::from("-"), 0), |(s, n)| (display_source(s), *n));
+            tracing::warn!(
+                reason = reason.label(),
+                count = w.count,
+                busiest_source = %busiest,
+                busiest_count,
+                window_secs = SUMMARY_INTERVAL.as_secs(),
+                "connections rejected"
+            );
+        }
+    }
+
+    /// Flushes every [`SUMMARY_INTERVAL`] until dropped with its task.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            self.flush();
+        }
+    }
+}
+
+/// A source as an operator reads it: a bare address for a full-length prefix.
+pub fn display_source(s: &IpNet) -> String {
+    if s.prefix_len() == s.max_prefix_len() {
+        IpAddr::to_string(&s.addr())
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReplyText;
+
+    #[test]
+    fn default_lines_are_exact() {
+        let r = Replies::new("mx.example.com", &ReplyOverrides::default());
+        assert_eq!(
+            r.line(RejectReason::GlobalLimit),
+            b"421 4.3.2 mx.example.com Too many connections, try again later\r\n"
+        );
+        assert_eq!(
+            r.line(RejectReason::SourceLimit),
+            b"421 4.7.0 mx.example.com Too many connections from your address, try again later\r\n"
+        );
+        assert_eq!(
+            r.line(RejectReason::BackendUnavailable),
+            b"421 4.3.2 mx.example.com Service not available, try again later\r\n"
+        );
+    }
+
+    #[test]
+    fn overrides_replace_one_reason() {
+        let o = ReplyOverrides {
+            source_limit: Some(ReplyText("421 4.7.0 {hostname} slow down".into())),
+            ..ReplyOverrides::default()
+        };
+        let r = Replies::new("mx.t", &o);
+        assert_eq!(
+            r.line(RejectReason::SourceLimit),
+            b"421 4.7.0 mx.t slow down\r\n"
+        );
+        assert!(r
+            .line(RejectReason::GlobalLimit)
+            .starts_with(b"421 4.3.2 mx.t Too many"));
+    }
+}
