@@ -279,7 +279,7 @@ impl Settings {
             ),
         };
         if let Some(m) = metrics {
-            if listen.contains(&m) {
+            if m.port() != 0 && listen.contains(&m) {
                 return Err(err("metrics", format!("{m} is also a listen address")));
             }
         }

@@ -1,0 +1,174 @@
+//! The binary's edge: `mxgate check`, config errors, and the example configs in the repo.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn mxgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(args)
+        .output()
+        .expect("mxgate runs")
+}
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mxgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Every `.toml` the repo ships as an example.
+fn example_configs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = Vec::new();
+    for dir in ["systemd", "examples", "docs"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let configs = example_configs();
+    assert!(
+        !configs.is_empty(),
+        "the repo ships at least one example config"
+    );
+    for p in configs {
+        let out = mxgate(&["check", "--config", p.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        assert!(printed.contains("max_connections = "), "{printed}");
+    }
+}
+
+#[test]
+fn check_prints_the_effective_config_with_flags_applied() {
+    let p = write_config(
+        "ok.toml",
+        "backend = \"127.0.0.1:2525\"\nmax_per_source = 5\n",
+    );
+    let out = mxgate(&[
+        "check",
+        "--config",
+        p.to_str().unwrap(),
+        "--max-per-source",
+        "7",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("max_per_source = 7\n"), "{text}");
+    assert!(text.contains("max_connections = 1000\n"), "{text}");
+    assert!(text.contains("idle_timeout = \"10m\"\n"), "{text}");
+}
+
+#[test]
+fn bad_configs_fail_naming_file_and_key() {
+    let cases = [
+        (
+            "unknown-key.toml",
+            "backend = \"127.0.0.1:25\"\nmax_conections = 5\n",
+            "max_conections",
+        ),
+        (
+            "bad-duration.toml",
+            "backend = \"127.0.0.1:25\"\nidle_timeout = \"10 minutes\"\n",
+            "idle_timeout",
+        ),
+        (
+            "bad-address.toml",
+            "backend = \"not an address\"\n",
+            "backend",
+        ),
+        (
+            "bad-listen.toml",
+            "backend = \"127.0.0.1:25\"\nlisten = [\"0.0.0.0\"]\n",
+            "listen[0]",
+        ),
+        (
+            "bad-reply.toml",
+            "backend = \"127.0.0.1:25\"\n[replies]\nsource_limit = \"250 fine\"\n",
+            "replies.source_limit",
+        ),
+        (
+            "bad-prefix.toml",
+            "backend = \"127.0.0.1:25\"\nipv6_prefix = 200\n",
+            "ipv6_prefix",
+        ),
+        (
+            "bad-type.toml",
+            "backend = \"127.0.0.1:25\"\nmax_connections = -1\n",
+            "max_connections",
+        ),
+        ("bad-toml.toml", "backend = \n", ""),
+        ("no-backend.toml", "max_connections = 5\n", "backend"),
+    ];
+    for (name, text, key) in cases {
+        let p = write_config(name, text);
+        for sub in ["check", "run"] {
+            let out = mxgate(&[sub, "--config", p.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{sub} {name} must fail");
+            assert!(err.starts_with("mxgate: config file "), "{name}: {err}");
+            assert!(err.contains(name), "{name}: names the file: {err}");
+            assert!(
+                err.contains(&format!("key `{key}`")) || key.is_empty(),
+                "{name}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn config_is_validated_before_any_socket_is_bound() {
+    // Hold the port: if mxgate tried to bind before validating, it would fail on the port.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let p = write_config(
+        "late.toml",
+        "backend = \"127.0.0.1:25\"\nidle_timeout = \"5x\"\n",
+    );
+    let out = mxgate(&["run", "--config", p.to_str().unwrap(), "--listen", &listen]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("key `idle_timeout`"), "{err}");
+    assert!(!err.contains("in use"), "{err}");
+
+    // With a valid config, the busy port itself is the error, and the exit is non-zero.
+    let out = mxgate(&[
+        "run",
+        "--backend",
+        "127.0.0.1:25",
+        "--listen",
+        &listen,
+        "--metrics",
+        "off",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
+}
+
+#[test]
+fn bad_flags_are_rejected_too() {
+    let out = mxgate(&["run", "--backend", "127.0.0.1:25", "--idle-timeout", "soon"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--idle-timeout"), "{err}");
+}

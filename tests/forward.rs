@@ -1,0 +1,273 @@
+//! Byte-exact forwarding, in both the copy and the splice forwarder: bulk transfers both ways at
+//! once with half-close in either order, 1-byte ping-pong, a slow reader, resets mid-transfer,
+//! and the idle timeout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use mxgate::config::Forwarding;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const BULK: usize = 16 * 1024 * 1024;
+
+/// Sends `payload` and reads everything the other side sends, concurrently. When
+/// `fin_after_eof` is set, this side's FIN waits until the other side's FIN has arrived, so
+/// the two directions close in a chosen order. Returns what was received.
+async fn exchange(stream: TcpStream, payload: Vec<u8>, fin_after_eof: bool) -> Vec<u8> {
+    let (mut r, mut w) = stream.into_split();
+    let (eof_tx, eof_rx) = oneshot::channel();
+    let reader = async move {
+        let mut got = Vec::with_capacity(BULK);
+        r.read_to_end(&mut got).await.expect("no reset");
+        let _ = eof_tx.send(());
+        got
+    };
+    let writer = async move {
+        w.write_all(&payload).await.expect("write");
+        if fin_after_eof {
+            let _ = eof_rx.await;
+        }
+        w.shutdown().await.expect("shutdown");
+    };
+    let (got, ()) = tokio::join!(reader, writer);
+    got
+}
+
+/// A backend that accepts one connection and hands it to `f`.
+async fn one_shot_backend<F, Fut>(f: F) -> (SocketAddr, tokio::task::JoinHandle<Fut::Output>)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future + Send,
+    Fut::Output: Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        f(s).await
+    });
+    (addr, task)
+}
+
+async fn bulk_both_ways(mode: Forwarding, client_closes_first: bool) {
+    let up = random_bytes(BULK, 1);
+    let down = random_bytes(BULK, 2);
+    let down_copy = down.clone();
+    let (backend_addr, backend) =
+        one_shot_backend(move |s| async move { exchange(s, down_copy, client_closes_first).await })
+            .await;
+    let mx = start(config_mode(backend_addr, mode)).await;
+    let client = connect_from("127.0.0.2", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    let got_down = exchange(client, up.clone(), !client_closes_first).await;
+    let got_up = backend.await.unwrap();
+    assert_eq!(got_up.len(), BULK, "{mode:?}: client→backend length");
+    assert_eq!(got_down.len(), BULK, "{mode:?}: backend→client length");
+    assert_eq!(
+        digest(&got_up),
+        digest(&up),
+        "{mode:?}: client→backend bytes"
+    );
+    assert_eq!(
+        digest(&got_down),
+        digest(&down),
+        "{mode:?}: backend→client bytes"
+    );
+
+    eventually("session ended", || mx.admission().active() == 0).await;
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    assert_eq!(
+        metric(&m, "mxgate_bytes_total{direction=\"client_to_backend\"}"),
+        BULK as f64
+    );
+    assert_eq!(
+        metric(&m, "mxgate_bytes_total{direction=\"backend_to_client\"}"),
+        BULK as f64
+    );
+    let spliced = metric(&m, "mxgate_spliced_bytes_total");
+    match mode {
+        // Proof that splice ran: most bytes went through pipes (a step may be copied when the
+        // pool is busy, which is counted separately).
+        Forwarding::Splice => {
+            let copied_steps = metric(&m, "mxgate_splice_pool_exhausted_total");
+            assert!(spliced > 0.0, "splice mode spliced nothing");
+            if copied_steps == 0.0 {
+                assert_eq!(spliced, 2.0 * BULK as f64, "every byte went through a pipe");
+            }
+            assert_eq!(metric(&m, "mxgate_splice_fallbacks_total"), 0.0);
+        }
+        _ => assert_eq!(spliced, 0.0, "copy mode never splices"),
+    }
+    assert_eq!(metric(&m, "mxgate_connections_active"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_16mib_each_way_client_closes_first() {
+    for mode in modes() {
+        bulk_both_ways(mode, true).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_16mib_each_way_backend_closes_first() {
+    for mode in modes() {
+        bulk_both_ways(mode, false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_ping_pong_keeps_order() {
+    for mode in modes() {
+        let backend = GreetingBackend::start().await;
+        let mx = start(config_mode(backend.addr, mode)).await;
+        let mut s = expect_admitted("127.0.0.2", mx.listen_addrs()[0]).await;
+        for i in 0..2000u32 {
+            let b = [(i % 251) as u8];
+            s.write_all(&b).await.unwrap();
+            let mut echo = [0u8; 1];
+            s.read_exact(&mut echo).await.unwrap();
+            assert_eq!(echo, b, "{mode:?}: byte {i}");
+        }
+        s.shutdown().await.unwrap();
+        assert!(
+            read_to_end(&mut s).await.is_empty(),
+            "{mode:?}: clean close after the echo"
+        );
+        eventually("session ended", || mx.admission().active() == 0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_gets_every_byte() {
+    const SIZE: usize = 4 * 1024 * 1024;
+    for mode in modes() {
+        let data = random_bytes(SIZE, 3);
+        let sent = data.clone();
+        let (addr, backend) = one_shot_backend(move |mut s| async move {
+            s.write_all(&sent).await.unwrap();
+            s.shutdown().await.unwrap();
+            // Hold the connection until the client is done, so only backpressure paces it.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        })
+        .await;
+        let mx = start(config_mode(addr, mode)).await;
+        let mut c = connect_from("127.0.0.2", mx.listen_addrs()[0])
+            .await
+            .unwrap();
+        let mut got = Vec::with_capacity(SIZE);
+        let mut chunk = vec![0u8; 32 * 1024];
+        loop {
+            let n = c.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            // The pace of a slow client, not synchronisation: the buffers fill meanwhile.
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        assert_eq!(got.len(), SIZE, "{mode:?}");
+        assert_eq!(digest(&got), digest(&data), "{mode:?}");
+        drop(c);
+        backend.await.unwrap();
+        eventually("session ended", || mx.admission().active() == 0).await;
+    }
+}
+
+/// Closes with SO_LINGER 0, which sends RST.
+fn reset(s: TcpStream) {
+    let s = s.into_std().unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_mid_transfer_closes_the_backend_and_frees_the_slot() {
+    for mode in modes() {
+        let (addr, backend) = one_shot_backend(|mut s| async move {
+            // Read a little, then wait: the client resets while bytes are still in flight.
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0usize;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        })
+        .await;
+        let mx = start(config_mode(addr, mode)).await;
+        let mut c = connect_from("127.0.0.2", mx.listen_addrs()[0])
+            .await
+            .unwrap();
+        c.write_all(&random_bytes(1024 * 1024, 4)).await.unwrap();
+        reset(c);
+        let got = tokio::time::timeout(Duration::from_secs(10), backend)
+            .await
+            .expect("the backend side is closed, not left hanging")
+            .unwrap();
+        assert!(got <= 1024 * 1024, "{mode:?}");
+        eventually("slot freed", || mx.admission().active() == 0).await;
+        assert_eq!(mx.admission().sources(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_mid_transfer_closes_the_client_and_frees_the_slot() {
+    for mode in modes() {
+        let (addr, backend) = one_shot_backend(|mut s| async move {
+            s.write_all(&random_bytes(1024 * 1024, 5)).await.unwrap();
+            reset(s);
+        })
+        .await;
+        let mx = start(config_mode(addr, mode)).await;
+        let mut c = connect_from("127.0.0.2", mx.listen_addrs()[0])
+            .await
+            .unwrap();
+        backend.await.unwrap();
+        let mut sink = vec![0u8; 64 * 1024];
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match c.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{mode:?}: the client saw its connection end");
+        eventually("slot freed", || mx.admission().active() == 0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_closed_but_active_ones_are_not() {
+    for mode in modes() {
+        let backend = GreetingBackend::start().await;
+        let mut c = config_mode(backend.addr, mode);
+        c.idle_timeout = Duration::from_millis(300);
+        let mx = start(c).await;
+        let at = mx.listen_addrs()[0];
+
+        // Bytes every 100 ms for 900 ms: three idle timeouts long, never idle.
+        let mut busy = expect_admitted("127.0.0.2", at).await;
+        for _ in 0..9 {
+            busy.write_all(b"NOOP\r\n").await.unwrap();
+            let mut echo = [0u8; 6];
+            busy.read_exact(&mut echo).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Then silence: the session is closed by mxgate.
+        let rest = read_to_end(&mut busy).await;
+        assert!(rest.is_empty(), "{mode:?}");
+        eventually("slot freed", || mx.admission().active() == 0).await;
+    }
+}
