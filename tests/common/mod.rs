@@ -303,3 +303,13 @@ pub fn modes() -> Vec<Forwarding> {
     assert!(!m.is_empty());
     m
 }
+
+/// A child process that is killed when the test ends, even by a panic.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
