@@ -1,39 +1,62 @@
-//! Admission: counts open sessions globally and per source, and decides who gets in.
+//! Admission: counts open sessions globally, per source and per network block, and decides
+//! who gets in under the [`Policy`] in force.
 //!
-//! [`Admission::admit`] returns either a [`Guard`], which holds one global slot and one slot of
-//! its source until it is dropped, or a [`RejectReason`]. The guard frees both slots however the
-//! session ends (clean close, error, panic, shutdown), so the counts always return to zero.
+//! [`Admission::admit`] returns either an [`Admitted`] holding a [`Guard`], which keeps the
+//! session's slots until it is dropped, or a [`RejectReason`]. The guard frees its slots however
+//! the session ends (clean close, error, panic, shutdown), so the counts always return to zero.
 //!
-//! A source's table entry exists only while its count is above zero, which bounds the table by
-//! `max_connections`. This module never touches a socket and never sleeps.
+//! Order of checks: deny list, connection rate, per-source cap, per-network cap, global cap
+//! (minus the slots reserved for allowed sources). The first that fails is the reason. Allowed
+//! sources skip the rate, per-source and per-network checks. In dry-run mode every check runs and
+//! the first failure is reported as "would reject", but the connection is admitted.
+//!
+//! A table entry exists only while its count is above zero, which bounds the tables by the
+//! number of open sessions. This module never touches a socket and never sleeps.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use ipnet::IpNet;
+use metrics::Counter;
 
 use crate::metrics::Metrics;
+use crate::policy::{mask, Listing, Policy, RateCheck};
 
 /// Why a client was not admitted. This one enum chooses the reply, the metric label and the log
 /// line, so the three can never disagree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectReason {
-    /// Every global slot is taken.
+    /// Every global slot (open to this source) is taken.
     GlobalLimit,
     /// The client's source already holds its share.
     SourceLimit,
     /// The backend refused, reset or did not answer within the connect timeout.
     BackendUnavailable,
+    /// The source opened connections faster than its rate.
+    RateLimit,
+    /// The source's network block already holds its share.
+    NetworkLimit,
+    /// The source is on the deny list.
+    Denied,
+    /// mxgate is shutting down.
+    Draining,
+    /// A PROXY protocol header was malformed, late, too large or from an untrusted peer.
+    BadProxyHeader,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::GlobalLimit,
         RejectReason::SourceLimit,
         RejectReason::BackendUnavailable,
+        RejectReason::RateLimit,
+        RejectReason::NetworkLimit,
+        RejectReason::Denied,
+        RejectReason::Draining,
+        RejectReason::BadProxyHeader,
     ];
 
     /// The `reason` label value, which dashboards depend on.
@@ -42,27 +65,26 @@ impl RejectReason {
             RejectReason::GlobalLimit => "global_limit",
             RejectReason::SourceLimit => "source_limit",
             RejectReason::BackendUnavailable => "backend_unavailable",
+            RejectReason::RateLimit => "rate_limit",
+            RejectReason::NetworkLimit => "network_limit",
+            RejectReason::Denied => "denied",
+            RejectReason::Draining => "draining",
+            RejectReason::BadProxyHeader => "bad_proxy_header",
         }
     }
 }
 
-/// The limits in force. Reading them is a few relaxed loads; a reload stores new values.
-#[derive(Debug)]
-pub struct Limits {
-    pub max_connections: AtomicUsize,
-    pub max_per_source: AtomicUsize,
-    pub ipv4_prefix: AtomicU8,
-    pub ipv6_prefix: AtomicU8,
-}
-
 /// The shared counting state behind every guard.
 struct Inner {
-    limits: Limits,
     /// Sessions admitted and not yet released, from all sources.
     global: AtomicUsize,
-    /// Admitted sessions per source; an entry is removed when it reaches zero.
+    /// Admitted sessions per source key.
     sources: DashMap<IpNet, usize>,
+    /// Admitted sessions per network block, for rules with `max_per_network`.
+    networks: DashMap<IpNet, usize>,
     metrics: Arc<Metrics>,
+    /// Admissions not rate-checked because the limiter was at its key cap.
+    rate_untracked: Counter,
 }
 
 /// The admission controller. Cheap to clone.
@@ -75,9 +97,15 @@ pub struct Admission {
 #[must_use = "dropping the guard frees the slot at once"]
 pub struct Guard {
     inner: Arc<Inner>,
-    /// The source this session is counted under, kept so a prefix change on reload still
+    /// The source key this session is counted under, kept so a prefix change on reload still
     /// releases the right entry.
     source: IpNet,
+    /// Whether a slot of `source` is held.
+    holds_source: bool,
+    /// The network block whose slot is held, if its rule caps blocks.
+    network: Option<IpNet>,
+    /// Whether a global slot is held.
+    holds_global: bool,
 }
 
 impl Guard {
@@ -86,39 +114,29 @@ impl Guard {
     }
 }
 
-/// The source a client address belongs to: the address masked to its family's prefix length.
-/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) count as the IPv4 address they carry.
+/// An admitted connection.
+pub struct Admitted {
+    pub guard: Guard,
+    /// In dry-run mode: the reason it would have been refused.
+    pub would_reject: Option<RejectReason>,
+}
+
+/// The source a client address belongs to under the default prefixes.
 pub fn source_key(ip: IpAddr, ipv4_prefix: u8, ipv6_prefix: u8) -> IpNet {
-    let ip = ip.to_canonical();
-    let len = match ip {
-        IpAddr::V4(_) => ipv4_prefix,
-        IpAddr::V6(_) => ipv6_prefix,
-    };
-    IpNet::new(ip, len)
-        .expect("prefix lengths are validated")
-        .trunc()
+    mask(ip, ipv4_prefix, ipv6_prefix)
 }
 
 impl Admission {
-    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Admission {
-        metrics
-            .limit_max_connections
-            .set(limits.max_connections.load(Ordering::Relaxed) as f64);
-        metrics
-            .limit_max_per_source
-            .set(limits.max_per_source.load(Ordering::Relaxed) as f64);
+    pub fn new(metrics: Arc<Metrics>) -> Admission {
         Admission {
             inner: Arc::new(Inner {
-                limits,
                 global: AtomicUsize::new(0),
                 sources: DashMap::new(),
+                networks: DashMap::new(),
+                rate_untracked: metrics.counter("mxgate_rate_limit_untracked_total", &[]),
                 metrics,
             }),
         }
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
     }
 
     /// Sessions admitted and not yet released.
@@ -131,125 +149,235 @@ impl Admission {
         self.inner.sources.len()
     }
 
-    /// The source key for `ip` under the prefix lengths in force.
-    pub fn key(&self, ip: IpAddr) -> IpNet {
-        let l = &self.inner.limits;
-        source_key(
-            ip,
-            l.ipv4_prefix.load(Ordering::Relaxed),
-            l.ipv6_prefix.load(Ordering::Relaxed),
-        )
+    /// Distinct network blocks with at least one admitted session.
+    pub fn network_blocks(&self) -> usize {
+        self.inner.networks.len()
     }
 
-    /// Admits `ip` or says why not. The per-source limit is checked first, then the global one;
-    /// the first that fails is the reason.
-    pub fn admit(&self, ip: IpAddr) -> Result<Guard, RejectReason> {
+    /// Admits `ip` under `policy`, or says why not.
+    pub fn admit(&self, policy: &Policy, ip: IpAddr) -> Result<Admitted, RejectReason> {
         let inner = &self.inner;
-        let source = self.key(ip);
-        let per_source = inner.limits.max_per_source.load(Ordering::Relaxed);
-        let max = inner.limits.max_connections.load(Ordering::Relaxed);
-
-        // Take the source slot under the shard lock, then the global slot; undo the first if
-        // the second fails. Holding the entry while taking the global slot keeps the undo
-        // from racing with another session of the same source.
-        match inner.sources.entry(source) {
-            Entry::Occupied(mut e) => {
-                if *e.get() >= per_source {
-                    return Err(RejectReason::SourceLimit);
-                }
-                if !take_global(&inner.global, max) {
-                    return Err(RejectReason::GlobalLimit);
-                }
-                *e.get_mut() += 1;
+        let class = policy.classify(ip);
+        let rule = class.rule;
+        let allowed = class.listing == Some(Listing::Allow);
+        let enforce = !policy.dry_run;
+        let mut would_reject = None;
+        // A failed check: refuse, or in dry run remember the first reason and go on.
+        let mut fail = |r: RejectReason| {
+            if enforce {
+                Err(r)
+            } else {
+                would_reject.get_or_insert(r);
+                Ok(())
             }
-            Entry::Vacant(e) => {
-                if per_source == 0 {
-                    return Err(RejectReason::SourceLimit);
-                }
-                if !take_global(&inner.global, max) {
-                    return Err(RejectReason::GlobalLimit);
-                }
-                e.insert(1);
-                inner.metrics.sources_active.increment(1.0);
+        };
+
+        if class.listing == Some(Listing::Deny) {
+            fail(RejectReason::Denied)?;
+        }
+        let source = rule.source_key(ip);
+        if let (false, Some(rate)) = (allowed, &rule.rate) {
+            match rate.check(&source) {
+                RateCheck::Within => {}
+                RateCheck::Exceeded => fail(RejectReason::RateLimit)?,
+                RateCheck::Untracked => inner.rate_untracked.increment(1),
             }
         }
-        inner.metrics.active.increment(1.0);
-        Ok(Guard {
+        let mut guard = Guard {
             inner: self.inner.clone(),
             source,
+            holds_source: false,
+            network: None,
+            holds_global: false,
+        };
+        let per_source = if allowed {
+            usize::MAX
+        } else {
+            rule.max_per_source
+        };
+        match take_slot(&inner.sources, source, per_source, enforce) {
+            Slot::Refused => fail(RejectReason::SourceLimit)?,
+            slot => {
+                guard.holds_source = true;
+                if slot.is_new() {
+                    inner.metrics.sources_active.increment(1.0);
+                }
+                if slot == Slot::Over || slot == Slot::OverNew {
+                    fail(RejectReason::SourceLimit)?;
+                }
+            }
+        }
+        if let (false, Some((len, cap))) = (allowed, rule.network_cap) {
+            let block = mask(ip, len, len);
+            match take_slot(&inner.networks, block, cap, enforce) {
+                Slot::Refused => fail(RejectReason::NetworkLimit)?,
+                slot => {
+                    guard.network = Some(block);
+                    if slot == Slot::Over || slot == Slot::OverNew {
+                        fail(RejectReason::NetworkLimit)?;
+                    }
+                }
+            }
+        }
+        let global_cap = if allowed {
+            policy.max_connections
+        } else {
+            policy.max_connections - policy.reserved_for_allowed
+        };
+        let within = take_global(&inner.global, global_cap, enforce);
+        if within || !enforce {
+            guard.holds_global = true;
+            inner.metrics.active.increment(1.0);
+        }
+        if !within {
+            fail(RejectReason::GlobalLimit)?;
+        }
+        Ok(Admitted {
+            guard,
+            would_reject,
         })
     }
 }
 
-fn take_global(global: &AtomicUsize, max: usize) -> bool {
-    global
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
+/// The outcome of taking a slot in a counting table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Taken, in an existing entry / a new entry.
+    Taken,
+    TakenNew,
+    /// Taken past the limit (dry run only).
+    Over,
+    OverNew,
+    /// Not taken: the limit is reached.
+    Refused,
+}
+
+impl Slot {
+    fn is_new(self) -> bool {
+        matches!(self, Slot::TakenNew | Slot::OverNew)
+    }
+}
+
+/// Takes one slot of `key` if its count is under `limit`, or regardless when not enforcing.
+fn take_slot(map: &DashMap<IpNet, usize>, key: IpNet, limit: usize, enforce: bool) -> Slot {
+    match map.entry(key) {
+        Entry::Occupied(mut e) => {
+            let within = *e.get() < limit;
+            if !within && enforce {
+                return Slot::Refused;
+            }
+            *e.get_mut() += 1;
+            if within {
+                Slot::Taken
+            } else {
+                Slot::Over
+            }
+        }
+        Entry::Vacant(e) => {
+            let within = limit > 0;
+            if !within && enforce {
+                return Slot::Refused;
+            }
+            e.insert(1);
+            if within {
+                Slot::TakenNew
+            } else {
+                Slot::OverNew
+            }
+        }
+    }
+}
+
+/// Takes a global slot if under `max`, or regardless when not enforcing; says if within `max`.
+fn take_global(global: &AtomicUsize, max: usize, enforce: bool) -> bool {
+    if enforce {
+        global
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    } else {
+        global.fetch_add(1, Ordering::AcqRel) < max
+    }
+}
+
+/// Gives back one slot of `key`; says whether the entry emptied and left the table.
+fn release_slot(map: &DashMap<IpNet, usize>, key: IpNet) -> bool {
+    match map.entry(key) {
+        Entry::Occupied(mut e) => {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+                true
+            } else {
+                false
+            }
+        }
+        Entry::Vacant(_) => unreachable!("a held slot's entry lives as long as its guard"),
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         let inner = &self.inner;
-        let emptied = match inner.sources.entry(self.source) {
-            Entry::Occupied(mut e) => {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                    true
-                } else {
-                    false
-                }
-            }
-            Entry::Vacant(_) => unreachable!("a guard's source entry lives as long as the guard"),
-        };
-        inner.global.fetch_sub(1, Ordering::AcqRel);
-        if emptied {
+        if self.holds_source && release_slot(&inner.sources, self.source) {
             inner.metrics.sources_active.decrement(1.0);
         }
-        inner.metrics.active.decrement(1.0);
+        if let Some(block) = self.network {
+            release_slot(&inner.networks, block);
+        }
+        if self.holds_global {
+            inner.global.fetch_sub(1, Ordering::AcqRel);
+            inner.metrics.active.decrement(1.0);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
+    use crate::policy::PolicyClock;
 
-    fn admission(max: usize, per_source: usize, v6: u8) -> Admission {
-        Admission::new(
-            Limits {
-                max_connections: AtomicUsize::new(max),
-                max_per_source: AtomicUsize::new(per_source),
-                ipv4_prefix: AtomicU8::new(32),
-                ipv6_prefix: AtomicU8::new(v6),
-            },
-            Metrics::new(),
-        )
+    /// A policy from TOML keys (backend and hostname filled in).
+    fn policy(toml: &str) -> Policy {
+        let text = format!("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\n{toml}");
+        let config = Settings::from_toml(&text).unwrap().validate(None).unwrap();
+        Policy::new(&config, None, PolicyClock::default())
     }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
+    fn admission() -> Admission {
+        Admission::new(Metrics::new())
+    }
+
+    fn reason(r: Result<Admitted, RejectReason>) -> Option<RejectReason> {
+        r.err()
+    }
+
     #[test]
     fn per_source_then_global() {
-        let a = admission(3, 2, 64);
-        let g1 = a.admit(ip("10.0.0.1")).unwrap();
-        let g2 = a.admit(ip("10.0.0.1")).unwrap();
+        let (a, p) = (
+            admission(),
+            policy("max_connections = 3\nmax_per_source = 2"),
+        );
+        let g1 = a.admit(&p, ip("10.0.0.1")).unwrap();
+        let g2 = a.admit(&p, ip("10.0.0.1")).unwrap();
         assert_eq!(
-            a.admit(ip("10.0.0.1")).err(),
+            reason(a.admit(&p, ip("10.0.0.1"))),
             Some(RejectReason::SourceLimit)
         );
-        let g3 = a.admit(ip("10.0.0.2")).unwrap();
-        // Source 10.0.0.3 is under its own limit, so the global limit is the reason.
+        let g3 = a.admit(&p, ip("10.0.0.2")).unwrap();
         assert_eq!(
-            a.admit(ip("10.0.0.3")).err(),
+            reason(a.admit(&p, ip("10.0.0.3"))),
             Some(RejectReason::GlobalLimit)
         );
         // A source at its own limit reports that first, even when the global one is full too.
         assert_eq!(
-            a.admit(ip("10.0.0.1")).err(),
+            reason(a.admit(&p, ip("10.0.0.1"))),
             Some(RejectReason::SourceLimit)
         );
         assert_eq!((a.active(), a.sources()), (3, 2));
@@ -259,22 +387,22 @@ mod tests {
 
     #[test]
     fn ipv6_prefix_groups_addresses() {
-        let a = admission(100, 1, 64);
-        let _g = a.admit(ip("2001:db8:1:2::1")).unwrap();
+        let (a, p) = (admission(), policy("max_per_source = 1\nipv6_prefix = 64"));
+        let _g = a.admit(&p, ip("2001:db8:1:2::1")).unwrap();
         assert_eq!(
-            a.admit(ip("2001:db8:1:2:ffff::9")).err(),
+            reason(a.admit(&p, ip("2001:db8:1:2:ffff::9"))),
             Some(RejectReason::SourceLimit)
         );
-        let _h = a.admit(ip("2001:db8:1:3::1")).unwrap();
+        let _h = a.admit(&p, ip("2001:db8:1:3::1")).unwrap();
         assert_eq!(a.sources(), 2);
     }
 
     #[test]
     fn mapped_ipv4_counts_as_ipv4() {
-        let a = admission(100, 1, 64);
-        let _g = a.admit(ip("192.0.2.7")).unwrap();
+        let (a, p) = (admission(), policy("max_per_source = 1"));
+        let _g = a.admit(&p, ip("192.0.2.7")).unwrap();
         assert_eq!(
-            a.admit(ip("::ffff:192.0.2.7")).err(),
+            reason(a.admit(&p, ip("::ffff:192.0.2.7"))),
             Some(RejectReason::SourceLimit)
         );
         assert_eq!(
@@ -285,31 +413,157 @@ mod tests {
 
     #[test]
     fn zero_limits_reject_without_leaving_entries() {
-        let a = admission(0, 5, 64);
+        let a = admission();
+        let p = policy("max_connections = 0");
         assert_eq!(
-            a.admit(ip("10.0.0.1")).err(),
+            reason(a.admit(&p, ip("10.0.0.1"))),
             Some(RejectReason::GlobalLimit)
         );
-        assert_eq!(a.sources(), 0);
-        let b = admission(5, 0, 64);
+        assert_eq!((a.sources(), a.active()), (0, 0));
+        let p = policy("max_per_source = 0");
         assert_eq!(
-            b.admit(ip("10.0.0.1")).err(),
+            reason(a.admit(&p, ip("10.0.0.1"))),
             Some(RejectReason::SourceLimit)
         );
-        assert_eq!(b.sources(), 0);
+        assert_eq!((a.sources(), a.active()), (0, 0));
+    }
+
+    #[test]
+    fn deny_and_allow_longest_prefix_wins() {
+        let a = admission();
+        let p = policy(
+            "max_per_source = 1\nallow = [\"192.0.2.0/24\", \"198.51.100.7\"]\n\
+             deny = [\"192.0.2.66\", \"198.51.100.0/24\"]",
+        );
+        assert_eq!(
+            reason(a.admit(&p, ip("192.0.2.66"))),
+            Some(RejectReason::Denied)
+        );
+        assert_eq!(
+            reason(a.admit(&p, ip("198.51.100.8"))),
+            Some(RejectReason::Denied)
+        );
+        // Allowed sources are exempt from the per-source limit.
+        let held: Vec<_> = (0..5)
+            .map(|_| a.admit(&p, ip("198.51.100.7")).unwrap())
+            .collect();
+        assert_eq!(held.len(), 5);
+        assert_eq!(a.sources(), 1);
+    }
+
+    #[test]
+    fn reserved_slots_are_for_allowed_sources_only() {
+        let a = admission();
+        let p = policy("max_connections = 3\nreserved_for_allowed = 1\nallow = [\"192.0.2.0/24\"]");
+        let _g1 = a.admit(&p, ip("203.0.113.1")).unwrap();
+        let _g2 = a.admit(&p, ip("203.0.113.2")).unwrap();
+        assert_eq!(
+            reason(a.admit(&p, ip("203.0.113.3"))),
+            Some(RejectReason::GlobalLimit)
+        );
+        let _g3 = a.admit(&p, ip("192.0.2.9")).unwrap();
+        assert_eq!(
+            reason(a.admit(&p, ip("192.0.2.10"))),
+            Some(RejectReason::GlobalLimit)
+        );
+    }
+
+    #[test]
+    fn rate_limit_applies_per_source_and_recovers() {
+        let a = admission();
+        let p = policy("rate_per_source = \"2/min\"\nallow = [\"192.0.2.1\"]");
+        for _ in 0..2 {
+            drop(a.admit(&p, ip("203.0.113.1")).unwrap());
+        }
+        assert_eq!(
+            reason(a.admit(&p, ip("203.0.113.1"))),
+            Some(RejectReason::RateLimit)
+        );
+        drop(a.admit(&p, ip("203.0.113.2")).unwrap());
+        for _ in 0..10 {
+            drop(a.admit(&p, ip("192.0.2.1")).unwrap());
+        }
+        p.clock().advance(std::time::Duration::from_secs(31));
+        drop(a.admit(&p, ip("203.0.113.1")).unwrap());
+        assert_eq!(
+            reason(a.admit(&p, ip("203.0.113.1"))),
+            Some(RejectReason::RateLimit)
+        );
+    }
+
+    #[test]
+    fn network_rules_override_by_longest_prefix() {
+        let a = admission();
+        let p = policy(
+            "max_per_source = 1\n\
+             [[network]]\ncidr = \"198.51.100.0/24\"\nmax_per_source = 3\n\
+             [[network]]\ncidr = \"198.51.100.128/25\"\nmax_per_source = 2\n",
+        );
+        let count = |src: &str| {
+            let mut held = Vec::new();
+            while let Ok(g) = a.admit(&p, ip(src)) {
+                held.push(g);
+            }
+            held.len()
+        };
+        assert_eq!(count("198.51.100.5"), 3);
+        assert_eq!(count("198.51.100.200"), 2);
+        assert_eq!(count("203.0.113.5"), 1);
+        assert_eq!(a.active(), 0);
+    }
+
+    #[test]
+    fn network_tier_caps_fresh_addresses_in_one_prefix() {
+        let a = admission();
+        let p = policy(
+            "max_per_source = 5\nipv6_prefix = 128\n\
+             [[network]]\ncidr = \"2001:db8::/32\"\nmax_per_network = 3\nnetwork_prefix = 48\n",
+        );
+        // A fresh address per connection: every one is its own source, but one /48.
+        let held: Vec<_> = (1..=3)
+            .map(|i| a.admit(&p, ip(&format!("2001:db8:1::{i}"))).unwrap())
+            .collect();
+        assert_eq!(
+            reason(a.admit(&p, ip("2001:db8:1::99"))),
+            Some(RejectReason::NetworkLimit)
+        );
+        let _other = a.admit(&p, ip("2001:db8:2::1")).unwrap();
+        assert_eq!(a.network_blocks(), 2);
+        drop(held);
+        assert_eq!(a.network_blocks(), 1);
+    }
+
+    #[test]
+    fn dry_run_admits_and_reports_the_first_reason() {
+        let a = admission();
+        let p = policy(
+            "dry_run = true\nmax_connections = 2\nmax_per_source = 1\ndeny = [\"192.0.2.1\"]",
+        );
+        let first = a.admit(&p, ip("203.0.113.1")).unwrap();
+        assert_eq!(first.would_reject, None);
+        let second = a.admit(&p, ip("203.0.113.1")).unwrap();
+        assert_eq!(second.would_reject, Some(RejectReason::SourceLimit));
+        let third = a.admit(&p, ip("203.0.113.2")).unwrap();
+        assert_eq!(third.would_reject, Some(RejectReason::GlobalLimit));
+        let denied = a.admit(&p, ip("192.0.2.1")).unwrap();
+        assert_eq!(denied.would_reject, Some(RejectReason::Denied));
+        assert_eq!(a.active(), 4);
+        drop((first, second, third, denied));
+        assert_eq!((a.active(), a.sources()), (0, 0));
     }
 
     #[test]
     fn counts_return_to_zero_under_contention() {
-        let a = admission(64, 4, 64);
+        let a = admission();
+        let p = policy("max_connections = 64\nmax_per_source = 4");
         std::thread::scope(|s| {
             for t in 0..4 {
-                let a = a.clone();
+                let (a, p) = (a.clone(), &p);
                 s.spawn(move || {
                     let mut held = Vec::new();
                     for i in 0..20_000u32 {
                         let src = IpAddr::from([10, t, (i % 7) as u8, 1]);
-                        if let Ok(g) = a.admit(src) {
+                        if let Ok(g) = a.admit(p, src) {
                             held.push(g);
                         }
                         if held.len() > 8 || i % 3 == 0 {

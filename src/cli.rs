@@ -28,7 +28,7 @@ pub enum Command {
     Check(RunArgs),
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
     /// TOML config file; flags override its keys
     #[arg(long, value_name = "FILE")]

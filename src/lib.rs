@@ -12,7 +12,9 @@
 //! | connecting to the mail server | [`backend`] |
 //! | Prometheus series and endpoint | [`metrics`] |
 //! | listening sockets, accept errors | [`listener`] |
-//! | accept loops and the connection lifecycle | [`server`] |
+//! | source policy: lists, per-network rules, rate limits | [`policy`] |
+//! | accept loops, reload, shutdown | [`server`] |
+//! | one connection's life | [`session`] |
 
 pub mod admission;
 pub mod backend;
@@ -21,8 +23,10 @@ pub mod config;
 pub mod forward;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod reply;
 pub mod server;
+pub mod session;
 
 pub use config::Config;
 pub use server::{start, start_with, Running};

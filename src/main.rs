@@ -21,12 +21,13 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Run(args) => {
+            let args_for_reload = args.clone();
             let config = match load(args) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
             init_logging(config.log_format);
-            match run(config) {
+            match run(config, args_for_reload) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
             }
@@ -38,28 +39,29 @@ fn load(args: RunArgs) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref(), args.settings)?)
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let running = mxgate::start(config).await?;
-        wait_for_stop().await?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    running.reload(load(args.clone()));
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
         tracing::info!("stopping");
         running.shutdown(DRAIN_TIMEOUT).await;
         Ok(())
     })
-}
-
-async fn wait_for_stop() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

@@ -165,6 +165,15 @@ impl Metrics {
         &self.rejected[reason as usize]
     }
 
+    /// The dry-run twin of [`Metrics::rejected`]: would-be rejections, `dry_run="true"`.
+    /// Registered on first use, so the series exist only where dry run was ever on.
+    pub fn rejected_dry_run(&self, reason: RejectReason) -> Counter {
+        self.counter(
+            "mxgate_connections_rejected_total",
+            &[("reason", reason.label()), ("dry_run", "true")],
+        )
+    }
+
     /// Registers (or finds) a counter outside the fixed set. Only for series whose label values
     /// come from a fixed, bounded set.
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {

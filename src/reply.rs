@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
@@ -47,6 +47,16 @@ fn default_template(reason: RejectReason) -> &'static str {
         RejectReason::BackendUnavailable => {
             "421 4.3.2 {hostname} Service not available, try again later"
         }
+        RejectReason::RateLimit => {
+            "421 4.7.0 {hostname} Connection rate limit exceeded, try again later"
+        }
+        RejectReason::NetworkLimit => {
+            "421 4.7.0 {hostname} Too many connections from your network, try again later"
+        }
+        RejectReason::Denied => "554 5.7.1 {hostname} Access denied",
+        RejectReason::Draining => "421 4.3.2 {hostname} Service shutting down, try again later",
+        // Sent to nobody: a bad PROXY header comes from a load balancer, and is closed on.
+        RejectReason::BadProxyHeader => "421 4.7.0 {hostname} Bad PROXY protocol header",
     }
 }
 
@@ -55,6 +65,8 @@ fn default_template(reason: RejectReason) -> &'static str {
 pub struct Replies {
     /// Indexed by `RejectReason as usize`.
     lines: Vec<Box<[u8]>>,
+    /// The answer to QUIT in a denied session.
+    bye: Box<[u8]>,
 }
 
 impl Replies {
@@ -66,6 +78,11 @@ impl Replies {
                     RejectReason::GlobalLimit => &overrides.global_limit,
                     RejectReason::SourceLimit => &overrides.source_limit,
                     RejectReason::BackendUnavailable => &overrides.backend_unavailable,
+                    RejectReason::RateLimit => &overrides.rate_limit,
+                    RejectReason::NetworkLimit => &overrides.network_limit,
+                    RejectReason::Denied => &overrides.denied,
+                    RejectReason::Draining => &overrides.draining,
+                    RejectReason::BadProxyHeader => &None,
                 };
                 let template = over.as_ref().map_or(default_template(r), |t| t.0.as_str());
                 format!("{}\r\n", template.replace("{hostname}", hostname))
@@ -73,7 +90,12 @@ impl Replies {
                     .into_boxed_slice()
             })
             .collect();
-        Replies { lines }
+        Replies {
+            lines,
+            bye: format!("221 2.0.0 {hostname} Bye\r\n")
+                .into_bytes()
+                .into_boxed_slice(),
+        }
     }
 
     pub fn line(&self, reason: RejectReason) -> &[u8] {
@@ -116,6 +138,56 @@ impl Closer {
     }
 }
 
+/// How long a denied client may talk to mxgate before it is closed on.
+pub const DENY_TIME: Duration = Duration::from_secs(10);
+/// How many bytes a denied client may send before it is closed on.
+pub const DENY_BYTES: usize = 4096;
+/// RFC 5321 §3.1: after a 554 greeting, every command but QUIT gets this.
+const BAD_SEQUENCE: &[u8] = b"503 5.5.1 Bad sequence of commands\r\n";
+
+impl Closer {
+    /// RFC 5321 §3.1 for a client that will never be accepted: greet with 554, answer every
+    /// command with 503 until QUIT, which gets 221. Bounded by [`DENY_TIME`] and [`DENY_BYTES`],
+    /// and by the lingering bound: past it the client gets the greeting and a close.
+    pub async fn deny(&self, mut stream: TcpStream, replies: &Replies) {
+        let greeting = replies.line(RejectReason::Denied);
+        let Ok(_permit) = self.lingering.try_acquire() else {
+            self.reply_and_close(stream, greeting).await;
+            return;
+        };
+        let dialogue = async {
+            stream.write_all(greeting).await?;
+            let mut pending: Vec<u8> = Vec::new();
+            let mut seen = 0usize;
+            let mut buf = [0u8; 512];
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 || seen + n > DENY_BYTES {
+                    return Ok::<bool, std::io::Error>(false);
+                }
+                seen += n;
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let verb = line
+                        .split(|b| b.is_ascii_whitespace())
+                        .next()
+                        .unwrap_or(&[]);
+                    if verb.eq_ignore_ascii_case(b"QUIT") {
+                        stream.write_all(&replies.bye).await?;
+                        return Ok(true);
+                    }
+                    stream.write_all(BAD_SEQUENCE).await?;
+                }
+            }
+        };
+        let quit = matches!(timeout(DENY_TIME, dialogue).await, Ok(Ok(true)));
+        if quit && stream.shutdown().await.is_ok() {
+            drain(&stream).await;
+        }
+    }
+}
+
 /// Reads and discards until the client closes, [`LINGER_BYTES`] arrive, or [`LINGER_TIME`]
 /// passes. Without this, unread bytes at close() turn the FIN into an RST.
 async fn drain(stream: &TcpStream) {
@@ -139,7 +211,18 @@ async fn drain(stream: &TcpStream) {
 /// Counts rejections per reason between two log lines, with the busiest source of each.
 #[derive(Default)]
 pub struct RejectSummary {
-    windows: Mutex<HashMap<RejectReason, Window>>,
+    /// Keyed by reason and whether it was a dry-run (would-be) rejection.
+    windows: Mutex<HashMap<(RejectReason, bool), Window>>,
+}
+
+/// One reason's rejections over one window.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SummaryLine {
+    pub reason: RejectReason,
+    pub dry_run: bool,
+    pub count: u64,
+    /// The source with the most rejections, and how many.
+    pub busiest: Option<(IpNet, u64)>,
 }
 
 #[derive(Default)]
@@ -150,8 +233,17 @@ struct Window {
 
 impl RejectSummary {
     pub fn record(&self, reason: RejectReason, source: IpNet) {
+        self.add(reason, false, source);
+    }
+
+    /// A rejection that dry-run mode only counted.
+    pub fn record_dry_run(&self, reason: RejectReason, source: IpNet) {
+        self.add(reason, true, source);
+    }
+
+    fn add(&self, reason: RejectReason, dry_run: bool, source: IpNet) {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let w = windows.entry(reason).or_default();
+        let w = windows.entry((reason, dry_run)).or_default();
         w.count += 1;
         let len = w.by_source.len();
         match w.by_source.get_mut(&source) {
@@ -163,18 +255,39 @@ impl RejectSummary {
         }
     }
 
+    /// Ends the current windows: one entry per reason seen since the last call.
+    pub fn take(&self) -> Vec<SummaryLine> {
+        let windows = std::mem::take(&mut *self.windows.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut lines: Vec<SummaryLine> = windows
+            .into_iter()
+            .map(|((reason, dry_run), w)| {
+                let busiest = w
+                    .by_source
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(s, n)| (*s, *n));
+                SummaryLine {
+                    reason,
+                    dry_run,
+                    count: w.count,
+                    busiest,
+                }
+            })
+            .collect();
+        lines.sort_by_key(|l| (l.reason as usize, l.dry_run));
+        lines
+    }
+
     /// Logs one line per reason seen since the last flush, and starts new windows.
     pub fn flush(&self) {
-        let windows = std::mem::take(&mut *self.windows.lock().unwrap_or_else(|p| p.into_inner()));
-        for (reason, w) in windows {
-            let (busiest, busiest_count) = w
-                .by_source
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .map_or((String::from("-"), 0), |(s, n)| (display_source(s), *n));
+        for l in self.take() {
+            let (busiest, busiest_count) = l
+                .busiest
+                .map_or((String::from("-"), 0), |(s, n)| (display_source(&s), n));
             tracing::warn!(
-                reason = reason.label(),
-                count = w.count,
+                reason = l.reason.label(),
+                dry_run = l.dry_run,
+                count = l.count,
                 busiest_source = %busiest,
                 busiest_count,
                 window_secs = SUMMARY_INTERVAL.as_secs(),
@@ -223,6 +336,41 @@ mod tests {
             r.line(RejectReason::BackendUnavailable),
             b"421 4.3.2 mx.example.com Service not available, try again later\r\n"
         );
+    }
+
+    #[test]
+    fn summary_counts_per_reason_and_finds_the_busiest_source() {
+        let s = RejectSummary::default();
+        let a: IpNet = "192.0.2.1/32".parse().unwrap();
+        let b: IpNet = "192.0.2.2/32".parse().unwrap();
+        for _ in 0..5 {
+            s.record(RejectReason::SourceLimit, a);
+        }
+        s.record(RejectReason::SourceLimit, b);
+        s.record(RejectReason::GlobalLimit, b);
+        s.record_dry_run(RejectReason::GlobalLimit, a);
+        let lines = s.take();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(
+            lines[0],
+            SummaryLine {
+                reason: RejectReason::GlobalLimit,
+                dry_run: false,
+                count: 1,
+                busiest: Some((b, 1))
+            }
+        );
+        assert!(lines[1].dry_run);
+        assert_eq!(
+            lines[2],
+            SummaryLine {
+                reason: RejectReason::SourceLimit,
+                dry_run: false,
+                count: 6,
+                busiest: Some((a, 5))
+            }
+        );
+        assert!(s.take().is_empty(), "a new window starts empty");
     }
 
     #[test]

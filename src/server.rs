@@ -1,56 +1,51 @@
-//! The server: accept loops, and the life of one client connection.
-//!
-//! Each accepted connection gets its own task at once; admission, the backend connect and the
-//! forwarding all happen there, never in the accept loop. A connection is either admitted, and
-//! then holds a [`Guard`] for its whole life, or answered by mxgate itself and closed.
+//! The server: binding, accept loops, reload and shutdown.
 //!
 //! [`start`] binds everything (or adopts inherited listeners) and returns a [`Running`] handle;
-//! tests use it to run the real server in-process on port 0.
+//! tests use it to run the real server in-process on port 0. The accept loops only accept and
+//! spawn: admission and everything after happen in the connection's task ([`crate::session`]).
+//!
+//! A reload swaps the policy, replies, backend and timeouts for new connections at once.
+//! Sessions already forwarding are never cut and keep their slots. Settings that would need new
+//! sockets or a new forwarder (listen, metrics, forwarding, pipe_size, log_format) are kept as
+//! they are, with a warning naming each.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::metrics::Counter;
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admission::{Admission, Guard, Limits, RejectReason};
-use crate::backend;
+use crate::admission::Admission;
 use crate::config::{Config, Forwarding};
 use crate::forward::{self, Mode, Traffic};
 use crate::listener::{self, AcceptErrors};
 use crate::metrics::{self, Metrics};
-use crate::reply::{display_source, Closer, RejectSummary, Replies};
-
-/// Everything a connection task needs, shared by all of them.
-struct Gate {
-    config: Config,
-    admission: Admission,
-    replies: Replies,
-    closer: Closer,
-    summary: Arc<RejectSummary>,
-    metrics: Arc<Metrics>,
-    mode: Mode,
-    traffic: Traffic,
-    /// Cancelled to cut sessions that are still forwarding.
-    cut: CancellationToken,
-}
+use crate::policy::{Policy, PolicyClock, EVICT_INTERVAL};
+use crate::reply::{Closer, Replies};
+use crate::session::{Gate, Live};
 
 /// A running mxgate instance.
 pub struct Running {
     listen_addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     gate: Arc<Gate>,
-    /// Cancelled to stop the accept loops and the metrics endpoint.
+    /// Cancelled to stop the accept loops and helpers.
     stop: CancellationToken,
     /// Connection tasks, so shutdown can wait for them.
     sessions: TaskTracker,
     /// Accept loops and helpers.
     background: TaskTracker,
+    reloads_ok: Counter,
+    reloads_failed: Counter,
+    /// Bumped by every accept loop on each turn, for the watchdog.
+    heartbeat: Arc<AtomicU64>,
 }
 
 /// Binds every listener and the metrics endpoint, then starts serving.
@@ -92,39 +87,54 @@ pub async fn start_with(
         None => None,
     };
 
-    let gate = Arc::new(Gate::new(config, metrics.clone()));
-    let stop = CancellationToken::new();
-    let background = TaskTracker::new();
-    let sessions = TaskTracker::new();
-    if let Some(l) = metrics_listener {
-        background.spawn(metrics::serve(l, metrics, stop.clone()));
-    }
-    let summary = gate.summary.clone();
-    let summary_stop = stop.clone();
-    background.spawn(async move {
-        tokio::select! {
-            () = summary.clone().run() => {}
-            () = summary_stop.cancelled() => summary.flush(),
-        }
+    let traffic = Traffic {
+        client_to_backend: metrics.bytes_client_to_backend.clone(),
+        backend_to_client: metrics.bytes_backend_to_client.clone(),
+        spliced: metrics.counter("mxgate_spliced_bytes_total", &[]),
+        splice_fallbacks: metrics.counter("mxgate_splice_fallbacks_total", &[]),
+    };
+    let live = live(config, None, PolicyClock::default());
+    set_limit_gauges(&metrics, &live.config);
+    let gate = Arc::new(Gate {
+        mode: forwarding_mode(&live.config, &metrics),
+        live: ArcSwap::from_pointee(live),
+        admission: Admission::new(metrics.clone()),
+        closer: Closer::default(),
+        summary: Arc::default(),
+        metrics: metrics.clone(),
+        traffic,
+        draining: AtomicBool::new(false),
+        cut: CancellationToken::new(),
     });
-    for (l, addr) in tokio_listeners.into_iter().zip(&listen_addrs) {
-        tracing::info!(listen = %addr, backend = %gate.config.backend, "accepting");
-        background.spawn(accept_loop(
+    let running = Running {
+        reloads_ok: metrics.counter("mxgate_config_reloads_total", &[("result", "success")]),
+        reloads_failed: metrics.counter("mxgate_config_reloads_total", &[("result", "failure")]),
+        listen_addrs: listen_addrs.clone(),
+        metrics_addr,
+        gate: gate.clone(),
+        stop: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+        background: TaskTracker::new(),
+        heartbeat: Arc::default(),
+    };
+    if let Some(l) = metrics_listener {
+        running
+            .background
+            .spawn(metrics::serve(l, metrics, running.stop.clone()));
+    }
+    running.spawn_housekeeping();
+    for (l, addr) in tokio_listeners.into_iter().zip(listen_addrs) {
+        tracing::info!(listen = %addr, backend = %gate.live.load().config.backend, "accepting");
+        running.background.spawn(accept_loop(
             l,
-            *addr,
+            addr,
             gate.clone(),
-            sessions.clone(),
-            stop.clone(),
+            running.sessions.clone(),
+            running.stop.clone(),
+            running.heartbeat.clone(),
         ));
     }
-    Ok(Running {
-        listen_addrs,
-        metrics_addr,
-        gate,
-        stop,
-        sessions,
-        background,
-    })
+    Ok(running)
 }
 
 impl Running {
@@ -143,19 +153,69 @@ impl Running {
         &self.gate.admission
     }
 
+    /// The source key `ip` is counted under by the policy in force.
+    pub fn source_key(&self, ip: std::net::IpAddr) -> ipnet::IpNet {
+        self.gate
+            .live
+            .load()
+            .policy
+            .classify(ip)
+            .rule
+            .source_key(ip)
+    }
+
     /// The metrics, as `/metrics` would render them.
     pub fn render_metrics(&self) -> String {
         self.gate.metrics.render()
     }
 
+    /// The rate limiters' clock, which tests advance instead of sleeping.
+    pub fn policy_clock(&self) -> PolicyClock {
+        self.gate.live.load().policy.clock().clone()
+    }
+
+    /// A counter that every accept loop bumps on each turn; it stands still if one is wedged.
+    pub fn heartbeat(&self) -> Arc<AtomicU64> {
+        self.heartbeat.clone()
+    }
+
+    /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed
+    /// reload leaves the old config in force. Returns whether the new config was applied.
+    pub fn reload(&self, loaded: anyhow::Result<Config>) -> bool {
+        let new = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                self.reloads_failed.increment(1);
+                tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
+                return false;
+            }
+        };
+        let old = self.gate.live.load_full();
+        for key in kept_on_reload(&old.config, &new) {
+            tracing::warn!(
+                key,
+                "reload cannot change this setting; restart mxgate to apply it"
+            );
+        }
+        let live = live(new, Some(&old.policy), old.policy.clock().clone());
+        set_limit_gauges(&self.gate.metrics, &live.config);
+        self.gate.live.store(Arc::new(live));
+        self.reloads_ok.increment(1);
+        tracing::info!("config reloaded");
+        true
+    }
+
+    /// Stops admitting: from now on new connections get the draining reply. Sessions already
+    /// forwarding go on.
+    pub fn begin_drain(&self) {
+        self.gate.draining.store(true, Ordering::Release);
+    }
+
     /// Stops accepting, lets forwarding sessions finish for up to `drain`, cuts the rest, and
     /// waits until every connection task has ended.
     pub async fn shutdown(self, drain: Duration) {
-        self.stop.cancel();
-        self.background.close();
-        self.background.wait().await;
-        self.sessions.close();
-        if tokio::time::timeout(drain, self.sessions.wait())
+        self.begin_drain();
+        if tokio::time::timeout(drain, self.wait_sessions())
             .await
             .is_err()
         {
@@ -164,8 +224,41 @@ impl Running {
                 "drain time over; closing sessions"
             );
             self.gate.cut.cancel();
-            self.sessions.wait().await;
         }
+        self.stop.cancel();
+        self.background.close();
+        self.sessions.close();
+        self.background.wait().await;
+        self.sessions.wait().await;
+        self.gate.summary.flush();
+    }
+
+    /// Resolves once no admitted session is open.
+    async fn wait_sessions(&self) {
+        while self.gate.admission.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spawn_housekeeping(&self) {
+        let (gate, stop) = (self.gate.clone(), self.stop.clone());
+        self.background.spawn(async move {
+            let mut summary = tokio::time::interval(crate::reply::SUMMARY_INTERVAL);
+            let mut evict = tokio::time::interval(EVICT_INTERVAL);
+            summary.tick().await;
+            evict.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = summary.tick() => gate.summary.flush(),
+                    _ = evict.tick() => {
+                        for limit in gate.live.load().policy.rate_limits() {
+                            limit.evict();
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -176,101 +269,42 @@ impl Drop for Running {
     }
 }
 
-impl Gate {
-    fn new(config: Config, metrics: Arc<Metrics>) -> Gate {
-        let admission = Admission::new(
-            Limits {
-                max_connections: config.max_connections.into(),
-                max_per_source: config.max_per_source.into(),
-                ipv4_prefix: config.ipv4_prefix.into(),
-                ipv6_prefix: config.ipv6_prefix.into(),
-            },
-            metrics.clone(),
-        );
-        let traffic = Traffic {
-            client_to_backend: metrics.bytes_client_to_backend.clone(),
-            backend_to_client: metrics.bytes_backend_to_client.clone(),
-            spliced: metrics.counter("mxgate_spliced_bytes_total", &[]),
-            splice_fallbacks: metrics.counter("mxgate_splice_fallbacks_total", &[]),
-        };
-        let mode = forwarding_mode(&config, &metrics);
-        Gate {
-            replies: Replies::new(&config.hostname, &config.replies),
-            admission,
-            closer: Closer::default(),
-            summary: Arc::default(),
-            metrics,
-            mode,
-            traffic,
-            cut: CancellationToken::new(),
-            config,
-        }
+fn live(config: Config, previous: Option<&Policy>, clock: PolicyClock) -> Live {
+    Live {
+        policy: Policy::new(&config, previous, clock),
+        replies: Replies::new(&config.hostname, &config.replies),
+        config,
     }
+}
 
-    /// One client connection, from admission to close.
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let ip = peer.ip().to_canonical();
-        match self.admission.admit(ip) {
-            Ok(guard) => self.serve(client, guard, ip).await,
-            Err(reason) => self.reject(client, reason, ip).await,
-        }
-    }
+fn set_limit_gauges(metrics: &Metrics, config: &Config) {
+    metrics
+        .limit_max_connections
+        .set(config.max_connections as f64);
+    metrics
+        .limit_max_per_source
+        .set(config.max_per_source as f64);
+}
 
-    /// Answers the client with the reply for `reason` and closes; no backend is involved.
-    async fn reject(&self, client: TcpStream, reason: RejectReason, ip: IpAddr) {
-        self.metrics.rejected(reason).increment(1);
-        self.summary.record(reason, self.admission.key(ip));
-        self.closer
-            .reply_and_close(client, self.replies.line(reason))
-            .await;
+/// The keys whose change a reload cannot apply.
+fn kept_on_reload(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    if old.listen != new.listen {
+        kept.push("listen");
     }
-
-    /// Connects the admitted client to the backend and forwards until the session ends.
-    async fn serve(&self, client: TcpStream, guard: Guard, ip: IpAddr) {
-        let _ = client.set_nodelay(true);
-        let started = Instant::now();
-        let backend_addr = self.config.backend.addr;
-        let backend = match backend::connect(backend_addr, self.config.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(backend = %backend_addr, error = %e, "backend unavailable");
-                drop(guard);
-                return self
-                    .reject(client, RejectReason::BackendUnavailable, ip)
-                    .await;
-            }
-        };
-        self.metrics
-            .backend_connect_seconds
-            .record(started.elapsed().as_secs_f64());
-        let report = forward::forward(
-            &client,
-            &backend,
-            &self.mode,
-            self.config.idle_timeout,
-            &self.traffic,
-            self.cut.cancelled(),
-        )
-        .await;
-        let elapsed = started.elapsed();
-        self.metrics
-            .session_duration_seconds
-            .record(elapsed.as_secs_f64());
-        let error = match &report.end {
-            forward::End::Fault(_, e) => Some(e.to_string()),
-            _ => None,
-        };
-        tracing::info!(
-            source = %display_source(&guard.source()),
-            duration_ms = elapsed.as_millis() as u64,
-            client_to_backend = report.client_to_backend,
-            backend_to_client = report.backend_to_client,
-            spliced = report.spliced,
-            end = report.end.label(),
-            error,
-            "session finished"
-        );
+    if old.metrics != new.metrics {
+        kept.push("metrics");
     }
+    if old.forwarding != new.forwarding {
+        kept.push("forwarding");
+    }
+    if old.pipe_size != new.pipe_size {
+        kept.push("pipe_size");
+    }
+    if old.log_format != new.log_format {
+        kept.push("log_format");
+    }
+    kept
 }
 
 /// Accepts until `stop`, handing each connection to its own task.
@@ -280,13 +314,19 @@ async fn accept_loop(
     gate: Arc<Gate>,
     sessions: TaskTracker,
     stop: CancellationToken,
+    heartbeat: Arc<AtomicU64>,
 ) {
     let mut errors = AcceptErrors::default();
+    // Wake now and then even when idle, so the heartbeat shows the loop is alive.
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
+        heartbeat.fetch_add(1, Ordering::Relaxed);
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => return,
             r = listener.accept() => r,
+            _ = alive.tick() => continue,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -127,10 +127,7 @@ async fn ipv6_sources_group_by_prefix() {
     let at = mx.listen_addrs()[0];
     let held = expect_admitted("::1", at).await;
     expect_refusal("::1", at, SOURCE_LINE).await;
-    assert_eq!(
-        mx.admission().key("::1".parse().unwrap()).to_string(),
-        "::/64"
-    );
+    assert_eq!(mx.source_key("::1".parse().unwrap()).to_string(), "::/64");
     drop(held);
     eventually("slots freed", || mx.admission().active() == 0).await;
 }
@@ -156,8 +153,7 @@ async fn ipv4_mapped_clients_count_as_ipv4() {
     let other = expect_admitted("127.0.0.10", at).await;
     expect_refusal("127.0.0.9", at, SOURCE_LINE).await;
     assert_eq!(
-        mx.admission()
-            .key("::ffff:127.0.0.9".parse().unwrap())
+        mx.source_key("::ffff:127.0.0.9".parse().unwrap())
             .to_string(),
         "127.0.0.9/32"
     );

@@ -6,6 +6,7 @@
 //! [`Settings::validate`] into a `Config` in which every value is checked and every default filled.
 //! Nothing here binds a socket: a bad config is rejected before anything is opened.
 
+mod validate;
 pub mod value;
 
 use std::fmt;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-pub use value::{ByteSize, Dur, HostPort, ListenAddr, MetricsAddr, ReplyText};
+pub use value::{ByteSize, Cidr, Dur, HostPort, ListenAddr, MetricsAddr, Rate, ReplyText};
 
 /// Defaults, quoted by the README. Exchange's MaxInboundConnectionPerSource is 20.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:25";
@@ -60,6 +61,37 @@ pub struct ReplyOverrides {
     pub source_limit: Option<ReplyText>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_unavailable: Option<ReplyText>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<ReplyText>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_limit: Option<ReplyText>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied: Option<ReplyText>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<ReplyText>,
+}
+
+/// Limits for one network (`[[network]]`), overriding the global ones for sources inside it.
+/// The longest matching `cidr` wins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRule {
+    pub cidr: Cidr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_source: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_source: Option<Rate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4_prefix: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u8>,
+    /// A second tier: concurrent connections from each `network_prefix`-sized block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_network: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_prefix: Option<u8>,
 }
 
 /// Every setting, each optional: what one source (flags or file) said.
@@ -132,6 +164,41 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipe_size: Option<ByteSize>,
 
+    /// Connection rate allowed per source, such as 30/min (N/s, N/min, N/h) [default: off]
+    #[arg(long, value_name = "RATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_source: Option<Rate>,
+
+    /// Connections a source may open in a burst before the rate applies [default: the rate's N]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+
+    /// Network exempt from the per-source and rate limits; repeatable
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Cidr>,
+
+    /// Network greeted with 554 and never forwarded; repeatable
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Cidr>,
+
+    /// Global slots kept for allowed networks only [default: 0]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_for_allowed: Option<usize>,
+
+    /// Evaluate every limit and count would-be rejections, but forward every connection
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+
+    /// Per-network overrides (file only, `[[network]]`)
+    #[arg(skip)]
+    #[serde(default, rename = "network", skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkRule>,
+
     /// Reply lines that replace mxgate's own (file only)
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +256,15 @@ impl Settings {
         if !over.listen.is_empty() {
             self.listen = over.listen;
         }
+        if !over.allow.is_empty() {
+            self.allow = over.allow;
+        }
+        if !over.deny.is_empty() {
+            self.deny = over.deny;
+        }
+        if !over.networks.is_empty() {
+            self.networks = over.networks;
+        }
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
@@ -205,114 +281,13 @@ impl Settings {
             log_format,
             forwarding,
             pipe_size,
+            rate_per_source,
+            rate_burst,
+            reserved_for_allowed,
+            dry_run,
             replies
         );
         self
-    }
-
-    /// Checks every value and fills every default. `file` only labels the errors.
-    pub fn validate(self, file: Option<&Path>) -> Result<Config, ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
-            file: file.map(Path::to_path_buf),
-            key: key.to_string(),
-            reason,
-        };
-        let listen: Vec<SocketAddr> = if self.listen.is_empty() {
-            vec![DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses")]
-        } else {
-            self.listen.iter().map(|l| l.0).collect()
-        };
-        for (i, a) in listen.iter().enumerate() {
-            if listen[..i].contains(a) {
-                return Err(err("listen", format!("{a} is listed twice")));
-            }
-        }
-        let backend = self.backend.ok_or_else(|| {
-            err(
-                "backend",
-                "is required: the mail server to forward to".into(),
-            )
-        })?;
-        let ipv4_prefix = self.ipv4_prefix.unwrap_or(DEFAULT_IPV4_PREFIX);
-        if ipv4_prefix > 32 {
-            return Err(err(
-                "ipv4_prefix",
-                format!("{ipv4_prefix} is not in 0..=32"),
-            ));
-        }
-        let ipv6_prefix = self.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
-        if ipv6_prefix > 128 {
-            return Err(err(
-                "ipv6_prefix",
-                format!("{ipv6_prefix} is not in 0..=128"),
-            ));
-        }
-        let hostname = match self.hostname {
-            Some(h) => h,
-            None => system_hostname().map_err(|e| {
-                err(
-                    "hostname",
-                    format!("not set, and the system host name is unusable: {e}"),
-                )
-            })?,
-        };
-        value::validate_hostname(&hostname).map_err(|e| err("hostname", e))?;
-        let connect_timeout = self
-            .connect_timeout
-            .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
-        if connect_timeout.is_zero() {
-            return Err(err("connect_timeout", "must be more than zero".into()));
-        }
-        let idle_timeout = self.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
-        if idle_timeout.is_zero() {
-            return Err(err("idle_timeout", "must be more than zero".into()));
-        }
-        let metrics = match self.metrics {
-            Some(MetricsAddr::On(a)) => Some(a),
-            Some(MetricsAddr::Off) => None,
-            None => Some(
-                DEFAULT_METRICS
-                    .parse()
-                    .expect("default metrics address parses"),
-            ),
-        };
-        if let Some(m) = metrics {
-            if m.port() != 0 && listen.contains(&m) {
-                return Err(err("metrics", format!("{m} is also a listen address")));
-            }
-        }
-        let forwarding = self.forwarding.unwrap_or_default();
-        if forwarding == Forwarding::Splice && !cfg!(target_os = "linux") {
-            return Err(err(
-                "forwarding",
-                "splice is only available on Linux".into(),
-            ));
-        }
-        let pipe_size = self.pipe_size.map_or(DEFAULT_PIPE_SIZE, |s| s.0);
-        if !(4096..=1 << 30).contains(&pipe_size) {
-            return Err(err(
-                "pipe_size",
-                format!("{pipe_size} is not between 4KiB and 1GiB"),
-            ));
-        }
-        Ok(Config {
-            forwarding,
-            pipe_size,
-            listen,
-            backend,
-            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            max_per_source: self.max_per_source.unwrap_or(DEFAULT_MAX_PER_SOURCE),
-            ipv4_prefix,
-            ipv6_prefix,
-            hostname,
-            metrics,
-            connect_timeout,
-            idle_timeout,
-            log_format: self.log_format.unwrap_or_default(),
-            replies: self.replies.unwrap_or_default(),
-        })
     }
 }
 
@@ -334,6 +309,14 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// Bytes asked for each splice pipe.
     pub pipe_size: usize,
+    pub rate_per_source: Option<Rate>,
+    /// `None`: the rate's count.
+    pub rate_burst: Option<u32>,
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+    pub reserved_for_allowed: usize,
+    pub dry_run: bool,
+    pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
 }
 
@@ -381,6 +364,13 @@ impl Config {
             log_format: Some(self.log_format),
             forwarding: Some(self.forwarding),
             pipe_size: Some(ByteSize(self.pipe_size)),
+            rate_per_source: self.rate_per_source,
+            rate_burst: self.rate_burst,
+            allow: self.allow.iter().copied().map(Cidr).collect(),
+            deny: self.deny.iter().copied().map(Cidr).collect(),
+            reserved_for_allowed: Some(self.reserved_for_allowed),
+            dry_run: Some(self.dry_run),
+            networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
         };
         toml::to_string(&s).expect("settings serialise")
@@ -407,138 +397,4 @@ fn system_hostname() -> Result<String, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse_err(text: &str) -> (String, String) {
-        Settings::from_toml(text).expect_err("must be rejected")
-    }
-
-    #[test]
-    fn every_key_parses() {
-        let s = Settings::from_toml(
-            r#"
-            listen = ["127.0.0.1:2525", "[::1]:2525"]
-            backend = "127.0.0.1:25"
-            max_connections = 30
-            max_per_source = 5
-            ipv4_prefix = 24
-            ipv6_prefix = 48
-            hostname = "mx.example.com"
-            metrics = "off"
-            connect_timeout = "500ms"
-            idle_timeout = "5m"
-            log_format = "json"
-            [replies]
-            global_limit = "421 4.3.2 {hostname} busy"
-            "#,
-        )
-        .unwrap();
-        let c = s.validate(None).unwrap();
-        assert_eq!(c.listen.len(), 2);
-        assert_eq!(c.max_per_source, 5);
-        assert_eq!(c.metrics, None);
-        assert_eq!(c.connect_timeout, Duration::from_millis(500));
-        assert_eq!(c.log_format, LogFormat::Json);
-        // The effective config round-trips through `check`'s output.
-        let again = Settings::from_toml(&c.to_toml())
-            .unwrap()
-            .validate(None)
-            .unwrap();
-        assert_eq!(again.to_toml(), c.to_toml());
-    }
-
-    #[test]
-    fn errors_name_the_key() {
-        let cases = [
-            ("max_conections = 3", "max_conections", "unknown field"),
-            ("idle_timeout = \"5x\"", "idle_timeout", "unknown unit"),
-            ("backend = \"nowhere\"", "backend", "HOST:PORT"),
-            ("listen = [\"1.2.3.4\"]", "listen[0]", "IP:PORT"),
-            (
-                "max_connections = \"many\"",
-                "max_connections",
-                "invalid type",
-            ),
-            (
-                "[replies]\nglobal_limit = \"250 ok\"",
-                "replies.global_limit",
-                "4xx or 5xx",
-            ),
-            (
-                "[replies]\nbogus = \"421 x\"",
-                "replies.bogus",
-                "unknown field",
-            ),
-            ("log_format = \"xml\"", "log_format", "xml"),
-        ];
-        for (text, key, reason) in cases {
-            let (k, r) = parse_err(text);
-            assert_eq!(k, key, "{text}");
-            assert!(r.contains(reason), "{text}: reason {r:?}");
-        }
-    }
-
-    #[test]
-    fn validation_names_the_key() {
-        let base =
-            || Settings::from_toml("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"").unwrap();
-        let cases: [(Settings, &str); 5] = [
-            (
-                Settings {
-                    ipv4_prefix: Some(33),
-                    ..base()
-                },
-                "ipv4_prefix",
-            ),
-            (
-                Settings {
-                    ipv6_prefix: Some(129),
-                    ..base()
-                },
-                "ipv6_prefix",
-            ),
-            (
-                Settings {
-                    hostname: Some("a b".into()),
-                    ..base()
-                },
-                "hostname",
-            ),
-            (
-                Settings {
-                    backend: None,
-                    ..base()
-                },
-                "backend",
-            ),
-            (
-                Settings {
-                    idle_timeout: Some(Dur(Duration::ZERO)),
-                    ..base()
-                },
-                "idle_timeout",
-            ),
-        ];
-        for (s, key) in cases {
-            let e = s.validate(Some(Path::new("x.toml"))).unwrap_err();
-            assert_eq!(e.key, key);
-            assert!(
-                e.to_string().starts_with("config file x.toml: key `"),
-                "{e}"
-            );
-        }
-    }
-
-    #[test]
-    fn flags_override_the_file() {
-        let file = Settings::from_toml("max_per_source = 5\nmax_connections = 9").unwrap();
-        let flags = Settings {
-            max_per_source: Some(7),
-            ..Settings::default()
-        };
-        let m = file.merge(flags);
-        assert_eq!(m.max_per_source, Some(7));
-        assert_eq!(m.max_connections, Some(9));
-    }
-}
+mod tests;

@@ -264,6 +264,77 @@ impl fmt::Display for ByteSize {
 }
 deserialize_from_str!(ByteSize);
 
+/// A network in CIDR form. A bare address means that one address. Host bits must be zero, so
+/// `192.0.2.5/24` is refused rather than silently read as `192.0.2.0/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(Cidr(ipnet::IpNet::from(ip)));
+        }
+        let net: ipnet::IpNet = s
+            .parse()
+            .map_err(|_| format!("invalid network {s:?}: expected CIDR such as 192.0.2.0/24"))?;
+        if net.trunc() != net {
+            return Err(format!(
+                "invalid network {s:?}: host bits are set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        Ok(Cidr(net))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+deserialize_from_str!(Cidr);
+
+/// A connection rate: `30/min`, `5/s`, `100/h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid rate {s:?}: expected N/s, N/min or N/h, such as 30/min");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(format!("invalid rate {s:?}: the count must be at least 1"));
+        }
+        let per = match unit.trim() {
+            "s" | "sec" => Duration::from_secs(1),
+            "m" | "min" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        Ok(Rate { count, per })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+deserialize_from_str!(Rate);
+
 /// A domain name as it may appear first in an SMTP greeting (RFC 5321 §4.3.1).
 pub fn validate_hostname(s: &str) -> Result<(), String> {
     let ok_label = |l: &str| {
@@ -332,6 +403,31 @@ mod tests {
         assert_eq!(ByteSize(1 << 20).to_string(), "1MiB");
         for bad in ["", "1GiB", "x", "1.5MiB"] {
             assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn cidrs_and_rates() {
+        assert_eq!(
+            "192.0.2.0/24".parse::<Cidr>().unwrap().to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            "192.0.2.7".parse::<Cidr>().unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            "2001:db8::/32".parse::<Cidr>().unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        let e = "192.0.2.5/24".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("did you mean 192.0.2.0/24"), "{e}");
+        assert!("192.0.2.0/33".parse::<Cidr>().is_err());
+        let r: Rate = "30/min".parse().unwrap();
+        assert_eq!((r.count, r.per), (30, Duration::from_secs(60)));
+        assert_eq!(r.to_string(), "30/min");
+        for bad in ["0/s", "30", "30/day", "x/s", "-1/s"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad:?} must be rejected");
         }
     }
 

@@ -1,0 +1,217 @@
+//! Validation: raw [`Settings`] into a typed [`Config`], every value checked, every default
+//! filled. Each error names the key it is about.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::*;
+
+impl Settings {
+    /// Checks every value and fills every default. `file` only labels the errors.
+    pub fn validate(self, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: file.map(Path::to_path_buf),
+            key: key.to_string(),
+            reason,
+        };
+        let listen: Vec<SocketAddr> = if self.listen.is_empty() {
+            vec![DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses")]
+        } else {
+            self.listen.iter().map(|l| l.0).collect()
+        };
+        for (i, a) in listen.iter().enumerate() {
+            if listen[..i].contains(a) {
+                return Err(err("listen", format!("{a} is listed twice")));
+            }
+        }
+        let backend = self.backend.ok_or_else(|| {
+            err(
+                "backend",
+                "is required: the mail server to forward to".into(),
+            )
+        })?;
+        let ipv4_prefix = self.ipv4_prefix.unwrap_or(DEFAULT_IPV4_PREFIX);
+        if ipv4_prefix > 32 {
+            return Err(err(
+                "ipv4_prefix",
+                format!("{ipv4_prefix} is not in 0..=32"),
+            ));
+        }
+        let ipv6_prefix = self.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
+        if ipv6_prefix > 128 {
+            return Err(err(
+                "ipv6_prefix",
+                format!("{ipv6_prefix} is not in 0..=128"),
+            ));
+        }
+        let hostname = match self.hostname {
+            Some(h) => h,
+            None => system_hostname().map_err(|e| {
+                err(
+                    "hostname",
+                    format!("not set, and the system host name is unusable: {e}"),
+                )
+            })?,
+        };
+        value::validate_hostname(&hostname).map_err(|e| err("hostname", e))?;
+        let connect_timeout = self
+            .connect_timeout
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+        if connect_timeout.is_zero() {
+            return Err(err("connect_timeout", "must be more than zero".into()));
+        }
+        let idle_timeout = self.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
+        if idle_timeout.is_zero() {
+            return Err(err("idle_timeout", "must be more than zero".into()));
+        }
+        let metrics = match self.metrics {
+            Some(MetricsAddr::On(a)) => Some(a),
+            Some(MetricsAddr::Off) => None,
+            None => Some(
+                DEFAULT_METRICS
+                    .parse()
+                    .expect("default metrics address parses"),
+            ),
+        };
+        if let Some(m) = metrics {
+            if m.port() != 0 && listen.contains(&m) {
+                return Err(err("metrics", format!("{m} is also a listen address")));
+            }
+        }
+        let forwarding = self.forwarding.unwrap_or_default();
+        if forwarding == Forwarding::Splice && !cfg!(target_os = "linux") {
+            return Err(err(
+                "forwarding",
+                "splice is only available on Linux".into(),
+            ));
+        }
+        let pipe_size = self.pipe_size.map_or(DEFAULT_PIPE_SIZE, |s| s.0);
+        if !(4096..=1 << 30).contains(&pipe_size) {
+            return Err(err(
+                "pipe_size",
+                format!("{pipe_size} is not between 4KiB and 1GiB"),
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let reserved_for_allowed = self.reserved_for_allowed.unwrap_or(0);
+        if reserved_for_allowed > max_connections {
+            return Err(err(
+                "reserved_for_allowed",
+                format!("{reserved_for_allowed} is more than max_connections ({max_connections})"),
+            ));
+        }
+        if reserved_for_allowed > 0 && self.allow.is_empty() {
+            return Err(err(
+                "reserved_for_allowed",
+                "has no effect without an allow list".into(),
+            ));
+        }
+        validate_burst(self.rate_per_source, self.rate_burst).map_err(|e| err("rate_burst", e))?;
+        let allow: Vec<_> = self.allow.iter().map(|c| c.0).collect();
+        let deny: Vec<_> = self.deny.iter().map(|c| c.0).collect();
+        if let Some(both) = allow.iter().find(|a| deny.contains(a)) {
+            return Err(err("deny", format!("{both} is in both allow and deny")));
+        }
+        for (i, rule) in self.networks.iter().enumerate() {
+            let key = |k: &str| format!("network[{i}].{k}");
+            validate_rule(rule, self.rate_per_source).map_err(|(k, e)| err(&key(k), e))?;
+            if self.networks[..i].iter().any(|r| r.cidr == rule.cidr) {
+                return Err(err(&key("cidr"), format!("{} is listed twice", rule.cidr)));
+            }
+        }
+        Ok(Config {
+            rate_per_source: self.rate_per_source,
+            rate_burst: self.rate_burst,
+            allow,
+            deny,
+            reserved_for_allowed,
+            dry_run: self.dry_run.unwrap_or(false),
+            networks: self.networks,
+            forwarding,
+            pipe_size,
+            listen,
+            backend,
+            max_connections,
+            max_per_source: self.max_per_source.unwrap_or(DEFAULT_MAX_PER_SOURCE),
+            ipv4_prefix,
+            ipv6_prefix,
+            hostname,
+            metrics,
+            connect_timeout,
+            idle_timeout,
+            log_format: self.log_format.unwrap_or_default(),
+            replies: self.replies.unwrap_or_default(),
+        })
+    }
+}
+
+fn validate_burst(rate: Option<Rate>, burst: Option<u32>) -> Result<(), String> {
+    match (rate, burst) {
+        (_, Some(0)) => Err("must be at least 1".into()),
+        (None, Some(_)) => Err("has no effect without rate_per_source".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Checks one `[[network]]` rule; the error is `(key within the rule, reason)`.
+fn validate_rule(
+    rule: &NetworkRule,
+    global_rate: Option<Rate>,
+) -> Result<(), (&'static str, String)> {
+    let net = rule.cidr.0;
+    let (own, other, own_key, other_key) = match net {
+        ipnet::IpNet::V4(_) => (
+            rule.ipv4_prefix,
+            rule.ipv6_prefix,
+            "ipv4_prefix",
+            "ipv6_prefix",
+        ),
+        ipnet::IpNet::V6(_) => (
+            rule.ipv6_prefix,
+            rule.ipv4_prefix,
+            "ipv6_prefix",
+            "ipv4_prefix",
+        ),
+    };
+    if other.is_some() {
+        return Err((
+            other_key,
+            format!("has no effect in {net}, which is not of that family"),
+        ));
+    }
+    if let Some(p) = own {
+        if p > net.max_prefix_len() || p < net.prefix_len() {
+            return Err((
+                own_key,
+                format!(
+                    "{p} must be between {} and {}",
+                    net.prefix_len(),
+                    net.max_prefix_len()
+                ),
+            ));
+        }
+    }
+    match (rule.max_per_network, rule.network_prefix) {
+        (None, Some(_)) => {
+            return Err((
+                "network_prefix",
+                "has no effect without max_per_network".into(),
+            ))
+        }
+        (Some(_), Some(p)) if p > net.max_prefix_len() || p < net.prefix_len() => {
+            return Err((
+                "network_prefix",
+                format!(
+                    "{p} must be between {} and {}",
+                    net.prefix_len(),
+                    net.max_prefix_len()
+                ),
+            ))
+        }
+        _ => {}
+    }
+    validate_burst(rule.rate_per_source.or(global_rate), rule.rate_burst)
+        .map_err(|e| ("rate_burst", e))
+}

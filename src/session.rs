@@ -1,0 +1,133 @@
+//! The life of one client connection: admission, then either mxgate's own answer or a backend
+//! connection and forwarding until the session ends.
+//!
+//! Everything here runs in the connection's own task, never in the accept loop. The settings a
+//! reload may change live in [`Live`], swapped whole; a session reads them once when it starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{Admission, Guard, RejectReason};
+use crate::backend;
+use crate::config::Config;
+use crate::forward::{self, Mode, Traffic};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::reply::{display_source, Closer, RejectSummary, Replies};
+
+/// What a reload replaces, as one unit, so a connection never sees half of a new config.
+pub struct Live {
+    pub config: Config,
+    pub policy: Policy,
+    pub replies: Replies,
+}
+
+/// Everything a connection task needs, shared by all of them.
+pub struct Gate {
+    pub live: ArcSwap<Live>,
+    pub admission: Admission,
+    pub closer: Closer,
+    pub summary: Arc<RejectSummary>,
+    pub metrics: Arc<Metrics>,
+    pub mode: Mode,
+    pub traffic: Traffic,
+    /// Set once shutdown starts: new connections get the draining reply.
+    pub draining: AtomicBool,
+    /// Cancelled to cut sessions that are still forwarding.
+    pub cut: CancellationToken,
+}
+
+impl Gate {
+    /// One client connection, from admission to close.
+    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let ip = peer.ip().to_canonical();
+        let live = self.live.load_full();
+        if self.draining.load(Ordering::Acquire) {
+            return self.reject(client, RejectReason::Draining, ip, &live).await;
+        }
+        match self.admission.admit(&live.policy, ip) {
+            Ok(admitted) => {
+                if let Some(r) = admitted.would_reject {
+                    self.metrics.rejected_dry_run(r).increment(1);
+                    self.summary
+                        .record_dry_run(r, live.policy.default.source_key(ip));
+                }
+                self.serve(client, admitted.guard, ip, live).await
+            }
+            Err(reason) => self.reject(client, reason, ip, &live).await,
+        }
+    }
+
+    /// Answers the client for `reason` and closes; no backend is involved.
+    async fn reject(&self, client: TcpStream, reason: RejectReason, ip: IpAddr, live: &Live) {
+        self.metrics.rejected(reason).increment(1);
+        self.summary
+            .record(reason, live.policy.classify(ip).rule.source_key(ip));
+        match reason {
+            RejectReason::Denied => self.closer.deny(client, &live.replies).await,
+            _ => {
+                self.closer
+                    .reply_and_close(client, live.replies.line(reason))
+                    .await;
+            }
+        }
+    }
+
+    /// Connects the admitted client to the backend and forwards until the session ends.
+    async fn serve(&self, client: TcpStream, guard: Guard, ip: IpAddr, live: Arc<Live>) {
+        let _ = client.set_nodelay(true);
+        let started = Instant::now();
+        let (backend_addr, connect_timeout, idle) = (
+            live.config.backend.addr,
+            live.config.connect_timeout,
+            live.config.idle_timeout,
+        );
+        let backend = match backend::connect(backend_addr, connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(backend = %backend_addr, error = %e, "backend unavailable");
+                drop(guard);
+                return self
+                    .reject(client, RejectReason::BackendUnavailable, ip, &live)
+                    .await;
+            }
+        };
+        drop(live);
+        self.metrics
+            .backend_connect_seconds
+            .record(started.elapsed().as_secs_f64());
+        let report = forward::forward(
+            &client,
+            &backend,
+            &self.mode,
+            idle,
+            &self.traffic,
+            self.cut.cancelled(),
+        )
+        .await;
+        let elapsed = started.elapsed();
+        self.metrics
+            .session_duration_seconds
+            .record(elapsed.as_secs_f64());
+        let error = match &report.end {
+            forward::End::Fault(_, e) => Some(e.to_string()),
+            _ => None,
+        };
+        tracing::info!(
+            source = %display_source(&guard.source()),
+            duration_ms = elapsed.as_millis() as u64,
+            client_to_backend = report.client_to_backend,
+            backend_to_client = report.backend_to_client,
+            spliced = report.spliced,
+            end = report.end.label(),
+            error,
+            "session finished"
+        );
+    }
+}
