@@ -26,6 +26,42 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a config and print the effective settings; exit non-zero if invalid
     Check(RunArgs),
+    /// Print a man page (roff), generated from these very flags: mxgate(1), or the page of a
+    /// subcommand (`run`, `check`)
+    #[command(hide = true)]
+    Man { subcommand: Option<String> },
+    /// Print shell completions, generated from these very flags
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Writes the man page of the whole command, or of one subcommand (`mxgate-run(1)`), to `out`.
+pub fn write_man(subcommand: Option<&str>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let top = Cli::command();
+    let cmd = match subcommand {
+        None => top,
+        Some(name) => {
+            let sub = top.find_subcommand(name).cloned().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no subcommand {name:?}"),
+                )
+            })?;
+            let full: &'static str = Box::leak(format!("mxgate-{name}").into_boxed_str());
+            sub.name(full)
+        }
+    };
+    clap_mangen::Man::new(cmd).render(out)
+}
+
+/// Writes completions for `shell` to `out`.
+pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "mxgate", out);
 }
 
 #[derive(Clone, Debug, clap::Args)]

@@ -15,6 +15,7 @@
 //! | source policy: lists, per-network rules, rate limits | [`policy`] |
 //! | accept loops, reload, shutdown | [`server`] |
 //! | one connection's life | [`session`] |
+//! | systemd notify, socket activation, signals, drain | [`service`] |
 
 pub mod admission;
 pub mod backend;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod policy;
 pub mod reply;
 pub mod server;
+pub mod service;
 pub mod session;
 
 pub use config::Config;

@@ -1,14 +1,10 @@
 //! The `mxgate` binary: parse flags, load the config, run. Everything else is in the library.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 use mxgate::cli::{init_logging, Cli, Command, RunArgs};
 use mxgate::Config;
-
-/// How long sessions may go on after SIGTERM or SIGINT before they are cut.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,6 +16,16 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Man { subcommand } => {
+            match mxgate::cli::write_man(subcommand.as_deref(), &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e.into()),
+            }
+        }
+        Command::Completions { shell } => {
+            mxgate::cli::write_completions(shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Run(args) => {
             let args_for_reload = args.clone();
             let config = match load(args) {
@@ -40,28 +46,10 @@ fn load(args: RunArgs) -> anyhow::Result<Config> {
 }
 
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let running = mxgate::start(config).await?;
-        loop {
-            tokio::select! {
-                _ = hup.recv() => {
-                    running.reload(load(args.clone()));
-                }
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            }
-        }
-        tracing::info!("stopping");
-        running.shutdown(DRAIN_TIMEOUT).await;
-        Ok(())
-    })
+    runtime.block_on(mxgate::service::run(config, || load(args.clone())))
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

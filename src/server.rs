@@ -31,6 +31,10 @@ use crate::policy::{Policy, PolicyClock, EVICT_INTERVAL};
 use crate::reply::{Closer, Replies};
 use crate::session::{Gate, Live};
 
+/// How often an idle accept loop wakes to show it is alive; the watchdog needs a period of at
+/// least four times this.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+
 /// A running mxgate instance.
 pub struct Running {
     listen_addrs: Vec<SocketAddr>,
@@ -318,7 +322,7 @@ async fn accept_loop(
 ) {
     let mut errors = AcceptErrors::default();
     // Wake now and then even when idle, so the heartbeat shows the loop is alive.
-    let mut alive = tokio::time::interval(Duration::from_secs(1));
+    let mut alive = tokio::time::interval(HEARTBEAT_INTERVAL);
     alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         heartbeat.fetch_add(1, Ordering::Relaxed);

@@ -29,6 +29,7 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9925";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How bytes are moved between client and backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -164,6 +165,11 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipe_size: Option<ByteSize>,
 
+    /// On SIGTERM, how long forwarding sessions may go on before they are closed [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<Dur>,
+
     /// Connection rate allowed per source, such as 30/min (N/s, N/min, N/h) [default: off]
     #[arg(long, value_name = "RATE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,6 +287,7 @@ impl Settings {
             log_format,
             forwarding,
             pipe_size,
+            drain_timeout,
             rate_per_source,
             rate_burst,
             reserved_for_allowed,
@@ -309,6 +316,8 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// Bytes asked for each splice pipe.
     pub pipe_size: usize,
+    /// How long sessions may go on after a stop signal.
+    pub drain_timeout: Duration,
     pub rate_per_source: Option<Rate>,
     /// `None`: the rate's count.
     pub rate_burst: Option<u32>,
@@ -364,6 +373,7 @@ impl Config {
             log_format: Some(self.log_format),
             forwarding: Some(self.forwarding),
             pipe_size: Some(ByteSize(self.pipe_size)),
+            drain_timeout: Some(Dur(self.drain_timeout)),
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow: self.allow.iter().copied().map(Cidr).collect(),

@@ -122,6 +122,7 @@ impl Settings {
             }
         }
         Ok(Config {
+            drain_timeout: self.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow,

@@ -1,0 +1,145 @@
+//! A small TCP load tool for `benches/compare.sh`. It measures what the comparison needs and
+//! prints one JSON object on stdout:
+//!
+//! - `latency TARGET COUNT`: sequential connect → first line, p50/p99 in µs.
+//! - `reject TARGET CONCURRENCY SECONDS`: connections per second turned away; for each it reads
+//!   to EOF and counts complete 421 lines, silent closes and resets.
+//! - `hold TARGET COUNT`: opens COUNT sessions, reads each greeting, prints `ready`, and holds
+//!   them until stdin closes.
+//!
+//! Every loop is bounded by its count or its duration.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn first_line(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    while !line.ends_with(b"\n") {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    Ok(line)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+async fn latency(target: SocketAddr, count: usize) {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(target).await.expect("connect");
+        let line = first_line(&mut s).await.expect("greeting");
+        samples.push(t.elapsed().as_micros() as u64);
+        assert!(
+            line.starts_with(b"220"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+        let _ = s.write_all(b"QUIT\r\n").await;
+    }
+    samples.sort_unstable();
+    println!(
+        "{{\"count\":{},\"p50_us\":{},\"p99_us\":{}}}",
+        samples.len(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99)
+    );
+}
+
+async fn reject(target: SocketAddr, concurrency: usize, seconds: u64) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        workers.push(tokio::spawn(async move {
+            let (mut lines, mut silent, mut resets, mut errors) = (0u64, 0u64, 0u64, 0u64);
+            while Instant::now() < deadline {
+                let mut s = match TcpStream::connect(target).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        errors += 1;
+                        continue;
+                    }
+                };
+                let mut got = Vec::new();
+                match s.read_to_end(&mut got).await {
+                    Ok(_) if got.starts_with(b"421 ") && got.ends_with(b"\r\n") => lines += 1,
+                    Ok(_) if got.is_empty() => silent += 1,
+                    Ok(_) => errors += 1,
+                    Err(_) if got.is_empty() => resets += 1,
+                    Err(_) => errors += 1,
+                }
+            }
+            (lines, silent, resets, errors)
+        }));
+    }
+    let (mut lines, mut silent, mut resets, mut errors) = (0, 0, 0, 0);
+    for w in workers {
+        let (a, b, c, d) = w.await.unwrap();
+        lines += a;
+        silent += b;
+        resets += c;
+        errors += d;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total = lines + silent + resets;
+    println!(
+        "{{\"per_second\":{:.0},\"complete_421\":{lines},\"silent_close\":{silent},\"reset\":{resets},\"errors\":{errors}}}",
+        total as f64 / secs
+    );
+}
+
+async fn hold(target: SocketAddr, count: usize) {
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut s = TcpStream::connect(target).await.expect("connect");
+        let line = first_line(&mut s).await.expect("greeting");
+        assert!(
+            line.starts_with(b"220"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+        held.push(s);
+    }
+    println!("ready");
+    // Hold until the caller closes stdin.
+    tokio::task::spawn_blocking(|| {
+        let stdin = std::io::stdin();
+        for _ in stdin.lock().lines() {}
+    })
+    .await
+    .unwrap();
+    println!("{{\"held\":{}}}", held.len());
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: netload latency|reject|hold TARGET ...";
+    let target: SocketAddr = args
+        .get(1)
+        .expect(usage)
+        .parse()
+        .expect("TARGET is IP:PORT");
+    let num = |i: usize| -> u64 { args.get(i).expect(usage).parse().expect(usage) };
+    match args[0].as_str() {
+        "latency" => latency(target, num(2) as usize).await,
+        "reject" => reject(target, num(2) as usize, num(3)).await,
+        "hold" => hold(target, num(2) as usize).await,
+        _ => panic!("{usage}"),
+    }
+}

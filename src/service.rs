@@ -1,0 +1,128 @@
+//! Running as a service: systemd notifications, socket activation, signals, reload and drain.
+//!
+//! - `READY=1` is sent only once every listener is bound and the metrics endpoint is up.
+//! - SIGHUP sends `RELOADING=1` with `MONOTONIC_USEC`, reloads, then `READY=1`.
+//! - SIGTERM or SIGINT sends `STOPPING=1` and drains: new clients get the draining 421,
+//!   forwarding sessions go on until they end or the drain timeout cuts them, then the process
+//!   exits 0. A second SIGTERM or SIGINT exits at once.
+//! - With `WATCHDOG_USEC` set, `WATCHDOG=1` is sent every half period, but only while the
+//!   accept loops' heartbeat moves: a wedged loop lets the watchdog fire.
+//!
+//! Notifications are best-effort: without `NOTIFY_SOCKET` they are no-ops.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sd_notify::NotifyState;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::Running;
+
+/// Listening sockets passed by systemd (`LISTEN_FDS`, `LISTEN_PID`), if any.
+pub fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let fds = sd_notify::listen_fds().context("socket activation variables are invalid")?;
+    fds.map(adopt).collect()
+}
+
+fn adopt(fd: RawFd) -> anyhow::Result<std::net::TcpListener> {
+    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID matched) for it to own;
+    // nothing else in the process refers to it.
+    let socket = unsafe { socket2::Socket::from_raw_fd(fd) };
+    let listening = socket.is_listener().unwrap_or(false);
+    let stream = socket
+        .r#type()
+        .map(|t| t == socket2::Type::STREAM)
+        .unwrap_or(false);
+    if !listening || !stream {
+        bail!("inherited descriptor {fd} is not a listening TCP socket (check the .socket unit)");
+    }
+    Ok(socket.into())
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// Runs until stopped by a signal. `reload` loads the config again for SIGHUP.
+pub async fn run(
+    config: Config,
+    reload: impl Fn() -> anyhow::Result<Config>,
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
+    let drain_timeout = config.drain_timeout;
+    let inherited = inherited_listeners()?;
+    let running = if inherited.is_empty() {
+        crate::start(config).await?
+    } else {
+        tracing::info!(
+            sockets = inherited.len(),
+            "using sockets passed by systemd; `listen` is not used"
+        );
+        crate::start_with(inherited, config).await?
+    };
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("accepting connections"),
+    ]);
+    let watchdog = tokio::spawn(watchdog(&running));
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let mut states = vec![NotifyState::Reloading];
+                if let Ok(now) = NotifyState::monotonic_usec_now() {
+                    states.push(now);
+                }
+                notify(&states);
+                running.reload(reload());
+                notify(&[NotifyState::Ready, NotifyState::Status("accepting connections")]);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    tracing::info!(
+        drain_timeout_ms = drain_timeout.as_millis() as u64,
+        "stopping: draining sessions"
+    );
+    tokio::select! {
+        () = running.shutdown(drain_timeout) => {}
+        _ = term.recv() => tracing::warn!("second stop signal: exiting now"),
+        _ = int.recv() => tracing::warn!("second stop signal: exiting now"),
+    }
+    watchdog.abort();
+    Ok(())
+}
+
+/// Pings the watchdog at half its period while the accept loops' heartbeat moves.
+fn watchdog(running: &Running) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let heartbeat = running.heartbeat();
+    async move {
+        let Some(period) = sd_notify::watchdog_enabled() else {
+            return;
+        };
+        let half = (period / 2).max(Duration::from_millis(10));
+        let mut last = heartbeat.load(Ordering::Relaxed);
+        let mut tick = tokio::time::interval(half);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = heartbeat.load(Ordering::Relaxed);
+            if now != last {
+                notify(&[NotifyState::Watchdog]);
+            } else {
+                tracing::error!("accept loops have not turned for half a watchdog period; not pinging the watchdog");
+            }
+            last = now;
+        }
+    }
+}

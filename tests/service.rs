@@ -1,0 +1,262 @@
+//! The binary as a service: the sd_notify protocol on our own NOTIFY_SOCKET, the watchdog,
+//! socket activation on fd 3, and graceful drain on SIGTERM.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DRAIN_LINE: &[u8] = b"421 4.3.2 mx.test Service shutting down, try again later\r\n";
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mxgate-svc-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A NOTIFY_SOCKET the test reads.
+struct Notify {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Notify {
+    fn new(tag: &str) -> Notify {
+        let path = temp_dir(tag).join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Notify { socket, path }
+    }
+
+    /// The next message, as its lines.
+    fn next(&self) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        let n = self
+            .socket
+            .recv(&mut buf)
+            .expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+fn mxgate_cmd(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mxgate"));
+    c.args(["run", "--hostname", HOST, "--metrics", "off"])
+        .args([
+            "--backend",
+            &backend.to_string(),
+            "--listen",
+            &listen.to_string(),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    c
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// Waits for the child to exit within `limit` and returns its exit code.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().expect("exited, not killed by a signal");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mxgate did not exit in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_ready_reloading_stopping() {
+    let backend = GreetingBackend::start().await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let notify = Notify::new("notify");
+    let config = temp_dir("notify").join("mxgate.toml");
+    std::fs::write(&config, "max_per_source = 3\n").unwrap();
+    let mut child = KillOnDrop(
+        mxgate_cmd(
+            backend.addr,
+            listen,
+            &["--config", config.to_str().unwrap()],
+        )
+        .env("NOTIFY_SOCKET", &notify.path)
+        .spawn()
+        .unwrap(),
+    );
+
+    let ready = notify.next();
+    assert!(ready.contains(&"READY=1".to_string()), "{ready:?}");
+    // READY=1 came only once the port accepts: a connection now gets through at once.
+    let mut s = expect_admitted("127.0.0.2", listen).await;
+
+    std::fs::write(&config, "max_per_source = 1\n").unwrap();
+    signal(&child.0, libc::SIGHUP);
+    let reloading = notify.next();
+    assert!(
+        reloading.contains(&"RELOADING=1".to_string()),
+        "{reloading:?}"
+    );
+    assert!(
+        reloading
+            .iter()
+            .any(|l| l.starts_with("MONOTONIC_USEC=") && l[15..].parse::<u64>().is_ok()),
+        "{reloading:?}"
+    );
+    let ready = notify.next();
+    assert!(ready.contains(&"READY=1".to_string()), "{ready:?}");
+    // The reloaded limit applies.
+    expect_refusal("127.0.0.2", listen, SOURCE_LINE).await;
+
+    s.shutdown().await.unwrap();
+    drop(s);
+    signal(&child.0, libc::SIGTERM);
+    let stopping = notify.next();
+    assert!(stopping.contains(&"STOPPING=1".to_string()), "{stopping:?}");
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_is_pinged_while_accept_loops_turn() {
+    let backend = GreetingBackend::start().await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let notify = Notify::new("watchdog");
+    let _child = KillOnDrop(
+        mxgate_cmd(backend.addr, listen, &[])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("WATCHDOG_USEC", "1000000")
+            .spawn()
+            .unwrap(),
+    );
+    assert!(notify.next().contains(&"READY=1".to_string()));
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(notify.next(), vec!["WATCHDOG=1".to_string()]);
+    }
+    // Three pings at half of a 1 s period.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_uses_the_inherited_listener() {
+    let backend = GreetingBackend::start().await;
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = inherited.local_addr().unwrap();
+    use std::os::fd::AsRawFd;
+    let fd = inherited.as_raw_fd();
+    // `--listen` names another port: with an inherited socket it must not be used.
+    let unused: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["run", "--hostname", HOST, "--metrics", "off"])
+        .args([
+            "--backend",
+            &backend.addr.to_string(),
+            "--listen",
+            &unused.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _child = KillOnDrop(cmd.spawn().unwrap());
+    drop(inherited);
+    let s = expect_admitted("127.0.0.2", addr).await;
+    drop(s);
+    assert!(
+        std::net::TcpStream::connect(unused).is_err(),
+        "--listen was not bound"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_held_sessions_then_exits_zero() {
+    let backend = GreetingBackend::start().await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = KillOnDrop(mxgate_cmd(backend.addr, listen, &[]).spawn().unwrap());
+    eventually("listening", || std::net::TcpStream::connect(listen).is_ok()).await;
+    let mut held = expect_admitted("127.0.0.2", listen).await;
+
+    signal(&child.0, libc::SIGTERM);
+    // New clients get the draining reply; poll until the signal has been handled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = connect_from("127.0.0.3", listen).await.unwrap();
+        let line = read_line(&mut s).await;
+        if line == DRAIN_LINE {
+            assert!(read_to_end(&mut s).await.is_empty(), "then a clean close");
+            break;
+        }
+        // Not handled yet: this client was still admitted.
+        assert_eq!(line, GREETING);
+        assert!(Instant::now() < deadline, "no draining reply");
+    }
+    // The held session still works.
+    held.write_all(b"NOOP\r\n").await.unwrap();
+    let mut echo = [0u8; 6];
+    held.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"NOOP\r\n");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "still running while a session is open"
+    );
+    drop(held);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_cuts_held_sessions_and_still_exits_zero() {
+    let backend = GreetingBackend::start().await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = KillOnDrop(
+        mxgate_cmd(backend.addr, listen, &["--drain-timeout", "1s"])
+            .spawn()
+            .unwrap(),
+    );
+    eventually("listening", || std::net::TcpStream::connect(listen).is_ok()).await;
+    let mut held = expect_admitted("127.0.0.2", listen).await;
+    let sent = Instant::now();
+    signal(&child.0, libc::SIGTERM);
+    let rest = read_to_end(&mut held).await;
+    let cut_after = sent.elapsed();
+    assert!(rest.is_empty());
+    assert!(
+        cut_after >= Duration::from_millis(900) && cut_after < Duration::from_secs(5),
+        "cut after {cut_after:?}"
+    );
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
+}
