@@ -114,6 +114,7 @@ class Target:
         self.procs = []
         self.smtp_port = None
         self.iperf_port = None
+        self.hold_port = None
 
     def pids(self):
         pids = []
@@ -131,10 +132,10 @@ class Target:
         self.procs = []
 
 
-def mxgate_target(name, mode, smtp, iperf, reject=False):
+def mxgate_target(name, mode, smtp, iperf, greet, reject=False):
     t = Target(name)
     limits = ["--max-connections", "0"] if reject else ["--max-connections", "100000"]
-    for backend, attr in ((smtp, "smtp_port"), (iperf, "iperf_port")):
+    for backend, attr in ((smtp, "smtp_port"), (iperf, "iperf_port"), (greet, "hold_port")):
         port = free_port()
         cmd = [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
                "--metrics", "off", "--forwarding", mode, "--hostname", "mx.bench",
@@ -146,12 +147,12 @@ def mxgate_target(name, mode, smtp, iperf, reject=False):
     return t
 
 
-def haproxy_target(smtp, iperf, reject=False):
+def haproxy_target(smtp, iperf, greet, reject=False):
     t = Target("haproxy")
-    t.smtp_port, t.iperf_port = free_port(), free_port()
+    t.smtp_port, t.iperf_port, t.hold_port = free_port(), free_port(), free_port()
     rule = "    tcp-request connection reject\n" if reject else ""
     cfg = f"""global
-    maxconn 100000
+    maxconn 7000
     nbthread 2
 defaults
     mode tcp
@@ -159,13 +160,18 @@ defaults
     timeout connect 5s
     timeout client 10m
     timeout server 10m
-    maxconn 100000
+    maxconn 7000
 frontend smtp
     bind 127.0.0.1:{t.smtp_port}
 {rule}    default_backend smtp_b
 frontend bulk
     bind 127.0.0.1:{t.iperf_port}
     default_backend bulk_b
+frontend hold
+    bind 127.0.0.1:{t.hold_port}
+    default_backend hold_b
+backend hold_b
+    server s 127.0.0.1:{greet}
 backend smtp_b
     server s 127.0.0.1:{smtp}
 backend bulk_b
@@ -180,19 +186,19 @@ backend bulk_b
     return t
 
 
-def nginx_target(smtp, iperf, reject=False):
+def nginx_target(smtp, iperf, greet, reject=False):
     t = Target("nginx")
-    t.smtp_port, t.iperf_port = free_port(), free_port()
+    t.smtp_port, t.iperf_port, t.hold_port = free_port(), free_port(), free_port()
     deny = "            deny all;\n" if reject else ""
     prefix = os.path.join(TMP, "nginx")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     cfg = f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 2;
-worker_rlimit_nofile 100000;
+worker_rlimit_nofile 20000;
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log crit;
-events {{ worker_connections 50000; }}
+events {{ worker_connections 9000; }}
 stream {{
     server {{
         listen 127.0.0.1:{t.smtp_port};
@@ -201,6 +207,10 @@ stream {{
     server {{
         listen 127.0.0.1:{t.iperf_port};
         proxy_pass 127.0.0.1:{iperf};
+    }}
+    server {{
+        listen 127.0.0.1:{t.hold_port};
+        proxy_pass 127.0.0.1:{greet};
     }}
 }}
 """
@@ -213,9 +223,9 @@ stream {{
     return t
 
 
-def direct_target(smtp, iperf):
+def direct_target(smtp, iperf, greet):
     t = Target("direct")
-    t.smtp_port, t.iperf_port = smtp, iperf
+    t.smtp_port, t.iperf_port, t.hold_port = smtp, iperf, greet
     return t
 
 
@@ -266,7 +276,7 @@ def measure(t):
     lat = netload("latency", f"127.0.0.1:{t.smtp_port}", LATENCY_SAMPLES)
     r["latency_p50_us"], r["latency_p99_us"] = lat["p50_us"], lat["p99_us"]
     if pids:
-        r["idle_rss_kib"], r["idle_fds"] = hold(t.smtp_port, pids)
+        r["idle_rss_kib"], r["idle_fds"] = hold(t.hold_port, pids)
     return r
 
 
@@ -275,6 +285,7 @@ def measure_reject(t):
 
 
 def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("compare: stopped"))
     for tool in ("haproxy", "nginx", "iperf3", "smtp-sink", "smtp-source"):
         if not shutil.which(tool):
             sys.exit(f"compare: {tool} is not installed (see benches/compare.sh)")
@@ -282,16 +293,18 @@ def main():
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = spawn(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"])
     iperf_srv = spawn(["iperf3", "-s", "-p", str(iperf_port)])
+    greeter = subprocess.Popen([NETLOAD, "greet", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    greet_port = int(greeter.stdout.readline())
     wait_port(sink_port)
     wait_port(iperf_port)
     results, rejects = {}, {}
     try:
         builders = [
-            ("direct", lambda: direct_target(sink_port, iperf_port)),
-            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port)),
-            ("mxgate-copy", lambda: mxgate_target("mxgate-copy", "copy", sink_port, iperf_port)),
-            ("haproxy", lambda: haproxy_target(sink_port, iperf_port)),
-            ("nginx", lambda: nginx_target(sink_port, iperf_port)),
+            ("direct", lambda: direct_target(sink_port, iperf_port, greet_port)),
+            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port, greet_port)),
+            ("mxgate-copy", lambda: mxgate_target("mxgate-copy", "copy", sink_port, iperf_port, greet_port)),
+            ("haproxy", lambda: haproxy_target(sink_port, iperf_port, greet_port)),
+            ("nginx", lambda: nginx_target(sink_port, iperf_port, greet_port)),
         ]
         for name, build in builders:
             print(f"== {name}", file=sys.stderr)
@@ -302,9 +315,9 @@ def main():
                 t.stop()
             print(json.dumps(results[name]), file=sys.stderr)
         reject_builders = [
-            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port, True)),
-            ("haproxy", lambda: haproxy_target(sink_port, iperf_port, True)),
-            ("nginx", lambda: nginx_target(sink_port, iperf_port, True)),
+            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port, greet_port, True)),
+            ("haproxy", lambda: haproxy_target(sink_port, iperf_port, greet_port, True)),
+            ("nginx", lambda: nginx_target(sink_port, iperf_port, greet_port, True)),
         ]
         for name, build in reject_builders:
             print(f"== reject {name}", file=sys.stderr)
@@ -317,6 +330,7 @@ def main():
     finally:
         sink.kill()
         iperf_srv.kill()
+        greeter.kill()
         shutil.rmtree(TMP, ignore_errors=True)
     write_report(results, rejects)
 

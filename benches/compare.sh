@@ -7,6 +7,6 @@
 #   QUICK=1 benches/compare.sh    # shorter run, for a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+ulimit -n "$(ulimit -Hn)"
 cargo build --release --bin mxgate --example netload
 exec python3 benches/compare.py

@@ -6,6 +6,9 @@
 //!   to EOF and counts complete 421 lines, silent closes and resets.
 //! - `hold TARGET COUNT`: opens COUNT sessions, reads each greeting, prints `ready`, and holds
 //!   them until stdin closes.
+//! - `greet LISTEN`: a backend that greets every connection with a 220 line and then reads and
+//!   discards until the client closes; it holds tens of thousands of idle sessions, which
+//!   smtp-sink's select() loop cannot. Prints its port, runs until killed.
 //!
 //! Every loop is bounded by its count or its duration.
 
@@ -126,6 +129,27 @@ async fn hold(target: SocketAddr, count: usize) {
     println!("{{\"held\":{}}}", held.len());
 }
 
+async fn greet(listen: SocketAddr) {
+    let l = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    println!("{}", l.local_addr().unwrap().port());
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if s.write_all(b"220 greeter ESMTP\r\n").await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -140,6 +164,7 @@ async fn main() {
         "latency" => latency(target, num(2) as usize).await,
         "reject" => reject(target, num(2) as usize, num(3)).await,
         "hold" => hold(target, num(2) as usize).await,
+        "greet" => greet(target).await,
         _ => panic!("{usage}"),
     }
 }

@@ -49,7 +49,7 @@ impl Gate {
         let ip = peer.ip().to_canonical();
         let live = self.live.load_full();
         if self.draining.load(Ordering::Acquire) {
-            return self.reject(client, RejectReason::Draining, ip, &live).await;
+            return Box::pin(self.reject(client, RejectReason::Draining, ip, &live)).await;
         }
         match self.admission.admit(&live.policy, ip) {
             Ok(admitted) => {
@@ -60,7 +60,9 @@ impl Gate {
                 }
                 self.serve(client, admitted.guard, ip, live).await
             }
-            Err(reason) => self.reject(client, reason, ip, &live).await,
+            // Boxed: the reply path is cold for admitted sessions, and its buffers would
+            // otherwise sit in every session's task for its whole life.
+            Err(reason) => Box::pin(self.reject(client, reason, ip, &live)).await,
         }
     }
 
@@ -88,14 +90,15 @@ impl Gate {
             live.config.connect_timeout,
             live.config.idle_timeout,
         );
-        let backend = match backend::connect(backend_addr, connect_timeout).await {
+        // Boxed: the connect phase is short, and inline its state would stay reserved in the
+        // task for the session's whole life.
+        let backend = match Box::pin(backend::connect(backend_addr, connect_timeout)).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(backend = %backend_addr, error = %e, "backend unavailable");
                 drop(guard);
-                return self
-                    .reject(client, RejectReason::BackendUnavailable, ip, &live)
-                    .await;
+                let reply = self.reject(client, RejectReason::BackendUnavailable, ip, &live);
+                return Box::pin(reply).await;
             }
         };
         drop(live);

@@ -5,7 +5,7 @@
 
 use std::io;
 
-use super::{write_all, Flow, Side};
+use super::{read_ready, write_all, Flow, Side};
 
 /// Large enough that a bulk transfer makes few system calls, small enough to stay below
 /// malloc's mmap threshold so a burst's allocation is cheap.
@@ -21,8 +21,9 @@ pub(super) enum Burst {
 
 pub(super) async fn pump(flow: &Flow<'_>) -> Result<(), (Side, io::Error)> {
     loop {
-        flow.src.readable().await.map_err(|e| (flow.from(), e))?;
-        if let Burst::Eof = burst(flow).await? {
+        read_ready(flow.src).await.map_err(|e| (flow.from(), e))?;
+        // Boxed, as in the splice pump: idle sessions hold only their readiness waits.
+        if let Burst::Eof = Box::pin(burst(flow)).await? {
             return flow.finish();
         }
     }

@@ -16,6 +16,7 @@ mod copy;
 #[cfg(target_os = "linux")]
 pub mod splice;
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -197,22 +198,39 @@ async fn pump(flow: &Flow<'_>, mode: &Mode) -> Result<(), (Side, io::Error)> {
     }
 }
 
-/// Resolves once no byte has moved for `idle`.
+/// Resolves once no byte has moved for `idle`. One timer, re-armed in place when it fires
+/// early because bytes moved meanwhile, so moving bytes never touches the timer.
 async fn idle_watch(shared: &Shared<'_>, idle: Duration) {
-    loop {
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    std::future::poll_fn(|cx| loop {
+        std::task::ready!(timer.as_mut().poll(cx));
         let last = Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
         let deadline = shared.start + last + idle;
         if Instant::now() >= deadline {
-            return;
+            return std::task::Poll::Ready(());
         }
-        tokio::time::sleep_until(deadline).await;
-    }
+        timer.as_mut().reset(deadline);
+    })
+    .await
+}
+
+/// Waits until `s` may have bytes to read. Uses the socket's own reader waker slot instead of a
+/// stored readiness future, which keeps an idle session's task small; each socket has exactly
+/// one reader (the pump it feeds), so the one slot is enough.
+async fn read_ready(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// Waits until `s` may take more bytes; each socket has exactly one writer, as with reads.
+async fn write_ready(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
 }
 
 /// Writes all of `data` to `dst`, waiting for room as needed.
 async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
-        dst.writable().await?;
+        write_ready(dst).await?;
         match dst.try_write(data) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -221,4 +239,51 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle session keeps its forwarding state in memory for its whole life, so that state
+    /// must stay small: an idle direction holds only a wait on its socket, never a buffer, a pipe
+    /// or a pending write. These bounds catch a change that inlines a burst again.
+    #[tokio::test]
+    async fn idle_state_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        let traffic = Traffic {
+            client_to_backend: Counter::noop(),
+            backend_to_client: Counter::noop(),
+            spliced: Counter::noop(),
+            splice_fallbacks: Counter::noop(),
+        };
+        let shared = Shared {
+            traffic: &traffic,
+            start: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            c2b: AtomicU64::new(0),
+            b2c: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
+            splice_failed: AtomicBool::new(false),
+        };
+        let flow = Flow {
+            src: &a,
+            dst: &b,
+            to: Side::Backend,
+            shared: &shared,
+        };
+        #[cfg(target_os = "linux")]
+        let mode = Mode::Splice(splice::PipePool::new(65536, Counter::noop()));
+        #[cfg(not(target_os = "linux"))]
+        let mode = Mode::Copy;
+        let pump_size = std::mem::size_of_val(&pump(&flow, &mode));
+        assert!(pump_size <= 160, "a pump's state is {pump_size} bytes");
+        let token = tokio_util::sync::CancellationToken::new();
+        let idle = Duration::from_secs(1);
+        let whole = forward(&a, &b, &mode, idle, &traffic, token.cancelled());
+        let size = std::mem::size_of_val(&whole);
+        assert!(size <= 900, "a session's forwarding state is {size} bytes");
+    }
 }

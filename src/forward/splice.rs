@@ -23,7 +23,7 @@ use metrics::Counter;
 use tokio::io::Interest;
 
 use super::copy::{self, Burst};
-use super::{Flow, Side};
+use super::{read_ready, write_ready, Flow, Side};
 
 /// The pipe size asked for when none is configured.
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
@@ -151,15 +151,17 @@ impl Drop for Loan {
 /// Runs one direction to its end, splicing while it can.
 pub(super) async fn pump(flow: &Flow<'_>, pool: &Arc<PipePool>) -> Result<(), (Side, io::Error)> {
     loop {
-        flow.src.readable().await.map_err(|e| (flow.from(), e))?;
+        read_ready(flow.src).await.map_err(|e| (flow.from(), e))?;
         let step = if flow.shared.splice_failed.load(Ordering::Relaxed) {
             None
         } else {
             pool.borrow()
         };
+        // Bursts are boxed so that an idle direction's state is only its readiness wait:
+        // one small allocation per burst keeps every idle session's task small.
         let burst = match step {
-            Some(loan) => splice_burst(flow, loan).await?,
-            None => copy::burst(flow).await?,
+            Some(loan) => Box::pin(splice_burst(flow, loan)).await?,
+            None => Box::pin(copy::burst(flow)).await?,
         };
         if let Burst::Eof = burst {
             return flow.finish();
@@ -201,7 +203,7 @@ async fn splice_burst(flow: &Flow<'_>, mut loan: Loan) -> Result<Burst, (Side, i
 async fn drain(flow: &Flow<'_>, loan: &mut Loan, dst_fd: RawFd) -> Result<(), (Side, io::Error)> {
     let pipe_out = loan.pipe().read.as_raw_fd();
     while loan.filled > 0 {
-        flow.dst.writable().await.map_err(|e| (flow.to, e))?;
+        write_ready(flow.dst).await.map_err(|e| (flow.to, e))?;
         let len = loan.filled;
         match flow
             .dst
