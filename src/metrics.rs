@@ -183,6 +183,14 @@ impl Metrics {
             .register_counter(&Key::from_parts(name, labels), &meta)
     }
 
+    /// Registers (or finds) a gauge outside the fixed set; bounded label values only.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &meta)
+    }
+
     /// The text exposition format, as served on `/metrics`.
     pub fn render(&self) -> String {
         self.handle.render()

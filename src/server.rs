@@ -357,6 +357,7 @@ fn forwarding_mode(config: &Config, metrics: &Metrics) -> Mode {
         Forwarding::Auto | Forwarding::Splice => Mode::Splice(forward::splice::PipePool::new(
             config.pipe_size,
             metrics.counter("mxgate_splice_pool_exhausted_total", &[]),
+            metrics.gauge("mxgate_splice_pipes", &[]),
         )),
         #[cfg(not(target_os = "linux"))]
         Forwarding::Auto | Forwarding::Splice => {

@@ -85,10 +85,11 @@ impl Gate {
     async fn serve(&self, client: TcpStream, guard: Guard, ip: IpAddr, live: Arc<Live>) {
         let _ = client.set_nodelay(true);
         let started = Instant::now();
-        let (backend_addr, connect_timeout, idle) = (
+        let (backend_addr, connect_timeout, idle, greeting_timeout) = (
             live.config.backend.addr,
             live.config.connect_timeout,
             live.config.idle_timeout,
+            live.config.backend_greeting_timeout,
         );
         // Boxed: the connect phase is short, and inline its state would stay reserved in the
         // task for the session's whole life.
@@ -101,10 +102,18 @@ impl Gate {
                 return Box::pin(reply).await;
             }
         };
-        drop(live);
         self.metrics
             .backend_connect_seconds
             .record(started.elapsed().as_secs_f64());
+        if let Some(limit) = greeting_timeout {
+            if !Box::pin(backend_speaks(&backend, limit)).await {
+                tracing::debug!(backend = %backend_addr, "backend sent no greeting in time");
+                drop((backend, guard));
+                let reply = self.reject(client, RejectReason::BackendUnavailable, ip, &live);
+                return Box::pin(reply).await;
+            }
+        }
+        drop(live);
         let report = forward::forward(
             &client,
             &backend,
@@ -133,4 +142,14 @@ impl Gate {
             "session finished"
         );
     }
+}
+
+/// Whether the backend sends its first byte within `limit`. No byte has reached the client yet,
+/// so a silent backend can still be answered with mxgate's own 421.
+async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, backend.peek(&mut probe)).await,
+        Ok(Ok(1))
+    )
 }

@@ -172,3 +172,57 @@ fn bad_flags_are_rejected_too() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--idle-timeout"), "{err}");
 }
+
+#[test]
+fn every_key_wrong_in_turn_gives_one_clear_error() {
+    let cases: &[(&str, &str)] = &[
+        ("listen", "listen = [\"nowhere\"]"),
+        ("backend", "backend = \"no port\""),
+        ("max_connections", "max_connections = \"lots\""),
+        ("max_per_source", "max_per_source = -3"),
+        ("ipv4_prefix", "ipv4_prefix = 40"),
+        ("ipv6_prefix", "ipv6_prefix = 129"),
+        ("hostname", "hostname = \"not a host\""),
+        ("metrics", "metrics = \"on\""),
+        ("connect_timeout", "connect_timeout = \"5\""),
+        ("idle_timeout", "idle_timeout = \"0s\""),
+        (
+            "backend_greeting_timeout",
+            "backend_greeting_timeout = \"soon\"",
+        ),
+        ("log_format", "log_format = \"xml\""),
+        ("forwarding", "forwarding = \"zerocopy\""),
+        ("pipe_size", "pipe_size = \"1GiB\""),
+        ("drain_timeout", "drain_timeout = 30"),
+        ("rate_per_source", "rate_per_source = \"30/day\""),
+        ("rate_burst", "rate_burst = 5"),
+        ("allow", "allow = [\"192.0.2.5/24\"]"),
+        ("deny", "deny = [\"not-a-network\"]"),
+        ("reserved_for_allowed", "reserved_for_allowed = 5"),
+        ("dry_run", "dry_run = \"yes\""),
+        (
+            "network",
+            "[[network]]\ncidr = \"198.51.100.0/24\"\nipv6_prefix = 64",
+        ),
+        ("replies", "[replies]\nglobal_limit = \"200 fine\""),
+    ];
+    assert!(!cases.is_empty());
+    for (key, line) in cases {
+        // Valid backend and hostname, unless the case is about one of them.
+        let mut text = String::new();
+        if *key != "backend" {
+            text.push_str("backend = \"127.0.0.1:25\"\n");
+        }
+        if *key != "hostname" {
+            text.push_str("hostname = \"mx.t\"\n");
+        }
+        text.push_str(line);
+        text.push('\n');
+        let p = write_config(&format!("wrong-{key}.toml"), &text);
+        let out = mxgate(&["check", "--config", p.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: {line} must fail");
+        assert_eq!(err.lines().count(), 1, "{key}: one clear line: {err}");
+        assert!(err.contains(&format!("key `{key}")), "{key}: {err}");
+    }
+}

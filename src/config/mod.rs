@@ -150,6 +150,12 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Dur>,
 
+    /// If the backend sends no byte within this time after accepting, answer the client 421
+    /// and close both sides [default: off]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_greeting_timeout: Option<Dur>,
+
     /// Log line format [default: text]
     #[arg(long, value_name = "FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -284,6 +290,7 @@ impl Settings {
             metrics,
             connect_timeout,
             idle_timeout,
+            backend_greeting_timeout,
             log_format,
             forwarding,
             pipe_size,
@@ -312,6 +319,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `None`: wait for the backend's first byte only as long as the idle timeout.
+    pub backend_greeting_timeout: Option<Duration>,
     pub log_format: LogFormat,
     pub forwarding: Forwarding,
     /// Bytes asked for each splice pipe.
@@ -370,6 +379,7 @@ impl Config {
             metrics: Some(self.metrics.map_or(MetricsAddr::Off, MetricsAddr::On)),
             connect_timeout: Some(Dur(self.connect_timeout)),
             idle_timeout: Some(Dur(self.idle_timeout)),
+            backend_greeting_timeout: self.backend_greeting_timeout.map(Dur),
             log_format: Some(self.log_format),
             forwarding: Some(self.forwarding),
             pipe_size: Some(ByteSize(self.pipe_size)),

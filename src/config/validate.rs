@@ -121,7 +121,14 @@ impl Settings {
                 return Err(err(&key("cidr"), format!("{} is listed twice", rule.cidr)));
             }
         }
+        if self.backend_greeting_timeout.is_some_and(|d| d.0.is_zero()) {
+            return Err(err(
+                "backend_greeting_timeout",
+                "must be more than zero".into(),
+            ));
+        }
         Ok(Config {
+            backend_greeting_timeout: self.backend_greeting_timeout.map(|d| d.0),
             drain_timeout: self.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,

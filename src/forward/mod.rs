@@ -275,7 +275,11 @@ mod tests {
             shared: &shared,
         };
         #[cfg(target_os = "linux")]
-        let mode = Mode::Splice(splice::PipePool::new(65536, Counter::noop()));
+        let mode = Mode::Splice(splice::PipePool::new(
+            65536,
+            Counter::noop(),
+            metrics::Gauge::noop(),
+        ));
         #[cfg(not(target_os = "linux"))]
         let mode = Mode::Copy;
         let pump_size = std::mem::size_of_val(&pump(&flow, &mode));

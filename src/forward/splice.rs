@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use metrics::Counter;
+use metrics::{Counter, Gauge};
 use tokio::io::Interest;
 
 use super::copy::{self, Burst};
@@ -50,19 +50,26 @@ pub struct PipePool {
     want_size: usize,
     /// Steps that were copied because every pipe was in use.
     exhausted: Counter,
+    /// Pipes in existence, as `live`, for operators.
+    pipes: Gauge,
 }
 
 impl PipePool {
     /// A pool of pipes of about `pipe_size` bytes (capped at `fs.pipe-max-size`), bounded so
     /// that its pipes fit in half of the per-user pipe quota when running unprivileged.
-    pub fn new(pipe_size: usize, exhausted: Counter) -> Arc<PipePool> {
+    pub fn new(pipe_size: usize, exhausted: Counter, pipes: Gauge) -> Arc<PipePool> {
         let max_size = read_proc_usize("/proc/sys/fs/pipe-max-size").unwrap_or(DEFAULT_PIPE_SIZE);
         let want_size = pipe_size.min(max_size).max(4096);
-        Self::with_bound(want_size, pool_bound(want_size), exhausted)
+        Self::with_bound(want_size, pool_bound(want_size), exhausted, pipes)
     }
 
     /// A pool of at most `max` pipes of about `want_size` bytes.
-    pub fn with_bound(want_size: usize, max: usize, exhausted: Counter) -> Arc<PipePool> {
+    pub fn with_bound(
+        want_size: usize,
+        max: usize,
+        exhausted: Counter,
+        pipes: Gauge,
+    ) -> Arc<PipePool> {
         tracing::debug!(want_size, max_pipes = max, "splice pipe pool");
         Arc::new(PipePool {
             idle: Mutex::new(Vec::new()),
@@ -70,6 +77,7 @@ impl PipePool {
             max,
             want_size,
             exhausted,
+            pipes,
         })
     }
 
@@ -100,7 +108,10 @@ impl PipePool {
                     return None;
                 }
                 match new_pipe(self.want_size) {
-                    Ok(p) => p,
+                    Ok(p) => {
+                        self.pipes.increment(1.0);
+                        p
+                    }
                     Err(e) => {
                         self.live.fetch_sub(1, Ordering::AcqRel);
                         self.exhausted.increment(1);
@@ -144,6 +155,7 @@ impl Drop for Loan {
         } else {
             drop(pipe);
             self.pool.live.fetch_sub(1, Ordering::AcqRel);
+            self.pool.pipes.decrement(1.0);
         }
     }
 }
@@ -294,7 +306,7 @@ mod tests {
 
     #[test]
     fn pipes_are_sized_and_reused() {
-        let pool = PipePool::new(256 * 1024, metrics::Counter::noop());
+        let pool = PipePool::new(256 * 1024, Counter::noop(), Gauge::noop());
         let a = pool.borrow().unwrap();
         assert!(a.pipe().size >= 4096 && a.pipe().size <= 256 * 1024);
         let fd = a.pipe().read.as_raw_fd();
@@ -310,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_pipe_with_bytes_is_destroyed() {
-        let pool = PipePool::new(64 * 1024, metrics::Counter::noop());
+        let pool = PipePool::new(64 * 1024, Counter::noop(), Gauge::noop());
         let mut a = pool.borrow().unwrap();
         a.filled = 10;
         drop(a);
@@ -320,7 +332,7 @@ mod tests {
 
     #[test]
     fn the_bound_holds() {
-        let pool = PipePool::with_bound(64 * 1024, 8, metrics::Counter::noop());
+        let pool = PipePool::with_bound(64 * 1024, 8, Counter::noop(), Gauge::noop());
         let held: Vec<_> = (0..pool.capacity())
             .map(|_| pool.borrow().unwrap())
             .collect();

@@ -252,10 +252,15 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Starts `smtp-sink` with extra flags; `None` when it is not installed (outside CI).
     pub async fn start(flags: &[&str]) -> Option<SmtpSink> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_on(addr, flags).await
+    }
+
+    /// Starts `smtp-sink` on a given address, for a backend that comes back where it was.
+    pub async fn start_on(addr: SocketAddr, flags: &[&str]) -> Option<SmtpSink> {
         if !require_tool("smtp-sink") {
             return None;
         }
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new("smtp-sink");
         if is_root() {
             cmd.args(["-u", "nobody"]);
