@@ -1,22 +1,38 @@
 //! The backend: opening a connection to the mail server for one admitted client.
 //!
 //! Called from the client's own task, never from the accept loop, and always under the connect
-//! timeout, so a backend that is down or black-holed costs one task, not the listener.
+//! timeout, so a backend that is down or black-holed costs one task, not the listener. In
+//! transparent mode the connection is made from the client's own address.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Connects to `addr` within `limit`. A timeout is reported as `io::ErrorKind::TimedOut`.
-pub async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+/// Connects to `addr` within `limit`, from `source` when given (transparent mode: the client's
+/// address, which this host does not own). A timeout is reported as `io::ErrorKind::TimedOut`.
+pub async fn connect(
+    addr: SocketAddr,
+    limit: Duration,
+    source: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
+    let raw = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    raw.set_nonblocking(true)?;
     // SMTP is a command/reply dialogue: Nagle's algorithm would add a delay to every reply.
-    socket.set_nodelay(true)?;
+    raw.set_tcp_nodelay(true)?;
+    if let Some(source) = source {
+        if source.is_ipv4() != addr.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("transparent mode cannot connect from {source} to {addr}: address families differ"),
+            ));
+        }
+        set_transparent(&raw, addr.is_ipv6())?;
+        raw.bind(&source.into())?;
+    }
+    let socket = TcpSocket::from_std_stream(raw.into());
     match tokio::time::timeout(limit, socket.connect(addr)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
@@ -24,4 +40,71 @@ pub async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream>
             format!("no answer within {} ms", limit.as_millis()),
         )),
     }
+}
+
+/// Sets IP_TRANSPARENT or IPV6_TRANSPARENT, so the socket may bind an address this host does
+/// not own. Needs CAP_NET_ADMIN.
+pub fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    if !ipv6 {
+        return socket.set_ip_transparent_v4(true);
+    }
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int of exactly the size passed,
+    // as setsockopt(IPV6_TRANSPARENT) requires.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Checks at start-up what transparent mode needs, so it fails now rather than on the first
+/// connection: the capability (fatal when missing) and the policy routing rule (a warning: the
+/// rule could live on a router instead).
+pub fn transparent_preflight(backend: SocketAddr) -> anyhow::Result<()> {
+    let probe = Socket::new(
+        Domain::for_address(backend),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if let Err(e) = set_transparent(&probe, backend.is_ipv6()) {
+        anyhow::bail!(
+            "transparent mode needs the CAP_NET_ADMIN capability ({e}); under systemd, use the \
+             commented lines in mxgate.service: AmbientCapabilities=CAP_NET_BIND_SERVICE \
+             CAP_NET_ADMIN and CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN"
+        );
+    }
+    let family = if backend.is_ipv6() { "-6" } else { "-4" };
+    match std::process::Command::new("ip")
+        .args([family, "rule", "show"])
+        .output()
+    {
+        Ok(out) => {
+            let rules = String::from_utf8_lossy(&out.stdout);
+            if !rules
+                .lines()
+                .any(|l| l.contains("fwmark") && l.contains("lookup"))
+            {
+                tracing::warn!(
+                    "transparent mode: no `ip rule ... fwmark ... lookup ...` policy rule; replies \
+                     from the backend to client addresses will not reach mxgate (see the README's \
+                     routing recipe)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "transparent mode: cannot run `ip rule show` to check the policy routing"
+        ),
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod reply;
 pub mod server;
 pub mod service;

@@ -54,6 +54,9 @@ pub struct Running {
 
 /// Binds every listener and the metrics endpoint, then starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    if config.transparent {
+        crate::backend::transparent_preflight(config.backend.addr)?;
+    }
     let listeners = config
         .listen
         .iter()
@@ -68,6 +71,9 @@ pub async fn start_with(
     config: Config,
 ) -> anyhow::Result<Running> {
     ignore_sigpipe();
+    if config.transparent {
+        crate::backend::transparent_preflight(config.backend.addr)?;
+    }
     let metrics = Metrics::new();
     let metrics_listener = match config.metrics {
         Some(a) => Some(
@@ -307,6 +313,9 @@ fn kept_on_reload(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.log_format != new.log_format {
         kept.push("log_format");
+    }
+    if (old.transparent, old.transparent_port) != (new.transparent, new.transparent_port) {
+        kept.push("transparent");
     }
     kept
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use crate::config::Config;
 use crate::forward::{self, Mode, Traffic};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::proxy_protocol;
 use crate::reply::{display_source, Closer, RejectSummary, Replies};
 
 /// What a reload replaces, as one unit, so a connection never sees half of a new config.
@@ -45,12 +47,30 @@ pub struct Gate {
 
 impl Gate {
     /// One client connection, from admission to close.
-    pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let ip = peer.ip().to_canonical();
+    pub async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let live = self.live.load_full();
         if self.draining.load(Ordering::Acquire) {
+            let ip = peer.ip().to_canonical();
             return Box::pin(self.reject(client, RejectReason::Draining, ip, &live)).await;
         }
+        let local = client.local_addr().unwrap_or(peer);
+        let mut origin = Origin {
+            client: peer,
+            server: local,
+            early: Vec::new(),
+        };
+        if !live.config.accept_proxy_protocol.is_empty() {
+            match Box::pin(upstream_header(&mut client, peer, local, &live.config)).await {
+                Ok(o) => origin = o,
+                Err(e) => {
+                    tracing::debug!(error = %e, "refused a PROXY protocol header");
+                    let ip = peer.ip().to_canonical();
+                    return Box::pin(self.reject(client, RejectReason::BadProxyHeader, ip, &live))
+                        .await;
+                }
+            }
+        }
+        let ip = origin.client.ip().to_canonical();
         match self.admission.admit(&live.policy, ip) {
             Ok(admitted) => {
                 if let Some(r) = admitted.would_reject {
@@ -58,7 +78,7 @@ impl Gate {
                     self.summary
                         .record_dry_run(r, live.policy.default.source_key(ip));
                 }
-                self.serve(client, admitted.guard, ip, live).await
+                self.serve(client, admitted.guard, origin, live).await
             }
             // Boxed: the reply path is cold for admitted sessions, and its buffers would
             // otherwise sit in every session's task for its whole life.
@@ -73,6 +93,8 @@ impl Gate {
             .record(reason, live.policy.classify(ip).rule.source_key(ip));
         match reason {
             RejectReason::Denied => self.closer.deny(client, &live.replies).await,
+            // A broken or untrusted upstream gets no SMTP text: it is not an SMTP client.
+            RejectReason::BadProxyHeader => drop(client),
             _ => {
                 self.closer
                     .reply_and_close(client, live.replies.line(reason))
@@ -82,8 +104,18 @@ impl Gate {
     }
 
     /// Connects the admitted client to the backend and forwards until the session ends.
-    async fn serve(&self, client: TcpStream, guard: Guard, ip: IpAddr, live: Arc<Live>) {
+    async fn serve(&self, client: TcpStream, guard: Guard, origin: Origin, live: Arc<Live>) {
         let _ = client.set_nodelay(true);
+        let ip = origin.client.ip().to_canonical();
+        let config = &live.config;
+        let source = config.transparent.then(|| {
+            let port = if config.transparent_port {
+                origin.client.port()
+            } else {
+                0
+            };
+            SocketAddr::new(ip, port)
+        });
         let started = Instant::now();
         let (backend_addr, connect_timeout, idle, greeting_timeout) = (
             live.config.backend.addr,
@@ -93,7 +125,8 @@ impl Gate {
         );
         // Boxed: the connect phase is short, and inline its state would stay reserved in the
         // task for the session's whole life.
-        let backend = match Box::pin(backend::connect(backend_addr, connect_timeout)).await {
+        let connect = backend::connect(backend_addr, connect_timeout, source);
+        let mut backend = match Box::pin(connect).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(backend = %backend_addr, error = %e, "backend unavailable");
@@ -105,6 +138,25 @@ impl Gate {
         self.metrics
             .backend_connect_seconds
             .record(started.elapsed().as_secs_f64());
+        // The PROXY header first, then whatever the client sent behind the upstream's header,
+        // then the stream: nothing reaches the backend out of order.
+        if let Some(version) = config.proxy_protocol {
+            let header = proxy_protocol::encode(version, origin.client, origin.server);
+            if let Err(e) = Box::pin(backend.write_all(&header)).await {
+                tracing::debug!(error = %e, "backend closed before the PROXY header");
+                drop((backend, guard));
+                let reply = self.reject(client, RejectReason::BackendUnavailable, ip, &live);
+                return Box::pin(reply).await;
+            }
+        }
+        if !origin.early.is_empty() {
+            if Box::pin(backend.write_all(&origin.early)).await.is_err() {
+                return;
+            }
+            self.traffic
+                .client_to_backend
+                .increment(origin.early.len() as u64);
+        }
         if let Some(limit) = greeting_timeout {
             if !Box::pin(backend_speaks(&backend, limit)).await {
                 tracing::debug!(backend = %backend_addr, "backend sent no greeting in time");
@@ -152,4 +204,33 @@ async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool
         tokio::time::timeout(limit, backend.peek(&mut probe)).await,
         Ok(Ok(1))
     )
+}
+
+/// Who a connection is from and to: the peer and our address, or what a trusted upstream's
+/// PROXY header says they are.
+struct Origin {
+    client: SocketAddr,
+    server: SocketAddr,
+    /// Client bytes that arrived behind the header, to be forwarded before anything else.
+    early: Vec<u8>,
+}
+
+/// Reads the PROXY header of a connection from a trusted upstream load balancer.
+async fn upstream_header(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    config: &Config,
+) -> Result<Origin, proxy_protocol::HeaderError> {
+    let ip = peer.ip().to_canonical();
+    if !config.accept_proxy_protocol.iter().any(|n| n.contains(&ip)) {
+        return Err(proxy_protocol::HeaderError::Untrusted);
+    }
+    let (header, early) = proxy_protocol::read_header(client, config.proxy_header_timeout).await?;
+    let (client, server) = header.addresses.unwrap_or((peer, local));
+    Ok(Origin {
+        client,
+        server,
+        early,
+    })
 }

@@ -30,6 +30,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How bytes are moved between client and backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -176,6 +177,33 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<Dur>,
 
+    /// Connect to the backend from the client's own address (IP_TRANSPARENT; needs
+    /// CAP_NET_ADMIN and policy routing, see the README)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<bool>,
+
+    /// With --transparent, keep the client's source port as well
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent_port: Option<bool>,
+
+    /// Send a PROXY protocol header (v1 or v2) to the backend before any client byte
+    #[arg(long, value_name = "VERSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+
+    /// Networks of upstream load balancers that send a PROXY protocol header; repeatable.
+    /// When set, every connection must come from one of them and carry a header
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_proxy_protocol: Vec<Cidr>,
+
+    /// How long an upstream may take to send its PROXY protocol header [default: 5s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_header_timeout: Option<Dur>,
+
     /// Connection rate allowed per source, such as 30/min (N/s, N/min, N/h) [default: off]
     #[arg(long, value_name = "RATE")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -277,6 +305,9 @@ impl Settings {
         if !over.networks.is_empty() {
             self.networks = over.networks;
         }
+        if !over.accept_proxy_protocol.is_empty() {
+            self.accept_proxy_protocol = over.accept_proxy_protocol;
+        }
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
@@ -295,6 +326,10 @@ impl Settings {
             forwarding,
             pipe_size,
             drain_timeout,
+            transparent,
+            transparent_port,
+            proxy_protocol,
+            proxy_header_timeout,
             rate_per_source,
             rate_burst,
             reserved_for_allowed,
@@ -327,6 +362,11 @@ pub struct Config {
     pub pipe_size: usize,
     /// How long sessions may go on after a stop signal.
     pub drain_timeout: Duration,
+    pub transparent: bool,
+    pub transparent_port: bool,
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
+    pub proxy_header_timeout: Duration,
     pub rate_per_source: Option<Rate>,
     /// `None`: the rate's count.
     pub rate_burst: Option<u32>,
@@ -384,6 +424,16 @@ impl Config {
             forwarding: Some(self.forwarding),
             pipe_size: Some(ByteSize(self.pipe_size)),
             drain_timeout: Some(Dur(self.drain_timeout)),
+            transparent: Some(self.transparent),
+            transparent_port: Some(self.transparent_port),
+            proxy_protocol: self.proxy_protocol,
+            accept_proxy_protocol: self
+                .accept_proxy_protocol
+                .iter()
+                .copied()
+                .map(Cidr)
+                .collect(),
+            proxy_header_timeout: Some(Dur(self.proxy_header_timeout)),
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow: self.allow.iter().copied().map(Cidr).collect(),

@@ -127,7 +127,32 @@ impl Settings {
                 "must be more than zero".into(),
             ));
         }
+        let transparent = self.transparent.unwrap_or(false);
+        let transparent_port = self.transparent_port.unwrap_or(false);
+        if transparent_port && !transparent {
+            return Err(err(
+                "transparent_port",
+                "has no effect without transparent".into(),
+            ));
+        }
+        let proxy_header_timeout = self
+            .proxy_header_timeout
+            .map_or(DEFAULT_PROXY_HEADER_TIMEOUT, |d| d.0);
+        if proxy_header_timeout.is_zero() {
+            return Err(err("proxy_header_timeout", "must be more than zero".into()));
+        }
+        if self.proxy_header_timeout.is_some() && self.accept_proxy_protocol.is_empty() {
+            return Err(err(
+                "proxy_header_timeout",
+                "has no effect without accept_proxy_protocol".into(),
+            ));
+        }
         Ok(Config {
+            transparent,
+            transparent_port,
+            proxy_protocol: self.proxy_protocol,
+            accept_proxy_protocol: self.accept_proxy_protocol.iter().map(|c| c.0).collect(),
+            proxy_header_timeout,
             backend_greeting_timeout: self.backend_greeting_timeout.map(|d| d.0),
             drain_timeout: self.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             rate_per_source: self.rate_per_source,
