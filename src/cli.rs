@@ -26,6 +26,11 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a config and print the effective settings; exit non-zero if invalid
     Check(RunArgs),
+    /// Drive real SMTP sessions at a server to size its limits
+    Load(LoadArgs),
+    /// Show the whole job on this machine: a sink, mxgate in front, load from many sources
+    /// and from one greedy source, and the resulting counts
+    Demo,
     /// Print a man page (roff), generated from these very flags: mxgate(1), or the page of a
     /// subcommand (`run`, `check`)
     #[command(hide = true)]
@@ -36,6 +41,37 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// The SMTP server (or mxgate) to load
+    #[arg(long, value_name = "HOST:PORT")]
+    pub target: crate::config::HostPort,
+    /// Bind each session to the next address of this network, to appear as many clients
+    #[arg(long, value_name = "CIDR")]
+    pub sources: Option<crate::config::Cidr>,
+    /// Sessions in flight at once
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub concurrency: usize,
+    /// Stop after this many sessions [default: 1000, or 5s per step with --ramp]
+    #[arg(long, value_name = "N", conflicts_with = "duration")]
+    pub sessions: Option<u64>,
+    /// Stop after this long (per step with --ramp)
+    #[arg(long, value_name = "DUR")]
+    pub duration: Option<crate::config::Dur>,
+    /// Size of each generated message
+    #[arg(long, value_name = "BYTES", default_value = "1024")]
+    pub message_size: crate::config::ByteSize,
+    /// Step the concurrency up, START..END[/STEP], stopping at the knee
+    #[arg(long, value_name = "START..END[/STEP]")]
+    pub ramp: Option<crate::load::Ramp>,
+    /// Print one JSON object on stdout and nothing else
+    #[arg(long)]
+    pub json: bool,
+    /// Allow a target that is not a loopback address
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 /// Writes the man page of the whole command, or of one subcommand (`mxgate-run(1)`), to `out`.

@@ -16,13 +16,17 @@
 //! | accept loops, reload, shutdown | [`server`] |
 //! | one connection's life | [`session`] |
 //! | systemd notify, socket activation, signals, drain | [`service`] |
+//! | the SMTP load simulator and its sink | [`load`] |
+//! | `mxgate demo` | [`demo`] |
 
 pub mod admission;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod forward;
 pub mod listener;
+pub mod load;
 pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;

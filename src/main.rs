@@ -3,13 +3,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use mxgate::cli::{init_logging, Cli, Command, RunArgs};
+use mxgate::cli::{init_logging, Cli, Command, LoadArgs, RunArgs};
+use mxgate::load::{self as sim, Bound, Options};
 use mxgate::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check(args) => match load(args) {
+        Command::Check(args) => match load_config(args) {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
@@ -26,9 +27,28 @@ fn main() -> ExitCode {
             mxgate::cli::write_completions(shell, &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Load(args) => match load(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        Command::Demo => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build();
+            match runtime
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(mxgate::demo::run()))
+            {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Command::Run(args) => {
             let args_for_reload = args.clone();
-            let config = match load(args) {
+            let config = match load_config(args) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
@@ -41,7 +61,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(args: RunArgs) -> anyhow::Result<Config> {
+fn load_config(args: RunArgs) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref(), args.settings)?)
 }
 
@@ -49,7 +69,79 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(mxgate::service::run(config, || load(args.clone())))
+    runtime.block_on(mxgate::service::run(config, || load_config(args.clone())))
+}
+
+/// `mxgate load`: one run, or a ramp; a table or one JSON object on stdout.
+fn load(args: LoadArgs) -> anyhow::Result<()> {
+    sim::check_target(args.target.addr, args.allow_remote).map_err(anyhow::Error::msg)?;
+    let bound = match (args.sessions, args.duration, args.ramp) {
+        (Some(n), _, _) => Bound::Sessions(n),
+        (None, Some(d), _) => Bound::Duration(d.0),
+        (None, None, Some(_)) => Bound::Duration(std::time::Duration::from_secs(5)),
+        (None, None, None) => Bound::Sessions(1000),
+    };
+    let opts = Options {
+        target: args.target.addr,
+        sources: args.sources.map(|c| c.0),
+        concurrency: args.concurrency,
+        bound,
+        message_size: args.message_size.0,
+        progress: true,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match args.ramp {
+        None => {
+            let stats = runtime.block_on(sim::run(&opts));
+            if args.json {
+                println!("{}", stats.to_json());
+            } else {
+                print!("{}", stats.table());
+            }
+        }
+        Some(ramp) => {
+            let report = runtime.block_on(sim::ramp(&opts, ramp));
+            if args.json {
+                let steps: Vec<_> = report
+                    .steps
+                    .iter()
+                    .map(|s| serde_json::json!({"concurrency": s.concurrency, "summary": s.stats.to_json()}))
+                    .collect();
+                let out = serde_json::json!({
+                    "steps": steps,
+                    "knee": report.knee,
+                    "recommended": {
+                        "max_connections": report.max_connections,
+                        "max_per_source": report.max_per_source,
+                    },
+                    "reasoning": report.reasoning,
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "{:>12}{:>16}{:>10}{:>14}",
+                    "concurrency", "delivered/s", "refused", "p99 µs"
+                );
+                for s in &report.steps {
+                    let rate = s.stats.delivered as f64 / s.stats.elapsed.as_secs_f64().max(1e-9);
+                    println!(
+                        "{:>12}{:>16.1}{:>10}{:>14}",
+                        s.concurrency,
+                        rate,
+                        s.stats.refused_total(),
+                        s.stats.session.value_at_quantile(0.99)
+                    );
+                }
+                println!(
+                    "\nrecommended: max_connections = {}, max_per_source = {}\n\n{}",
+                    report.max_connections, report.max_per_source, report.reasoning
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {
