@@ -10,6 +10,7 @@
 //! | mxgate's own replies and graceful close | [`reply`] |
 //! | moving bytes (splice, copy) | [`forward`] |
 //! | connecting to the mail server | [`backend`] |
+//! | several backends: balancing, caps, health checks | [`backends`] |
 //! | Prometheus series and endpoint | [`metrics`] |
 //! | listening sockets, accept errors | [`listener`] |
 //! | source policy: lists, per-network rules, rate limits | [`policy`] |
@@ -21,6 +22,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -191,6 +191,26 @@ impl Metrics {
             .register_gauge(&Key::from_parts(name, labels), &meta)
     }
 
+    /// A counter whose label values come from the config (backend addresses): a bounded set.
+    pub fn counter_owned(
+        &self,
+        name: &'static str,
+        labels: Vec<(&'static str, String)>,
+    ) -> Counter {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let labels: Vec<Label> = labels.into_iter().map(|(k, v)| Label::new(k, v)).collect();
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &meta)
+    }
+
+    /// A gauge whose label values come from the config: a bounded set.
+    pub fn gauge_owned(&self, name: &'static str, labels: Vec<(&'static str, String)>) -> Gauge {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let labels: Vec<Label> = labels.into_iter().map(|(k, v)| Label::new(k, v)).collect();
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &meta)
+    }
+
     /// The text exposition format, as served on `/metrics`.
     pub fn render(&self) -> String {
         self.handle.render()

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admission::Admission;
+use crate::backends::Pool;
 use crate::config::{Config, Forwarding};
 use crate::forward::{self, Mode, Traffic};
 use crate::listener::{self, AcceptErrors};
@@ -55,7 +56,9 @@ pub struct Running {
 /// Binds every listener and the metrics endpoint, then starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     if config.transparent {
-        crate::backend::transparent_preflight(config.backend.addr)?;
+        for b in &config.backends {
+            crate::backend::transparent_preflight(b.address.addr)?;
+        }
     }
     let listeners = config
         .listen
@@ -72,7 +75,9 @@ pub async fn start_with(
 ) -> anyhow::Result<Running> {
     ignore_sigpipe();
     if config.transparent {
-        crate::backend::transparent_preflight(config.backend.addr)?;
+        for b in &config.backends {
+            crate::backend::transparent_preflight(b.address.addr)?;
+        }
     }
     let metrics = Metrics::new();
     let metrics_listener = match config.metrics {
@@ -103,7 +108,7 @@ pub async fn start_with(
         spliced: metrics.counter("mxgate_spliced_bytes_total", &[]),
         splice_fallbacks: metrics.counter("mxgate_splice_fallbacks_total", &[]),
     };
-    let live = live(config, None, PolicyClock::default());
+    let live = live(config, None, PolicyClock::default(), &metrics);
     set_limit_gauges(&metrics, &live.config);
     let gate = Arc::new(Gate {
         mode: forwarding_mode(&live.config, &metrics),
@@ -133,8 +138,17 @@ pub async fn start_with(
             .spawn(metrics::serve(l, metrics, running.stop.clone()));
     }
     running.spawn_housekeeping();
+    running.spawn_health_checks();
     for (l, addr) in tokio_listeners.into_iter().zip(listen_addrs) {
-        tracing::info!(listen = %addr, backend = %gate.live.load().config.backend, "accepting");
+        let backends: Vec<String> = gate
+            .live
+            .load()
+            .config
+            .backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        tracing::info!(listen = %addr, backends = ?backends, "accepting");
         running.background.spawn(accept_loop(
             l,
             addr,
@@ -207,7 +221,12 @@ impl Running {
                 "reload cannot change this setting; restart mxgate to apply it"
             );
         }
-        let live = live(new, Some(&old.policy), old.policy.clock().clone());
+        let live = live(
+            new,
+            Some(&old),
+            old.policy.clock().clone(),
+            &self.gate.metrics,
+        );
         set_limit_gauges(&self.gate.metrics, &live.config);
         self.gate.live.store(Arc::new(live));
         self.reloads_ok.increment(1);
@@ -250,6 +269,28 @@ impl Running {
         }
     }
 
+    /// Health-checks the backends of the config in force, at its interval, when it asks for it.
+    fn spawn_health_checks(&self) {
+        let (gate, stop) = (self.gate.clone(), self.stop.clone());
+        self.background.spawn(async move {
+            loop {
+                let interval = gate.live.load().config.health_interval;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                let live = gate.live.load_full();
+                let c = &live.config;
+                if c.health_checks {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = live.pool.check_all(c.connect_timeout, c.fall, c.rise) => {}
+                    }
+                }
+            }
+        });
+    }
+
     fn spawn_housekeeping(&self) {
         let (gate, stop) = (self.gate.clone(), self.stop.clone());
         self.background.spawn(async move {
@@ -279,10 +320,11 @@ impl Drop for Running {
     }
 }
 
-fn live(config: Config, previous: Option<&Policy>, clock: PolicyClock) -> Live {
+fn live(config: Config, previous: Option<&Live>, clock: PolicyClock, metrics: &Metrics) -> Live {
     Live {
-        policy: Policy::new(&config, previous, clock),
+        policy: Policy::new(&config, previous.map(|p| &p.policy), clock),
         replies: Replies::new(&config.hostname, &config.replies),
+        pool: Pool::new(&config, previous.map(|p| &p.pool), metrics),
         config,
     }
 }

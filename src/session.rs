@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Guard, RejectReason};
 use crate::backend;
+use crate::backends::{Lease, NoBackend, Pool};
 use crate::config::Config;
 use crate::forward::{self, Mode, Traffic};
 use crate::metrics::Metrics;
@@ -28,6 +29,7 @@ pub struct Live {
     pub config: Config,
     pub policy: Policy,
     pub replies: Replies,
+    pub pool: Pool,
 }
 
 /// Everything a connection task needs, shared by all of them.
@@ -117,24 +119,17 @@ impl Gate {
             SocketAddr::new(ip, port)
         });
         let started = Instant::now();
-        let (backend_addr, connect_timeout, idle, greeting_timeout) = (
-            live.config.backend.addr,
-            live.config.connect_timeout,
-            live.config.idle_timeout,
-            live.config.backend_greeting_timeout,
-        );
+        let (idle, greeting_timeout) = (config.idle_timeout, config.backend_greeting_timeout);
         // Boxed: the connect phase is short, and inline its state would stay reserved in the
         // task for the session's whole life.
-        let connect = backend::connect(backend_addr, connect_timeout, source);
-        let mut backend = match Box::pin(connect).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(backend = %backend_addr, error = %e, "backend unavailable");
+        let (mut backend, lease) = match Box::pin(self.connect_backend(&live, source)).await {
+            Ok(connected) => connected,
+            Err(reason) => {
                 drop(guard);
-                let reply = self.reject(client, RejectReason::BackendUnavailable, ip, &live);
-                return Box::pin(reply).await;
+                return Box::pin(self.reject(client, reason, ip, &live)).await;
             }
         };
+        let backend_addr = lease.member.addr;
         self.metrics
             .backend_connect_seconds
             .record(started.elapsed().as_secs_f64());
@@ -166,6 +161,7 @@ impl Gate {
             }
         }
         drop(live);
+        let _lease = lease;
         let report = forward::forward(
             &client,
             &backend,
@@ -204,6 +200,44 @@ async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool
         tokio::time::timeout(limit, backend.peek(&mut probe)).await,
         Ok(Ok(1))
     )
+}
+
+impl Gate {
+    /// Picks a backend and connects to it, falling through to the next healthy one on a
+    /// connect failure, all within one connect-timeout budget: no byte has reached the client
+    /// yet, so a failure here is still invisible to it.
+    async fn connect_backend(
+        &self,
+        live: &Live,
+        source: Option<SocketAddr>,
+    ) -> Result<(TcpStream, Lease), RejectReason> {
+        let config = &live.config;
+        let deadline = Instant::now() + config.connect_timeout;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let lease = match live.pool.select(&tried) {
+                Ok(l) => l,
+                Err(_) if !tried.is_empty() => return Err(RejectReason::BackendUnavailable),
+                Err(NoBackend::AllFull) => return Err(RejectReason::GlobalLimit),
+                Err(NoBackend::AllDown) => return Err(RejectReason::BackendUnavailable),
+            };
+            let addr = lease.member.addr;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RejectReason::BackendUnavailable);
+            }
+            match backend::connect(addr, left, source).await {
+                Ok(s) => return Ok((s, lease)),
+                Err(e) => {
+                    tracing::debug!(backend = %lease.member.label, error = %e, "backend connect failed; trying the next");
+                    if config.health_checks {
+                        lease.member.observe(false, config.fall, config.rise);
+                    }
+                    tried.push(addr);
+                }
+            }
+        }
+    }
 }
 
 /// Who a connection is from and to: the peer and our address, or what a trusted upstream's

@@ -17,7 +17,9 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-pub use value::{ByteSize, Cidr, Dur, HostPort, ListenAddr, MetricsAddr, Rate, ReplyText};
+pub use value::{
+    BackendSpec, ByteSize, Cidr, Dur, HostPort, ListenAddr, MetricsAddr, Rate, ReplyText,
+};
 
 /// Defaults, quoted by the README. Exchange's MaxInboundConnectionPerSource is 20.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:25";
@@ -52,6 +54,21 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+/// How sessions are spread over several backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Fewest active sessions relative to weight; ties taken in turn.
+    #[default]
+    LeastConnections,
+    /// The first healthy backend with room, in config order (strict failover).
+    First,
+}
+
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_FALL: u32 = 3;
+pub const DEFAULT_RISE: u32 = 2;
 
 /// Replacement reply lines, one optional key per reason (`[replies]` in the file).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -105,10 +122,41 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listen: Vec<ListenAddr>,
 
-    /// The mail server to forward admitted clients to (HOST:PORT)
+    /// The mail server to forward admitted clients to; repeat for several:
+    /// HOST:PORT[,weight=N][,max_connections=N][,backup]
     #[arg(long, value_name = "ADDR")]
+    #[serde(
+        default,
+        deserialize_with = "value::one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub backend: Vec<BackendSpec>,
+
+    /// Backends as a list of strings or tables (file only); use either this or `backend`
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendSpec>,
+
+    /// How new sessions are spread over several backends [default: least-connections]
+    #[arg(long, value_name = "POLICY")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub backend: Option<HostPort>,
+    pub balance: Option<Balance>,
+
+    /// How often each backend's SMTP health is checked (on by default with several backends)
+    /// [default: 5s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<Dur>,
+
+    /// Consecutive failed checks that mark a backend down [default: 3]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+
+    /// Consecutive good checks that mark a backend up again [default: 2]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
 
     /// Cap on concurrent connections from all sources together [default: 1000]
     #[arg(long, value_name = "N")]
@@ -296,6 +344,10 @@ impl Settings {
         if !over.listen.is_empty() {
             self.listen = over.listen;
         }
+        if !over.backend.is_empty() {
+            self.backend = over.backend;
+            self.backends.clear();
+        }
         if !over.allow.is_empty() {
             self.allow = over.allow;
         }
@@ -312,7 +364,10 @@ impl Settings {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
         take!(
-            backend,
+            balance,
+            health_interval,
+            fall,
+            rise,
             max_connections,
             max_per_source,
             ipv4_prefix,
@@ -344,7 +399,14 @@ impl Settings {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
-    pub backend: HostPort,
+    /// Never empty; in config order.
+    pub backends: Vec<BackendSpec>,
+    pub balance: Balance,
+    /// Whether backends are health-checked: with several backends, or `health_interval` set.
+    pub health_checks: bool,
+    pub health_interval: Duration,
+    pub fall: u32,
+    pub rise: u32,
     pub max_connections: usize,
     pub max_per_source: usize,
     pub ipv4_prefix: u8,
@@ -394,10 +456,15 @@ impl Config {
     pub fn for_backend(backend: SocketAddr) -> Config {
         Settings {
             listen: vec![ListenAddr("127.0.0.1:0".parse().expect("literal"))],
-            backend: Some(HostPort {
-                text: backend.to_string(),
-                addr: backend,
-            }),
+            backend: vec![BackendSpec {
+                address: HostPort {
+                    text: backend.to_string(),
+                    addr: backend,
+                },
+                weight: 1,
+                max_connections: None,
+                backup: false,
+            }],
             hostname: Some("mx.test".into()),
             metrics: Some(MetricsAddr::On("127.0.0.1:0".parse().expect("literal"))),
             ..Settings::default()
@@ -410,7 +477,12 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let s = Settings {
             listen: self.listen.iter().copied().map(ListenAddr).collect(),
-            backend: Some(self.backend.clone()),
+            backend: self.backends.clone(),
+            backends: Vec::new(),
+            balance: Some(self.balance),
+            health_interval: self.health_checks.then_some(Dur(self.health_interval)),
+            fall: Some(self.fall),
+            rise: Some(self.rise),
             max_connections: Some(self.max_connections),
             max_per_source: Some(self.max_per_source),
             ipv4_prefix: Some(self.ipv4_prefix),
@@ -433,7 +505,8 @@ impl Config {
                 .copied()
                 .map(Cidr)
                 .collect(),
-            proxy_header_timeout: Some(Dur(self.proxy_header_timeout)),
+            proxy_header_timeout: (!self.accept_proxy_protocol.is_empty())
+                .then_some(Dur(self.proxy_header_timeout)),
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow: self.allow.iter().copied().map(Cidr).collect(),

@@ -98,7 +98,7 @@ fn validation_names_the_key() {
         ),
         (
             Settings {
-                backend: None,
+                backend: Vec::new(),
                 ..base()
             },
             "backend",

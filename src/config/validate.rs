@@ -26,12 +26,50 @@ impl Settings {
                 return Err(err("listen", format!("{a} is listed twice")));
             }
         }
-        let backend = self.backend.ok_or_else(|| {
-            err(
+        if !self.backend.is_empty() && !self.backends.is_empty() {
+            return Err(err(
+                "backends",
+                "use either backend or backends, not both".into(),
+            ));
+        }
+        let (key, backends) = if self.backends.is_empty() {
+            ("backend", self.backend)
+        } else {
+            ("backends", self.backends)
+        };
+        if backends.is_empty() {
+            return Err(err(
                 "backend",
                 "is required: the mail server to forward to".into(),
-            )
-        })?;
+            ));
+        }
+        for (i, b) in backends.iter().enumerate() {
+            if backends[..i]
+                .iter()
+                .any(|o| o.address.addr == b.address.addr)
+            {
+                return Err(err(key, format!("{} is listed twice", b.address)));
+            }
+        }
+        if backends.iter().all(|b| b.backup) {
+            return Err(err(key, "at least one backend must not be a backup".into()));
+        }
+        let health_interval = self
+            .health_interval
+            .map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0);
+        if health_interval.is_zero() {
+            return Err(err("health_interval", "must be more than zero".into()));
+        }
+        let (fall, rise) = (
+            self.fall.unwrap_or(DEFAULT_FALL),
+            self.rise.unwrap_or(DEFAULT_RISE),
+        );
+        if fall == 0 {
+            return Err(err("fall", "must be at least 1".into()));
+        }
+        if rise == 0 {
+            return Err(err("rise", "must be at least 1".into()));
+        }
         let ipv4_prefix = self.ipv4_prefix.unwrap_or(DEFAULT_IPV4_PREFIX);
         if ipv4_prefix > 32 {
             return Err(err(
@@ -165,7 +203,12 @@ impl Settings {
             forwarding,
             pipe_size,
             listen,
-            backend,
+            health_checks: backends.len() > 1 || self.health_interval.is_some(),
+            backends,
+            balance: self.balance.unwrap_or_default(),
+            health_interval,
+            fall,
+            rise,
             max_connections,
             max_per_source: self.max_per_source.unwrap_or(DEFAULT_MAX_PER_SOURCE),
             ipv4_prefix,

@@ -335,6 +335,153 @@ impl fmt::Display for Rate {
 }
 deserialize_from_str!(Rate);
 
+/// One backend: `HOST:PORT[,weight=N][,max_connections=N][,backup]` on the command line, the
+/// same string or a table (`{ address = "...", weight = 2, max_connections = 30, backup = true }`)
+/// in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: HostPort,
+    /// Share of new sessions under least-connections balancing, relative to the others.
+    pub weight: u32,
+    /// Cap on this backend's concurrent sessions; a full backend is skipped.
+    pub max_connections: Option<usize>,
+    /// Used only when no primary backend is healthy.
+    pub backup: bool,
+}
+
+impl FromStr for BackendSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let address: HostPort = parts.next().unwrap_or("").trim().parse()?;
+        let mut spec = BackendSpec {
+            address,
+            weight: 1,
+            max_connections: None,
+            backup: false,
+        };
+        for opt in parts {
+            match opt.trim().split_once('=') {
+                None if opt.trim() == "backup" => spec.backup = true,
+                Some(("weight", n)) => {
+                    spec.weight = n
+                        .parse()
+                        .ok()
+                        .filter(|&w| w >= 1)
+                        .ok_or_else(|| format!("invalid weight {n:?} in {s:?}: expected an integer of at least 1"))?;
+                }
+                Some(("max_connections", n)) => {
+                    spec.max_connections = Some(
+                        n.parse()
+                            .map_err(|_| format!("invalid max_connections {n:?} in {s:?}"))?,
+                    );
+                }
+                _ => {
+                    return Err(format!(
+                        "invalid backend option {opt:?} in {s:?}: expected weight=N, max_connections=N or backup"
+                    ))
+                }
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.address)?;
+        if self.weight != 1 {
+            write!(f, ",weight={}", self.weight)?;
+        }
+        if let Some(m) = self.max_connections {
+            write!(f, ",max_connections={m}")?;
+        }
+        if self.backup {
+            f.write_str(",backup")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for BackendSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BackendVisitor)
+    }
+}
+
+/// A backend as a string or a table, keeping each form's own error message.
+struct BackendVisitor;
+
+impl<'de> de::Visitor<'de> for BackendVisitor {
+    type Value = BackendSpec;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"HOST:PORT[,weight=N][,max_connections=N][,backup]\" or a table with address")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendSpec, E> {
+        v.parse().map_err(E::custom)
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<BackendSpec, A::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            weight: Option<u32>,
+            max_connections: Option<usize>,
+            backup: Option<bool>,
+        }
+        let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let weight = t.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(de::Error::custom("weight must be at least 1"));
+        }
+        Ok(BackendSpec {
+            address: t.address.parse().map_err(de::Error::custom)?,
+            weight,
+            max_connections: t.max_connections,
+            backup: t.backup.unwrap_or(false),
+        })
+    }
+}
+
+/// Accepts one backend or a list of them, keeping the real error of a bad entry.
+pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BackendSpec>, D::Error> {
+    struct V;
+    impl<'de> de::Visitor<'de> for V {
+        type Value = Vec<BackendSpec>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a backend or a list of backends")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            BackendVisitor.visit_str(v).map(|b| vec![b])
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            BackendVisitor.visit_map(map).map(|b| vec![b])
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<BackendSpec>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// A domain name as it may appear first in an SMTP greeting (RFC 5321 §4.3.1).
 pub fn validate_hostname(s: &str) -> Result<(), String> {
     let ok_label = |l: &str| {
@@ -428,6 +575,30 @@ mod tests {
         assert_eq!(r.to_string(), "30/min");
         for bad in ["0/s", "30", "30/day", "x/s", "-1/s"] {
             assert!(bad.parse::<Rate>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn backend_specs() {
+        let b: BackendSpec = "127.0.0.1:2525,weight=3,max_connections=30,backup"
+            .parse()
+            .unwrap();
+        assert_eq!((b.weight, b.max_connections, b.backup), (3, Some(30), true));
+        assert_eq!(
+            b.to_string(),
+            "127.0.0.1:2525,weight=3,max_connections=30,backup"
+        );
+        assert_eq!(
+            "127.0.0.1:25".parse::<BackendSpec>().unwrap().to_string(),
+            "127.0.0.1:25"
+        );
+        for bad in [
+            "127.0.0.1:25,weight=0",
+            "127.0.0.1:25,heavy",
+            "nowhere",
+            "127.0.0.1:25,max_connections=x",
+        ] {
+            assert!(bad.parse::<BackendSpec>().is_err(), "{bad:?}");
         }
     }
 

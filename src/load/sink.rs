@@ -23,7 +23,12 @@ pub struct Sink {
 
 impl Sink {
     pub async fn start() -> std::io::Result<Sink> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse().expect("literal")).await
+    }
+
+    /// A sink on a given address, for a backend that comes back where it was.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Sink> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let delivered = Arc::new(AtomicU64::new(0));
         let count = delivered.clone();

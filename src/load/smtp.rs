@@ -147,6 +147,15 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
     timeout(step, read).await.map_err(|_| Failure::Timeout)?
 }
 
+/// The code of one complete (possibly multi-line) reply, or `None` on a timeout, a close or
+/// anything that is not a reply. Shared with the backend health check.
+pub(crate) async fn reply_code<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    step: Duration,
+) -> Option<u16> {
+    read_reply(r, step).await.ok().map(|reply| reply.code)
+}
+
 /// `421 4.7.0` from `421 4.7.0 mx Too many ...`; just `421` without an enhanced code.
 fn reply_key(reply: &Reply) -> String {
     let enhanced = reply

@@ -1,0 +1,289 @@
+//! Several backends: choosing one per session, per-backend caps, and SMTP-aware health checks.
+//!
+//! Selection happens in the session's task, after admission. Least-connections picks the
+//! healthy primary with the fewest active sessions relative to its weight, taking ties in turn;
+//! `first` is strict failover in config order. A backend at its own `max_connections` is
+//! skipped, not failed. Backups are used only when no primary is healthy.
+//!
+//! A health check connects, reads the complete greeting (multi-line `220-` replies included),
+//! sends QUIT and reads the 221. `fall` consecutive failures mark a backend down, `rise`
+//! successes mark it up again; a failed connect from a live session counts as a failure too.
+//! Members are matched by address across reloads, so health and active counts survive them.
+//! Every metric here is labelled by configured backend address, a bounded set.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge};
+use tokio::io::{AsyncWriteExt, BufReader};
+
+use crate::config::{BackendSpec, Balance, Config};
+use crate::metrics::Metrics;
+
+/// One backend and its live state.
+pub struct Member {
+    pub addr: SocketAddr,
+    /// The address as configured, the metric label.
+    pub label: String,
+    /// Settings a reload may change in place.
+    weight: AtomicU32,
+    max_connections: AtomicUsize,
+    backup: AtomicBool,
+    /// Sessions on this backend now.
+    active: AtomicUsize,
+    up: AtomicBool,
+    /// Consecutive failed and successful checks.
+    fails: AtomicU32,
+    oks: AtomicU32,
+    m_up: Gauge,
+    m_active: Gauge,
+    m_selected: Counter,
+    m_ok: Counter,
+    m_fail: Counter,
+}
+
+impl Member {
+    fn new(spec: &BackendSpec, metrics: &Metrics) -> Member {
+        let label = spec.address.text.clone();
+        let l = |extra: &[(&'static str, &'static str)]| {
+            let mut v = vec![("backend", label.clone())];
+            v.extend(extra.iter().map(|(k, val)| (*k, val.to_string())));
+            v
+        };
+        let m = Member {
+            addr: spec.address.addr,
+            weight: AtomicU32::new(spec.weight),
+            max_connections: AtomicUsize::new(spec.max_connections.unwrap_or(usize::MAX)),
+            backup: AtomicBool::new(spec.backup),
+            active: AtomicUsize::new(0),
+            up: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            oks: AtomicU32::new(0),
+            m_up: metrics.gauge_owned("mxgate_backend_up", l(&[])),
+            m_active: metrics.gauge_owned("mxgate_backend_connections_active", l(&[])),
+            m_selected: metrics.counter_owned("mxgate_backend_selected_total", l(&[])),
+            m_ok: metrics.counter_owned(
+                "mxgate_backend_health_checks_total",
+                l(&[("result", "success")]),
+            ),
+            m_fail: metrics.counter_owned(
+                "mxgate_backend_health_checks_total",
+                l(&[("result", "failure")]),
+            ),
+            label,
+        };
+        m.m_up.set(1.0);
+        m
+    }
+
+    fn update(&self, spec: &BackendSpec) {
+        self.weight.store(spec.weight, Ordering::Relaxed);
+        self.max_connections.store(
+            spec.max_connections.unwrap_or(usize::MAX),
+            Ordering::Relaxed,
+        );
+        self.backup.store(spec.backup, Ordering::Relaxed);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Takes one of this backend's slots if it has room.
+    fn take(&self) -> bool {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Records one health observation and moves the up/down state by `fall`/`rise`.
+    pub fn observe(&self, ok: bool, fall: u32, rise: u32) {
+        if ok {
+            self.m_ok.increment(1);
+            self.fails.store(0, Ordering::Relaxed);
+            let oks = self.oks.fetch_add(1, Ordering::Relaxed) + 1;
+            if !self.is_up() && oks >= rise {
+                self.up.store(true, Ordering::Release);
+                self.m_up.set(1.0);
+                tracing::info!(backend = %self.label, "backend is up");
+            }
+        } else {
+            self.m_fail.increment(1);
+            self.oks.store(0, Ordering::Relaxed);
+            let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.is_up() && fails >= fall {
+                self.up.store(false, Ordering::Release);
+                self.m_up.set(0.0);
+                tracing::warn!(backend = %self.label, fails, "backend is down");
+            }
+        }
+    }
+}
+
+/// A session's hold on one backend's slot, released when dropped.
+pub struct Lease {
+    pub member: Arc<Member>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.member.active.fetch_sub(1, Ordering::AcqRel);
+        self.member.m_active.decrement(1.0);
+    }
+}
+
+/// Why no backend could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Healthy backends exist, but every one is at its own cap.
+    AllFull,
+    /// No backend (left to try) is healthy.
+    AllDown,
+}
+
+/// The configured backends.
+pub struct Pool {
+    members: Vec<Arc<Member>>,
+    balance: Balance,
+    /// Where the next tie-break starts.
+    turn: AtomicUsize,
+}
+
+impl Pool {
+    /// Builds the pool for `config`, keeping the members of `previous` with the same address.
+    pub fn new(config: &Config, previous: Option<&Pool>, metrics: &Metrics) -> Pool {
+        let members = config
+            .backends
+            .iter()
+            .map(|spec| {
+                let old =
+                    previous.and_then(|p| p.members.iter().find(|m| m.addr == spec.address.addr));
+                match old {
+                    Some(m) => {
+                        m.update(spec);
+                        m.clone()
+                    }
+                    None => Arc::new(Member::new(spec, metrics)),
+                }
+            })
+            .collect();
+        Pool {
+            members,
+            balance: config.balance,
+            turn: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn members(&self) -> &[Arc<Member>] {
+        &self.members
+    }
+
+    /// Chooses a backend for a new session, skipping `tried` ones, and takes one of its slots.
+    pub fn select(&self, tried: &[SocketAddr]) -> Result<Lease, NoBackend> {
+        let usable = |m: &&Arc<Member>| m.is_up() && !tried.contains(&m.addr);
+        let primaries: Vec<&Arc<Member>> = self
+            .members
+            .iter()
+            .filter(|m| !m.backup.load(Ordering::Relaxed))
+            .filter(usable)
+            .collect();
+        let tier = if primaries.is_empty() {
+            self.members
+                .iter()
+                .filter(|m| m.backup.load(Ordering::Relaxed))
+                .filter(usable)
+                .collect()
+        } else {
+            primaries
+        };
+        if tier.is_empty() {
+            return Err(NoBackend::AllDown);
+        }
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        // A candidate that filled up between the look and the take is simply passed over.
+        for _ in 0..tier.len() * 2 {
+            let pick = match self.balance {
+                Balance::First => tier
+                    .iter()
+                    .copied()
+                    .find(|m| m.active() < m.max_connections.load(Ordering::Relaxed)),
+                Balance::LeastConnections => (0..tier.len())
+                    .map(|i| tier[(start + i) % tier.len()])
+                    .filter(|m| m.active() < m.max_connections.load(Ordering::Relaxed))
+                    // Compare active/weight without division: a/w < b/v ⇔ a·v < b·w.
+                    .reduce(|best, m| {
+                        let (a, w) = (
+                            best.active() as u64,
+                            best.weight.load(Ordering::Relaxed) as u64,
+                        );
+                        let (b, v) = (m.active() as u64, m.weight.load(Ordering::Relaxed) as u64);
+                        if b * w < a * v {
+                            m
+                        } else {
+                            best
+                        }
+                    }),
+            };
+            let Some(m) = pick else {
+                return Err(NoBackend::AllFull);
+            };
+            if m.take() {
+                m.m_active.increment(1.0);
+                m.m_selected.increment(1);
+                return Ok(Lease {
+                    member: (*m).clone(),
+                });
+            }
+        }
+        Err(NoBackend::AllFull)
+    }
+
+    /// Checks every backend once, concurrently, and waits for all the checks.
+    pub async fn check_all(&self, timeout: Duration, fall: u32, rise: u32) {
+        let checks: Vec<_> = self
+            .members
+            .iter()
+            .cloned()
+            .map(|m| {
+                tokio::spawn(async move {
+                    let ok = check(m.addr, timeout).await;
+                    m.observe(ok, fall, rise);
+                })
+            })
+            .collect();
+        for c in checks {
+            let _ = c.await;
+        }
+    }
+}
+
+/// One SMTP health check: the whole greeting must be 2xx, and QUIT must get a 2xx.
+pub async fn check(addr: SocketAddr, timeout: Duration) -> bool {
+    let Ok(stream) = crate::backend::connect(addr, timeout, None).await else {
+        return false;
+    };
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let greeting = crate::load::smtp::reply_code(&mut r, timeout).await;
+    if greeting.is_none_or(|c| c / 100 != 2) {
+        return false;
+    }
+    if tokio::time::timeout(timeout, w.write_all(b"QUIT\r\n"))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        return false;
+    }
+    crate::load::smtp::reply_code(&mut r, timeout)
+        .await
+        .is_some_and(|c| c / 100 == 2)
+}
