@@ -386,12 +386,15 @@ def write_report(results, rejects):
     out.append("\n## Reject throughput at a limit of 0\n")
     out.append("32 concurrent clients connect and read to end of file for "
                f"{REJECT_SECONDS} s. mxgate must deliver a complete `421` line to every client; HAProxy "
-               "(`tcp-request connection reject`) and nginx (`deny all`) close silently.\n")
-    out.append("| target | connections/s | complete 421 lines | silent closes | resets | errors | vs HAProxy |")
-    out.append("|---|---|---|---|---|---|---|")
+               "(`tcp-request connection reject`) resets and nginx (`deny all`) closes silently. A connection "
+               "reset or refused during the handshake also counts as turned away.\n")
+    out.append("| target | turned away/s | complete 421 lines | silent closes | resets | refused at connect | other errors | vs HAProxy |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for n, r in rejects.items():
         out.append(f"| {n} | {r['per_second']} | {r['complete_421']} | {r['silent_close']} | {r['reset']} | "
-                   f"{r['errors']} | {ratio(r['per_second'], rejects['haproxy']['per_second'])} |")
+                   f"{r['refused_at_connect']} | {r['errors']} | {ratio(r['per_second'], rejects['haproxy']['per_second'])} |")
+        if r.get("first_error"):
+            out.append(f"\n{n}'s first other error: `{r['first_error']}`\n")
     out.append("\n![ratios to HAProxy](benchmarks.svg)\n")
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:

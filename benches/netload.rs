@@ -64,45 +64,85 @@ async fn latency(target: SocketAddr, count: usize) {
 }
 
 async fn reject(target: SocketAddr, concurrency: usize, seconds: u64) {
+    use std::io::ErrorKind;
+    #[derive(Default)]
+    struct Count {
+        /// A complete 421 line, then end of file.
+        lines: u64,
+        /// End of file with no byte.
+        silent: u64,
+        /// Reset before any byte.
+        resets: u64,
+        /// Turned away during the handshake (reset or refused).
+        at_connect: u64,
+        /// Anything else, such as running out of local ports.
+        errors: u64,
+        first_error: Option<String>,
+    }
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         workers.push(tokio::spawn(async move {
-            let (mut lines, mut silent, mut resets, mut errors) = (0u64, 0u64, 0u64, 0u64);
+            let mut c = Count::default();
             while Instant::now() < deadline {
                 let mut s = match TcpStream::connect(target).await {
                     Ok(s) => s,
-                    Err(_) => {
-                        errors += 1;
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+                        ) =>
+                    {
+                        c.at_connect += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        c.errors += 1;
+                        c.first_error.get_or_insert(e.to_string());
                         continue;
                     }
                 };
                 let mut got = Vec::new();
                 match s.read_to_end(&mut got).await {
-                    Ok(_) if got.starts_with(b"421 ") && got.ends_with(b"\r\n") => lines += 1,
-                    Ok(_) if got.is_empty() => silent += 1,
-                    Ok(_) => errors += 1,
-                    Err(_) if got.is_empty() => resets += 1,
-                    Err(_) => errors += 1,
+                    Ok(_) if got.starts_with(b"421 ") && got.ends_with(b"\r\n") => c.lines += 1,
+                    Ok(_) if got.is_empty() => c.silent += 1,
+                    Err(_) if got.is_empty() => c.resets += 1,
+                    Ok(_) | Err(_) => {
+                        c.errors += 1;
+                        c.first_error.get_or_insert(format!(
+                            "partial reply {:?}",
+                            String::from_utf8_lossy(&got)
+                        ));
+                    }
                 }
             }
-            (lines, silent, resets, errors)
+            c
         }));
     }
-    let (mut lines, mut silent, mut resets, mut errors) = (0, 0, 0, 0);
+    let mut t = Count::default();
     for w in workers {
-        let (a, b, c, d) = w.await.unwrap();
-        lines += a;
-        silent += b;
-        resets += c;
-        errors += d;
+        let c = w.await.unwrap();
+        t.lines += c.lines;
+        t.silent += c.silent;
+        t.resets += c.resets;
+        t.at_connect += c.at_connect;
+        t.errors += c.errors;
+        if t.first_error.is_none() {
+            t.first_error = c.first_error;
+        }
     }
     let secs = started.elapsed().as_secs_f64();
-    let total = lines + silent + resets;
+    let turned_away = t.lines + t.silent + t.resets + t.at_connect;
     println!(
-        "{{\"per_second\":{:.0},\"complete_421\":{lines},\"silent_close\":{silent},\"reset\":{resets},\"errors\":{errors}}}",
-        total as f64 / secs
+        "{{\"per_second\":{:.0},\"complete_421\":{},\"silent_close\":{},\"reset\":{},\"refused_at_connect\":{},\"errors\":{},\"first_error\":{:?}}}",
+        turned_away as f64 / secs,
+        t.lines,
+        t.silent,
+        t.resets,
+        t.at_connect,
+        t.errors,
+        t.first_error.unwrap_or_default()
     );
 }
 

@@ -73,9 +73,16 @@ pub struct RateLimit {
     rate: Rate,
     burst: u32,
     limiter: Keyed,
-    /// Set by eviction when the limiter tracks [`MAX_RATE_KEYS`] keys or more.
+    /// Set when the limiter tracks [`MAX_RATE_KEYS`] keys or more; checked on the hot path
+    /// every [`FULL_CHECK_EVERY`] decisions and at each eviction.
     full: AtomicBool,
+    /// Decisions made, to pace the size check.
+    decisions: AtomicU64,
 }
+
+/// How often, in decisions, the limiter's size is checked against the cap. Bounds the
+/// overshoot past [`MAX_RATE_KEYS`] during a flood of new sources.
+const FULL_CHECK_EVERY: u64 = 1024;
 
 impl RateLimit {
     fn new(rate: Rate, burst: Option<u32>, clock: &PolicyClock) -> RateLimit {
@@ -89,11 +96,16 @@ impl RateLimit {
             burst,
             limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
             full: AtomicBool::new(false),
+            decisions: AtomicU64::new(0),
         }
     }
 
     /// Whether `key` may connect now. Consumes one unit of its quota when it may.
     pub fn check(&self, key: &IpNet) -> RateCheck {
+        if self.decisions.fetch_add(1, Ordering::Relaxed) % FULL_CHECK_EVERY == 0 {
+            self.full
+                .store(self.limiter.len() >= MAX_RATE_KEYS, Ordering::Relaxed);
+        }
         if self.full.load(Ordering::Relaxed) {
             return RateCheck::Untracked;
         }
