@@ -3,22 +3,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn reset(s: tokio::net::TcpStream) {
-    let s = s.into_std().unwrap();
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(s);
+    fd_count(std::process::id())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

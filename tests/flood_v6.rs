@@ -4,16 +4,13 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+mod common;
+
+use common::rss_kib;
 use mxgate::admission::Admission;
 use mxgate::config::Settings;
 use mxgate::metrics::Metrics;
 use mxgate::policy::{Policy, PolicyClock, MAX_RATE_KEYS};
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 #[test]
 fn a_million_fresh_ipv6_sources_leave_memory_bounded() {
@@ -26,7 +23,7 @@ fn a_million_fresh_ipv6_sources_leave_memory_bounded() {
     .unwrap();
     let policy = Policy::new(&config, None, PolicyClock::default());
     let admission = Admission::new(Metrics::new());
-    let before = rss_kib();
+    let before = rss_kib(std::process::id());
     let mut held = Vec::new();
     for i in 0..SOURCES {
         let ip = IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | i as u128));
@@ -39,7 +36,7 @@ fn a_million_fresh_ipv6_sources_leave_memory_bounded() {
         }
     }
     drop(held);
-    let after = rss_kib();
+    let after = rss_kib(std::process::id());
     let tracked: usize = policy.rate_limits().iter().map(|r| r.tracked()).sum();
     println!(
         "1,000,000 distinct IPv6 sources: RSS {before} KiB before, {after} KiB after (+{} KiB); \

@@ -180,15 +180,6 @@ async fn slow_reader_gets_every_byte() {
     }
 }
 
-/// Closes with SO_LINGER 0, which sends RST.
-fn reset(s: TcpStream) {
-    let s = s.into_std().unwrap();
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(s);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_mid_transfer_closes_the_backend_and_frees_the_slot() {
     for mode in modes() {

@@ -4,7 +4,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,18 +16,8 @@ fn spawn(
     nofile: Option<u64>,
     log: &std::path::Path,
 ) -> KillOnDrop {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mxgate"));
-    cmd.args(["run", "--hostname", HOST, "--metrics", "off"])
-        .args([
-            "--backend",
-            &backend.to_string(),
-            "--listen",
-            &listen.to_string(),
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
+    let mut cmd = mxgate_command(backend, listen, extra);
+    cmd.stderr(std::fs::File::create(log).unwrap());
     if let Some(n) = nofile {
         // SAFETY: setrlimit is async-signal-safe; it runs in the child between fork and exec.
         unsafe {
@@ -58,12 +47,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     // SAFETY: sysconf has no preconditions.
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 fn log_path(tag: &str) -> std::path::PathBuf {

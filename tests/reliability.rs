@@ -17,12 +17,6 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_source_flood_gets_full_421_lines_while_others_get_in() {
     const ATTEMPTS: u64 = 20_000;
@@ -117,7 +111,7 @@ async fn many_source_flood_leaves_no_state_and_metrics_agree() {
     c.max_per_source = 1;
     let mx = start(c).await;
     let at = mx.listen_addrs()[0];
-    let rss_before = rss_kib();
+    let rss_before = rss_kib(std::process::id());
     let (admitted, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut workers = Vec::new();
     for w in 0..WORKERS {
@@ -143,7 +137,7 @@ async fn many_source_flood_leaves_no_state_and_metrics_agree() {
     for w in workers {
         w.await.unwrap();
     }
-    let rss_after = rss_kib();
+    let rss_after = rss_kib(std::process::id());
     let (admitted, refused) = (
         admitted.load(Ordering::Relaxed),
         refused.load(Ordering::Relaxed),

@@ -52,22 +52,6 @@ impl Notify {
     }
 }
 
-fn mxgate_cmd(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mxgate"));
-    c.args(["run", "--hostname", HOST, "--metrics", "off"])
-        .args([
-            "--backend",
-            &backend.to_string(),
-            "--listen",
-            &listen.to_string(),
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    c
-}
-
 fn signal(child: &std::process::Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -96,7 +80,7 @@ async fn notify_ready_reloading_stopping() {
     let config = temp_dir("notify").join("mxgate.toml");
     std::fs::write(&config, "max_per_source = 3\n").unwrap();
     let mut child = KillOnDrop(
-        mxgate_cmd(
+        mxgate_command(
             backend.addr,
             listen,
             &["--config", config.to_str().unwrap()],
@@ -143,7 +127,7 @@ async fn watchdog_is_pinged_while_accept_loops_turn() {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let notify = Notify::new("watchdog");
     let _child = KillOnDrop(
-        mxgate_cmd(backend.addr, listen, &[])
+        mxgate_command(backend.addr, listen, &[])
             .env("NOTIFY_SOCKET", &notify.path)
             .env("WATCHDOG_USEC", "1000000")
             .spawn()
@@ -207,7 +191,7 @@ async fn socket_activation_uses_the_inherited_listener() {
 async fn sigterm_drains_held_sessions_then_exits_zero() {
     let backend = GreetingBackend::start().await;
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = KillOnDrop(mxgate_cmd(backend.addr, listen, &[]).spawn().unwrap());
+    let mut child = KillOnDrop(mxgate_command(backend.addr, listen, &[]).spawn().unwrap());
     eventually("listening", || std::net::TcpStream::connect(listen).is_ok()).await;
     let mut held = expect_admitted("127.0.0.2", listen).await;
 
@@ -243,7 +227,7 @@ async fn drain_timeout_cuts_held_sessions_and_still_exits_zero() {
     let backend = GreetingBackend::start().await;
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut child = KillOnDrop(
-        mxgate_cmd(backend.addr, listen, &["--drain-timeout", "1s"])
+        mxgate_command(backend.addr, listen, &["--drain-timeout", "1s"])
             .spawn()
             .unwrap(),
     );

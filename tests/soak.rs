@@ -50,18 +50,6 @@ impl Backend {
     }
 }
 
-fn proc_value(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with(key)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 #[derive(Default)]
 struct Tally {
     rounds: u64,
@@ -175,7 +163,7 @@ async fn soak() {
         let m = scrape(metrics_addr).await;
         let settled = metric(&m, "mxgate_connections_active") == 0.0;
         if settled && baseline.is_none() {
-            baseline = Some((proc_value(pid, "VmRSS:"), fds(pid)));
+            baseline = Some((rss_kib(pid), fd_count(pid)));
         }
     }
     eventually("sessions ended", || {
@@ -190,7 +178,7 @@ async fn soak() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let (rss0, fds0) = baseline.expect("a settled round");
-    let (rss1, fds1) = (proc_value(pid, "VmRSS:"), fds(pid));
+    let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
     let pipes = metric(&m, "mxgate_splice_pipes") as usize;
     println!("| soak ({minutes} min) | value |");
     println!("|---|---|");

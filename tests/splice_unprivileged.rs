@@ -48,12 +48,6 @@ fn spawn_unprivileged(backend: SocketAddr, listen: SocketAddr, metrics: SocketAd
     cmd.spawn().expect("mxgate starts")
 }
 
-fn count_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 fn process_uid(pid: u32) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -79,8 +73,8 @@ async fn two_thousand_idle_sessions_unprivileged_in_splice_mode() {
         let source = format!("127.0.{}.{}", 1 + i / 250, 1 + i % 250);
         sessions.push(expect_admitted(&source, listen).await);
     }
-    eventually("all sessions counted", || count_fds(pid) >= 2 * SESSIONS).await;
-    let idle_fds = count_fds(pid);
+    eventually("all sessions counted", || fd_count(pid) >= 2 * SESSIONS).await;
+    let idle_fds = fd_count(pid);
     let m = scrape(metrics_addr).await;
     assert_eq!(metric(&m, "mxgate_connections_active"), SESSIONS as f64);
     // Two sockets per idle session; pooled pipes and the process's own descriptors on top.

@@ -318,3 +318,44 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Closes with SO_LINGER 0, which sends RST.
+pub fn reset(s: TcpStream) {
+    let s = s.into_std().unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// A process's resident memory, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A process's open file descriptors.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The real binary's `run` with the test host name, metrics off and quiet logs, in front of
+/// `backend` on `listen`; `extra` flags are appended.
+pub fn mxgate_command(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mxgate"));
+    c.args(["run", "--hostname", HOST, "--metrics", "off"])
+        .args([
+            "--backend",
+            &backend.to_string(),
+            "--listen",
+            &listen.to_string(),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    c
+}
