@@ -375,11 +375,14 @@ async fn accept_loop(
     // Wake now and then even when idle, so the heartbeat shows the loop is alive.
     let mut alive = tokio::time::interval(HEARTBEAT_INTERVAL);
     alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Registered once: a fresh cancellation wait per accept would take a lock each time.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         heartbeat.fetch_add(1, Ordering::Relaxed);
         let accepted = tokio::select! {
             biased;
-            () = stop.cancelled() => return,
+            () = &mut stopped => return,
             r = listener.accept() => r,
             _ = alive.tick() => continue,
         };
@@ -393,7 +396,7 @@ async fn accept_loop(
             Err(e) => {
                 let pause = errors.failure(addr, &e);
                 tokio::select! {
-                    () = stop.cancelled() => return,
+                    () = &mut stopped => return,
                     () = tokio::time::sleep(pause) => {}
                 }
             }

@@ -55,14 +55,13 @@ impl Gate {
             let ip = peer.ip().to_canonical();
             return Box::pin(self.reject(client, RejectReason::Draining, ip, &live)).await;
         }
-        let local = client.local_addr().unwrap_or(peer);
         let mut origin = Origin {
             client: peer,
-            server: local,
+            server: None,
             early: Vec::new(),
         };
         if !live.config.accept_proxy_protocol.is_empty() {
-            match Box::pin(upstream_header(&mut client, peer, local, &live.config)).await {
+            match Box::pin(upstream_header(&mut client, peer, &live.config)).await {
                 Ok(o) => origin = o,
                 Err(e) => {
                     tracing::debug!(error = %e, "refused a PROXY protocol header");
@@ -107,64 +106,16 @@ impl Gate {
 
     /// Connects the admitted client to the backend and forwards until the session ends.
     async fn serve(&self, client: TcpStream, guard: Guard, origin: Origin, live: Arc<Live>) {
-        let _ = client.set_nodelay(true);
-        let ip = origin.client.ip().to_canonical();
-        let config = &live.config;
-        let source = config.transparent.then(|| {
-            let port = if config.transparent_port {
-                origin.client.port()
-            } else {
-                0
-            };
-            SocketAddr::new(ip, port)
-        });
         let started = Instant::now();
-        let (idle, greeting_timeout) = (config.idle_timeout, config.backend_greeting_timeout);
-        // Boxed: the connect phase is short, and inline its state would stay reserved in the
-        // task for the session's whole life.
-        let (mut backend, lease) = match Box::pin(self.connect_backend(&live, source)).await {
-            Ok(connected) => connected,
-            Err(reason) => {
-                drop(guard);
-                return Box::pin(self.reject(client, reason, ip, &live)).await;
-            }
+        let idle = live.config.idle_timeout;
+        // Boxed: everything before forwarding is short-lived, and inline its state would stay
+        // reserved in every session's task for the session's whole life.
+        let Some(ready) = Box::pin(self.prepare(client, guard, origin, live, started)).await else {
+            return;
         };
-        let backend_addr = lease.member.addr;
-        self.metrics
-            .backend_connect_seconds
-            .record(started.elapsed().as_secs_f64());
-        // The PROXY header first, then whatever the client sent behind the upstream's header,
-        // then the stream: nothing reaches the backend out of order.
-        if let Some(version) = config.proxy_protocol {
-            let header = proxy_protocol::encode(version, origin.client, origin.server);
-            if let Err(e) = Box::pin(backend.write_all(&header)).await {
-                tracing::debug!(error = %e, "backend closed before the PROXY header");
-                drop((backend, guard));
-                let reply = self.reject(client, RejectReason::BackendUnavailable, ip, &live);
-                return Box::pin(reply).await;
-            }
-        }
-        if !origin.early.is_empty() {
-            if Box::pin(backend.write_all(&origin.early)).await.is_err() {
-                return;
-            }
-            self.traffic
-                .client_to_backend
-                .increment(origin.early.len() as u64);
-        }
-        if let Some(limit) = greeting_timeout {
-            if !Box::pin(backend_speaks(&backend, limit)).await {
-                tracing::debug!(backend = %backend_addr, "backend sent no greeting in time");
-                drop((backend, guard));
-                let reply = self.reject(client, RejectReason::BackendUnavailable, ip, &live);
-                return Box::pin(reply).await;
-            }
-        }
-        drop(live);
-        let _lease = lease;
         let report = forward::forward(
-            &client,
-            &backend,
+            &ready.client,
+            &ready.backend,
             &self.mode,
             idle,
             &self.traffic,
@@ -180,7 +131,8 @@ impl Gate {
             _ => None,
         };
         tracing::info!(
-            source = %display_source(&guard.source()),
+            source = %display_source(&ready.guard.source()),
+            backend = %ready.lease.member.label,
             duration_ms = elapsed.as_millis() as u64,
             client_to_backend = report.client_to_backend,
             backend_to_client = report.backend_to_client,
@@ -189,6 +141,78 @@ impl Gate {
             error,
             "session finished"
         );
+    }
+
+    /// Everything between admission and forwarding: choose and connect a backend, send the
+    /// PROXY header and any early client bytes, wait for the greeting if asked. On failure the
+    /// client has been answered and `None` is returned.
+    async fn prepare(
+        &self,
+        client: TcpStream,
+        guard: Guard,
+        origin: Origin,
+        live: Arc<Live>,
+        started: Instant,
+    ) -> Option<Ready> {
+        let _ = client.set_nodelay(true);
+        let ip = origin.client.ip().to_canonical();
+        let config = &live.config;
+        let source = config.transparent.then(|| {
+            let port = if config.transparent_port {
+                origin.client.port()
+            } else {
+                0
+            };
+            SocketAddr::new(ip, port)
+        });
+        let (mut backend, lease) = match self.connect_backend(&live, source).await {
+            Ok(connected) => connected,
+            Err(reason) => {
+                drop(guard);
+                self.reject(client, reason, ip, &live).await;
+                return None;
+            }
+        };
+        self.metrics
+            .backend_connect_seconds
+            .record(started.elapsed().as_secs_f64());
+        // The PROXY header first, then whatever the client sent behind the upstream's header,
+        // then the stream: nothing reaches the backend out of order.
+        if let Some(version) = config.proxy_protocol {
+            // Our own address, asked of the kernel only when a header needs it.
+            let server = origin
+                .server
+                .unwrap_or_else(|| client.local_addr().unwrap_or(origin.client));
+            let header = proxy_protocol::encode(version, origin.client, server);
+            if let Err(e) = backend.write_all(&header).await {
+                tracing::debug!(error = %e, "backend closed before the PROXY header");
+                drop((backend, guard, lease));
+                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
+                    .await;
+                return None;
+            }
+        }
+        if !origin.early.is_empty() {
+            backend.write_all(&origin.early).await.ok()?;
+            self.traffic
+                .client_to_backend
+                .increment(origin.early.len() as u64);
+        }
+        if let Some(limit) = config.backend_greeting_timeout {
+            if !backend_speaks(&backend, limit).await {
+                tracing::debug!(backend = %lease.member.label, "backend sent no greeting in time");
+                drop((backend, guard, lease));
+                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
+                    .await;
+                return None;
+            }
+        }
+        Some(Ready {
+            client,
+            backend,
+            guard,
+            lease,
+        })
     }
 }
 
@@ -240,11 +264,21 @@ impl Gate {
     }
 }
 
+/// An admitted session, connected and ready to forward. Its fields hold the session's
+/// slots (admission guard, backend lease) until it ends.
+struct Ready {
+    client: TcpStream,
+    backend: TcpStream,
+    guard: Guard,
+    lease: Lease,
+}
+
 /// Who a connection is from and to: the peer and our address, or what a trusted upstream's
 /// PROXY header says they are.
 struct Origin {
     client: SocketAddr,
-    server: SocketAddr,
+    /// The address the client connected to, when an upstream header said so.
+    server: Option<SocketAddr>,
     /// Client bytes that arrived behind the header, to be forwarded before anything else.
     early: Vec<u8>,
 }
@@ -253,7 +287,6 @@ struct Origin {
 async fn upstream_header(
     client: &mut TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
     config: &Config,
 ) -> Result<Origin, proxy_protocol::HeaderError> {
     let ip = peer.ip().to_canonical();
@@ -261,7 +294,10 @@ async fn upstream_header(
         return Err(proxy_protocol::HeaderError::Untrusted);
     }
     let (header, early) = proxy_protocol::read_header(client, config.proxy_header_timeout).await?;
-    let (client, server) = header.addresses.unwrap_or((peer, local));
+    let (client, server) = match header.addresses {
+        Some((c, s)) => (c, Some(s)),
+        None => (peer, None),
+    };
     Ok(Origin {
         client,
         server,

@@ -136,12 +136,19 @@ async fn slow_reader_keeps_memory_flat_and_is_not_idle() {
     let sent = data.clone();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_addr = l.local_addr().unwrap();
+    // Every connection gets the whole stream, so the readiness probe's own session cannot
+    // take the client's place.
+    let sent = std::sync::Arc::new(sent);
     tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        s.write_all(&sent).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest).await;
+        while let Ok((mut s, _)) = l.accept().await {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                if s.write_all(&sent).await.is_ok() {
+                    let _ = s.shutdown().await;
+                    let _ = s.read_to_end(&mut Vec::new()).await;
+                }
+            });
+        }
     });
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = log_path("slow");
@@ -151,7 +158,7 @@ async fn slow_reader_keeps_memory_flat_and_is_not_idle() {
     let mut c = connect_from("127.0.0.2", listen).await.unwrap();
     // Shrink the client's receive buffer so the backlog sits upstream, as with a slow peer.
     socket2::SockRef::from(&c)
-        .set_recv_buffer_size(4096)
+        .set_recv_buffer_size(32 * 1024)
         .unwrap();
     let mut got = Vec::with_capacity(SIZE);
     let mut byte = [0u8; 1];
