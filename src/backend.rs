@@ -18,8 +18,12 @@ pub async fn connect(
     limit: Duration,
     source: Option<SocketAddr>,
 ) -> io::Result<TcpStream> {
-    let raw = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    raw.set_nonblocking(true)?;
+    // Created non-blocking (SOCK_NONBLOCK): two fcntl calls fewer per session.
+    let raw = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     // SMTP is a command/reply dialogue: Nagle's algorithm would add a delay to every reply.
     raw.set_tcp_nodelay(true)?;
     if let Some(source) = source {
