@@ -244,3 +244,29 @@ async fn drain_timeout_cuts_held_sessions_and_still_exits_zero() {
     );
     assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let backend = GreetingBackend::start().await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let notify = Notify::new("twice");
+    let mut child = KillOnDrop(
+        mxgate_command(backend.addr, listen, &[])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(notify.next().contains(&"READY=1".to_string()));
+    // A held session would keep the drain going for the default 30 s.
+    let _held = expect_admitted("127.0.0.2", listen).await;
+    signal(&child.0, libc::SIGTERM);
+    assert!(notify.next().contains(&"STOPPING=1".to_string()));
+    let second = Instant::now();
+    signal(&child.0, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(5)), 0);
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        second.elapsed()
+    );
+}
