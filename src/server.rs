@@ -49,8 +49,8 @@ pub struct Running {
     background: TaskTracker,
     reloads_ok: Counter,
     reloads_failed: Counter,
-    /// Bumped by every accept loop on each turn, for the watchdog.
-    heartbeat: Arc<AtomicU64>,
+    /// One counter per accept loop, bumped on each turn, for the watchdog.
+    heartbeats: Vec<Arc<AtomicU64>>,
 }
 
 /// Binds every listener and the metrics endpoint, then starts serving.
@@ -130,7 +130,7 @@ pub async fn start_with(
         stop: CancellationToken::new(),
         sessions: TaskTracker::new(),
         background: TaskTracker::new(),
-        heartbeat: Arc::default(),
+        heartbeats: listen_addrs.iter().map(|_| Arc::default()).collect(),
     };
     if let Some(l) = metrics_listener {
         running
@@ -139,7 +139,11 @@ pub async fn start_with(
     }
     running.spawn_housekeeping();
     running.spawn_health_checks();
-    for (l, addr) in tokio_listeners.into_iter().zip(listen_addrs) {
+    for ((l, addr), heartbeat) in tokio_listeners
+        .into_iter()
+        .zip(listen_addrs)
+        .zip(running.heartbeats.clone())
+    {
         let backends: Vec<String> = gate
             .live
             .load()
@@ -155,7 +159,7 @@ pub async fn start_with(
             gate.clone(),
             running.sessions.clone(),
             running.stop.clone(),
-            running.heartbeat.clone(),
+            heartbeat,
         ));
     }
     Ok(running)
@@ -198,9 +202,9 @@ impl Running {
         self.gate.live.load().policy.clock().clone()
     }
 
-    /// A counter that every accept loop bumps on each turn; it stands still if one is wedged.
-    pub fn heartbeat(&self) -> Arc<AtomicU64> {
-        self.heartbeat.clone()
+    /// One counter per accept loop, bumped on each turn; a wedged loop's stands still.
+    pub fn heartbeats(&self) -> Vec<Arc<AtomicU64>> {
+        self.heartbeats.clone()
     }
 
     /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed

@@ -105,24 +105,52 @@ pub async fn run(
 
 /// Pings the watchdog at half its period while the accept loops' heartbeat moves.
 fn watchdog(running: &Running) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let heartbeat = running.heartbeat();
+    let heartbeats = running.heartbeats();
+    let read = move || -> Vec<u64> {
+        heartbeats
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect()
+    };
     async move {
         let Some(period) = sd_notify::watchdog_enabled() else {
             return;
         };
         let half = (period / 2).max(Duration::from_millis(10));
-        let mut last = heartbeat.load(Ordering::Relaxed);
+        let mut last = read();
         let mut tick = tokio::time::interval(half);
         tick.tick().await;
         loop {
             tick.tick().await;
-            let now = heartbeat.load(Ordering::Relaxed);
-            if now != last {
+            let now = read();
+            if all_turned(&last, &now) {
                 notify(&[NotifyState::Watchdog]);
             } else {
                 tracing::error!("accept loops have not turned for half a watchdog period; not pinging the watchdog");
             }
             last = now;
         }
+    }
+}
+
+/// Whether every accept loop turned since the last look: one wedged loop is enough to stop
+/// the pings, so that systemd restarts the service.
+fn all_turned(last: &[u64], now: &[u64]) -> bool {
+    last.len() == now.len() && last.iter().zip(now).all(|(a, b)| a != b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_turned;
+
+    #[test]
+    fn one_wedged_loop_stops_the_pings() {
+        assert!(all_turned(&[1, 7], &[2, 9]));
+        assert!(
+            !all_turned(&[1, 7], &[2, 7]),
+            "the second loop did not turn"
+        );
+        assert!(!all_turned(&[1], &[1]));
+        assert!(all_turned(&[], &[]), "no listener, nothing to wedge");
     }
 }
