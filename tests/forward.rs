@@ -11,32 +11,8 @@ use common::*;
 use mxgate::config::Forwarding;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const BULK: usize = 16 * 1024 * 1024;
-
-/// Sends `payload` and reads everything the other side sends, concurrently. When
-/// `fin_after_eof` is set, this side's FIN waits until the other side's FIN has arrived, so
-/// the two directions close in a chosen order. Returns what was received.
-async fn exchange(stream: TcpStream, payload: Vec<u8>, fin_after_eof: bool) -> Vec<u8> {
-    let (mut r, mut w) = stream.into_split();
-    let (eof_tx, eof_rx) = oneshot::channel();
-    let reader = async move {
-        let mut got = Vec::with_capacity(BULK);
-        r.read_to_end(&mut got).await.expect("no reset");
-        let _ = eof_tx.send(());
-        got
-    };
-    let writer = async move {
-        w.write_all(&payload).await.expect("write");
-        if fin_after_eof {
-            let _ = eof_rx.await;
-        }
-        w.shutdown().await.expect("shutdown");
-    };
-    let (got, ()) = tokio::join!(reader, writer);
-    got
-}
 
 /// A backend that accepts one connection and hands it to `f`.
 async fn one_shot_backend<F, Fut>(f: F) -> (SocketAddr, tokio::task::JoinHandle<Fut::Output>)

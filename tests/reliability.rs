@@ -430,21 +430,11 @@ async fn a_client_talking_before_the_greeting_is_forwarded_like_any_other() {
     for mode in modes() {
         let backend = GreetingBackend::start().await;
         let mx = start(config_mode(backend.addr, mode)).await;
-        let mut s = connect_from("127.0.0.2", mx.listen_addrs()[0])
+        let s = connect_from("127.0.0.2", mx.listen_addrs()[0])
             .await
             .unwrap();
         let early = random_bytes(1024 * 1024, 9);
-        let (mut r, mut w) = s.split();
-        let send = async {
-            w.write_all(&early).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let recv = async {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).await.unwrap();
-            got
-        };
-        let ((), got) = tokio::join!(send, recv);
+        let got = exchange(s, early.clone(), false).await;
         // The greeting, then the echo of every early byte, in order.
         assert_eq!(&got[..GREETING.len()], GREETING, "{mode:?}");
         assert_eq!(digest(&got[GREETING.len()..]), digest(&early), "{mode:?}");

@@ -92,24 +92,15 @@ async fn soak() {
     let deadline = Instant::now() + Duration::from_secs(60 * minutes);
     let mut t = Tally::default();
     let mut baseline: Option<(u64, usize)> = None;
-    while Instant::now() < deadline {
+    // At least one round, then until the deadline.
+    loop {
         // Integrity: 8 sessions, 1 MiB each way, echoed back.
         let mut runs = Vec::new();
         for i in 0..8u64 {
             runs.push(tokio::spawn(async move {
-                let mut s = expect_admitted(&format!("127.0.1.{}", i + 1), listen).await;
+                let s = expect_admitted(&format!("127.0.1.{}", i + 1), listen).await;
                 let data = random_bytes(1024 * 1024, t_seed(i));
-                let (mut r, mut w) = s.split();
-                let send = async {
-                    w.write_all(&data).await.unwrap();
-                    w.shutdown().await.unwrap();
-                };
-                let recv = async {
-                    let mut got = Vec::new();
-                    r.read_to_end(&mut got).await.unwrap();
-                    got
-                };
-                let ((), got) = tokio::join!(send, recv);
+                let got = exchange(s, data.clone(), false).await;
                 assert_eq!(digest(&got), digest(&data));
                 got.len() as u64
             }));
@@ -164,6 +155,9 @@ async fn soak() {
         let settled = metric(&m, "mxgate_connections_active") == 0.0;
         if settled && baseline.is_none() {
             baseline = Some((rss_kib(pid), fd_count(pid)));
+        }
+        if Instant::now() >= deadline {
+            break;
         }
     }
     eventually("sessions ended", || {

@@ -359,3 +359,27 @@ pub fn mxgate_command(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -
         .stderr(Stdio::inherit());
     c
 }
+
+/// Sends `payload` and reads everything the other side sends, concurrently. When
+/// `fin_after_eof` is set, this side's FIN waits until the other side's FIN has arrived, so
+/// the two directions close in a chosen order. Returns what was received.
+pub async fn exchange(stream: TcpStream, payload: Vec<u8>, fin_after_eof: bool) -> Vec<u8> {
+    let payload_len = payload.len();
+    let (mut r, mut w) = stream.into_split();
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
+    let reader = async move {
+        let mut got = Vec::with_capacity(payload_len);
+        r.read_to_end(&mut got).await.expect("no reset");
+        let _ = eof_tx.send(());
+        got
+    };
+    let writer = async move {
+        w.write_all(&payload).await.expect("write");
+        if fin_after_eof {
+            let _ = eof_rx.await;
+        }
+        w.shutdown().await.expect("shutdown");
+    };
+    let (got, ()) = tokio::join!(reader, writer);
+    got
+}
