@@ -100,7 +100,20 @@ struct Shared<'a> {
     splice_failed: AtomicBool,
 }
 
-impl Shared<'_> {
+impl<'a> Shared<'a> {
+    /// A session's shared state, starting now with nothing moved.
+    fn new(traffic: &'a Traffic) -> Shared<'a> {
+        Shared {
+            traffic,
+            start: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            c2b: AtomicU64::new(0),
+            b2c: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
+            splice_failed: AtomicBool::new(false),
+        }
+    }
+
     fn moved(&self, to: Side, n: usize) {
         let n = n as u64;
         let (total, counter) = match to {
@@ -152,15 +165,7 @@ pub async fn forward(
     traffic: &Traffic,
     cancel: impl std::future::Future<Output = ()>,
 ) -> Report {
-    let shared = Shared {
-        traffic,
-        start: Instant::now(),
-        last_activity_ms: AtomicU64::new(0),
-        c2b: AtomicU64::new(0),
-        b2c: AtomicU64::new(0),
-        spliced: AtomicU64::new(0),
-        splice_failed: AtomicBool::new(false),
-    };
+    let shared = Shared::new(traffic);
     let up = Flow {
         src: client,
         dst: backend,
@@ -259,15 +264,7 @@ mod tests {
             spliced: Counter::noop(),
             splice_fallbacks: Counter::noop(),
         };
-        let shared = Shared {
-            traffic: &traffic,
-            start: Instant::now(),
-            last_activity_ms: AtomicU64::new(0),
-            c2b: AtomicU64::new(0),
-            b2c: AtomicU64::new(0),
-            spliced: AtomicU64::new(0),
-            splice_failed: AtomicBool::new(false),
-        };
+        let shared = Shared::new(&traffic);
         let flow = Flow {
             src: &a,
             dst: &b,
