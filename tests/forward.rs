@@ -73,8 +73,13 @@ async fn bulk_both_ways(mode: Forwarding, client_closes_first: bool) {
         Forwarding::Splice => {
             let copied_steps = metric(&m, "mxgate_splice_pool_exhausted_total");
             assert!(spliced > 0.0, "splice mode spliced nothing");
+            // Each burst's first read (at most 16 KiB) goes through userspace by design; the
+            // bulk behind it goes through pipes.
             if copied_steps == 0.0 {
-                assert_eq!(spliced, 2.0 * BULK as f64, "every byte went through a pipe");
+                assert!(
+                    spliced >= 0.9 * 2.0 * BULK as f64,
+                    "bulk went through pipes: {spliced} bytes"
+                );
             }
             assert_eq!(metric(&m, "mxgate_splice_fallbacks_total"), 0.0);
         }

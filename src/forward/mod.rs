@@ -134,6 +134,8 @@ struct Flow<'a> {
     /// The peer `dst` belongs to; `src` is the other one.
     to: Side,
     shared: &'a Shared<'a>,
+    /// Whether the last burst was bulk: the next one then skips the small first read.
+    bulk: AtomicBool,
 }
 
 impl Flow<'_> {
@@ -171,12 +173,14 @@ pub async fn forward(
         dst: backend,
         to: Side::Backend,
         shared: &shared,
+        bulk: AtomicBool::new(false),
     };
     let down = Flow {
         src: backend,
         dst: client,
         to: Side::Client,
         shared: &shared,
+        bulk: AtomicBool::new(false),
     };
     let end = tokio::select! {
         r = async { tokio::try_join!(pump(&up, mode), pump(&down, mode)) } => match r {
@@ -194,12 +198,39 @@ pub async fn forward(
     }
 }
 
-/// Runs one direction to its end with the configured mode.
+/// Runs one direction to its end: wait until the source is readable, move a burst, repeat.
+///
+/// A burst starts with one small read written straight on ([`copy::first_read`]); only when
+/// that read fills up does the burst go on in bulk, through a pipe in splice mode. Everything
+/// that may wait is boxed, so an idle direction's state is only its readiness wait.
 async fn pump(flow: &Flow<'_>, mode: &Mode) -> Result<(), (Side, io::Error)> {
-    match mode {
-        Mode::Copy => copy::pump(flow).await,
-        #[cfg(target_os = "linux")]
-        Mode::Splice(pool) => splice::pump(flow, pool).await,
+    loop {
+        read_ready(flow.src).await.map_err(|e| (flow.from(), e))?;
+        if !flow.bulk.load(Ordering::Relaxed) {
+            match copy::first_read(flow)? {
+                copy::First::Eof => return flow.finish(),
+                copy::First::Drained { rest } => {
+                    if !rest.is_empty() {
+                        Box::pin(copy::write_rest(flow, rest)).await?;
+                    }
+                    continue;
+                }
+                copy::First::Full { rest } => {
+                    if !rest.is_empty() {
+                        Box::pin(copy::write_rest(flow, rest)).await?;
+                    }
+                }
+            }
+        }
+        let (end, moved) = match mode {
+            Mode::Copy => Box::pin(copy::burst(flow)).await?,
+            #[cfg(target_os = "linux")]
+            Mode::Splice(pool) => Box::pin(splice::burst(flow, pool)).await?,
+        };
+        flow.bulk.store(moved >= copy::SMALL, Ordering::Relaxed);
+        if let copy::Burst::Eof = end {
+            return flow.finish();
+        }
     }
 }
 
@@ -270,6 +301,7 @@ mod tests {
             dst: &b,
             to: Side::Backend,
             shared: &shared,
+            bulk: AtomicBool::new(false),
         };
         #[cfg(target_os = "linux")]
         let mode = Mode::Splice(splice::PipePool::new(

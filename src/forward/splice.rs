@@ -1,5 +1,10 @@
 //! The zero-copy forwarder for Linux: socket → pipe → socket with splice(2).
 //!
+//! Only bulk is spliced. Every burst starts with one userspace read of at most
+//! [`SMALL`](super::copy::SMALL) bytes (see [`super::copy`] for why that is cheaper for SMTP's
+//! commands and replies); when that read fills up, the rest of the burst goes through a pipe.
+//! A direction whose last burst was bulk starts its next burst in the pipe straight away.
+//!
 //! Rules this module keeps, each learnt from other proxies' bugs:
 //! - A direction borrows a pipe from a bounded [`PipePool`] only for a burst and returns it as
 //!   soon as it is empty, so an idle session holds no pipe (2 fds, not 6), and thousands of idle
@@ -23,7 +28,7 @@ use metrics::{Counter, Gauge};
 use tokio::io::Interest;
 
 use super::copy::{self, Burst};
-use super::{read_ready, write_ready, Flow, Side};
+use super::{write_ready, Flow, Side};
 
 /// The pipe size asked for when none is configured.
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
@@ -160,32 +165,32 @@ impl Drop for Loan {
     }
 }
 
-/// Runs one direction to its end, splicing while it can.
-pub(super) async fn pump(flow: &Flow<'_>, pool: &Arc<PipePool>) -> Result<(), (Side, io::Error)> {
-    loop {
-        read_ready(flow.src).await.map_err(|e| (flow.from(), e))?;
-        let step = if flow.shared.splice_failed.load(Ordering::Relaxed) {
-            None
-        } else {
-            pool.borrow()
-        };
-        // Bursts are boxed so that an idle direction's state is only its readiness wait:
-        // one small allocation per burst keeps every idle session's task small.
-        let burst = match step {
-            Some(loan) => Box::pin(splice_burst(flow, loan)).await?,
-            None => Box::pin(copy::burst(flow)).await?,
-        };
-        if let Burst::Eof = burst {
-            return flow.finish();
-        }
+/// The rest of a bulk burst: through a borrowed pipe while one is free and splice works,
+/// through userspace otherwise. Returns how the burst ended and how many bytes it moved.
+pub(super) async fn burst(
+    flow: &Flow<'_>,
+    pool: &Arc<PipePool>,
+) -> Result<(Burst, usize), (Side, io::Error)> {
+    let step = if flow.shared.splice_failed.load(Ordering::Relaxed) {
+        None
+    } else {
+        pool.borrow()
+    };
+    match step {
+        Some(loan) => splice_burst(flow, loan).await,
+        None => copy::burst(flow).await,
     }
 }
 
 /// Fills the (empty) pipe from the source and drains it into the destination, until the
 /// source has nothing more. Falls back to a copy burst if splice is refused.
-async fn splice_burst(flow: &Flow<'_>, mut loan: Loan) -> Result<Burst, (Side, io::Error)> {
+async fn splice_burst(
+    flow: &Flow<'_>,
+    mut loan: Loan,
+) -> Result<(Burst, usize), (Side, io::Error)> {
     let src_fd = flow.src.as_raw_fd();
     let dst_fd = flow.dst.as_raw_fd();
+    let mut moved = 0;
     loop {
         debug_assert_eq!(loan.filled, 0, "only an empty pipe is filled");
         let (pipe_in, size) = (loan.pipe().write.as_raw_fd(), loan.pipe().size);
@@ -193,20 +198,22 @@ async fn splice_burst(flow: &Flow<'_>, mut loan: Loan) -> Result<Burst, (Side, i
             .src
             .try_io(Interest::READABLE, || splice(src_fd, pipe_in, size));
         match filled {
-            Ok(0) => return Ok(Burst::Eof),
+            Ok(0) => return Ok((Burst::Eof, moved)),
             Ok(n) => loan.filled = n,
             // The pipe is empty, so this can only mean the socket is: readiness is cleared.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Burst::Drained, moved)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
                 flow.shared.splice_failed.store(true, Ordering::Relaxed);
                 flow.shared.traffic.splice_fallbacks.increment(1);
                 tracing::warn!(error = %e, "splice refused for this session; copying instead");
                 drop(loan);
-                return copy::burst(flow).await;
+                let (end, more) = copy::burst(flow).await?;
+                return Ok((end, moved + more));
             }
             Err(e) => return Err((flow.from(), e)),
         }
+        moved += loan.filled;
         drain(flow, &mut loan, dst_fd).await?;
     }
 }
