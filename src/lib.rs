@@ -8,6 +8,7 @@
 //! | flags, file, validation | [`config`] |
 //! | who gets in | [`admission`] |
 //! | mxgate's own replies and graceful close | [`reply`] |
+//! | refusals answered by the accept loop itself (Linux) | `linger` |
 //! | moving bytes (splice, copy) | [`forward`] |
 //! | connecting to the mail server | [`backend`] |
 //! | several backends: balancing, caps, health checks | [`backends`] |
@@ -27,6 +28,8 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
+#[cfg(target_os = "linux")]
+pub mod linger;
 pub mod listener;
 pub mod load;
 pub mod metrics;

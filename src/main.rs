@@ -66,7 +66,9 @@ fn load_config(args: RunArgs) -> anyhow::Result<Config> {
 }
 
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Control work only (signals, reload, metrics, health checks): connections run on the
+    // server's own worker threads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(mxgate::service::run(config, || load_config(args.clone())))

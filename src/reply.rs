@@ -105,14 +105,21 @@ impl Replies {
 
 /// Bounds the connections that linger after a reply.
 pub struct Closer {
-    lingering: Semaphore,
+    lingering: Arc<Semaphore>,
 }
 
 impl Default for Closer {
     fn default() -> Self {
         Closer {
-            lingering: Semaphore::new(MAX_LINGERING),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         }
+    }
+}
+
+impl Closer {
+    /// The bound, for the accept loops' own lingering sets.
+    pub fn bound(&self) -> Arc<Semaphore> {
+        self.lingering.clone()
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! A reload swaps the policy, replies, backend and timeouts for new connections at once.
 //! Sessions already forwarding are never cut and keep their slots. Settings that would need new
-//! sockets or a new forwarder (listen, metrics, forwarding, pipe_size, log_format) are kept as
+//! sockets or a new forwarder (listen, metrics, forwarding, pipe_size, threads, log_format) are kept as
 //! they are, with a warning naming each.
 
 use std::net::SocketAddr;
@@ -17,7 +17,9 @@ use std::time::Duration;
 use ::metrics::Counter;
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -30,7 +32,7 @@ use crate::listener::{self, AcceptErrors};
 use crate::metrics::{self, Metrics};
 use crate::policy::{Policy, PolicyClock, EVICT_INTERVAL};
 use crate::reply::{Closer, Replies};
-use crate::session::{Gate, Live};
+use crate::session::{Gate, Live, Triage};
 
 /// How often an idle accept loop wakes to show it is alive; the watchdog needs a period of at
 /// least four times this.
@@ -51,6 +53,56 @@ pub struct Running {
     reloads_failed: Counter,
     /// One counter per accept loop, bumped on each turn, for the watchdog.
     heartbeats: Vec<Arc<AtomicU64>>,
+    /// The threads that accept and run sessions.
+    workers: Workers,
+}
+
+/// The threads that accept connections and run their sessions, each with a single-threaded
+/// runtime of its own, as HAProxy and nginx run one event loop per core. A session lives on
+/// the thread that accepted it: its wake-ups never cross threads, and no thread is woken to
+/// steal work. The caller's runtime keeps the control work (signals, reload, metrics, health
+/// checks).
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    /// Cancelled to let the threads end, dropping whatever tasks they still hold.
+    done: CancellationToken,
+}
+
+impl Workers {
+    fn start(count: usize) -> std::io::Result<Workers> {
+        let done = CancellationToken::new();
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let end = done.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("mxgate-{i}"))
+                .spawn(move || rt.block_on(end.cancelled()));
+            if let Err(e) = spawned {
+                done.cancel();
+                return Err(e);
+            }
+        }
+        Ok(Workers { handles, done })
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+/// How many worker threads to run: as configured, or one per CPU this process may run on
+/// (which honours a systemd `CPUAffinity=` or a container's CPU limit).
+fn worker_count(config: &Config) -> usize {
+    match config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 /// Binds every listener and the metrics endpoint, then starts serving.
@@ -88,15 +140,14 @@ pub async fn start_with(
         ),
         None => None,
     };
-    let mut tokio_listeners = Vec::with_capacity(listeners.len());
-    for l in listeners {
+    for l in &listeners {
         l.set_nonblocking(true)?;
-        tokio_listeners.push(TcpListener::from_std(l)?);
     }
-    let listen_addrs = tokio_listeners
+    let listen_addrs = listeners
         .iter()
-        .map(TcpListener::local_addr)
+        .map(std::net::TcpListener::local_addr)
         .collect::<std::io::Result<Vec<_>>>()?;
+    let workers = Workers::start(worker_count(&config)).context("cannot start worker threads")?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr()?),
         None => None,
@@ -130,7 +181,8 @@ pub async fn start_with(
         stop: CancellationToken::new(),
         sessions: TaskTracker::new(),
         background: TaskTracker::new(),
-        heartbeats: listen_addrs.iter().map(|_| Arc::default()).collect(),
+        heartbeats: Vec::new(),
+        workers,
     };
     if let Some(l) = metrics_listener {
         running
@@ -139,11 +191,9 @@ pub async fn start_with(
     }
     running.spawn_housekeeping();
     running.spawn_health_checks();
-    for ((l, addr), heartbeat) in tokio_listeners
-        .into_iter()
-        .zip(listen_addrs)
-        .zip(running.heartbeats.clone())
-    {
+    let mut running = running;
+    let mut readies = Vec::new();
+    for (l, addr) in listeners.into_iter().zip(listen_addrs) {
         let backends: Vec<String> = gate
             .live
             .load()
@@ -152,15 +202,40 @@ pub async fn start_with(
             .iter()
             .map(|b| b.to_string())
             .collect();
-        tracing::info!(listen = %addr, backends = ?backends, "accepting");
-        running.background.spawn(accept_loop(
-            l,
-            addr,
-            gate.clone(),
-            running.sessions.clone(),
-            running.stop.clone(),
-            heartbeat,
-        ));
+        tracing::info!(listen = %addr, backends = ?backends, workers = running.workers.handles.len(), "accepting");
+        // Every worker accepts on the same socket: whichever is free takes the next client.
+        for worker in running.workers.handles.clone() {
+            let l = l
+                .try_clone()
+                .context("cannot share a listener between workers")?;
+            let heartbeat = Arc::new(AtomicU64::new(0));
+            running.heartbeats.push(heartbeat.clone());
+            let (gate, sessions, stop) =
+                (gate.clone(), running.sessions.clone(), running.stop.clone());
+            let (set_up, ready) = tokio::sync::oneshot::channel();
+            let task = running.background.track_future(async move {
+                // Set up on the worker itself: its sockets belong to the worker's event loop.
+                match AcceptLoop::new(l, addr, &gate) {
+                    Ok(accept) => {
+                        let _ = set_up.send(Ok(()));
+                        accept.run(gate, sessions, stop, heartbeat).await;
+                    }
+                    Err(e) => {
+                        let _ = set_up.send(Err(e));
+                    }
+                }
+            });
+            worker.spawn(task);
+            readies.push((addr, ready));
+        }
+    }
+    // Serving only once every accept loop is in place, so a failure is the caller's to see.
+    for (addr, ready) in readies {
+        match ready.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e).with_context(|| format!("cannot accept on {addr}")),
+            Err(_) => anyhow::bail!("the worker for {addr} ended before accepting"),
+        }
     }
     Ok(running)
 }
@@ -357,6 +432,9 @@ fn kept_on_reload(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.pipe_size != new.pipe_size {
         kept.push("pipe_size");
     }
+    if old.threads != new.threads {
+        kept.push("threads");
+    }
     if old.log_format != new.log_format {
         kept.push("log_format");
     }
@@ -366,45 +444,154 @@ fn kept_on_reload(old: &Config, new: &Config) -> Vec<&'static str> {
     kept
 }
 
-/// Accepts until `stop`, handing each connection to its own task.
-async fn accept_loop(
-    listener: TcpListener,
+/// How many connections one turn of an accept loop takes before it looks at its other work.
+const ACCEPT_BATCH: usize = 64;
+
+/// One worker's accept loop on one listener.
+struct AcceptLoop {
+    listener: AsyncFd<std::net::TcpListener>,
     addr: SocketAddr,
-    gate: Arc<Gate>,
-    sessions: TaskTracker,
-    stop: CancellationToken,
-    heartbeat: Arc<AtomicU64>,
-) {
-    let mut errors = AcceptErrors::default();
-    // Wake now and then even when idle, so the heartbeat shows the loop is alive.
-    let mut alive = tokio::time::interval(HEARTBEAT_INTERVAL);
-    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // Registered once: a fresh cancellation wait per accept would take a lock each time.
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    loop {
-        heartbeat.fetch_add(1, Ordering::Relaxed);
-        let accepted = tokio::select! {
-            biased;
-            () = &mut stopped => return,
-            r = listener.accept() => r,
-            _ = alive.tick() => continue,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                errors.success();
-                gate.metrics.accepted.increment(1);
-                let span = tracing::info_span!("conn", src = %peer.ip().to_canonical(), port = peer.port());
-                sessions.spawn(gate.clone().handle(stream, peer).instrument(span));
-            }
-            Err(e) => {
-                let pause = errors.failure(addr, &e);
-                tokio::select! {
-                    () = &mut stopped => return,
-                    () = tokio::time::sleep(pause) => {}
+    door: Door,
+}
+
+impl AcceptLoop {
+    /// Registers the listener with the current (worker) runtime and sets up its refusal set.
+    fn new(
+        listener: std::net::TcpListener,
+        addr: SocketAddr,
+        gate: &Gate,
+    ) -> std::io::Result<Self> {
+        // SAFETY: the std listener owns its descriptor and keeps it open, unchanged, until it
+        // is dropped, which happens only with the AsyncFd.
+        let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?;
+        Ok(AcceptLoop {
+            listener,
+            addr,
+            door: Door::new(gate)?,
+        })
+    }
+
+    /// Accepts until `stop`. Admission is decided here; a refusal with a one-line reply is
+    /// answered here too (see `linger`), and every other connection gets its own task.
+    async fn run(
+        mut self,
+        gate: Arc<Gate>,
+        sessions: TaskTracker,
+        stop: CancellationToken,
+        heartbeat: Arc<AtomicU64>,
+    ) {
+        let (listener, door) = (&self.listener, &mut self.door);
+        let mut errors = AcceptErrors::default();
+        // Wake now and then even when idle, so the heartbeat shows the loop is alive.
+        let mut alive = tokio::time::interval(HEARTBEAT_INTERVAL);
+        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Registered once: a fresh cancellation wait per accept would take a lock each time.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        loop {
+            heartbeat.fetch_add(1, Ordering::Relaxed);
+            let accepted = tokio::select! {
+                biased;
+                () = &mut stopped => return,
+                r = listener.async_io(Interest::READABLE, listener::accept_raw) => r,
+                () = door.turn() => continue,
+                _ = alive.tick() => continue,
+            };
+            // Take what is queued, up to a batch, before looking at anything else.
+            let mut next = Some(accepted);
+            let mut taken = 0;
+            while let Some(accepted) = next.take() {
+                match accepted {
+                    Ok((stream, peer)) => {
+                        errors.success();
+                        gate.metrics.accepted.increment(1);
+                        door.admit(&gate, &sessions, stream, peer);
+                    }
+                    Err(e) => {
+                        let pause = errors.failure(self.addr, &e);
+                        tokio::select! {
+                            () = &mut stopped => return,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                        break;
+                    }
+                }
+                taken += 1;
+                if taken < ACCEPT_BATCH {
+                    next = match listener.try_io(Interest::READABLE, listener::accept_raw) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                        r => Some(r),
+                    };
                 }
             }
         }
+    }
+}
+
+/// Where an accept loop sends each new connection.
+struct Door {
+    #[cfg(target_os = "linux")]
+    lingerer: crate::linger::Lingerer,
+}
+
+impl Door {
+    fn new(gate: &Gate) -> std::io::Result<Door> {
+        #[cfg(not(target_os = "linux"))]
+        let _ = gate;
+        Ok(Door {
+            #[cfg(target_os = "linux")]
+            lingerer: crate::linger::Lingerer::new(gate.closer.bound())?,
+        })
+    }
+
+    /// The refusal set's own work; pending for ever where there is none.
+    async fn turn(&mut self) {
+        #[cfg(target_os = "linux")]
+        self.lingerer.turn().await;
+        #[cfg(not(target_os = "linux"))]
+        std::future::pending::<()>().await;
+    }
+
+    /// Decides a new connection: answered here if refused with a line, else in its own task.
+    fn admit(
+        &mut self,
+        gate: &Arc<Gate>,
+        sessions: &TaskTracker,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+    ) {
+        let start = match gate.triage(peer) {
+            Triage::Task(start) => start,
+            #[cfg(target_os = "linux")]
+            Triage::Refuse(reason, live) => {
+                let line = live.replies.line(reason);
+                match self.lingerer.refuse(stream, line) {
+                    crate::linger::Refusal::Done => return,
+                    crate::linger::Refusal::Partial { socket, written } => {
+                        // Only a zero window at connect time gets here: finish in a task.
+                        let rest = line[written..].to_vec();
+                        if let Ok(s) = TcpStream::from_std(socket) {
+                            let gate = gate.clone();
+                            sessions.spawn(async move {
+                                gate.closer.reply_and_close(s, &rest).await;
+                            });
+                        }
+                        return;
+                    }
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            Triage::Refuse(reason, live) => crate::session::Start::Refused(reason, live),
+        };
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a connection; closing it");
+                return;
+            }
+        };
+        let span = tracing::info_span!("conn", src = %peer.ip().to_canonical(), port = peer.port());
+        sessions.spawn(gate.clone().run(stream, peer, start).instrument(span));
     }
 }
 

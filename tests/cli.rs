@@ -193,6 +193,8 @@ fn every_key_wrong_in_turn_gives_one_clear_error() {
         ("log_format", "log_format = \"xml\""),
         ("forwarding", "forwarding = \"zerocopy\""),
         ("pipe_size", "pipe_size = \"1GiB\""),
+        ("threads", "threads = 1000"),
+        ("threads", "threads = -1"),
         ("drain_timeout", "drain_timeout = 30"),
         ("rate_per_source", "rate_per_source = \"30/day\""),
         ("rate_burst", "rate_burst = 5"),

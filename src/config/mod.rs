@@ -33,6 +33,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most worker threads `threads` may ask for.
+pub const MAX_THREADS: usize = 256;
 
 /// How bytes are moved between client and backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -220,6 +222,12 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipe_size: Option<ByteSize>,
 
+    /// Worker threads that accept and forward, each with its own event loop; 0 means one per
+    /// CPU mxgate may run on [default: 0]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+
     /// On SIGTERM, how long forwarding sessions may go on before they are closed [default: 30s]
     #[arg(long, value_name = "DUR")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -380,6 +388,7 @@ impl Settings {
             log_format,
             forwarding,
             pipe_size,
+            threads,
             drain_timeout,
             transparent,
             transparent_port,
@@ -422,6 +431,8 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// Bytes asked for each splice pipe.
     pub pipe_size: usize,
+    /// Worker threads asked for; 0 means one per usable CPU.
+    pub threads: usize,
     /// How long sessions may go on after a stop signal.
     pub drain_timeout: Duration,
     pub transparent: bool,
@@ -495,6 +506,7 @@ impl Config {
             log_format: Some(self.log_format),
             forwarding: Some(self.forwarding),
             pipe_size: Some(ByteSize(self.pipe_size)),
+            threads: Some(self.threads),
             drain_timeout: Some(Dur(self.drain_timeout)),
             transparent: Some(self.transparent),
             transparent_port: Some(self.transparent_port),

@@ -132,6 +132,13 @@ impl Settings {
                 format!("{pipe_size} is not between 4KiB and 1GiB"),
             ));
         }
+        let threads = self.threads.unwrap_or(0);
+        if threads > MAX_THREADS {
+            return Err(err(
+                "threads",
+                format!("{threads} is more than {MAX_THREADS}"),
+            ));
+        }
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         let reserved_for_allowed = self.reserved_for_allowed.unwrap_or(0);
         if reserved_for_allowed > max_connections {
@@ -202,6 +209,7 @@ impl Settings {
             networks: self.networks,
             forwarding,
             pipe_size,
+            threads,
             listen,
             health_checks: backends.len() > 1 || self.health_interval.is_some(),
             backends,

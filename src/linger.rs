@@ -1,0 +1,367 @@
+//! Refusals answered by the accept loop itself, with no task and no event-loop registration.
+//!
+//! Most refused connections need nothing but their one reply line and a clean close, and a
+//! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
+//! hands the socket to its [`Lingerer`]: a small level-triggered epoll set of its own, in which
+//! the socket waits for the client's FIN, read and discarded for at most
+//! [`LINGER_TIME`](crate::reply::LINGER_TIME) and [`LINGER_BYTES`](crate::reply::LINGER_BYTES),
+//! exactly as [`crate::reply`] describes. Closing the socket removes it from the set; a
+//! refusal costs accept, send, shutdown, one `epoll_ctl`, one read and the close.
+//!
+//! The line is sent with `MSG_MORE` and the half-close follows at once, so the kernel puts the
+//! FIN in the same segment as the line: the client reads the reply and the end of the stream
+//! together.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+use crate::reply::{LINGER_BYTES, LINGER_TIME};
+
+/// Events taken from the set per `epoll_wait`.
+const EVENTS: usize = 64;
+
+/// The sockets one accept loop is lingering on.
+pub struct Lingerer {
+    epoll: AsyncFd<OwnedFd>,
+    /// Open sockets by descriptor. A descriptor is only reused by the kernel once its socket
+    /// has been closed, which happens only by removal from here.
+    open: HashMap<RawFd, Entry>,
+    /// Deadlines in order (every socket lingers equally long), with the entry's generation so a
+    /// reused descriptor is never closed by its predecessor's deadline.
+    deadlines: VecDeque<(Instant, RawFd, u64)>,
+    generation: u64,
+    timer: Pin<Box<Sleep>>,
+    /// The deadline `timer` is set for, if any.
+    armed: Option<Instant>,
+    /// Shared bound on lingering connections across the process.
+    bound: Arc<Semaphore>,
+    linger_time: Duration,
+}
+
+struct Entry {
+    socket: TcpStream,
+    /// Bytes read and discarded so far.
+    seen: usize,
+    generation: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What became of a refusal.
+pub enum Refusal {
+    /// The line was written and the socket half-closed; it lingers or is closed.
+    Done,
+    /// The client's window could not take the whole line at once (it has a zero window): the
+    /// caller finishes the reply asynchronously from `written` bytes on.
+    Partial { socket: TcpStream, written: usize },
+}
+
+impl Lingerer {
+    /// A lingerer on the current runtime. `bound` is shared by every path that lingers.
+    pub fn new(bound: Arc<Semaphore>) -> io::Result<Lingerer> {
+        Self::with_time(bound, LINGER_TIME)
+    }
+
+    /// As [`Lingerer::new`], lingering `linger_time` at most (tests shorten it).
+    pub fn with_time(bound: Arc<Semaphore>, linger_time: Duration) -> io::Result<Lingerer> {
+        // SAFETY: epoll_create1 takes no pointers; a negative result is handled.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor was just created and is owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an OwnedFd keeps its one descriptor open, unchanged, until it is dropped,
+        // which happens only with the AsyncFd.
+        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }?;
+        Ok(Lingerer {
+            epoll,
+            open: HashMap::new(),
+            deadlines: VecDeque::new(),
+            generation: 0,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: None,
+            bound,
+            linger_time,
+        })
+    }
+
+    /// Sockets lingering now.
+    pub fn lingering(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Answers a refused client with `line`, half-closes, and lingers on the socket (or closes
+    /// it at once past the bound). Never waits.
+    pub fn refuse(&mut self, socket: TcpStream, line: &[u8]) -> Refusal {
+        let written = match send_more(&socket, line) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            // Reset or gone already: nobody to answer.
+            Err(_) => return Refusal::Done,
+        };
+        if written < line.len() {
+            return Refusal::Partial { socket, written };
+        }
+        // FIN after the line, in the same segment: the client reads the reply, then the end.
+        if socket.shutdown(std::net::Shutdown::Write).is_err() {
+            return Refusal::Done;
+        }
+        let Ok(permit) = self.bound.clone().try_acquire_owned() else {
+            return Refusal::Done;
+        };
+        let fd = socket.as_raw_fd();
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: both descriptors are open, and `event` is a valid, initialised epoll_event
+        // that the kernel only reads.
+        let added =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if added != 0 {
+            return Refusal::Done;
+        }
+        self.generation += 1;
+        self.open.insert(
+            fd,
+            Entry {
+                socket,
+                seen: 0,
+                generation: self.generation,
+                _permit: permit,
+            },
+        );
+        self.deadlines
+            .push_back((Instant::now() + self.linger_time, fd, self.generation));
+        // Entries that closed early leave their deadline behind; drop those now and then so
+        // the queue stays proportional to what is open.
+        if self.deadlines.len() > 4 * self.open.len() + 1024 {
+            let open = &self.open;
+            self.deadlines
+                .retain(|&(_, fd, g)| open.get(&fd).is_some_and(|e| e.generation == g));
+        }
+        Refusal::Done
+    }
+
+    /// Waits for the next thing to do (a client's bytes or FIN, or a deadline) and does it.
+    /// Cancel-safe: it can lose a `select!` at any point without losing anything.
+    pub async fn turn(&mut self) {
+        if self.open.is_empty() {
+            return std::future::pending().await;
+        }
+        let next = self.deadlines.front().map(|d| d.0);
+        if let Some(at) = next {
+            if self.armed != Some(at) {
+                self.timer.as_mut().reset(at);
+                self.armed = Some(at);
+            }
+        }
+        let fired = tokio::select! {
+            ready = self.epoll.readable() => match ready {
+                Ok(mut guard) => {
+                    let fired = wait_events(guard.get_ref().as_raw_fd());
+                    // Fewer events than asked for: the set is empty of events now.
+                    if fired.len() < EVENTS {
+                        guard.clear_ready();
+                    }
+                    fired
+                }
+                Err(_) => Vec::new(),
+            },
+            () = self.timer.as_mut(), if next.is_some() => {
+                self.armed = None;
+                self.expire();
+                Vec::new()
+            }
+        };
+        for fd in fired {
+            self.read_from(fd);
+        }
+    }
+
+    /// Reads and discards what a lingering client sent; closes at its end or past the cap.
+    fn read_from(&mut self, fd: RawFd) {
+        let Some(entry) = self.open.get_mut(&fd) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let done = loop {
+            match (&entry.socket).read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    entry.seen += n;
+                    if entry.seen >= LINGER_BYTES {
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break true,
+            }
+        };
+        if done {
+            // Closing the only descriptor also takes the socket out of the epoll set.
+            self.open.remove(&fd);
+        }
+    }
+
+    /// Closes the sockets whose time is up.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, fd, generation)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self
+                .open
+                .get(&fd)
+                .is_some_and(|e| e.generation == generation)
+            {
+                self.open.remove(&fd);
+            }
+        }
+    }
+}
+
+/// The descriptors with events in an epoll set, without waiting.
+fn wait_events(epoll: RawFd) -> Vec<RawFd> {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+    // SAFETY: `events` is a writable array of EVENTS epoll_events; timeout 0 never blocks.
+    let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), EVENTS as i32, 0) };
+    let n = usize::try_from(n).unwrap_or(0);
+    events[..n].iter().map(|ev| ev.u64 as RawFd).collect()
+}
+
+/// One non-blocking send that lets the kernel hold the bytes for the FIN that follows.
+fn send_more(socket: &TcpStream, line: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `line` is valid for reads of its length for the duration of the call.
+        let n = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                line.as_ptr().cast(),
+                line.len(),
+                libc::MSG_MORE | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LINE: &[u8] = b"421 4.3.2 mx.test Too many connections, try again later\r\n";
+
+    /// A connected pair: the client's tokio stream and the server's blocking-free std socket.
+    async fn pair() -> (tokio::net::TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        (c, s)
+    }
+
+    /// Drives the lingerer until `done` holds, failing after five seconds.
+    async fn drive_until(l: &mut Lingerer, done: impl Fn(&Lingerer) -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !done(l) {
+                l.turn().await;
+            }
+        })
+        .await
+        .expect("the lingerer got there in time");
+    }
+
+    #[tokio::test]
+    async fn the_client_reads_the_line_then_the_end_and_the_socket_closes() {
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (mut c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        assert_eq!(l.lingering(), 1);
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, LINE);
+        drop(c);
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_the_client_sends_are_read_so_no_reset_loses_the_line() {
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (mut c, s) = pair().await;
+        c.write_all(&[b'x'; 20_000]).await.unwrap();
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        c.write_all(b"QUIT\r\n").await.unwrap();
+        drive_until(&mut l, |l| l.open.values().all(|e| e.seen == 20_006)).await;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, LINE, "the line, then a clean end of stream");
+        c.shutdown().await.unwrap();
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_keeps_sending_is_closed_past_the_byte_cap() {
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        let mut c = c.into_std().unwrap();
+        c.set_nonblocking(false).unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = [b'y'; 8192];
+            // Stops at the reset that follows the close past the cap.
+            while c.write_all(&chunk).is_ok() {}
+        });
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+        writer.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_closed_when_its_time_is_up() {
+        let time = Duration::from_millis(100);
+        let mut l = Lingerer::with_time(Arc::new(Semaphore::new(8)), time).unwrap();
+        let (_c, s) = pair().await;
+        let start = Instant::now();
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+        assert!(start.elapsed() >= time, "not before its time");
+        assert!(l.deadlines.is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_the_socket_is_closed_right_after_the_line() {
+        let bound = Arc::new(Semaphore::new(1));
+        let mut l = Lingerer::new(bound).unwrap();
+        let (_held, s1) = pair().await;
+        let (mut c2, s2) = pair().await;
+        assert!(matches!(l.refuse(s1, LINE), Refusal::Done));
+        assert!(matches!(l.refuse(s2, LINE), Refusal::Done));
+        assert_eq!(l.lingering(), 1, "the second is not kept");
+        let mut got = Vec::new();
+        c2.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, LINE);
+    }
+}
