@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MXGATE = os.path.join(ROOT, "target/release/mxgate")
+MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
 NETLOAD = os.path.join(ROOT, "target/release/examples/netload")
 QUICK = os.environ.get("QUICK") == "1"
 IPERF_SECONDS = 2 if QUICK else 5
@@ -28,6 +28,8 @@ LATENCY_SAMPLES = 1000 if QUICK else 5000
 REJECT_SECONDS = 2 if QUICK else 5
 HOLD_SESSIONS = 1000 if QUICK else 5000
 TMP = tempfile.mkdtemp(prefix="mxgate-compare-")
+# Every proxy gets the same number of threads (workers for nginx): one per CPU by default.
+THREADS = int(os.environ.get("THREADS") or os.cpu_count())
 
 
 def free_port():
@@ -139,7 +141,7 @@ def mxgate_target(name, mode, smtp, iperf, greet, reject=False):
         port = free_port()
         cmd = [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
                "--metrics", "off", "--forwarding", mode, "--hostname", "mx.bench",
-               "--max-per-source", "100000", *limits]
+               "--max-per-source", "100000", "--threads", str(THREADS), *limits]
         t.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         env={**os.environ, "RUST_LOG": "error"}, start_new_session=True))
         setattr(t, attr, port)
@@ -153,7 +155,7 @@ def haproxy_target(smtp, iperf, greet, reject=False):
     rule = "    tcp-request connection reject\n" if reject else ""
     cfg = f"""global
     maxconn 7000
-    nbthread 2
+    nbthread {THREADS}
 defaults
     mode tcp
     option splice-auto
@@ -193,7 +195,7 @@ def nginx_target(smtp, iperf, greet, reject=False):
     prefix = os.path.join(TMP, "nginx")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     cfg = f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 2;
+worker_processes {THREADS};
 worker_rlimit_nofile 20000;
 daemon off;
 pid {prefix}/nginx.pid;
@@ -359,9 +361,9 @@ def write_report(results, rejects):
                f"{' (QUICK=1)' if QUICK else ''}. All targets were measured in this one run, against "
                "the same smtp-sink and iperf3 backends, with the same load generators, over loopback.\n")
     out.append("HAProxy " + subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()[2]
-               + " runs in TCP mode with `option splice-auto` and 2 threads; nginx "
+               + f" runs in TCP mode with `option splice-auto` and {THREADS} threads; nginx "
                + subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
-               + " runs `stream` with 2 workers; mxgate runs its default 2 worker threads.\n")
+               + f" runs `stream` with {THREADS} workers; mxgate runs {THREADS} worker threads.\n")
     out.append("| measure | " + " | ".join(names) + " |")
     out.append("|---|" + "---|" * len(names))
     for label, key, _ in rows:

@@ -103,8 +103,18 @@ async fn reject(target: SocketAddr, concurrency: usize, seconds: u64) {
                         continue;
                     }
                 };
+                // Read as an SMTP client would, into a buffer larger than any reply line, so
+                // a reply and the FIN behind it take one read each.
                 let mut got = Vec::new();
-                match s.read_to_end(&mut got).await {
+                let mut buf = [0u8; 1024];
+                let read = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) => break Err(e),
+                    }
+                };
+                match read {
                     Ok(_) if got.starts_with(b"421 ") && got.ends_with(b"\r\n") => c.lines += 1,
                     Ok(_) if got.is_empty() => c.silent += 1,
                     Err(_) if got.is_empty() => c.resets += 1,
