@@ -22,7 +22,6 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::backends::Pool;
@@ -590,8 +589,7 @@ impl Door {
                 return;
             }
         };
-        let span = tracing::info_span!("conn", src = %peer.ip().to_canonical(), port = peer.port());
-        sessions.spawn(gate.clone().run(stream, peer, start).instrument(span));
+        sessions.spawn(gate.clone().run(stream, peer, start));
     }
 }
 

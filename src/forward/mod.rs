@@ -20,6 +20,7 @@ use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use metrics::Counter;
@@ -74,6 +75,8 @@ pub struct Report {
     pub backend_to_client: u64,
     /// Of those bytes, how many went through a pipe rather than userspace.
     pub spliced: u64,
+    /// From the start of forwarding to its end.
+    pub duration: Duration,
     pub end: End,
 }
 
@@ -112,6 +115,12 @@ impl<'a> Shared<'a> {
             spliced: AtomicU64::new(0),
             splice_failed: AtomicBool::new(false),
         }
+    }
+
+    /// When the session goes idle if no byte moves before then.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.start + last + idle
     }
 
     fn moved(&self, to: Side, n: usize) {
@@ -165,9 +174,10 @@ pub async fn forward(
     mode: &Mode,
     idle: Duration,
     traffic: &Traffic,
-    cancel: impl std::future::Future<Output = ()>,
+    cancel: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
 ) -> Report {
     let shared = Shared::new(traffic);
+    let mut cancel = cancel;
     let up = Flow {
         src: client,
         dst: backend,
@@ -182,18 +192,49 @@ pub async fn forward(
         shared: &shared,
         bulk: AtomicBool::new(false),
     };
-    let end = tokio::select! {
-        r = async { tokio::try_join!(pump(&up, mode), pump(&down, mode)) } => match r {
-            Ok(_) => End::Closed,
-            Err((side, e)) => End::Fault(side, e),
-        },
-        () = idle_watch(&shared, idle) => End::Idle,
-        () = cancel => End::Cancelled,
-    };
+    let mut up_pump = std::pin::pin!(pump(&up, mode));
+    let mut down_pump = std::pin::pin!(pump(&down, mode));
+    let (mut up_done, mut down_done) = (false, false);
+    // One timer, re-armed in place when it fires early because bytes moved meanwhile, so
+    // moving bytes never touches the timer.
+    let mut timer = std::pin::pin!(tokio::time::sleep(idle));
+    // Hand-written rather than select! and try_join!: each future is kept once, pinned where
+    // it is, which keeps every idle session's state small.
+    let end = std::future::poll_fn(|cx| {
+        if cancel.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Cancelled);
+        }
+        for (pump, done) in [
+            (up_pump.as_mut(), &mut up_done),
+            (down_pump.as_mut(), &mut down_done),
+        ] {
+            if *done {
+                continue;
+            }
+            match pump.poll(cx) {
+                Poll::Ready(Ok(())) => *done = true,
+                Poll::Ready(Err((side, e))) => return Poll::Ready(End::Fault(side, e)),
+                Poll::Pending => {}
+            }
+        }
+        if up_done && down_done {
+            return Poll::Ready(End::Closed);
+        }
+        loop {
+            std::task::ready!(timer.as_mut().poll(cx));
+            let deadline = shared.idle_deadline(idle);
+            if Instant::now() >= deadline {
+                return Poll::Ready(End::Idle);
+            }
+            timer.as_mut().reset(deadline);
+        }
+    })
+    .await;
     Report {
         client_to_backend: shared.c2b.load(Ordering::Relaxed),
         backend_to_client: shared.b2c.load(Ordering::Relaxed),
         spliced: shared.spliced.load(Ordering::Relaxed),
+        duration: shared.start.elapsed(),
         end,
     }
 }
@@ -206,49 +247,67 @@ pub async fn forward(
 async fn pump(flow: &Flow<'_>, mode: &Mode) -> Result<(), (Side, io::Error)> {
     loop {
         read_ready(flow.src).await.map_err(|e| (flow.from(), e))?;
-        if !flow.bulk.load(Ordering::Relaxed) {
-            match copy::first_read(flow)? {
-                copy::First::Eof => return flow.finish(),
-                copy::First::Drained { rest } => {
-                    if !rest.is_empty() {
-                        Box::pin(copy::write_rest(flow, rest)).await?;
-                    }
-                    continue;
-                }
-                copy::First::Full { rest } => {
-                    if !rest.is_empty() {
-                        Box::pin(copy::write_rest(flow, rest)).await?;
-                    }
-                }
-            }
-        }
-        let (end, moved) = match mode {
-            Mode::Copy => Box::pin(copy::burst(flow)).await?,
-            #[cfg(target_os = "linux")]
-            Mode::Splice(pool) => Box::pin(splice::burst(flow, pool)).await?,
+        // The common case ends here, without a further await: a short read written whole.
+        // Anything else continues in one boxed step. Built in this one expression, so that no
+        // local of it is kept in the pump's state across the await below.
+        let step = match first_step(flow)? {
+            Step::Done => continue,
+            Step::Eof => return flow.finish(),
+            Step::More(rest) => Box::pin(slow_step(flow, mode, rest)),
         };
-        flow.bulk.store(moved >= copy::SMALL, Ordering::Relaxed);
-        if let copy::Burst::Eof = end {
+        if let copy::Burst::Eof = step.await? {
             return flow.finish();
         }
     }
 }
 
-/// Resolves once no byte has moved for `idle`. One timer, re-armed in place when it fires
-/// early because bytes moved meanwhile, so moving bytes never touches the timer.
-async fn idle_watch(shared: &Shared<'_>, idle: Duration) {
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    std::future::poll_fn(|cx| loop {
-        std::task::ready!(timer.as_mut().poll(cx));
-        let last = Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
-        let deadline = shared.start + last + idle;
-        if Instant::now() >= deadline {
-            return std::task::Poll::Ready(());
-        }
-        timer.as_mut().reset(deadline);
+/// What a direction does after its source became readable.
+enum Step {
+    /// Moved everything there was; wait for readiness again.
+    Done,
+    /// The source sent FIN.
+    Eof,
+    /// Bytes the destination could not take yet, and possibly a bulk burst to run.
+    More(copy::First),
+}
+
+/// The first, synchronous part of a burst: the small read, unless the direction is in bulk.
+fn first_step(flow: &Flow<'_>) -> Result<Step, (Side, io::Error)> {
+    if flow.bulk.load(Ordering::Relaxed) {
+        return Ok(Step::More(copy::First::Full { rest: Vec::new() }));
+    }
+    Ok(match copy::first_read(flow)? {
+        copy::First::Eof => Step::Eof,
+        copy::First::Drained { rest } if rest.is_empty() => Step::Done,
+        first => Step::More(first),
     })
-    .await
+}
+
+/// The rest of a burst that could not finish at once: write what is pending, then, after a
+/// full first read, move the bulk behind it.
+async fn slow_step(
+    flow: &Flow<'_>,
+    mode: &Mode,
+    first: copy::First,
+) -> Result<copy::Burst, (Side, io::Error)> {
+    let (rest, bulk) = match first {
+        copy::First::Eof => return Ok(copy::Burst::Eof),
+        copy::First::Drained { rest } => (rest, false),
+        copy::First::Full { rest } => (rest, true),
+    };
+    if !rest.is_empty() {
+        copy::write_rest(flow, rest).await?;
+    }
+    if !bulk {
+        return Ok(copy::Burst::Drained);
+    }
+    let (end, moved) = match mode {
+        Mode::Copy => copy::burst(flow).await?,
+        #[cfg(target_os = "linux")]
+        Mode::Splice(pool) => splice::burst(flow, pool).await?,
+    };
+    flow.bulk.store(moved >= copy::SMALL, Ordering::Relaxed);
+    Ok(end)
 }
 
 /// Waits until `s` may have bytes to read. Uses the socket's own reader waker slot instead of a
@@ -312,11 +371,12 @@ mod tests {
         #[cfg(not(target_os = "linux"))]
         let mode = Mode::Copy;
         let pump_size = std::mem::size_of_val(&pump(&flow, &mode));
-        assert!(pump_size <= 160, "a pump's state is {pump_size} bytes");
+        assert!(pump_size <= 64, "a pump's state is {pump_size} bytes");
         let token = tokio_util::sync::CancellationToken::new();
         let idle = Duration::from_secs(1);
-        let whole = forward(&a, &b, &mode, idle, &traffic, token.cancelled());
+        let cancel = std::pin::pin!(token.cancelled());
+        let whole = forward(&a, &b, &mode, idle, &traffic, cancel);
         let size = std::mem::size_of_val(&whole);
-        assert!(size <= 900, "a session's forwarding state is {size} bytes");
+        assert!(size <= 560, "a session's forwarding state is {size} bytes");
     }
 }
