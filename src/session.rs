@@ -240,15 +240,13 @@ impl Gate {
         self.metrics
             .session_duration_seconds
             .record(elapsed.as_secs_f64());
-        // Asked of the kernel only now, rather than kept for the session's whole life.
-        let peer = ready.client.peer_addr().ok();
         let error = match &report.end {
             forward::End::Fault(_, e) => Some(e.to_string()),
             _ => None,
         };
         tracing::info!(
-            src = peer.map(|p| p.ip().to_canonical().to_string()),
-            port = peer.map(|p| p.port()),
+            src = %ready.peer.ip().to_canonical(),
+            port = ready.peer.port(),
             source = %display_source(&ready.guard.source()),
             backend = %ready.lease.member.label,
             duration_ms = elapsed.as_millis() as u64,
@@ -330,6 +328,7 @@ impl Gate {
             backend,
             guard,
             lease,
+            peer: origin.client,
         })
     }
 }
@@ -389,6 +388,8 @@ struct Ready {
     backend: TcpStream,
     guard: Guard,
     lease: Lease,
+    /// The client: the connection's peer, or what a trusted upstream's header says it is.
+    peer: SocketAddr,
 }
 
 /// Who a connection is from and to: the peer and our address, or what a trusted upstream's

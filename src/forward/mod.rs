@@ -200,7 +200,9 @@ pub async fn forward(
     let mut timer = std::pin::pin!(tokio::time::sleep(idle));
     // Hand-written rather than select! and try_join!: each future is kept once, pinned where
     // it is, which keeps every idle session's state small.
-    let end = std::future::poll_fn(|cx| {
+    // The closure owns the pins and flags rather than borrowing each: one word apiece.
+    let shared_ref = &shared;
+    let end = std::future::poll_fn(move |cx| {
         if cancel.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Cancelled);
         }
@@ -222,7 +224,7 @@ pub async fn forward(
         }
         loop {
             std::task::ready!(timer.as_mut().poll(cx));
-            let deadline = shared.idle_deadline(idle);
+            let deadline = shared_ref.idle_deadline(idle);
             if Instant::now() >= deadline {
                 return Poll::Ready(End::Idle);
             }
