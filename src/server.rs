@@ -141,6 +141,9 @@ pub async fn start_with(
     };
     for l in &listeners {
         l.set_nonblocking(true)?;
+        // Replies and commands are small writes that must go out at once. Set here, on the
+        // listening socket, Linux gives it to every accepted connection: no call per session.
+        socket2::SockRef::from(l).set_tcp_nodelay(true)?;
     }
     let listen_addrs = listeners
         .iter()

@@ -270,6 +270,8 @@ impl Gate {
         live: Arc<Live>,
         started: Instant,
     ) -> Option<Ready> {
+        // On Linux the client's socket has TCP_NODELAY from its listener already.
+        #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
         let ip = origin.client.ip().to_canonical();
         let config = &live.config;

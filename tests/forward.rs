@@ -243,3 +243,47 @@ async fn idle_sessions_are_closed_but_active_ones_are_not() {
         eventually("slot freed", || mx.admission().active() == 0).await;
     }
 }
+
+/// Finds, among this process's descriptors, the TCP socket whose peer is `peer` and whose own
+/// address is `local`, and says whether it has TCP_NODELAY. The server runs in-process, so its
+/// sockets are ours to inspect.
+fn nodelay_of(local: SocketAddr, peer: SocketAddr) -> Option<bool> {
+    use std::os::fd::BorrowedFd;
+    for entry in std::fs::read_dir("/proc/self/fd").ok()? {
+        let Ok(fd) = entry.ok()?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is only borrowed for these calls, and the sockets it could
+        // be stay open while the session does; a stale number just fails to match.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let s = socket2::SockRef::from(&fd);
+        let addrs = (s.local_addr(), s.peer_addr());
+        if let (Ok(l), Ok(p)) = addrs {
+            if l.as_socket() == Some(local) && p.as_socket() == Some(peer) {
+                return s.tcp_nodelay().ok();
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_legs_of_a_session_have_nodelay() {
+    // Replies and commands are small writes: Nagle would hold one back for an ACK.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = l.local_addr().unwrap();
+    let mx = start(config_mode(backend_addr, Forwarding::Auto)).await;
+    let client = connect_from("127.0.0.2", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    let (backend_side, mx_addr) = l.accept().await.unwrap();
+    let client_leg = nodelay_of(client.peer_addr().unwrap(), client.local_addr().unwrap());
+    let backend_leg = nodelay_of(mx_addr, backend_addr);
+    assert_eq!(client_leg, Some(true), "mxgate's socket toward the client");
+    assert_eq!(
+        backend_leg,
+        Some(true),
+        "mxgate's socket toward the backend"
+    );
+    drop((client, backend_side));
+}
