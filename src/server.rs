@@ -253,6 +253,11 @@ impl Running {
         self.metrics_addr
     }
 
+    /// Refused connections lingering right now (answered, waiting for the client's FIN).
+    pub fn lingering(&self) -> usize {
+        crate::reply::MAX_LINGERING - self.gate.closer.bound().available_permits()
+    }
+
     /// The admission controller, for its counts.
     pub fn admission(&self) -> &Admission {
         &self.gate.admission
@@ -448,6 +453,8 @@ fn kept_on_reload(old: &Config, new: &Config) -> Vec<&'static str> {
 
 /// How many connections one turn of an accept loop takes before it looks at its other work.
 const ACCEPT_BATCH: usize = 64;
+/// How often, in accepted connections, a busy accept loop looks at its lingering refusals.
+const LINGER_EVERY: usize = 16;
 
 /// One worker's accept loop on one listener.
 struct AcceptLoop {
@@ -495,8 +502,11 @@ impl AcceptLoop {
             let accepted = tokio::select! {
                 biased;
                 () = &mut stopped => return,
-                r = listener.async_io(Interest::READABLE, listener::accept_raw) => r,
+                // Before accepting: under a flood the listener is always ready, and lingering
+                // clients whose FIN is never read would fill the set until every refusal is
+                // closed at once.
                 () = door.turn() => continue,
+                r = listener.async_io(Interest::READABLE, listener::accept_raw) => r,
                 _ = alive.tick() => continue,
             };
             // Take what is queued, up to a batch, before looking at anything else.
@@ -519,6 +529,9 @@ impl AcceptLoop {
                     }
                 }
                 taken += 1;
+                if taken % LINGER_EVERY == 0 {
+                    door.reap();
+                }
                 if taken < ACCEPT_BATCH {
                     next = match listener.try_io(Interest::READABLE, listener::accept_raw) {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -544,6 +557,12 @@ impl Door {
             #[cfg(target_os = "linux")]
             lingerer: crate::linger::Lingerer::new(gate.closer.bound())?,
         })
+    }
+
+    /// The refusal set's work that is ready now, without waiting.
+    fn reap(&mut self) {
+        #[cfg(target_os = "linux")]
+        self.lingerer.reap();
     }
 
     /// The refusal set's own work; pending for ever where there is none.
