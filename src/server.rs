@@ -1,13 +1,15 @@
-//! The server: binding, accept loops, reload and shutdown.
+//! The server: binding, worker threads, accept loops, reload and shutdown.
 //!
-//! [`start`] binds everything (or adopts inherited listeners) and returns a [`Running`] handle;
-//! tests use it to run the real server in-process on port 0. The accept loops only accept and
-//! spawn: admission and everything after happen in the connection's task ([`crate::session`]).
+//! [`start`] binds everything (or adopts inherited listeners), starts the worker threads and
+//! returns a [`Running`] handle; tests use it to run the real server in-process on port 0.
+//! Every worker runs an accept loop on every listener. An accept loop decides admission (it
+//! needs no I/O, unless a PROXY header must be read first), answers a one-line refusal itself
+//! (`linger`), and gives every other connection its own task ([`crate::session`]).
 //!
 //! A reload swaps the policy, replies, backend and timeouts for new connections at once.
 //! Sessions already forwarding are never cut and keep their slots. Settings that would need new
-//! sockets or a new forwarder (listen, metrics, forwarding, pipe_size, threads, log_format) are kept as
-//! they are, with a warning naming each.
+//! sockets, threads or a new forwarder (listen, metrics, forwarding, pipe_size, threads,
+//! log_format) are kept as they are, with a warning naming each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,8 +1,9 @@
 //! The life of one client connection: admission, then either mxgate's own answer or a backend
 //! connection and forwarding until the session ends.
 //!
-//! Everything here runs in the connection's own task, never in the accept loop. The settings a
-//! reload may change live in [`Live`], swapped whole; a session reads them once when it starts.
+//! [`Gate::triage`] runs in the accept loop and never waits; everything else here runs in the
+//! connection's own task, on the worker thread that accepted it. The settings a reload may
+//! change live in [`Live`], swapped whole; a session reads them once when it starts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};

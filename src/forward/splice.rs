@@ -1,8 +1,8 @@
 //! The zero-copy forwarder for Linux: socket → pipe → socket with splice(2).
 //!
-//! Only bulk is spliced. Every burst starts with one userspace read of at most
-//! [`SMALL`](super::copy::SMALL) bytes (see [`super::copy`] for why that is cheaper for SMTP's
-//! commands and replies); when that read fills up, the rest of the burst goes through a pipe.
+//! Only bulk is spliced. Every burst starts with one userspace read of at most 16 KiB (the
+//! `copy` module says why that is cheaper for SMTP's commands and replies); when that read
+//! fills up, the rest of the burst goes through a pipe.
 //! A direction whose last burst was bulk starts its next burst in the pipe straight away.
 //!
 //! Rules this module keeps, each learnt from other proxies' bugs:
