@@ -4,7 +4,7 @@
 //! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
 //! hands the socket to its [`Lingerer`]: a small level-triggered epoll set of its own, in which
 //! the socket waits for the client's FIN, read and discarded for at most
-//! [`LINGER_TIME`](crate::reply::LINGER_TIME) and [`LINGER_BYTES`](crate::reply::LINGER_BYTES),
+//! [`LINGER_TIME`] and [`LINGER_BYTES`],
 //! exactly as [`crate::reply`] describes. Closing the socket removes it from the set; a
 //! refusal costs accept, send, shutdown, one `epoll_ctl`, one read and the close.
 //!
