@@ -3,9 +3,8 @@
 //! Most refused connections need nothing but their one reply line and a clean close, and a
 //! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
 //! hands the socket to its [`Lingerer`]: a small level-triggered epoll set of its own, in which
-//! the socket waits for the client's FIN, read and discarded for at most
-//! [`LINGER_TIME`] and [`LINGER_BYTES`],
-//! exactly as [`crate::reply`] describes. Closing the socket removes it from the set; a
+//! the socket waits for the client's FIN, read and discarded for at most [`LINGER_TIME`] and
+//! [`LINGER_BYTES`], exactly as [`crate::reply`] describes. Closing the socket removes it from the set; a
 //! refusal costs accept, send, shutdown, one `epoll_ctl`, one read and the close.
 //!
 //! The line is sent with `MSG_MORE` and the half-close follows at once, so the kernel puts the
