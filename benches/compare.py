@@ -286,6 +286,20 @@ def measure_reject(t):
     return netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS)
 
 
+def run_each(label, builders, how):
+    """Starts each target in turn, measures it with `how`, stops it; results by name."""
+    out = {}
+    for name, build in builders:
+        print(f"== {label}{name}", file=sys.stderr)
+        t = build()
+        try:
+            out[name] = how(t)
+        finally:
+            t.stop()
+        print(json.dumps(out[name]), file=sys.stderr)
+    return out
+
+
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("compare: stopped"))
     for tool in ("haproxy", "nginx", "iperf3", "smtp-sink", "smtp-source"):
@@ -308,27 +322,13 @@ def main():
             ("haproxy", lambda: haproxy_target(sink_port, iperf_port, greet_port)),
             ("nginx", lambda: nginx_target(sink_port, iperf_port, greet_port)),
         ]
-        for name, build in builders:
-            print(f"== {name}", file=sys.stderr)
-            t = build()
-            try:
-                results[name] = measure(t)
-            finally:
-                t.stop()
-            print(json.dumps(results[name]), file=sys.stderr)
+        results = run_each("", builders, measure)
         reject_builders = [
             ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port, greet_port, True)),
             ("haproxy", lambda: haproxy_target(sink_port, iperf_port, greet_port, True)),
             ("nginx", lambda: nginx_target(sink_port, iperf_port, greet_port, True)),
         ]
-        for name, build in reject_builders:
-            print(f"== reject {name}", file=sys.stderr)
-            t = build()
-            try:
-                rejects[name] = measure_reject(t)
-            finally:
-                t.stop()
-            print(json.dumps(rejects[name]), file=sys.stderr)
+        rejects = run_each("reject ", reject_builders, measure_reject)
     finally:
         sink.kill()
         iperf_srv.kill()

@@ -183,9 +183,7 @@ impl Lingerer {
                 Vec::new()
             }
         };
-        for fd in fired {
-            self.read_from(fd);
-        }
+        self.take(fired);
     }
 
     /// Handles what is ready now, without waiting: called by the accept loop between batches,
@@ -194,23 +192,17 @@ impl Lingerer {
         if self.open.is_empty() {
             return;
         }
-        loop {
-            let fired = wait_events(self.epoll.get_ref().as_raw_fd());
-            let more = fired.len() == EVENTS;
-            for fd in fired {
-                self.read_from(fd);
-            }
-            if !more {
-                break;
-            }
+        while self.take(wait_events(self.epoll.get_ref().as_raw_fd())) {}
+        self.expire();
+    }
+
+    /// Handles the sockets `fired` names; returns whether there may be more (a full batch).
+    fn take(&mut self, fired: Vec<RawFd>) -> bool {
+        let more = fired.len() == EVENTS;
+        for fd in fired {
+            self.read_from(fd);
         }
-        if self
-            .deadlines
-            .front()
-            .is_some_and(|d| d.0 <= Instant::now())
-        {
-            self.expire();
-        }
+        more
     }
 
     /// Reads and discards what a lingering client sent; closes at its end or past the cap.

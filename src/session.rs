@@ -60,8 +60,8 @@ pub enum Triage {
 
 /// Where a connection's task starts.
 pub enum Start {
-    /// From the beginning: a trusted upstream's PROXY header has to be read first.
-    Fresh,
+    /// Admission waits for a trusted upstream's PROXY header, which has to be read first.
+    AfterHeader(Arc<Live>),
     /// Admitted by the accept loop.
     Admitted(Guard, Arc<Live>),
     /// Refused with more than a line: the denied client's dialogue, or a line that has to
@@ -80,19 +80,29 @@ impl Gate {
             return Triage::Refuse(RejectReason::Draining, live);
         }
         if !live.config.accept_proxy_protocol.is_empty() {
-            return Triage::Task(Start::Fresh);
+            return Triage::Task(Start::AfterHeader(live));
         }
+        match self.admit(ip, &live) {
+            Ok(guard) => Triage::Task(Start::Admitted(guard, live)),
+            Err(RejectReason::Denied) => Triage::Task(Start::Refused(RejectReason::Denied, live)),
+            Err(reason) => Triage::Refuse(reason, live),
+        }
+    }
+
+    /// Admission for `ip`, with the dry run's would-be refusal or the refusal counted.
+    fn admit(&self, ip: IpAddr, live: &Live) -> Result<Guard, RejectReason> {
         match self.admission.admit(&live.policy, ip) {
             Ok(admitted) => {
-                self.note_dry_run(admitted.would_reject, ip, &live);
-                Triage::Task(Start::Admitted(admitted.guard, live))
+                if let Some(r) = admitted.would_reject {
+                    self.metrics.rejected_dry_run(r).increment(1);
+                    self.summary
+                        .record_dry_run(r, live.policy.default.source_key(ip));
+                }
+                Ok(admitted.guard)
             }
             Err(reason) => {
-                self.count_refusal(reason, ip, &live);
-                match reason {
-                    RejectReason::Denied => Triage::Task(Start::Refused(reason, live)),
-                    _ => Triage::Refuse(reason, live),
-                }
+                self.count_refusal(reason, ip, live);
+                Err(reason)
             }
         }
     }
@@ -144,7 +154,7 @@ impl Gate {
         start: Start,
     ) -> Option<Ready> {
         match start {
-            Start::Fresh => self.handle(client, peer).await,
+            Start::AfterHeader(live) => self.after_header(client, peer, live).await,
             Start::Admitted(guard, live) => {
                 let origin = Origin {
                     client: peer,
@@ -161,14 +171,6 @@ impl Gate {
         }
     }
 
-    fn note_dry_run(&self, would_reject: Option<RejectReason>, ip: IpAddr, live: &Live) {
-        if let Some(r) = would_reject {
-            self.metrics.rejected_dry_run(r).increment(1);
-            self.summary
-                .record_dry_run(r, live.policy.default.source_key(ip));
-        }
-    }
-
     /// Counts a refusal in the metrics and the periodic summary.
     fn count_refusal(&self, reason: RejectReason, ip: IpAddr, live: &Live) {
         self.metrics.rejected(reason).increment(1);
@@ -176,40 +178,31 @@ impl Gate {
             .record(reason, live.policy.classify(ip).rule.source_key(ip));
     }
 
-    /// A connection whose admission waits for a trusted upstream's PROXY header.
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) -> Option<Ready> {
-        let live = self.live.load_full();
-        if self.draining.load(Ordering::Acquire) {
-            let ip = peer.ip().to_canonical();
-            self.reject(client, RejectReason::Draining, ip, &live).await;
-            return None;
-        }
-        let mut origin = Origin {
-            client: peer,
-            server: None,
-            early: Vec::new(),
-        };
-        if !live.config.accept_proxy_protocol.is_empty() {
-            match upstream_header(&mut client, peer, &live.config).await {
-                Ok(o) => origin = o,
-                Err(e) => {
-                    tracing::debug!(error = %e, "refused a PROXY protocol header");
-                    let ip = peer.ip().to_canonical();
-                    self.reject(client, RejectReason::BadProxyHeader, ip, &live)
-                        .await;
-                    return None;
-                }
+    /// A connection from a load balancer that must be trusted and send a PROXY header: the
+    /// header first, then admission of the client it names.
+    async fn after_header(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        live: Arc<Live>,
+    ) -> Option<Ready> {
+        let origin = match upstream_header(&mut client, peer, &live.config).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(error = %e, "refused a PROXY protocol header");
+                let ip = peer.ip().to_canonical();
+                self.reject(client, RejectReason::BadProxyHeader, ip, &live)
+                    .await;
+                return None;
             }
-        }
-        let ip = origin.client.ip().to_canonical();
-        match self.admission.admit(&live.policy, ip) {
-            Ok(admitted) => {
-                self.note_dry_run(admitted.would_reject, ip, &live);
-                self.prepare(client, admitted.guard, origin, live, Instant::now())
+        };
+        match self.admit(origin.client.ip().to_canonical(), &live) {
+            Ok(guard) => {
+                self.prepare(client, guard, origin, live, Instant::now())
                     .await
             }
             Err(reason) => {
-                self.reject(client, reason, ip, &live).await;
+                self.answer(client, reason, &live).await;
                 None
             }
         }

@@ -75,20 +75,14 @@ fn mxgate_load(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_output_is_one_object_with_every_field() {
-    let sink = Sink::start().await.unwrap();
-    let target = sink.addr.to_string();
+/// Runs `mxgate load --target TARGET ARGS... --json` off the runtime, requires success, and
+/// returns its standard output.
+async fn mxgate_load_json(target: String, args: &'static [&'static str]) -> String {
     let out = tokio::task::spawn_blocking(move || {
-        mxgate_load(&[
-            "--target",
-            &target,
-            "--sessions",
-            "50",
-            "--sources",
-            "127.0.7.0/24",
-            "--json",
-        ])
+        let mut all = vec!["--target", target.as_str()];
+        all.extend_from_slice(args);
+        all.push("--json");
+        mxgate_load(&all)
     })
     .await
     .unwrap();
@@ -97,7 +91,14 @@ async fn json_output_is_one_object_with_every_field() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_output_is_one_object_with_every_field() {
+    let sink = Sink::start().await.unwrap();
+    let target = sink.addr.to_string();
+    let text = mxgate_load_json(target, &["--sessions", "50", "--sources", "127.0.7.0/24"]).await;
     assert_eq!(
         text.trim().lines().count(),
         1,
@@ -128,27 +129,19 @@ async fn ramp_stops_at_the_knee_and_recommends_limits() {
     c.max_connections = 4;
     let mx = start(c).await;
     let target = mx.listen_addrs()[0].to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        mxgate_load(&[
-            "--target",
-            &target,
+    let text = mxgate_load_json(
+        target,
+        &[
             "--ramp",
             "2..12/2",
             "--sessions",
             "60",
             "--sources",
             "127.0.8.0/24",
-            "--json",
-        ])
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let knee = v["knee"]
         .as_u64()
         .expect("a knee below the end of the ramp");

@@ -291,16 +291,10 @@ async fn without_greeting_timeout_the_idle_timeout_ends_a_silent_backend() {
 /// A deterministic byte stream for session `id`, generated on the fly so that 64 × 8 MiB never
 /// sits in memory: the receiver recomputes the digest of what it expects.
 fn stream_chunk(seed: u64, offset: usize, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (offset as u64 / 8 + 1);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    random_bytes(
+        len,
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (offset as u64 / 8 + 1),
+    )
 }
 
 /// Sends `size` bytes of stream `seed` then FIN, while reading everything the other side sends;

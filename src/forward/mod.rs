@@ -255,7 +255,7 @@ async fn pump(flow: &Flow<'_>, mode: &Mode) -> Result<(), (Side, io::Error)> {
         let step = match first_step(flow)? {
             Step::Done => continue,
             Step::Eof => return flow.finish(),
-            Step::More(rest) => Box::pin(slow_step(flow, mode, rest)),
+            Step::More { rest, bulk } => Box::pin(slow_step(flow, mode, rest, bulk)),
         };
         if let copy::Burst::Eof = step.await? {
             return flow.finish();
@@ -269,19 +269,23 @@ enum Step {
     Done,
     /// The source sent FIN.
     Eof,
-    /// Bytes the destination could not take yet, and possibly a bulk burst to run.
-    More(copy::First),
+    /// Bytes the destination could not take yet, and, if `bulk`, a bulk burst to run.
+    More { rest: Vec<u8>, bulk: bool },
 }
 
 /// The first, synchronous part of a burst: the small read, unless the direction is in bulk.
 fn first_step(flow: &Flow<'_>) -> Result<Step, (Side, io::Error)> {
     if flow.bulk.load(Ordering::Relaxed) {
-        return Ok(Step::More(copy::First::Full { rest: Vec::new() }));
+        return Ok(Step::More {
+            rest: Vec::new(),
+            bulk: true,
+        });
     }
     Ok(match copy::first_read(flow)? {
         copy::First::Eof => Step::Eof,
         copy::First::Drained { rest } if rest.is_empty() => Step::Done,
-        first => Step::More(first),
+        copy::First::Drained { rest } => Step::More { rest, bulk: false },
+        copy::First::Full { rest } => Step::More { rest, bulk: true },
     })
 }
 
@@ -290,13 +294,9 @@ fn first_step(flow: &Flow<'_>) -> Result<Step, (Side, io::Error)> {
 async fn slow_step(
     flow: &Flow<'_>,
     mode: &Mode,
-    first: copy::First,
+    rest: Vec<u8>,
+    bulk: bool,
 ) -> Result<copy::Burst, (Side, io::Error)> {
-    let (rest, bulk) = match first {
-        copy::First::Eof => return Ok(copy::Burst::Eof),
-        copy::First::Drained { rest } => (rest, false),
-        copy::First::Full { rest } => (rest, true),
-    };
     if !rest.is_empty() {
         copy::write_rest(flow, rest).await?;
     }
