@@ -27,6 +27,9 @@ SMTP_MESSAGES = 2000 if QUICK else 20000
 LATENCY_SAMPLES = 1000 if QUICK else 5000
 REJECT_SECONDS = 2 if QUICK else 5
 HOLD_SESSIONS = 1000 if QUICK else 5000
+# Rounds of the whole set, targets taken in turn within each, so every ratio compares
+# neighbours in time; the report gives medians and the spread of the per-round ratios.
+ROUNDS = int(os.environ.get("ROUNDS") or (1 if QUICK else 3))
 TMP = tempfile.mkdtemp(prefix="mxgate-compare-")
 # Every proxy gets the same number of threads (workers for nginx): one per CPU by default.
 THREADS = int(os.environ.get("THREADS") or os.cpu_count())
@@ -38,7 +41,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=10.0):
+def wait_port(port, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -108,12 +111,17 @@ def cpu_seconds(pids):
     return total / tick
 
 
+# Targets whose processes are running, so a failed run still stops them all.
+LIVE = []
+
+
 class Target:
     """One way to reach the backends: directly, or through a proxy."""
 
     def __init__(self, name):
         self.name = name
         self.procs = []
+        LIVE.append(self)
         self.smtp_port = None
         self.iperf_port = None
         self.hold_port = None
@@ -132,6 +140,8 @@ class Target:
                 p.kill()
             p.wait()
         self.procs = []
+        if self in LIVE:
+            LIVE.remove(self)
 
 
 def mxgate_target(name, mode, smtp, iperf, greet, reject=False):
@@ -232,11 +242,24 @@ def direct_target(smtp, iperf, greet):
 
 
 def iperf(port, streams, pids):
-    cpu0 = cpu_seconds(pids)
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(IPERF_SECONDS),
-                          "-P", str(streams), "-J"], capture_output=True, text=True, timeout=120)
-    cpu = cpu_seconds(pids) - cpu0
-    end = json.loads(out.stdout)["end"]["sum_received"]
+    # iperf3's server runs one test at a time and may still be closing the last one ("the
+    # server is busy"): try again a few times, then give up with its own words.
+    for attempt in range(4):
+        cpu0 = cpu_seconds(pids)
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(IPERF_SECONDS),
+                              "-P", str(streams), "-J"], capture_output=True, text=True, timeout=120)
+        cpu = cpu_seconds(pids) - cpu0
+        report = None
+        try:
+            report = json.loads(out.stdout)
+            end = report["end"]["sum_received"]
+            break
+        except (ValueError, KeyError):
+            error = (report.get("error") if isinstance(report, dict) else None) or out.stderr.strip()
+            print(f"iperf3 failed ({error}); trying again", file=sys.stderr)
+            time.sleep(0.5 * 2**attempt)
+    else:
+        raise RuntimeError(f"iperf3 kept failing: {error}")
     gib = end["bytes"] / 2**30
     return end["bits_per_second"] / 1e9, (cpu / gib if pids and gib else None)
 
@@ -305,118 +328,222 @@ def main():
     for tool in ("haproxy", "nginx", "iperf3", "smtp-sink", "smtp-source"):
         if not shutil.which(tool):
             sys.exit(f"compare: {tool} is not installed (see benches/compare.sh)")
-    sink_port, iperf_port = free_port(), free_port()
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    sink = spawn(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"])
-    iperf_srv = spawn(["iperf3", "-s", "-p", str(iperf_port)])
-    greeter = subprocess.Popen([NETLOAD, "greet", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    greet_port = int(greeter.stdout.readline())
-    wait_port(sink_port)
-    wait_port(iperf_port)
-    results, rejects = {}, {}
+    helpers = []
+    rounds = []
     try:
+        sink_port, iperf_port = free_port(), free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        helpers.append(spawn(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"]))
+        helpers.append(spawn(["iperf3", "-s", "-p", str(iperf_port)]))
+        greeter = subprocess.Popen([NETLOAD, "greet", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+        helpers.append(greeter)
+        greet_port = int(greeter.stdout.readline())
+        wait_port(sink_port)
+        wait_port(iperf_port)
+        ports = (sink_port, iperf_port, greet_port)
         builders = [
-            ("direct", lambda: direct_target(sink_port, iperf_port, greet_port)),
-            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port, greet_port)),
-            ("mxgate-copy", lambda: mxgate_target("mxgate-copy", "copy", sink_port, iperf_port, greet_port)),
-            ("haproxy", lambda: haproxy_target(sink_port, iperf_port, greet_port)),
-            ("nginx", lambda: nginx_target(sink_port, iperf_port, greet_port)),
+            ("direct", lambda: direct_target(*ports)),
+            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", *ports)),
+            ("mxgate-copy", lambda: mxgate_target("mxgate-copy", "copy", *ports)),
+            ("haproxy", lambda: haproxy_target(*ports)),
+            ("nginx", lambda: nginx_target(*ports)),
         ]
-        results = run_each("", builders, measure)
         reject_builders = [
-            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", sink_port, iperf_port, greet_port, True)),
-            ("haproxy", lambda: haproxy_target(sink_port, iperf_port, greet_port, True)),
-            ("nginx", lambda: nginx_target(sink_port, iperf_port, greet_port, True)),
+            ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", *ports, True)),
+            ("haproxy", lambda: haproxy_target(*ports, True)),
+            ("nginx", lambda: nginx_target(*ports, True)),
         ]
-        rejects = run_each("reject ", reject_builders, measure_reject)
+        for r in range(ROUNDS):
+            # A different target goes first each round, so none always runs on a cold machine.
+            turn = lambda b: b[r % len(b):] + b[:r % len(b)]
+            results = run_each(f"round {r + 1}/{ROUNDS}: ", turn(builders), measure)
+            rejects = run_each(f"round {r + 1}/{ROUNDS}: reject ", turn(reject_builders), measure_reject)
+            rounds.append((results, rejects))
     finally:
-        sink.kill()
-        iperf_srv.kill()
-        greeter.kill()
+        for t in list(LIVE):
+            t.stop()
+        for p in helpers:
+            p.kill()
+            p.wait()
         shutil.rmtree(TMP, ignore_errors=True)
-    write_report(results, rejects)
+    write_report(rounds)
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b else "–"
 
 
-def write_report(results, rejects):
-    rows = [
-        ("bulk throughput, 1 stream (Gbit/s)", "iperf1_gbps", True),
-        ("bulk throughput, 4 streams (Gbit/s)", "iperf4_gbps", True),
-        ("SMTP sessions/s (smtp-source -s 20 -l 1000)", "smtp_sessions_per_s", True),
-        ("connect→greeting p50 (µs)", "latency_p50_us", False),
-        ("connect→greeting p99 (µs)", "latency_p99_us", False),
-        ("RSS per idle session (KiB)", "idle_rss_kib", False),
-        ("fds per idle session", "idle_fds", False),
-        ("CPU seconds per GiB forwarded", "cpu_s_per_gib", False),
-    ]
-    names = list(results)
-    fmt = lambda v: "–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+class Spread:
+    """A ratio measured once per round: its median and its range."""
+
+    def __init__(self, values):
+        self.values = [v for v in values if v is not None]
+        self.median = median(self.values)
+
+    def __str__(self):
+        if self.median is None:
+            return "–"
+        if len(self.values) == 1:
+            return f"{self.median:.2f}"
+        return f"{self.median:.2f} ({min(self.values):.2f}–{max(self.values):.2f})"
+
+
+def per_round(rounds, f):
+    """f(results, rejects) for every round, as a Spread; None where f cannot say."""
+    out = []
+    for results, rejects in rounds:
+        try:
+            out.append(f(results, rejects))
+        except (KeyError, TypeError, ZeroDivisionError):
+            out.append(None)
+    return Spread(out)
+
+
+ROWS = [
+    ("bulk throughput, 1 stream (Gbit/s)", "iperf1_gbps"),
+    ("bulk throughput, 4 streams (Gbit/s)", "iperf4_gbps"),
+    ("SMTP sessions/s (smtp-source -s 20 -l 1000)", "smtp_sessions_per_s"),
+    ("connect→greeting p50 (µs)", "latency_p50_us"),
+    ("connect→greeting p99 (µs)", "latency_p99_us"),
+    ("RSS per idle session (KiB)", "idle_rss_kib"),
+    ("fds per idle session", "idle_fds"),
+    ("CPU seconds per GiB forwarded", "cpu_s_per_gib"),
+]
+
+
+def vs(key, a, b):
+    return lambda res, _: res[a][key] / res[b][key]
+
+
+def added(key, name):
+    return lambda res, _: res[name][key] - res["direct"][key]
+
+
+def reject_vs(a):
+    return lambda _, rej: rej[a]["per_second"] / rej["haproxy"]["per_second"]
+
+
+def fmt(v):
+    """Rates and microseconds as whole numbers, small figures to two places."""
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
+def verdict(ok):
+    return "–" if ok is None else ("yes" if ok else "**no**")
+
+
+def write_report(rounds):
+    names = list(rounds[0][0])
+    med = lambda name, key: median(res[name].get(key) for res, _ in rounds)
+    n = len(rounds)
     out = []
     out.append("# Benchmarks: mxgate beside HAProxy and nginx\n")
     out.append(f"Run on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, kernel "
                f"{platform.release()}, {os.cpu_count()} cores, by `benches/compare.sh`"
-               f"{' (QUICK=1)' if QUICK else ''}. All targets were measured in this one run, against "
-               "the same smtp-sink and iperf3 backends, with the same load generators, over loopback.\n")
+               f"{' (QUICK=1)' if QUICK else ''}. All targets were measured in this one run of "
+               f"{n} round{'s' if n > 1 else ''}, against the same smtp-sink and iperf3 backends, "
+               "with the same load generators, over loopback. Within a round every target is "
+               "measured in turn; a ratio is taken within each round, and the tables give the "
+               "median over the rounds with the lowest and highest round in brackets.\n")
     out.append("HAProxy " + subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()[2]
                + f" runs in TCP mode with `option splice-auto` and {THREADS} threads; nginx "
                + subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
                + f" runs `stream` with {THREADS} workers; mxgate runs {THREADS} worker threads.\n")
-    out.append("| measure | " + " | ".join(names) + " |")
+    out.append("| measure (median) | " + " | ".join(names) + " |")
     out.append("|---|" + "---|" * len(names))
-    for label, key, _ in rows:
-        out.append(f"| {label} | " + " | ".join(fmt(results[n].get(key)) for n in names) + " |")
-    out.append("\n## Ratios (mxgate-splice)\n")
-    out.append("| measure | vs direct | vs HAProxy | target |")
-    out.append("|---|---|---|---|")
-    m, h, d = results["mxgate-splice"], results["haproxy"], results["direct"]
-    targets = {
-        "iperf1_gbps": "≥ 1.3 × HAProxy", "iperf4_gbps": "≥ 1.3 × HAProxy",
-        "smtp_sessions_per_s": "≥ 1.2 × HAProxy", "latency_p50_us": "added latency ≤ HAProxy's",
-        "latency_p99_us": "added latency ≤ HAProxy's", "idle_rss_kib": "≤ 2 KiB",
-        "idle_fds": "exactly 2", "cpu_s_per_gib": "",
-    }
-    for label, key, _ in rows:
-        out.append(f"| {label} | {ratio(m.get(key), d.get(key))} | {ratio(m.get(key), h.get(key))} | {targets[key]} |")
-    added = lambda r, k: r[k] - d[k]
-    out.append(f"\nAdded connect→greeting latency over direct, p50/p99 µs: mxgate-splice "
-               f"{added(m, 'latency_p50_us')}/{added(m, 'latency_p99_us')}, HAProxy "
-               f"{added(h, 'latency_p50_us')}/{added(h, 'latency_p99_us')}, nginx "
-               f"{added(results['nginx'], 'latency_p50_us')}/{added(results['nginx'], 'latency_p99_us')}.\n")
+    for label, key in ROWS:
+        out.append(f"| {label} | " + " | ".join(fmt(med(nm, key)) for nm in names) + " |")
+
+    out.append("\n## Ratios and targets (mxgate-splice)\n")
+    out.append("| measure | vs direct | vs HAProxy | target | met |")
+    out.append("|---|---|---|---|---|")
+    spreads = {}
+    for label, key in ROWS:
+        to_h = per_round(rounds, vs(key, "mxgate-splice", "haproxy"))
+        to_d = per_round(rounds, vs(key, "mxgate-splice", "direct"))
+        spreads[key] = to_h
+        target, ok = "", None
+        if key in ("iperf1_gbps", "iperf4_gbps"):
+            target, ok = "≥ 1.3 × HAProxy", to_h.median is not None and to_h.median >= 1.3
+        elif key == "smtp_sessions_per_s":
+            target, ok = "≥ 1.2 × HAProxy", to_h.median is not None and to_h.median >= 1.2
+        elif key.startswith("latency"):
+            mine = per_round(rounds, added(key, "mxgate-splice")).median
+            theirs = per_round(rounds, added(key, "haproxy")).median
+            target, ok = "added latency ≤ HAProxy's", mine <= theirs
+        elif key == "idle_rss_kib":
+            target, ok = "≤ 2 KiB", med("mxgate-splice", key) <= 2.0
+        elif key == "idle_fds":
+            target = "exactly 2"
+            ok = all(abs(res["mxgate-splice"][key] - 2.0) < 0.005 for res, _ in rounds)
+        out.append(f"| {label} | {to_d} | {to_h} | {target} | {verdict(ok)} |")
+    reject = per_round(rounds, reject_vs("mxgate-splice"))
+    spreads["reject"] = reject
+    out.append(f"| turned away/s at a limit of 0 | – | {reject} | ≥ HAProxy's silent reject, "
+               f"with the full 421 | {verdict(reject.median is not None and reject.median >= 1.0)} |")
+    lat = lambda name, key: fmt(per_round(rounds, added(key, name)).median)
+    out.append("\nAdded connect→greeting latency over direct, p50/p99 µs (median): " + ", ".join(
+        f"{nm} {lat(nm, 'latency_p50_us')}/{lat(nm, 'latency_p99_us')}"
+        for nm in ("mxgate-splice", "mxgate-copy", "haproxy", "nginx")) + ".\n")
+
+    if n > 1:
+        out.append("\n### Each round, mxgate-splice ÷ HAProxy\n")
+        out.append("| round | 1 stream | 4 streams | SMTP sessions/s | p50 latency | turned away/s |")
+        out.append("|---|---|---|---|---|---|")
+        for i, (res, rej) in enumerate(rounds):
+            cells = [vs(k, "mxgate-splice", "haproxy")(res, rej) for k in
+                     ("iperf1_gbps", "iperf4_gbps", "smtp_sessions_per_s", "latency_p50_us")]
+            cells.append(reject_vs("mxgate-splice")(res, rej))
+            out.append(f"| {i + 1} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
     out.append("\n## Reject throughput at a limit of 0\n")
     out.append("32 concurrent clients connect and read to end of file for "
                f"{REJECT_SECONDS} s. mxgate must deliver a complete `421` line to every client; HAProxy "
                "(`tcp-request connection reject`) resets and nginx (`deny all`) closes silently. A connection "
-               "reset or refused during the handshake also counts as turned away.\n")
+               "reset or refused during the handshake also counts as turned away. The rate is the "
+               "median over the rounds; the counts are totals over all of them.\n")
     out.append("| target | turned away/s | complete 421 lines | silent closes | resets | refused at connect | other errors | vs HAProxy |")
     out.append("|---|---|---|---|---|---|---|---|")
-    for n, r in rejects.items():
-        out.append(f"| {n} | {r['per_second']} | {r['complete_421']} | {r['silent_close']} | {r['reset']} | "
-                   f"{r['refused_at_connect']} | {r['errors']} | {ratio(r['per_second'], rejects['haproxy']['per_second'])} |")
-        if r.get("first_error"):
-            out.append(f"\n{n}'s first other error: `{r['first_error']}`\n")
+    for nm in rounds[0][1]:
+        total = lambda k: sum(rej[nm][k] for _, rej in rounds)
+        rate = median(rej[nm]["per_second"] for _, rej in rounds)
+        out.append(f"| {nm} | {fmt(rate)} | {total('complete_421')} | {total('silent_close')} | {total('reset')} | "
+                   f"{total('refused_at_connect')} | {total('errors')} | {per_round(rounds, reject_vs(nm))} |")
+        for _, rej in rounds:
+            if rej[nm].get("first_error"):
+                out.append(f"\n{nm}'s first other error: `{rej[nm]['first_error']}`\n")
+                break
     out.append("\n![ratios to HAProxy](benchmarks.svg)\n")
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
         f.write("\n".join(out) + "\n")
-    write_svg(results, rejects)
+    write_svg(spreads)
     print("\n".join(out))
 
 
-def write_svg(results, rejects):
-    """A bar chart of mxgate-splice / HAProxy ratios; above 1 is better for every bar."""
-    m, h = results["mxgate-splice"], results["haproxy"]
+def write_svg(spreads):
+    """A bar chart of the median mxgate-splice / HAProxy ratios, with each round's range as a
+    whisker; above 1 is better for every bar."""
+    inverse = lambda sp: Spread([1 / v for v in sp.values if v])
     bars = [
-        ("1-stream throughput", m["iperf1_gbps"] / h["iperf1_gbps"]),
-        ("4-stream throughput", m["iperf4_gbps"] / h["iperf4_gbps"]),
-        ("SMTP sessions/s", m["smtp_sessions_per_s"] / h["smtp_sessions_per_s"]),
-        ("p50 latency (inverse)", h["latency_p50_us"] / max(m["latency_p50_us"], 1)),
-        ("p99 latency (inverse)", h["latency_p99_us"] / max(m["latency_p99_us"], 1)),
-        ("reject rate", rejects["mxgate-splice"]["per_second"] / max(rejects["haproxy"]["per_second"], 1)),
-        ("idle RSS (inverse)", h["idle_rss_kib"] / max(m["idle_rss_kib"], 0.01)),
-        ("CPU per GiB (inverse)", (h["cpu_s_per_gib"] or 0) / max(m["cpu_s_per_gib"] or 1, 1e-9)),
+        ("1-stream throughput", spreads["iperf1_gbps"]),
+        ("4-stream throughput", spreads["iperf4_gbps"]),
+        ("SMTP sessions/s", spreads["smtp_sessions_per_s"]),
+        ("p50 latency (inverse)", inverse(spreads["latency_p50_us"])),
+        ("p99 latency (inverse)", inverse(spreads["latency_p99_us"])),
+        ("reject rate", spreads["reject"]),
+        ("idle RSS (inverse)", inverse(spreads["idle_rss_kib"])),
+        ("CPU per GiB (inverse)", inverse(spreads["cpu_s_per_gib"])),
     ]
     width, bar_h, left, scale = 720, 28, 200, 160
     height = 60 + bar_h * len(bars)
@@ -424,13 +551,19 @@ def write_svg(results, rejects):
              '<text x="10" y="20" font-size="15">mxgate (splice) relative to HAProxy; 1.0 = equal, right is better</text>']
     x1 = left + scale
     parts.append(f'<line x1="{x1}" y1="30" x2="{x1}" y2="{height - 10}" stroke="#444" stroke-dasharray="4"/>')
-    for i, (label, v) in enumerate(bars):
+    for i, (label, sp) in enumerate(bars):
+        if sp.median is None:
+            continue
         y = 40 + i * bar_h
+        v = sp.median
         w = min(v, 3.0) * scale
         color = "#2a7" if v >= 1 else "#c54"
         parts.append(f'<text x="10" y="{y + 17}">{label}</text>')
         parts.append(f'<rect x="{left}" y="{y + 4}" width="{w:.1f}" height="{bar_h - 8}" fill="{color}"/>')
-        parts.append(f'<text x="{left + w + 6:.1f}" y="{y + 17}">{v:.2f}×</text>')
+        lo, hi = (left + min(x, 3.0) * scale for x in (min(sp.values), max(sp.values)))
+        if hi > lo:
+            parts.append(f'<line x1="{lo:.1f}" y1="{y + 14}" x2="{hi:.1f}" y2="{y + 14}" stroke="#222"/>')
+        parts.append(f'<text x="{max(left + w, hi) + 6:.1f}" y="{y + 17}">{v:.2f}×</text>')
     parts.append("</svg>")
     with open(os.path.join(ROOT, "docs/benchmarks.svg"), "w") as f:
         f.write("\n".join(parts) + "\n")

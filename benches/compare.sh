@@ -3,8 +3,9 @@
 # and load generators. Writes docs/benchmarks.md and docs/benchmarks.svg.
 #
 #   sudo apt-get install -y haproxy nginx libnginx-mod-stream iperf3 postfix
-#   benches/compare.sh            # full run, a few minutes
-#   QUICK=1 benches/compare.sh    # shorter run, for a smoke test
+#   benches/compare.sh            # full run: 3 rounds, about 15 minutes
+#   ROUNDS=5 benches/compare.sh   # more rounds, a tighter median
+#   QUICK=1 benches/compare.sh    # one short round, for a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n "$(ulimit -Hn)"
