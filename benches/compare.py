@@ -31,6 +31,8 @@ HOLD_SESSIONS = 1000 if QUICK else 5000
 # neighbours in time; the report gives medians and the spread of the per-round ratios.
 ROUNDS = int(os.environ.get("ROUNDS") or (1 if QUICK else 3))
 TMP = tempfile.mkdtemp(prefix="mxgate-compare-")
+# Every figure of the last run, so the report can be redrawn (`compare.py --report`).
+RAW = os.path.join(ROOT, "docs/benchmarks.json")
 # Every proxy gets the same number of threads (workers for nginx): one per CPU by default.
 THREADS = int(os.environ.get("THREADS") or os.cpu_count())
 
@@ -366,7 +368,21 @@ def main():
             p.kill()
             p.wait()
         shutil.rmtree(TMP, ignore_errors=True)
-    write_report(rounds)
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(),
+        "cores": os.cpu_count(),
+        "quick": QUICK,
+        "threads": THREADS,
+        "reject_seconds": REJECT_SECONDS,
+        "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()[2],
+        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1],
+    }
+    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+    with open(RAW, "w") as f:
+        json.dump({"meta": meta, "rounds": rounds}, f, indent=1)
+        f.write("\n")
+    write_report(rounds, meta)
 
 
 def median(values):
@@ -435,30 +451,29 @@ def fmt(v):
     """Rates and microseconds as whole numbers, small figures to two places."""
     if v is None:
         return "–"
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
 
 
 def verdict(ok):
     return "–" if ok is None else ("yes" if ok else "**no**")
 
 
-def write_report(rounds):
+def write_report(rounds, meta):
     names = list(rounds[0][0])
     med = lambda name, key: median(res[name].get(key) for res, _ in rounds)
     n = len(rounds)
     out = []
     out.append("# Benchmarks: mxgate beside HAProxy and nginx\n")
-    out.append(f"Run on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, kernel "
-               f"{platform.release()}, {os.cpu_count()} cores, by `benches/compare.sh`"
-               f"{' (QUICK=1)' if QUICK else ''}. All targets were measured in this one run of "
+    out.append(f"Run on {meta['date']}, kernel {meta['kernel']}, {meta['cores']} cores, by "
+               f"`benches/compare.sh`{' (QUICK=1)' if meta['quick'] else ''}. All targets were measured in this one run of "
                f"{n} round{'s' if n > 1 else ''}, against the same smtp-sink and iperf3 backends, "
                "with the same load generators, over loopback. Within a round every target is "
                "measured in turn; a ratio is taken within each round, and the tables give the "
                "median over the rounds with the lowest and highest round in brackets.\n")
-    out.append("HAProxy " + subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split()[2]
-               + f" runs in TCP mode with `option splice-auto` and {THREADS} threads; nginx "
-               + subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
-               + f" runs `stream` with {THREADS} workers; mxgate runs {THREADS} worker threads.\n")
+    threads = meta["threads"]
+    out.append(f"HAProxy {meta['haproxy']} runs in TCP mode with `option splice-auto` and {threads} "
+               f"threads; nginx {meta['nginx']} runs `stream` with {threads} workers; mxgate runs "
+               f"{threads} worker threads. Every figure is in `benchmarks.json`.\n")
     out.append("| measure (median) | " + " | ".join(names) + " |")
     out.append("|---|" + "---|" * len(names))
     for label, key in ROWS:
@@ -508,7 +523,7 @@ def write_report(rounds):
 
     out.append("\n## Reject throughput at a limit of 0\n")
     out.append("32 concurrent clients connect and read to end of file for "
-               f"{REJECT_SECONDS} s. mxgate must deliver a complete `421` line to every client; HAProxy "
+               f"{meta['reject_seconds']} s. mxgate must deliver a complete `421` line to every client; HAProxy "
                "(`tcp-request connection reject`) resets and nginx (`deny all`) closes silently. A connection "
                "reset or refused during the handshake also counts as turned away. The rate is the "
                "median over the rounds; the counts are totals over all of them.\n")
@@ -570,4 +585,9 @@ def write_svg(spreads):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--report"]:
+        with open(RAW) as f:
+            raw = json.load(f)
+        write_report(raw["rounds"], raw["meta"])
+    else:
+        main()
