@@ -1,7 +1,9 @@
 //! A small TCP load tool for `benches/compare.sh`. It measures what the comparison needs and
 //! prints one JSON object on stdout:
 //!
-//! - `latency TARGET COUNT`: sequential connect → first line, p50/p99 in µs.
+//! - `latency TARGET[,TARGET...] COUNT`: sequential connect → first line, p50/p99 in µs, COUNT
+//!   samples per target. Several targets are taken in turn, one connection each, so every one
+//!   of them sees the same moments of a noisy machine.
 //! - `reject TARGET CONCURRENCY SECONDS`: connections per second turned away; for each it reads
 //!   to EOF and counts complete 421 lines, silent closes and resets.
 //! - `hold TARGET COUNT`: opens COUNT sessions, reads each greeting, prints `ready`, and holds
@@ -40,13 +42,16 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i]
 }
 
-async fn latency(target: SocketAddr, count: usize) {
-    let mut samples = Vec::with_capacity(count);
-    for _ in 0..count {
+async fn latency(targets: &[SocketAddr], count: usize) {
+    let mut samples = vec![Vec::with_capacity(count); targets.len()];
+    for i in 0..count * targets.len() {
+        // Round-robin, starting each round one further on, so no target always follows the
+        // same one.
+        let which = (i + i / targets.len()) % targets.len();
         let t = Instant::now();
-        let mut s = TcpStream::connect(target).await.expect("connect");
+        let mut s = TcpStream::connect(targets[which]).await.expect("connect");
         let line = first_line(&mut s).await.expect("greeting");
-        samples.push(t.elapsed().as_micros() as u64);
+        samples[which].push(t.elapsed().as_micros() as u64);
         assert!(
             line.starts_with(b"220"),
             "{}",
@@ -54,13 +59,19 @@ async fn latency(target: SocketAddr, count: usize) {
         );
         let _ = s.write_all(b"QUIT\r\n").await;
     }
-    samples.sort_unstable();
-    println!(
-        "{{\"count\":{},\"p50_us\":{},\"p99_us\":{}}}",
-        samples.len(),
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99)
-    );
+    let results: Vec<String> = samples
+        .iter_mut()
+        .map(|s| {
+            s.sort_unstable();
+            format!(
+                "{{\"count\":{},\"p50_us\":{},\"p99_us\":{}}}",
+                s.len(),
+                percentile(s, 0.5),
+                percentile(s, 0.99)
+            )
+        })
+        .collect();
+    println!("{{\"targets\":[{}]}}", results.join(","));
 }
 
 async fn reject(target: SocketAddr, concurrency: usize, seconds: u64) {
@@ -204,14 +215,16 @@ async fn greet(listen: SocketAddr) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: netload latency|reject|hold TARGET ...";
-    let target: SocketAddr = args
+    let targets: Vec<SocketAddr> = args
         .get(1)
         .expect(usage)
-        .parse()
-        .expect("TARGET is IP:PORT");
+        .split(',')
+        .map(|t| t.parse().expect("TARGET is IP:PORT"))
+        .collect();
+    let target = targets[0];
     let num = |i: usize| -> u64 { args.get(i).expect(usage).parse().expect(usage) };
     match args[0].as_str() {
-        "latency" => latency(target, num(2) as usize).await,
+        "latency" => latency(&targets, num(2) as usize).await,
         "reject" => reject(target, num(2) as usize, num(3)).await,
         "hold" => hold(target, num(2) as usize).await,
         "greet" => greet(target).await,
