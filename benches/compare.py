@@ -410,10 +410,6 @@ def median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def ratio(a, b):
-    return f"{a / b:.2f}" if a is not None and b else "–"
-
-
 class Spread:
     """A ratio measured once per round: its median and its range."""
 

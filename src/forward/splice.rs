@@ -337,16 +337,11 @@ mod tests {
         assert!(pool.idle.lock().unwrap().is_empty());
     }
 
-    /// Bytes that differ at every offset, so a dropped, repeated or reordered chunk shows.
+    /// Each byte a hash of its offset and `seed`, so a dropped, repeated or reordered chunk
+    /// shows.
     fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
+        (0..len as u64)
+            .map(|i| ((i ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
             .collect()
     }
 
