@@ -131,12 +131,15 @@ impl Gate {
                 return;
             };
             let cancel = std::pin::pin!(self.cut.cancelled());
-            let idle = self.live.load().config.idle_timeout;
+            let timeouts = {
+                let live = self.live.load();
+                forward::Timeouts::new(live.config.idle_timeout, live.config.half_close_timeout)
+            };
             let report = forward::forward(
                 &ready.client,
                 &ready.backend,
                 &self.mode,
-                idle,
+                timeouts,
                 &self.traffic,
                 cancel,
             )

@@ -76,6 +76,7 @@ fn check_prints_the_effective_config_with_flags_applied() {
     assert!(text.contains("max_per_source = 7\n"), "{text}");
     assert!(text.contains("max_connections = 1000\n"), "{text}");
     assert!(text.contains("idle_timeout = \"10m\"\n"), "{text}");
+    assert!(text.contains("half_close_timeout = \"30s\"\n"), "{text}");
 }
 
 #[test]
@@ -186,6 +187,8 @@ fn every_key_wrong_in_turn_gives_one_clear_error() {
         ("metrics", "metrics = \"on\""),
         ("connect_timeout", "connect_timeout = \"5\""),
         ("idle_timeout", "idle_timeout = \"0s\""),
+        ("half_close_timeout", "half_close_timeout = \"0s\""),
+        ("half_close_timeout", "half_close_timeout = \"soon\""),
         (
             "backend_greeting_timeout",
             "backend_greeting_timeout = \"soon\"",

@@ -1,6 +1,6 @@
 //! Byte-exact forwarding, in both the copy and the splice forwarder: bulk transfers both ways at
 //! once with half-close in either order, 1-byte ping-pong, a slow reader, resets mid-transfer,
-//! and the idle timeout.
+//! the idle timeout and the half-close timeout.
 
 mod common;
 
@@ -240,6 +240,86 @@ async fn idle_sessions_are_closed_but_active_ones_are_not() {
         // Then silence: the session is closed by mxgate.
         let rest = read_to_end(&mut busy).await;
         assert!(rest.is_empty(), "{mode:?}");
+        eventually("slot freed", || mx.admission().active() == 0).await;
+    }
+}
+
+/// A backend that greets, closes its sending side at once, and returns everything it reads
+/// until the connection ends, and how it ended (`Ok` for a FIN).
+async fn closing_backend() -> (
+    SocketAddr,
+    tokio::task::JoinHandle<(Vec<u8>, std::io::Result<()>)>,
+) {
+    one_shot_backend(|mut s| async move {
+        s.write_all(GREETING).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got).await.map(|_| ());
+        (got, end)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_backend_closes_a_silent_client_is_cut_at_the_half_close_timeout() {
+    for mode in modes() {
+        let (addr, backend) = closing_backend().await;
+        let mut c = config_mode(addr, mode);
+        c.idle_timeout = Duration::from_secs(60);
+        c.half_close_timeout = Duration::from_millis(300);
+        let mx = start(c).await;
+        let mut client = expect_admitted("127.0.0.2", mx.listen_addrs()[0]).await;
+        assert!(
+            read_to_end(&mut client).await.is_empty(),
+            "{mode:?}: FIN after the greeting"
+        );
+
+        // Bytes every 100 ms for 900 ms after the FIN: three half-close timeouts, never
+        // silent for one, so the session stays and every byte reaches the backend.
+        for _ in 0..9 {
+            client.write_all(b"NOOP\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(mx.admission().active(), 1, "{mode:?}: still forwarding");
+        // Then silence, without closing: mxgate ends the session, well before the idle timeout.
+        let (got, end) = tokio::time::timeout(Duration::from_secs(10), backend)
+            .await
+            .expect("the backend's side is closed within 10 s")
+            .unwrap();
+        assert!(
+            end.is_ok(),
+            "{mode:?}: an orderly close toward the backend: {end:?}"
+        );
+        assert_eq!(got, b"NOOP\r\n".repeat(9), "{mode:?}");
+        eventually("slot freed", || mx.admission().active() == 0).await;
+        drop(client);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_client_closes_a_slow_backend_reply_is_still_delivered() {
+    // The other order is not shortened: a client that has sent everything may wait minutes
+    // for the reply to its message. Here the backend answers after three half-close timeouts.
+    for mode in modes() {
+        let (addr, backend) = one_shot_backend(|mut s| async move {
+            s.write_all(GREETING).await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            s.write_all(b"250 2.0.0 queued\r\n").await.unwrap();
+            got
+        })
+        .await;
+        let mut c = config_mode(addr, mode);
+        c.idle_timeout = Duration::from_secs(60);
+        c.half_close_timeout = Duration::from_millis(300);
+        let mx = start(c).await;
+        let mut client = expect_admitted("127.0.0.2", mx.listen_addrs()[0]).await;
+        client.write_all(b"DATA\r\nbody\r\n.\r\n").await.unwrap();
+        client.shutdown().await.unwrap();
+        let reply = read_to_end(&mut client).await;
+        assert_eq!(reply, b"250 2.0.0 queued\r\n", "{mode:?}");
+        assert_eq!(backend.await.unwrap(), b"DATA\r\nbody\r\n.\r\n", "{mode:?}");
         eventually("slot freed", || mx.admission().active() == 0).await;
     }
 }

@@ -30,6 +30,7 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9925";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -200,6 +201,12 @@ pub struct Settings {
     #[arg(long, value_name = "DUR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Dur>,
+
+    /// Once the backend has closed its side, close the session if the client sends nothing
+    /// and does not close for this long [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub half_close_timeout: Option<Dur>,
 
     /// If the backend sends no byte within this time after accepting, answer the client 421
     /// and close both sides [default: off]
@@ -384,6 +391,7 @@ impl Settings {
             metrics,
             connect_timeout,
             idle_timeout,
+            half_close_timeout,
             backend_greeting_timeout,
             log_format,
             forwarding,
@@ -425,6 +433,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Inactivity allowed once only the client's direction is left.
+    pub half_close_timeout: Duration,
     /// `None`: wait for the backend's first byte only as long as the idle timeout.
     pub backend_greeting_timeout: Option<Duration>,
     pub log_format: LogFormat,
@@ -502,6 +512,7 @@ impl Config {
             metrics: Some(self.metrics.map_or(MetricsAddr::Off, MetricsAddr::On)),
             connect_timeout: Some(Dur(self.connect_timeout)),
             idle_timeout: Some(Dur(self.idle_timeout)),
+            half_close_timeout: Some(Dur(self.half_close_timeout)),
             backend_greeting_timeout: self.backend_greeting_timeout.map(Dur),
             log_format: Some(self.log_format),
             forwarding: Some(self.forwarding),

@@ -74,7 +74,7 @@ fn errors_name_the_key() {
 #[test]
 fn validation_names_the_key() {
     let base = || Settings::from_toml("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"").unwrap();
-    let cases: [(Settings, &str); 5] = [
+    let cases: [(Settings, &str); 6] = [
         (
             Settings {
                 ipv4_prefix: Some(33),
@@ -109,6 +109,13 @@ fn validation_names_the_key() {
                 ..base()
             },
             "idle_timeout",
+        ),
+        (
+            Settings {
+                half_close_timeout: Some(Dur(Duration::ZERO)),
+                ..base()
+            },
+            "half_close_timeout",
         ),
     ];
     for (s, key) in cases {

@@ -104,6 +104,12 @@ impl Settings {
         if idle_timeout.is_zero() {
             return Err(err("idle_timeout", "must be more than zero".into()));
         }
+        let half_close_timeout = self
+            .half_close_timeout
+            .map_or(DEFAULT_HALF_CLOSE_TIMEOUT, |d| d.0);
+        if half_close_timeout.is_zero() {
+            return Err(err("half_close_timeout", "must be more than zero".into()));
+        }
         let metrics = match self.metrics {
             Some(MetricsAddr::On(a)) => Some(a),
             Some(MetricsAddr::Off) => None,
@@ -225,6 +231,7 @@ impl Settings {
             metrics,
             connect_timeout,
             idle_timeout,
+            half_close_timeout,
             log_format: self.log_format.unwrap_or_default(),
             replies: self.replies.unwrap_or_default(),
         })

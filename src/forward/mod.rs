@@ -9,6 +9,13 @@
 //! has been written (half-close), and the other direction goes on until it ends too. An error on
 //! either side ends the session: both sockets are closed when the streams drop.
 //!
+//! Two inactivity limits apply ([`Timeouts`]): the idle timeout while both directions are open,
+//! and the shorter half-close timeout once the backend has finished and only the client's
+//! direction is left. A backend that has closed has ended the SMTP session (after its 221 or its
+//! own 421), so a client that then neither sends nor closes is only holding a slot. The other
+//! order is not shortened: a client that finished sending may be waiting for the reply to its
+//! message, which a busy server can take minutes to give.
+//!
 //! Bytes are never altered, dropped or reordered. This module never decides admission and never
 //! writes anything of its own to either peer.
 
@@ -42,6 +49,35 @@ pub enum Side {
     Backend,
 }
 
+/// The inactivity limits of a forwarded session. Kept in whole milliseconds, because a copy
+/// sits in every idle session's state (a limit beyond 49 days counts as 49 days).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    idle_ms: u32,
+    half_close_ms: u32,
+}
+
+impl Timeouts {
+    /// `idle` applies while both directions are open: no byte moved either way for that long
+    /// ends the session. `half_close` applies once the backend has finished: the client sent
+    /// nothing and did not close for that long. It is never longer than `idle`.
+    pub fn new(idle: Duration, half_close: Duration) -> Timeouts {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        Timeouts {
+            idle_ms: ms(idle),
+            half_close_ms: ms(half_close.min(idle)),
+        }
+    }
+
+    fn idle(self) -> Duration {
+        Duration::from_millis(self.idle_ms.into())
+    }
+
+    fn half_close(self) -> Duration {
+        Duration::from_millis(self.half_close_ms.into())
+    }
+}
+
 /// How a forwarded session ended.
 #[derive(Debug)]
 pub enum End {
@@ -49,6 +85,9 @@ pub enum End {
     Closed,
     /// No byte moved in either direction for the idle timeout.
     Idle,
+    /// The backend had finished, and the client neither sent nor closed for the half-close
+    /// timeout.
+    HalfClosed,
     /// A read or write on one side failed (reset, broken pipe, ...).
     Fault(Side, io::Error),
     /// The session was cut from outside (drain deadline).
@@ -61,6 +100,7 @@ impl End {
         match self {
             End::Closed => "closed",
             End::Idle => "idle_timeout",
+            End::HalfClosed => "half_close_timeout",
             End::Fault(Side::Client, _) => "client_error",
             End::Fault(Side::Backend, _) => "backend_error",
             End::Cancelled => "cancelled",
@@ -117,10 +157,16 @@ impl<'a> Shared<'a> {
         }
     }
 
-    /// When the session goes idle if no byte moves before then.
-    fn idle_deadline(&self, idle: Duration) -> Instant {
+    /// When the session ends for inactivity if nothing happens before then.
+    fn idle_deadline(&self, limit: Duration) -> Instant {
         let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
-        self.start + last + idle
+        self.start + last + limit
+    }
+
+    /// Marks now as the last activity.
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
     }
 
     fn moved(&self, to: Side, n: usize) {
@@ -131,8 +177,7 @@ impl<'a> Shared<'a> {
         };
         total.fetch_add(n, Ordering::Relaxed);
         counter.increment(n);
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_activity_ms.store(ms, Ordering::Relaxed);
+        self.touch();
     }
 }
 
@@ -166,13 +211,13 @@ impl Flow<'_> {
     }
 }
 
-/// Moves bytes both ways until both sides have finished, one side fails, no byte moves for
-/// `idle`, or `cancel` resolves.
+/// Moves bytes both ways until both sides have finished, one side fails, the session is
+/// inactive past one of its `timeouts`, or `cancel` resolves.
 pub async fn forward(
     client: &TcpStream,
     backend: &TcpStream,
     mode: &Mode,
-    idle: Duration,
+    timeouts: Timeouts,
     traffic: &Traffic,
     cancel: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
 ) -> Report {
@@ -196,8 +241,9 @@ pub async fn forward(
     let mut down_pump = std::pin::pin!(pump(&down, mode));
     let (mut up_done, mut down_done) = (false, false);
     // One timer, re-armed in place when it fires early because bytes moved meanwhile, so
-    // moving bytes never touches the timer.
-    let mut timer = std::pin::pin!(tokio::time::sleep(idle));
+    // moving bytes never touches the timer. It is brought forward once, when the backend
+    // finishes and the shorter half-close limit starts to apply.
+    let mut timer = std::pin::pin!(tokio::time::sleep(timeouts.idle()));
     // Hand-written rather than select! and try_join!: each future is kept once, pinned where
     // it is, which keeps every idle session's state small.
     // The closure owns the pins and flags rather than borrowing each: one word apiece.
@@ -206,15 +252,19 @@ pub async fn forward(
         if cancel.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Cancelled);
         }
-        for (pump, done) in [
-            (up_pump.as_mut(), &mut up_done),
-            (down_pump.as_mut(), &mut down_done),
+        let mut backend_finished_now = false;
+        for (pump, done, from_backend) in [
+            (up_pump.as_mut(), &mut up_done, false),
+            (down_pump.as_mut(), &mut down_done, true),
         ] {
             if *done {
                 continue;
             }
             match pump.poll(cx) {
-                Poll::Ready(Ok(())) => *done = true,
+                Poll::Ready(Ok(())) => {
+                    *done = true;
+                    backend_finished_now = from_backend;
+                }
                 Poll::Ready(Err((side, e))) => return Poll::Ready(End::Fault(side, e)),
                 Poll::Pending => {}
             }
@@ -222,11 +272,24 @@ pub async fn forward(
         if up_done && down_done {
             return Poll::Ready(End::Closed);
         }
+        // Only the client's direction is left: the half-close limit, counted from the FIN.
+        let half_closed = down_done;
+        if backend_finished_now {
+            shared_ref.touch();
+            timer
+                .as_mut()
+                .reset(shared_ref.idle_deadline(timeouts.half_close()));
+        }
+        let (limit, end) = if half_closed {
+            (timeouts.half_close(), End::HalfClosed)
+        } else {
+            (timeouts.idle(), End::Idle)
+        };
         loop {
             std::task::ready!(timer.as_mut().poll(cx));
-            let deadline = shared_ref.idle_deadline(idle);
+            let deadline = shared_ref.idle_deadline(limit);
             if Instant::now() >= deadline {
-                return Poll::Ready(End::Idle);
+                return Poll::Ready(end);
             }
             timer.as_mut().reset(deadline);
         }
@@ -342,6 +405,78 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn noop_traffic() -> Traffic {
+        Traffic {
+            client_to_backend: Counter::noop(),
+            backend_to_client: Counter::noop(),
+            spliced: Counter::noop(),
+            splice_fallbacks: Counter::noop(),
+        }
+    }
+
+    /// Two connected sockets: (the far end, mxgate's end).
+    async fn pair(l: &tokio::net::TcpListener) -> (TcpStream, TcpStream) {
+        let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        (far, near)
+    }
+
+    /// The half-close limit ends a session only once the backend has finished, and the report
+    /// says so; until then the idle limit applies.
+    #[tokio::test]
+    async fn the_half_close_limit_starts_when_the_backend_finishes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, client_near) = pair(&l).await;
+        let (mut backend, backend_near) = pair(&l).await;
+        let traffic = noop_traffic();
+        let half = Duration::from_millis(200);
+        let timeouts = Timeouts::new(Duration::from_secs(60), half);
+        let cancel = std::pin::pin!(std::future::pending::<()>());
+        let session = forward(
+            &client_near,
+            &backend_near,
+            &Mode::Copy,
+            timeouts,
+            &traffic,
+            cancel,
+        );
+        let drive = async {
+            backend.write_all(b"221 bye\r\n").await.unwrap();
+            backend.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"221 bye\r\n");
+            std::future::pending::<()>().await
+        };
+        let report = tokio::select! {
+            r = session => r,
+            _ = drive => unreachable!(),
+        };
+        assert!(matches!(report.end, End::HalfClosed), "{:?}", report.end);
+        assert_eq!(report.end.label(), "half_close_timeout");
+        assert_eq!((report.client_to_backend, report.backend_to_client), (0, 9));
+        assert!(report.duration >= half, "{:?}", report.duration);
+        assert!(
+            report.duration < Duration::from_secs(60),
+            "{:?}",
+            report.duration
+        );
+    }
+
+    #[test]
+    fn the_half_close_limit_is_never_longer_than_the_idle_one() {
+        let t = Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
+        assert_eq!(
+            (t.idle(), t.half_close()),
+            (Duration::from_secs(5), Duration::from_secs(5))
+        );
+        let t = Timeouts::new(Duration::from_secs(600), Duration::from_millis(1500));
+        assert_eq!(t.half_close(), Duration::from_millis(1500));
+        let far = Timeouts::new(Duration::from_secs(u64::MAX / 4), Duration::from_secs(30));
+        assert_eq!(far.idle(), Duration::from_millis(u32::MAX.into()));
+    }
+
     /// Every idle session keeps its forwarding state in memory for its whole life, so that state
     /// must stay small: an idle direction holds only a wait on its socket, never a buffer, a pipe
     /// or a pending write. These bounds catch a change that inlines a burst again.
@@ -350,12 +485,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
-        let traffic = Traffic {
-            client_to_backend: Counter::noop(),
-            backend_to_client: Counter::noop(),
-            spliced: Counter::noop(),
-            splice_fallbacks: Counter::noop(),
-        };
+        let traffic = noop_traffic();
         let shared = Shared::new(&traffic);
         let flow = Flow {
             src: &a,
@@ -375,9 +505,9 @@ mod tests {
         let pump_size = std::mem::size_of_val(&pump(&flow, &mode));
         assert!(pump_size <= 64, "a pump's state is {pump_size} bytes");
         let token = tokio_util::sync::CancellationToken::new();
-        let idle = Duration::from_secs(1);
+        let timeouts = Timeouts::new(Duration::from_secs(1), Duration::from_secs(1));
         let cancel = std::pin::pin!(token.cancelled());
-        let whole = forward(&a, &b, &mode, idle, &traffic, cancel);
+        let whole = forward(&a, &b, &mode, timeouts, &traffic, cancel);
         let size = std::mem::size_of_val(&whole);
         assert!(size <= 560, "a session's forwarding state is {size} bytes");
     }

@@ -349,7 +349,7 @@ mod tests {
     /// free again: the switch between the two happens mid-stream and loses nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn steps_without_a_free_pipe_are_copied_and_the_stream_stays_whole() {
-        use super::super::{forward, Mode, Traffic};
+        use super::super::{forward, Mode, Timeouts, Traffic};
         use std::sync::atomic::AtomicU64;
         use std::time::Duration;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -393,7 +393,8 @@ mod tests {
         let mode = Mode::Splice(pool.clone());
         let proxy = tokio::spawn(async move {
             let cancel = std::pin::pin!(std::future::pending::<()>());
-            forward(&a, &b, &mode, Duration::from_secs(30), &traffic, cancel).await
+            let timeouts = Timeouts::new(Duration::from_secs(30), Duration::from_secs(30));
+            forward(&a, &b, &mode, timeouts, &traffic, cancel).await
         });
 
         // The backend reads everything, says when the first half is in, then sends its own
