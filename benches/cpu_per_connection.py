@@ -7,9 +7,18 @@ machine was. Uses compare.py's targets, so every proxy runs as it does there.
 
     cargo build --release --bin mxgate --example netload
     python3 benches/cpu_per_connection.py smtp 3      # or: reject 3
+
+With --syscalls it runs each target once under `strace -c` instead and prints the system calls
+each proxy made per connection, side by side. strace slows the proxies down, so that mode
+reports no rates, only counts.
+
+    python3 benches/cpu_per_connection.py smtp --syscalls
 """
 
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,16 +43,90 @@ def switches(pids):
     return vol, invol
 
 
+def turned_away(r):
+    """Every connection a netload reject run made, whatever answer it got."""
+    return sum(r[k] for k in ("complete_421", "silent_close", "reset", "refused_at_connect", "errors"))
+
+
+def run_load(t, what):
+    """Runs one load against `t`; returns how many connections it made, and per second."""
+    if what == "reject":
+        r = C.netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS)
+        return turned_away(r), r["per_second"]
+    t0 = time.monotonic()
+    subprocess.run(["smtp-source", "-s", "20", "-m", str(MESSAGES), "-l", "1000",
+                    f"127.0.0.1:{t.smtp_port}"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return MESSAGES, MESSAGES / (time.monotonic() - t0)
+
+
+def traced(t, what):
+    """Runs one load against `t` with strace counting its system calls; returns
+    ({syscall: calls}, connections)."""
+    pids = t.pids()
+    out = os.path.join(C.TMP, f"strace-{t.name}.txt")
+    cmd = ["strace", "-c", "-f", "-o", out]
+    for pid in pids:
+        cmd += ["-p", str(pid)]
+    want = sum(len(os.listdir(f"/proc/{pid}/task")) for pid in pids)
+    st = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # strace names every thread it attaches to; the load starts once all of them are traced.
+    attached = 0
+    while attached < want:
+        line = st.stderr.readline()
+        if not line:
+            raise RuntimeError(f"strace stopped before attaching: {st.wait()}")
+        m = re.search(r"attached(?: with (\d+) threads)?", line)
+        if m:
+            attached += int(m.group(1) or 1)
+    conns, _ = run_load(t, what)
+    st.send_signal(signal.SIGINT)
+    st.communicate(timeout=60)
+    calls = {}
+    with open(out) as f:
+        for line in f:
+            fields = line.split()
+            # "% time  seconds  usecs/call  calls  [errors]  syscall", numbers first.
+            if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+                calls[fields[-1]] = int(fields[3])
+    return calls, conns
+
+
+def syscalls_side_by_side(what, builders):
+    per_conn = {}
+    for name, build in builders.items():
+        t = build()
+        try:
+            calls, conns = traced(t, what)
+        finally:
+            t.stop()
+        per_conn[name] = {k: v / conns for k, v in calls.items()}
+        print(f"{name}: {conns} connections traced", flush=True)
+    names = list(per_conn)
+    rows = sorted({k for c in per_conn.values() for k in c},
+                  key=lambda k: -max(c.get(k, 0) for c in per_conn.values()))
+    print(f"\n{what}: system calls per connection")
+    print(f"{'syscall':16}" + "".join(f"{n:>16}" for n in names))
+    for k in rows:
+        if max(c.get(k, 0) for c in per_conn.values()) >= 0.01:
+            print(f"{k:16}" + "".join(f"{per_conn[n].get(k, 0):16.2f}" for n in names))
+    print(f"{'total':16}" + "".join(f"{sum(per_conn[n].values()):16.2f}" for n in names))
+
+
 def machine():
     with open("/proc/stat") as f:
         return [int(x) for x in f.readline().split()[1:]]
 
 
 def main():
-    what = sys.argv[1] if len(sys.argv) > 1 else "smtp"
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    args = [a for a in sys.argv[1:] if a != "--syscalls"]
+    count_syscalls = len(args) < len(sys.argv) - 1
+    what = args[0] if args else "smtp"
+    rounds = int(args[1]) if len(args) > 1 else 2
     if what not in ("smtp", "reject"):
-        sys.exit("usage: cpu_per_connection.py smtp|reject [ROUNDS]")
+        sys.exit("usage: cpu_per_connection.py smtp|reject [ROUNDS] [--syscalls]")
+    if count_syscalls and not shutil.which("strace"):
+        sys.exit("--syscalls needs strace (apt-get install strace)")
     sink_port = C.free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = C.spawn(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"])
@@ -54,6 +137,9 @@ def main():
         "haproxy": lambda: C.haproxy_target(sink_port, 1, 1, reject),
     }
     try:
+        if count_syscalls:
+            syscalls_side_by_side(what, builders)
+            return
         for _ in range(rounds):
             for name, build in builders.items():
                 t = build()
@@ -61,15 +147,7 @@ def main():
                     pids = t.pids()
                     cpu0, sw0, st0 = C.cpu_seconds(pids), switches(pids), machine()
                     sink0 = C.cpu_seconds([sink.pid])
-                    t0 = time.monotonic()
-                    if reject:
-                        r = C.netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS)
-                        count, rate = r["per_second"] * REJECT_SECONDS, r["per_second"]
-                    else:
-                        subprocess.run(["smtp-source", "-s", "20", "-m", str(MESSAGES), "-l", "1000",
-                                        f"127.0.0.1:{t.smtp_port}"], check=True,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                        count, rate = MESSAGES, MESSAGES / (time.monotonic() - t0)
+                    count, rate = run_load(t, what)
                     cpu, sw, st = C.cpu_seconds(pids) - cpu0, switches(pids), machine()
                     sink_cpu = C.cpu_seconds([sink.pid]) - sink0
                 finally:
