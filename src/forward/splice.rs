@@ -328,6 +328,21 @@ mod tests {
     }
 
     #[test]
+    fn the_size_is_what_the_kernel_gave() {
+        // 100,000 bytes is 24.4 pages; the kernel rounds a pipe up to a power of two of pages.
+        let pool = PipePool::new(100_000, Counter::noop(), Gauge::noop());
+        assert_eq!(pool.borrow().unwrap().pipe().size, 32 * 4096);
+    }
+
+    #[test]
+    fn the_size_is_capped_at_the_system_maximum() {
+        // Root may grow a pipe past fs.pipe-max-size, so only the pool's own cap keeps it there.
+        let max = read_proc_usize("/proc/sys/fs/pipe-max-size").unwrap();
+        let pool = PipePool::new(8 * max, Counter::noop(), Gauge::noop());
+        assert_eq!(pool.borrow().unwrap().pipe().size, max);
+    }
+
+    #[test]
     fn a_pipe_with_bytes_is_destroyed() {
         let pool = PipePool::new(64 * 1024, Counter::noop(), Gauge::noop());
         let mut a = pool.borrow().unwrap();
