@@ -121,9 +121,7 @@ impl Closer {
     pub fn bound(&self) -> Arc<Semaphore> {
         self.lingering.clone()
     }
-}
 
-impl Closer {
     /// Writes `line`, half-closes, drains what the client still sends for a bounded time, then
     /// closes. Returns whether the whole line was written.
     pub async fn reply_and_close(&self, mut stream: TcpStream, line: &[u8]) -> bool {

@@ -31,41 +31,7 @@ where
 }
 
 async fn bulk_both_ways(mode: Forwarding, client_closes_first: bool) {
-    let up = random_bytes(BULK, 1);
-    let down = random_bytes(BULK, 2);
-    let down_copy = down.clone();
-    let (backend_addr, backend) =
-        one_shot_backend(move |s| async move { exchange(s, down_copy, client_closes_first).await })
-            .await;
-    let mx = start(config_mode(backend_addr, mode)).await;
-    let client = connect_from("127.0.0.2", mx.listen_addrs()[0])
-        .await
-        .unwrap();
-    let got_down = exchange(client, up.clone(), !client_closes_first).await;
-    let got_up = backend.await.unwrap();
-    assert_eq!(got_up.len(), BULK, "{mode:?}: client→backend length");
-    assert_eq!(got_down.len(), BULK, "{mode:?}: backend→client length");
-    assert_eq!(
-        digest(&got_up),
-        digest(&up),
-        "{mode:?}: client→backend bytes"
-    );
-    assert_eq!(
-        digest(&got_down),
-        digest(&down),
-        "{mode:?}: backend→client bytes"
-    );
-
-    eventually("session ended", || mx.admission().active() == 0).await;
-    let m = scrape(mx.metrics_addr().unwrap()).await;
-    assert_eq!(
-        metric(&m, "mxgate_bytes_total{direction=\"client_to_backend\"}"),
-        BULK as f64
-    );
-    assert_eq!(
-        metric(&m, "mxgate_bytes_total{direction=\"backend_to_client\"}"),
-        BULK as f64
-    );
+    let m = bulk_session(mode, BULK, client_closes_first).await;
     let spliced = metric(&m, "mxgate_spliced_bytes_total");
     match mode {
         // Proof that splice ran: most bytes went through pipes (a step may be copied when the

@@ -14,6 +14,12 @@ impl Settings {
             key: key.to_string(),
             reason,
         };
+        // A duration that must be positive when set, with its default otherwise.
+        let positive = |key: &str, set: Option<Dur>, default: Duration| match set {
+            Some(d) if d.0.is_zero() => Err(err(key, "must be more than zero".into())),
+            Some(d) => Ok(d.0),
+            None => Ok(default),
+        };
         let listen: Vec<SocketAddr> = if self.listen.is_empty() {
             vec![DEFAULT_LISTEN
                 .parse()
@@ -54,12 +60,11 @@ impl Settings {
         if backends.iter().all(|b| b.backup) {
             return Err(err(key, "at least one backend must not be a backup".into()));
         }
-        let health_interval = self
-            .health_interval
-            .map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0);
-        if health_interval.is_zero() {
-            return Err(err("health_interval", "must be more than zero".into()));
-        }
+        let health_interval = positive(
+            "health_interval",
+            self.health_interval,
+            DEFAULT_HEALTH_INTERVAL,
+        )?;
         let (fall, rise) = (
             self.fall.unwrap_or(DEFAULT_FALL),
             self.rise.unwrap_or(DEFAULT_RISE),
@@ -94,22 +99,17 @@ impl Settings {
             })?,
         };
         value::validate_hostname(&hostname).map_err(|e| err("hostname", e))?;
-        let connect_timeout = self
-            .connect_timeout
-            .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
-        if connect_timeout.is_zero() {
-            return Err(err("connect_timeout", "must be more than zero".into()));
-        }
-        let idle_timeout = self.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
-        if idle_timeout.is_zero() {
-            return Err(err("idle_timeout", "must be more than zero".into()));
-        }
-        let half_close_timeout = self
-            .half_close_timeout
-            .map_or(DEFAULT_HALF_CLOSE_TIMEOUT, |d| d.0);
-        if half_close_timeout.is_zero() {
-            return Err(err("half_close_timeout", "must be more than zero".into()));
-        }
+        let connect_timeout = positive(
+            "connect_timeout",
+            self.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let idle_timeout = positive("idle_timeout", self.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
+        let half_close_timeout = positive(
+            "half_close_timeout",
+            self.half_close_timeout,
+            DEFAULT_HALF_CLOSE_TIMEOUT,
+        )?;
         let metrics = match self.metrics {
             Some(MetricsAddr::On(a)) => Some(a),
             Some(MetricsAddr::Off) => None,
@@ -186,12 +186,11 @@ impl Settings {
                 "has no effect without transparent".into(),
             ));
         }
-        let proxy_header_timeout = self
-            .proxy_header_timeout
-            .map_or(DEFAULT_PROXY_HEADER_TIMEOUT, |d| d.0);
-        if proxy_header_timeout.is_zero() {
-            return Err(err("proxy_header_timeout", "must be more than zero".into()));
-        }
+        let proxy_header_timeout = positive(
+            "proxy_header_timeout",
+            self.proxy_header_timeout,
+            DEFAULT_PROXY_HEADER_TIMEOUT,
+        )?;
         if self.proxy_header_timeout.is_some() && self.accept_proxy_protocol.is_empty() {
             return Err(err(
                 "proxy_header_timeout",

@@ -273,14 +273,13 @@ pub async fn forward(
             return Poll::Ready(End::Closed);
         }
         // Only the client's direction is left: the half-close limit, counted from the FIN.
-        let half_closed = down_done;
         if backend_finished_now {
             shared_ref.touch();
             timer
                 .as_mut()
                 .reset(shared_ref.idle_deadline(timeouts.half_close()));
         }
-        let (limit, end) = if half_closed {
+        let (limit, end) = if down_done {
             (timeouts.half_close(), End::HalfClosed)
         } else {
             (timeouts.idle(), End::Idle)

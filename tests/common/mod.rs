@@ -383,3 +383,56 @@ pub async fn exchange(stream: TcpStream, payload: Vec<u8>, fin_after_eof: bool) 
     let (got, ()) = tokio::join!(reader, writer);
     got
 }
+
+/// One session through a fresh mxgate forwarding in `mode`: `len` random bytes each way at
+/// once, the client's FIN after the backend's unless `client_closes_first`. Asserts every byte
+/// arrived in order, the session ended and `mxgate_bytes_total` counted exactly `len` each way;
+/// returns the metrics for what the caller checks next.
+pub async fn bulk_session(
+    mode: Forwarding,
+    len: usize,
+    client_closes_first: bool,
+) -> HashMap<String, f64> {
+    let label = format!("{mode:?}");
+    let up = random_bytes(len, 1);
+    let down = random_bytes(len, 2);
+    let down_copy = down.clone();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = config_mode(l.local_addr().unwrap(), mode);
+    let backend = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        exchange(s, down_copy, client_closes_first).await
+    });
+    let mx = start(config).await;
+    let client = connect_from("127.0.0.2", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    let got_down = exchange(client, up.clone(), !client_closes_first).await;
+    let got_up = backend.await.unwrap();
+    assert_eq!(got_up.len(), len, "{label}: client→backend length");
+    assert_eq!(got_down.len(), len, "{label}: backend→client length");
+    assert_eq!(
+        digest(&got_up),
+        digest(&up),
+        "{label}: client→backend bytes"
+    );
+    assert_eq!(
+        digest(&got_down),
+        digest(&down),
+        "{label}: backend→client bytes"
+    );
+
+    eventually("session ended", || mx.admission().active() == 0).await;
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    for direction in ["client_to_backend", "backend_to_client"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("mxgate_bytes_total{{direction=\"{direction}\"}}")
+            ),
+            len as f64,
+            "{label}: {direction}"
+        );
+    }
+    m
+}
