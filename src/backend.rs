@@ -3,6 +3,10 @@
 //! Called from the client's own task, never from the accept loop, and always under the connect
 //! timeout, so a backend that is down or black-holed costs one task, not the listener. In
 //! transparent mode the connection is made from the client's own address.
+//!
+//! A failed connect says whose fault it was ([`ConnectError`]): only the backend's own failures
+//! may count against its health, never one the client's address or mxgate's own socket set-up
+//! caused.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,13 +15,75 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
+/// Why a backend connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// mxgate could not set up its own side (a family mismatch, a transparent bind that failed,
+    /// a source port in use, no local port left): says nothing about the backend.
+    #[error("local set-up failed: {0}")]
+    Local(io::Error),
+    /// The backend refused, reset, was unreachable or did not answer within the timeout.
+    #[error("{0}")]
+    Backend(io::Error),
+}
+
+impl ConnectError {
+    /// Whether this failure shows the backend's own state, and so counts against its health.
+    pub fn is_backend_fault(&self) -> bool {
+        matches!(self, ConnectError::Backend(_))
+    }
+}
+
+/// Sorts a `connect(2)` error: the backend's fault only when the network or the backend said
+/// no (refused, reset, unreachable, timed out). Anything else (EADDRINUSE or EADDRNOTAVAIL for
+/// a source address, EAFNOSUPPORT, EPERM from local policy) is mxgate's side.
+fn classify(e: io::Error) -> ConnectError {
+    let backend = matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::ECONNRESET
+                | libc::ECONNABORTED
+                | libc::ETIMEDOUT
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+        )
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::TimedOut
+    );
+    if backend {
+        ConnectError::Backend(e)
+    } else {
+        ConnectError::Local(e)
+    }
+}
+
 /// Connects to `addr` within `limit`, from `source` when given (transparent mode: the client's
-/// address, which this host does not own). A timeout is reported as `io::ErrorKind::TimedOut`.
+/// address, which this host does not own). A timeout is a [`ConnectError::Backend`] of kind
+/// `io::ErrorKind::TimedOut`.
 pub async fn connect(
     addr: SocketAddr,
     limit: Duration,
     source: Option<SocketAddr>,
-) -> io::Result<TcpStream> {
+) -> Result<TcpStream, ConnectError> {
+    let socket = local_socket(addr, source).map_err(ConnectError::Local)?;
+    match tokio::time::timeout(limit, socket.connect(addr)).await {
+        Ok(r) => r.map_err(classify),
+        Err(_) => Err(ConnectError::Backend(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", limit.as_millis()),
+        ))),
+    }
+}
+
+/// mxgate's side of a backend connection, bound to `source` in transparent mode.
+fn local_socket(addr: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket> {
     // Created non-blocking (SOCK_NONBLOCK): two fcntl calls fewer per session.
     let raw = Socket::new(
         Domain::for_address(addr),
@@ -36,14 +102,7 @@ pub async fn connect(
         set_transparent(&raw, addr.is_ipv6())?;
         raw.bind(&source.into())?;
     }
-    let socket = TcpSocket::from_std_stream(raw.into());
-    match tokio::time::timeout(limit, socket.connect(addr)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {} ms", limit.as_millis()),
-        )),
-    }
+    Ok(TcpSocket::from_std_stream(raw.into()))
 }
 
 /// Sets IP_TRANSPARENT or IPV6_TRANSPARENT, so the socket may bind an address this host does
@@ -92,6 +151,13 @@ pub fn transparent_preflight(backend: SocketAddr) -> anyhow::Result<()> {
         .args([family, "rule", "show"])
         .output()
     {
+        // Under the shipped unit, netlink is only open with the transparent-mode lines.
+        Ok(out) if !out.status.success() => tracing::warn!(
+            error = %String::from_utf8_lossy(&out.stderr).trim(),
+            "transparent mode: cannot check the policy routing with `ip rule show` (under \
+             systemd, transparent mode needs AF_NETLINK in RestrictAddressFamilies, see the \
+             commented lines in mxgate.service)"
+        ),
         Ok(out) => {
             let rules = String::from_utf8_lossy(&out.stdout);
             if !rules

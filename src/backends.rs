@@ -183,13 +183,19 @@ impl Pool {
         }
     }
 
-    pub fn members(&self) -> &[Arc<Member>] {
-        &self.members
-    }
-
     /// Chooses a backend for a new session, skipping `tried` ones, and takes one of its slots.
-    pub fn select(&self, tried: &[SocketAddr]) -> Result<Lease, NoBackend> {
-        let usable = |m: &&Arc<Member>| m.is_up() && !tried.contains(&m.addr);
+    /// With `family` (transparent mode: the client's address), only backends of that address
+    /// family can take the session.
+    pub fn select(
+        &self,
+        tried: &[SocketAddr],
+        family: Option<std::net::IpAddr>,
+    ) -> Result<Lease, NoBackend> {
+        let usable = |m: &&Arc<Member>| {
+            m.is_up()
+                && !tried.contains(&m.addr)
+                && family.is_none_or(|ip| ip.is_ipv4() == m.addr.is_ipv4())
+        };
         let primaries: Vec<&Arc<Member>> = self
             .members
             .iter()
@@ -255,8 +261,10 @@ impl Pool {
             .cloned()
             .map(|m| {
                 tokio::spawn(async move {
-                    let ok = check(m.addr, timeout).await;
-                    m.observe(ok, fall, rise);
+                    // A check mxgate could not even start (no descriptor left) says nothing.
+                    if let Some(ok) = probe(m.addr, timeout).await {
+                        m.observe(ok, fall, rise);
+                    }
                 })
             })
             .collect();
@@ -268,9 +276,23 @@ impl Pool {
 
 /// One SMTP health check: the whole greeting must be 2xx, and QUIT must get a 2xx.
 pub async fn check(addr: SocketAddr, timeout: Duration) -> bool {
-    let Ok(stream) = crate::backend::connect(addr, timeout, None).await else {
-        return false;
-    };
+    probe(addr, timeout).await == Some(true)
+}
+
+/// [`check`], or `None` when mxgate's own side failed, which says nothing about the backend.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Option<bool> {
+    match crate::backend::connect(addr, timeout, None).await {
+        Ok(stream) => Some(converse(stream, timeout).await),
+        Err(e) if e.is_backend_fault() => Some(false),
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "health check not started");
+            None
+        }
+    }
+}
+
+/// The health check's dialogue on a connected backend.
+async fn converse(stream: tokio::net::TcpStream, timeout: Duration) -> bool {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let greeting = crate::load::smtp::reply_code(&mut r, timeout).await;

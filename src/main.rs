@@ -13,6 +13,9 @@ fn main() -> ExitCode {
         Command::Check(args) => match load_config(args) {
             Ok(config) => {
                 print!("{}", config.to_toml());
+                for warning in mxgate::server::check(config) {
+                    eprintln!("mxgate: warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

@@ -36,6 +36,11 @@ const SESSION_BUCKETS: &[f64] = &[
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// A scraper that has not sent its request head by then is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often recorded histogram samples are folded into buckets, scraped or not.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How many metrics requests are answered at once; past it a connection is closed at once, so
+/// slow or idle clients of the endpoint cannot pile up tasks.
+pub const MAX_METRICS_CONNECTIONS: usize = 32;
 
 /// Every series mxgate exports, as ready-to-use handles.
 pub struct Metrics {
@@ -211,6 +216,13 @@ impl Metrics {
             .register_gauge(&Key::from_parts(name, labels), &meta)
     }
 
+    /// Folds the histogram samples recorded since the last call into their buckets. The
+    /// recorder otherwise keeps every sample until a scrape, so without a scraper (or with the
+    /// endpoint off) memory would grow with every session.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The text exposition format, as served on `/metrics`.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -219,6 +231,7 @@ impl Metrics {
 
 /// Serves `/metrics` until `stop` is cancelled. Each request is handled in its own task.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -231,9 +244,15 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics endpoint busy; closing a connection");
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await;
+            drop(slot);
         });
     }
 }

@@ -26,13 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
-use crate::backends::Pool;
 use crate::config::{Config, Forwarding};
 use crate::forward::{self, Mode, Traffic};
 use crate::listener::{self, AcceptErrors};
 use crate::metrics::{self, Metrics};
-use crate::policy::{Policy, PolicyClock, EVICT_INTERVAL};
-use crate::reply::{Closer, Replies};
+use crate::policy::{PolicyClock, EVICT_INTERVAL};
+use crate::reply::Closer;
 use crate::session::{Gate, Live, Triage};
 
 /// How often an idle accept loop wakes to show it is alive; the watchdog needs a period of at
@@ -106,6 +105,19 @@ fn worker_count(config: &Config) -> usize {
     }
 }
 
+/// What `mxgate check` does beyond validation: builds the runtime state exactly as start-up
+/// and reload do, and returns the warnings start-up would log.
+pub fn check(config: Config) -> Vec<String> {
+    let warnings = crate::config::warnings(&config, &config.listen);
+    drop(Live::build(
+        config,
+        None,
+        PolicyClock::default(),
+        &Metrics::new(),
+    ));
+    warnings
+}
+
 /// Binds every listener and the metrics endpoint, then starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     if config.transparent {
@@ -118,7 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .iter()
         .map(|&a| listener::bind(a).with_context(|| format!("cannot listen on {a}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    start_with(listeners, config).await
+    serve(listeners, config).await
 }
 
 /// Starts serving on listeners the caller already holds (socket activation, tests).
@@ -126,12 +138,30 @@ pub async fn start_with(
     listeners: Vec<std::net::TcpListener>,
     config: Config,
 ) -> anyhow::Result<Running> {
-    ignore_sigpipe();
-    if config.transparent {
-        for b in &config.backends {
+    preflight(&config)?;
+    serve(listeners, config).await
+}
+
+/// What must hold before anything is served: transparent mode's capability (checked once per
+/// backend family) and routing.
+fn preflight(config: &Config) -> anyhow::Result<()> {
+    if !config.transparent {
+        return Ok(());
+    }
+    let mut families = Vec::new();
+    for b in &config.backends {
+        let v4 = b.address.addr.is_ipv4();
+        if !families.contains(&v4) {
+            families.push(v4);
             crate::backend::transparent_preflight(b.address.addr)?;
         }
     }
+    Ok(())
+}
+
+/// Everything [`start`] and [`start_with`] share, once the listeners are held.
+async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow::Result<Running> {
+    ignore_sigpipe();
     let metrics = Metrics::new();
     let metrics_listener = match config.metrics {
         Some(a) => Some(
@@ -151,6 +181,9 @@ pub async fn start_with(
         .iter()
         .map(std::net::TcpListener::local_addr)
         .collect::<std::io::Result<Vec<_>>>()?;
+    for warning in crate::config::warnings(&config, &listen_addrs) {
+        tracing::warn!("{warning}");
+    }
     let workers = Workers::start(worker_count(&config)).context("cannot start worker threads")?;
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr()?),
@@ -163,7 +196,7 @@ pub async fn start_with(
         spliced: metrics.counter("mxgate_spliced_bytes_total", &[]),
         splice_fallbacks: metrics.counter("mxgate_splice_fallbacks_total", &[]),
     };
-    let live = live(config, None, PolicyClock::default(), &metrics);
+    let live = Live::build(config, None, PolicyClock::default(), &metrics);
     set_limit_gauges(&metrics, &live.config);
     let gate = Arc::new(Gate {
         mode: forwarding_mode(&live.config, &metrics),
@@ -294,7 +327,7 @@ impl Running {
     /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed
     /// reload leaves the old config in force. Returns whether the new config was applied.
     pub fn reload(&self, loaded: anyhow::Result<Config>) -> bool {
-        let new = match loaded {
+        let mut new = match loaded {
             Ok(c) => c,
             Err(e) => {
                 self.reloads_failed.increment(1);
@@ -303,13 +336,13 @@ impl Running {
             }
         };
         let old = self.gate.live.load_full();
-        for key in kept_on_reload(&old.config, &new) {
+        for key in keep_restart_only(&old.config, &mut new) {
             tracing::warn!(
                 key,
-                "reload cannot change this setting; restart mxgate to apply it"
+                "reload cannot change this setting; the old value stays in force until a restart"
             );
         }
-        let live = live(
+        let live = Live::build(
             new,
             Some(&old),
             old.policy.clock().clone(),
@@ -384,12 +417,15 @@ impl Running {
         self.background.spawn(async move {
             let mut summary = tokio::time::interval(crate::reply::SUMMARY_INTERVAL);
             let mut evict = tokio::time::interval(EVICT_INTERVAL);
+            let mut upkeep = tokio::time::interval(metrics::UPKEEP_INTERVAL);
             summary.tick().await;
             evict.tick().await;
+            upkeep.tick().await;
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = summary.tick() => gate.summary.flush(),
+                    _ = upkeep.tick() => gate.metrics.upkeep(),
                     _ = evict.tick() => {
                         for limit in gate.live.load().policy.rate_limits() {
                             limit.evict();
@@ -408,15 +444,6 @@ impl Drop for Running {
     }
 }
 
-fn live(config: Config, previous: Option<&Live>, clock: PolicyClock, metrics: &Metrics) -> Live {
-    Live {
-        policy: Policy::new(&config, previous.map(|p| &p.policy), clock),
-        replies: Replies::new(&config.hostname, &config.replies),
-        pool: Pool::new(&config, previous.map(|p| &p.pool), metrics),
-        config,
-    }
-}
-
 fn set_limit_gauges(metrics: &Metrics, config: &Config) {
     metrics
         .limit_max_connections
@@ -426,30 +453,28 @@ fn set_limit_gauges(metrics: &Metrics, config: &Config) {
         .set(config.max_per_source as f64);
 }
 
-/// The keys whose change a reload cannot apply.
-fn kept_on_reload(old: &Config, new: &Config) -> Vec<&'static str> {
+/// Puts back, in `new`, every setting a reload cannot change (they would need new sockets,
+/// threads, a new forwarder or a new security check), and names each one that differed.
+pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut kept = Vec::new();
-    if old.listen != new.listen {
-        kept.push("listen");
+    macro_rules! keep {
+        ($($key:ident),*) => {$(
+            if old.$key != new.$key {
+                kept.push(stringify!($key));
+                new.$key = old.$key.clone();
+            }
+        )*};
     }
-    if old.metrics != new.metrics {
-        kept.push("metrics");
-    }
-    if old.forwarding != new.forwarding {
-        kept.push("forwarding");
-    }
-    if old.pipe_size != new.pipe_size {
-        kept.push("pipe_size");
-    }
-    if old.threads != new.threads {
-        kept.push("threads");
-    }
-    if old.log_format != new.log_format {
-        kept.push("log_format");
-    }
-    if (old.transparent, old.transparent_port) != (new.transparent, new.transparent_port) {
-        kept.push("transparent");
-    }
+    keep!(
+        listen,
+        metrics,
+        forwarding,
+        pipe_size,
+        threads,
+        log_format,
+        transparent,
+        transparent_port
+    );
     kept
 }
 

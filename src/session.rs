@@ -34,6 +34,25 @@ pub struct Live {
     pub pool: Pool,
 }
 
+impl Live {
+    /// The runtime state for `config`: policy and rate limiters, replies, backend pool. The one
+    /// way it is built, at start-up, on reload and by `mxgate check`, so whatever validation
+    /// accepts builds here too. Limiters and backends of `previous` are carried over.
+    pub fn build(
+        config: Config,
+        previous: Option<&Live>,
+        clock: crate::policy::PolicyClock,
+        metrics: &Metrics,
+    ) -> Live {
+        Live {
+            policy: Policy::new(&config, previous.map(|p| &p.policy), clock),
+            replies: Replies::new(&config.hostname, &config.replies),
+            pool: Pool::new(&config, previous.map(|p| &p.pool), metrics),
+            config,
+        }
+    }
+}
+
 /// Everything a connection task needs, shared by all of them.
 pub struct Gate {
     pub live: ArcSwap<Live>,
@@ -316,6 +335,10 @@ impl Gate {
         if let Some(limit) = config.backend_greeting_timeout {
             if !backend_speaks(&backend, limit).await {
                 tracing::debug!(backend = %lease.member.label, "backend sent no greeting in time");
+                // A backend that accepts but never greets is failing, as a health check sees it.
+                if config.health_checks {
+                    lease.member.observe(false, config.fall, config.rise);
+                }
                 drop((backend, guard, lease));
                 self.reject(client, RejectReason::BackendUnavailable, ip, &live)
                     .await;
@@ -345,17 +368,18 @@ async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool
 impl Gate {
     /// Picks a backend and connects to it, falling through to the next healthy one on a
     /// connect failure, all within one connect-timeout budget: no byte has reached the client
-    /// yet, so a failure here is still invisible to it.
+    /// yet, so a failure here is still invisible to it. Only the backend's own failures count
+    /// against its health; one caused by the client's address or mxgate's own socket never does.
     async fn connect_backend(
         &self,
         live: &Live,
         source: Option<SocketAddr>,
     ) -> Result<(TcpStream, Lease), RejectReason> {
         let config = &live.config;
-        let deadline = Instant::now() + config.connect_timeout;
+        let deadline = deadline_after(config.connect_timeout);
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let lease = match live.pool.select(&tried) {
+            let lease = match live.pool.select(&tried, source.map(|s| s.ip())) {
                 Ok(l) => l,
                 Err(_) if !tried.is_empty() => return Err(RejectReason::BackendUnavailable),
                 Err(NoBackend::AllFull) => return Err(RejectReason::GlobalLimit),
@@ -370,7 +394,7 @@ impl Gate {
                 Ok(s) => return Ok((s, lease)),
                 Err(e) => {
                     tracing::debug!(backend = %lease.member.label, error = %e, "backend connect failed; trying the next");
-                    if config.health_checks {
+                    if config.health_checks && e.is_backend_fault() {
                         lease.member.observe(false, config.fall, config.rise);
                     }
                     tried.push(addr);
@@ -378,6 +402,13 @@ impl Gate {
             }
         }
     }
+}
+
+/// `after` from now, or as far as the clock goes: a deadline never overflows.
+fn deadline_after(after: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86400 * 365 * 30))
 }
 
 /// An admitted session, connected and ready to forward. Its fields hold the session's

@@ -108,6 +108,38 @@ fn completions_cover_the_real_flags() {
     }
 }
 
+#[test]
+fn unit_exposure_score_stays_at_most_1_5() {
+    if !require_tool("systemd-analyze") {
+        return;
+    }
+    let unit = root().join("systemd/mxgate.service");
+    // Without --threshold the exit status is 0 whatever the score (252 takes --threshold in
+    // tenths, as an integer), so the score is read from the report. No colours: they would
+    // split the line.
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", unit.to_str().unwrap()])
+        .env("SYSTEMD_COLORS", "0")
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    let marker = "Overall exposure level for mxgate.service:";
+    let line = text
+        .lines()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no overall exposure line: {text}"));
+    let score: f64 = line
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in: {line}"));
+    assert!(
+        score <= 1.5,
+        "exposure {score} > 1.5; what is exposed:\n{text}"
+    );
+}
+
 /// The .deb that `systemd/build-deb.sh` built, if any.
 fn built_deb() -> Option<PathBuf> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")

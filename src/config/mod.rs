@@ -8,6 +8,7 @@
 
 mod validate;
 pub mod value;
+mod warnings;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use value::{
     BackendSpec, ByteSize, Cidr, Dur, HostPort, ListenAddr, MetricsAddr, Rate, ReplyText,
 };
+pub use warnings::warnings;
 
 /// Defaults, quoted by the README. Exchange's MaxInboundConnectionPerSource is 20.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:25";
@@ -36,6 +38,15 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most worker threads `threads` may ask for.
 pub const MAX_THREADS: usize = 256;
+/// The longest any duration setting may be: anything longer is a typo, and could not be added
+/// to a clock reading.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The fastest connection rate a limiter can represent: one attempt per microsecond.
+pub const MAX_RATE_PER_SECOND: u64 = 1_000_000;
+/// The largest burst a rate limit may allow.
+pub const MAX_RATE_BURST: u32 = 1_000_000;
+/// The largest `max_connections` (and any other connection count) accepted.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// How bytes are moved between client and backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]

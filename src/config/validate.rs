@@ -17,7 +17,7 @@ impl Settings {
         // A duration that must be positive when set, with its default otherwise.
         let positive = |key: &str, set: Option<Dur>, default: Duration| match set {
             Some(d) if d.0.is_zero() => Err(err(key, "must be more than zero".into())),
-            Some(d) => Ok(d.0),
+            Some(d) => bounded(d.0).map_err(|e| err(key, e)),
             None => Ok(default),
         };
         let listen: Vec<SocketAddr> = if self.listen.is_empty() {
@@ -146,6 +146,12 @@ impl Settings {
             ));
         }
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections > MAX_CONNECTIONS {
+            return Err(err(
+                "max_connections",
+                format!("{max_connections} is more than {MAX_CONNECTIONS}"),
+            ));
+        }
         let reserved_for_allowed = self.reserved_for_allowed.unwrap_or(0);
         if reserved_for_allowed > max_connections {
             return Err(err(
@@ -159,7 +165,7 @@ impl Settings {
                 "has no effect without an allow list".into(),
             ));
         }
-        validate_burst(self.rate_per_source, self.rate_burst).map_err(|e| err("rate_burst", e))?;
+        validate_rate(self.rate_per_source, self.rate_burst).map_err(|(k, e)| err(k, e))?;
         let allow: Vec<_> = self.allow.iter().map(|c| c.0).collect();
         let deny: Vec<_> = self.deny.iter().map(|c| c.0).collect();
         if let Some(both) = allow.iter().find(|a| deny.contains(a)) {
@@ -167,17 +173,20 @@ impl Settings {
         }
         for (i, rule) in self.networks.iter().enumerate() {
             let key = |k: &str| format!("network[{i}].{k}");
-            validate_rule(rule, self.rate_per_source).map_err(|(k, e)| err(&key(k), e))?;
+            validate_rule(rule, self.rate_per_source, self.rate_burst)
+                .map_err(|(k, e)| err(&key(k), e))?;
             if self.networks[..i].iter().any(|r| r.cidr == rule.cidr) {
                 return Err(err(&key("cidr"), format!("{} is listed twice", rule.cidr)));
             }
         }
-        if self.backend_greeting_timeout.is_some_and(|d| d.0.is_zero()) {
-            return Err(err(
-                "backend_greeting_timeout",
-                "must be more than zero".into(),
-            ));
-        }
+        let backend_greeting_timeout = match self.backend_greeting_timeout {
+            Some(d) => Some(positive("backend_greeting_timeout", Some(d), d.0)?),
+            None => None,
+        };
+        let drain_timeout = match self.drain_timeout {
+            Some(d) => bounded(d.0).map_err(|e| err("drain_timeout", e))?,
+            None => DEFAULT_DRAIN_TIMEOUT,
+        };
         let transparent = self.transparent.unwrap_or(false);
         let transparent_port = self.transparent_port.unwrap_or(false);
         if transparent_port && !transparent {
@@ -203,8 +212,8 @@ impl Settings {
             proxy_protocol: self.proxy_protocol,
             accept_proxy_protocol: self.accept_proxy_protocol.iter().map(|c| c.0).collect(),
             proxy_header_timeout,
-            backend_greeting_timeout: self.backend_greeting_timeout.map(|d| d.0),
-            drain_timeout: self.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+            backend_greeting_timeout,
+            drain_timeout,
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow,
@@ -237,18 +246,62 @@ impl Settings {
     }
 }
 
-fn validate_burst(rate: Option<Rate>, burst: Option<u32>) -> Result<(), String> {
-    match (rate, burst) {
-        (_, Some(0)) => Err("must be at least 1".into()),
-        (None, Some(_)) => Err("has no effect without rate_per_source".into()),
-        _ => Ok(()),
+/// A duration within [`MAX_DURATION`]: longer is a typo, and could not be added to a clock.
+fn bounded(d: Duration) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{} is longer than the most allowed, {}",
+            Dur(d),
+            Dur(MAX_DURATION)
+        ));
     }
+    Ok(d)
+}
+
+/// Checks a rate and its burst against what the limiter can represent; the error is
+/// `(key, reason)`.
+fn validate_rate(rate: Option<Rate>, burst: Option<u32>) -> Result<(), (&'static str, String)> {
+    match (rate, burst) {
+        (_, Some(0)) => return Err(("rate_burst", "must be at least 1".into())),
+        (None, Some(_)) => {
+            return Err(("rate_burst", "has no effect without rate_per_source".into()))
+        }
+        (None, None) => return Ok(()),
+        (Some(_), _) => {}
+    }
+    let rate = rate.expect("checked above");
+    // One attempt per microsecond at most: the limiter's period must not round to zero.
+    let period_ns = rate.per.as_nanos() / u128::from(rate.count);
+    if period_ns < 1_000 {
+        return Err((
+            "rate_per_source",
+            format!("{rate} is faster than the most allowed, {MAX_RATE_PER_SECOND}/s"),
+        ));
+    }
+    let effective = burst.unwrap_or(rate.count);
+    if effective > MAX_RATE_BURST {
+        let reason = match burst {
+            Some(b) => format!("{b} is more than {MAX_RATE_BURST}"),
+            None => {
+                return Err((
+                    "rate_per_source",
+                    format!(
+                        "{rate} makes a burst of {effective}, more than {MAX_RATE_BURST}; \
+                         set rate_burst"
+                    ),
+                ))
+            }
+        };
+        return Err(("rate_burst", reason));
+    }
+    Ok(())
 }
 
 /// Checks one `[[network]]` rule; the error is `(key within the rule, reason)`.
 fn validate_rule(
     rule: &NetworkRule,
     global_rate: Option<Rate>,
+    global_burst: Option<u32>,
 ) -> Result<(), (&'static str, String)> {
     let net = rule.cidr.0;
     let (own, other, own_key, other_key) = match net {
@@ -302,6 +355,10 @@ fn validate_rule(
         }
         _ => {}
     }
-    validate_burst(rule.rate_per_source.or(global_rate), rule.rate_burst)
-        .map_err(|e| ("rate_burst", e))
+    // The rate and burst this rule ends up with, as the policy builds them.
+    let burst = match rule.rate_per_source {
+        Some(_) => rule.rate_burst,
+        None => rule.rate_burst.or(global_burst),
+    };
+    validate_rate(rule.rate_per_source.or(global_rate), burst)
 }

@@ -1,0 +1,120 @@
+//! Warnings about a valid config that is probably not what the operator meant: printed by
+//! `mxgate check` and logged at start-up, never an error. Nothing here changes the config.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::Config;
+
+/// Every warning for `config` served on `listen` (the bound or inherited listeners' addresses).
+pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.transparent {
+        for family in [true, false] {
+            let listens = listen.iter().any(|a| a.is_ipv4() == family);
+            let backend = config
+                .backends
+                .iter()
+                .any(|b| b.address.addr.is_ipv4() == family);
+            if listens && !backend {
+                let name = if family { "IPv4" } else { "IPv6" };
+                out.push(format!(
+                    "transparent mode: an {name} listener but no {name} backend; every {name} \
+                     client will get the backend_unavailable reply, since a connection from its \
+                     own address can only reach a backend of the same family"
+                ));
+            }
+        }
+    }
+    if !config.transparent && config.proxy_protocol.is_none() {
+        for b in &config.backends {
+            let ip = b.address.addr.ip();
+            if is_local_or_private(ip) {
+                out.push(format!(
+                    "backend {}: every client will reach it from mxgate's own address ({}), \
+                     which mail servers commonly trust for relaying (Postfix's default \
+                     mynetworks, Exim's relay_from_hosts, an Exchange receive connector whose \
+                     RemoteIPRanges includes it): set proxy_protocol or transparent, or make \
+                     sure the backend does not trust that address (see the README)",
+                    b.address,
+                    if ip.is_loopback() {
+                        "loopback"
+                    } else {
+                        "a private address"
+                    }
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Loopback, private (RFC 1918, ULA), link-local or shared (RFC 6598) addresses: the ones a
+/// mail server's default relay trust covers.
+fn is_local_or_private(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(a) => {
+            let first = a.segments()[0];
+            a.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn config(toml: &str) -> Config {
+        Settings::from_toml(&format!("hostname = \"mx.t\"\n{toml}"))
+            .unwrap()
+            .validate(None)
+            .unwrap()
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_local_backend_without_the_client_address_warns_of_relaying() {
+        for backend in [
+            "127.0.0.1:2525",
+            "10.1.2.3:25",
+            "192.168.0.9:25",
+            "[fd00::1]:25",
+        ] {
+            let w = warnings(
+                &config(&format!("backend = \"{backend}\"")),
+                &addrs(&["0.0.0.0:25"]),
+            );
+            assert_eq!(w.len(), 1, "{backend}: {w:?}");
+            assert!(w[0].contains("mynetworks"), "{w:?}");
+        }
+        for safe in [
+            "backend = \"192.0.2.10:25\"",
+            "backend = \"127.0.0.1:2525\"\nproxy_protocol = \"v2\"",
+            "backend = \"127.0.0.1:2525\"\ntransparent = true",
+        ] {
+            assert!(
+                warnings(&config(safe), &addrs(&["127.0.0.1:25"])).is_empty(),
+                "{safe}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_transparent_listener_without_a_backend_of_its_family_warns() {
+        let c = config("backend = \"127.0.0.1:2525\"\ntransparent = true");
+        let w = warnings(&c, &addrs(&["127.0.0.1:25", "[::1]:25"]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("IPv6 listener but no IPv6 backend"), "{w:?}");
+        assert!(warnings(&c, &addrs(&["127.0.0.1:25"])).is_empty());
+    }
+}
