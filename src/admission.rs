@@ -207,7 +207,7 @@ impl Admission {
                 }
             }
         }
-        if let (false, Some((len, cap))) = (allowed, rule.network_cap) {
+        if let (false, Some((len, cap))) = (allowed, rule.network_cap(ip)) {
             let block = mask(ip, len, len);
             match take_slot(&inner.networks, block, cap, enforce) {
                 Slot::Refused => fail(RejectReason::NetworkLimit)?,
@@ -550,6 +550,81 @@ mod tests {
         assert_eq!(a.active(), 4);
         drop((first, second, third, denied));
         assert_eq!((a.active(), a.sources()), (0, 0));
+    }
+
+    #[test]
+    fn with_the_defaults_no_ipv6_48_holds_more_than_a_tenth_of_the_slots() {
+        let a = admission();
+        let p = policy("");
+        // 256 sources (/64s) of one /56, each trying for its whole per-source share.
+        let mut held = Vec::new();
+        let mut refused = Vec::new();
+        for net in 0..256u32 {
+            for host in 0..20u32 {
+                let ip = IpAddr::from(std::net::Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0x1,
+                    net as u16,
+                    0,
+                    0,
+                    0,
+                    host as u16 + 1,
+                ));
+                match a.admit(&p, ip) {
+                    Ok(g) => held.push(g),
+                    Err(r) => refused.push(r),
+                }
+            }
+        }
+        assert_eq!(held.len(), 100, "a tenth of the default 1000");
+        assert!(refused.iter().all(|&r| r == RejectReason::NetworkLimit));
+        // Another /48 has its own share, and IPv4 has no such tier.
+        let _other = a.admit(&p, ip("2001:db8:2::1")).unwrap();
+        let _v4 = a.admit(&p, ip("192.0.2.1")).unwrap();
+        // An operator can widen it.
+        let wide = policy("max_per_ipv6_network = 1000");
+        let b = admission();
+        let many: Vec<_> = (0..300u16)
+            .filter_map(|n| {
+                b.admit(
+                    &wide,
+                    IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, n, 0, 0, 0, 1)),
+                )
+                .ok()
+            })
+            .collect();
+        assert_eq!(many.len(), 300);
+    }
+
+    #[test]
+    fn an_ipv6_network_rule_inherits_the_default_tier_unless_it_sets_its_own() {
+        let a = admission();
+        let p = policy(
+            "max_connections = 50
+             [[network]]
+cidr = \"2001:db8:1::/48\"
+max_per_source = 10
+             [[network]]
+cidr = \"2001:db8:2::/48\"
+max_per_network = 30
+",
+        );
+        let count = |prefix: u16| {
+            (0..40u16)
+                .filter_map(|n| {
+                    a.admit(
+                        &p,
+                        IpAddr::from(std::net::Ipv6Addr::new(
+                            0x2001, 0xdb8, prefix, n, 0, 0, 0, 1,
+                        )),
+                    )
+                    .ok()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(count(1).len(), 5, "inherited: a tenth of 50");
+        assert_eq!(count(2).len(), 30, "its own tier");
     }
 
     #[test]

@@ -38,8 +38,8 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often recorded histogram samples are folded into buckets, scraped or not.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// How many metrics requests are answered at once; past it a connection is closed at once, so
-/// slow or idle clients of the endpoint cannot pile up tasks.
+/// How many metrics connections are served at once; past it new ones wait in the kernel's
+/// backlog, so slow or idle clients of the endpoint cannot pile up tasks.
 pub const MAX_METRICS_CONNECTIONS: usize = 32;
 
 /// Every series mxgate exports, as ready-to-use handles.
@@ -57,6 +57,8 @@ pub struct Metrics {
     pub bytes_backend_to_client: Counter,
     pub limit_max_connections: Gauge,
     pub limit_max_per_source: Gauge,
+    /// Connections from a trusted upstream whose PROXY header has not arrived yet.
+    pub proxy_headers_pending: Gauge,
     pub backend_connect_seconds: Histogram,
     pub session_duration_seconds: Histogram,
 }
@@ -105,6 +107,12 @@ impl Metrics {
             "Bytes forwarded, by direction.",
         );
         describe("mxgate_limit", None, "The limits in force.");
+        recorder.describe_gauge(
+            "mxgate_proxy_headers_pending".into(),
+            None,
+            "Connections from trusted upstreams waiting for their PROXY header (no slot held yet)."
+                .into(),
+        );
         describe(
             "mxgate_backend_connect_seconds",
             Some(Unit::Seconds),
@@ -158,6 +166,7 @@ impl Metrics {
             ),
             limit_max_connections: gauge("mxgate_limit", &[("kind", "max_connections")]),
             limit_max_per_source: gauge("mxgate_limit", &[("kind", "max_per_source")]),
+            proxy_headers_pending: gauge("mxgate_proxy_headers_pending", &[]),
             backend_connect_seconds: histogram("mxgate_backend_connect_seconds"),
             session_duration_seconds: histogram("mxgate_session_duration_seconds"),
             handle,
@@ -233,6 +242,12 @@ impl Metrics {
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
+        // A slot first: with every slot taken, new connections wait in the kernel's backlog
+        // rather than each getting a task.
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+        };
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -243,11 +258,6 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: Cancellat
                     continue;
                 }
             },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("metrics endpoint busy; closing a connection");
-            drop(stream);
-            continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

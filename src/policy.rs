@@ -7,8 +7,9 @@
 //!
 //! Rate limiters are governor's keyed GCRA over the same source key as the per-source cap. Their
 //! state is bounded: keys idle long enough to be indistinguishable from new are evicted every
-//! [`EVICT_INTERVAL`], and at [`MAX_RATE_KEYS`] tracked keys rate limiting is suspended for that
-//! rule (fail open: the concurrency limits still apply) until eviction makes room.
+//! [`EVICT_INTERVAL`], and at [`MAX_RATE_KEYS`] tracked keys no new key is added: sources already
+//! tracked stay limited, and only sources the limiter cannot track go through uncounted (fail
+//! open for them alone: the concurrency limits still apply) until eviction makes room.
 //! This module counts nothing and never touches a socket.
 
 use std::collections::HashMap;
@@ -21,7 +22,8 @@ use std::time::Duration;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
-use governor::state::keyed::DashMapStateStore;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use ipnet::IpNet;
 
@@ -66,13 +68,49 @@ impl Clock for PolicyClock {
     }
 }
 
-type Keyed = RateLimiter<IpNet, DashMapStateStore<IpNet>, PolicyClock, NoOpMiddleware<Nanos>>;
+type Keyed = RateLimiter<IpNet, SharedStore, PolicyClock, NoOpMiddleware<Nanos>>;
+
+/// The limiter's key store, shared with [`RateLimit`] so that at the key cap it can tell a
+/// tracked key (still limited) from a new one (let through uncounted) without inserting it.
+#[derive(Clone, Default)]
+struct SharedStore(Arc<DashMapStateStore<IpNet>>);
+
+impl StateStore for SharedStore {
+    type Key = IpNet;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpNet, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpNet> for SharedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below)
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0)
+    }
+
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
+    }
+}
 
 /// One rate limit: a quota per source key, with bounded state.
 pub struct RateLimit {
     rate: Rate,
     burst: u32,
     limiter: Keyed,
+    /// The limiter's keys, to look up without inserting.
+    keys: SharedStore,
     /// Set when the limiter tracks [`MAX_RATE_KEYS`] keys or more; checked on the hot path
     /// every [`FULL_CHECK_EVERY`] decisions and at each eviction.
     full: AtomicBool,
@@ -91,10 +129,12 @@ impl RateLimit {
         let quota = Quota::with_period(period)
             .expect("a validated rate has a non-zero period")
             .allow_burst(NonZeroU32::new(burst).expect("a validated burst is at least 1"));
+        let keys = SharedStore::default();
         RateLimit {
             rate,
             burst,
-            limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
+            limiter: RateLimiter::new(quota, keys.clone(), clock.clone()),
+            keys,
             full: AtomicBool::new(false),
             decisions: AtomicU64::new(0),
         }
@@ -106,7 +146,9 @@ impl RateLimit {
             self.full
                 .store(self.limiter.len() >= MAX_RATE_KEYS, Ordering::Relaxed);
         }
-        if self.full.load(Ordering::Relaxed) {
+        // At the cap, a key already tracked is still limited; only one that would need a new
+        // entry goes through uncounted.
+        if self.full.load(Ordering::Relaxed) && !self.keys.0.contains_key(key) {
             return RateCheck::Untracked;
         }
         match self.limiter.check_key(key) {
@@ -143,11 +185,23 @@ pub struct Rule {
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     pub rate: Option<Arc<RateLimit>>,
-    /// The second tier: `(prefix length, cap)` for the block a source belongs to.
-    pub network_cap: Option<(u8, usize)>,
+    /// The second tier for IPv4 sources: `(prefix length, cap)` for the block a source
+    /// belongs to.
+    pub network_cap_v4: Option<(u8, usize)>,
+    /// The same for IPv6 sources; by default every /48 is capped (`max_per_ipv6_network`).
+    pub network_cap_v6: Option<(u8, usize)>,
 }
 
 impl Rule {
+    /// The network tier that applies to `ip`, if any: `(prefix length, cap)`.
+    pub fn network_cap(&self, ip: IpAddr) -> Option<(u8, usize)> {
+        if ip.to_canonical().is_ipv4() {
+            self.network_cap_v4
+        } else {
+            self.network_cap_v6
+        }
+    }
+
     /// The source key of `ip` under this rule: the address masked to the family's prefix.
     pub fn source_key(&self, ip: IpAddr) -> IpNet {
         mask(ip, self.ipv4_prefix, self.ipv6_prefix)
@@ -270,7 +324,8 @@ impl Policy {
             rate: config
                 .rate_per_source
                 .map(|r| reuse(None, r, config.rate_burst)),
-            network_cap: None,
+            network_cap_v4: None,
+            network_cap_v6: Some((config.ipv6_network_prefix, config.max_per_ipv6_network)),
         };
         let mut networks = PrefixTable::default();
         for n in &config.networks {
@@ -281,14 +336,21 @@ impl Policy {
             } else {
                 n.rate_burst.or(config.rate_burst)
             };
+            let own_cap = n
+                .max_per_network
+                .map(|cap| (n.network_prefix.unwrap_or(net.prefix_len()), cap));
+            // An IPv6 rule without its own tier inherits the default one, like any other key.
+            let (network_cap_v4, network_cap_v6) = match net {
+                IpNet::V4(_) => (own_cap, None),
+                IpNet::V6(_) => (None, own_cap.or(default.network_cap_v6)),
+            };
             let rule = Rule {
                 max_per_source: n.max_per_source.unwrap_or(config.max_per_source),
                 ipv4_prefix: n.ipv4_prefix.unwrap_or(config.ipv4_prefix),
                 ipv6_prefix: n.ipv6_prefix.unwrap_or(config.ipv6_prefix),
                 rate: rate.map(|r| reuse(Some(net), r, burst)),
-                network_cap: n
-                    .max_per_network
-                    .map(|cap| (n.network_prefix.unwrap_or(net.prefix_len()), cap)),
+                network_cap_v4,
+                network_cap_v6,
             };
             networks.insert(net, rule);
         }
@@ -386,6 +448,33 @@ mod tests {
         assert_eq!(r.check(&k), RateCheck::Exceeded);
         // Another source has its own quota.
         assert_eq!(r.check(&net("192.0.2.2/32")), RateCheck::Within);
+    }
+
+    #[test]
+    fn at_the_key_cap_tracked_sources_stay_limited_and_only_new_ones_go_untracked() {
+        let clock = PolicyClock::default();
+        let r = RateLimit::new("1/min".parse().unwrap(), Some(1), &clock);
+        let tracked = net("192.0.2.1/32");
+        assert_eq!(r.check(&tracked), RateCheck::Within);
+        assert_eq!(r.check(&tracked), RateCheck::Exceeded);
+        for i in 0..MAX_RATE_KEYS as u32 {
+            let k = IpNet::from(IpAddr::from((0x0a00_0000 + i).to_be_bytes()));
+            r.check(&k);
+        }
+        // Every key is within its minute, so eviction keeps them all: the limiter is full.
+        r.evict();
+        assert!(r.tracked() > MAX_RATE_KEYS);
+        assert_eq!(r.check(&tracked), RateCheck::Exceeded, "still limited");
+        let fresh = net("198.51.100.1/32");
+        assert_eq!(r.check(&fresh), RateCheck::Untracked);
+        assert_eq!(r.check(&fresh), RateCheck::Untracked, "and not inserted");
+        assert_eq!(r.tracked(), MAX_RATE_KEYS + 1);
+        // Once the keys age out (a state a full period old is a fresh one), new sources are
+        // tracked again.
+        clock.advance(Duration::from_secs(121));
+        r.evict();
+        assert_eq!(r.check(&fresh), RateCheck::Within);
+        assert_eq!(r.check(&fresh), RateCheck::Exceeded);
     }
 
     #[test]

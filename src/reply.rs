@@ -103,15 +103,22 @@ impl Replies {
     }
 }
 
-/// Bounds the connections that linger after a reply.
+/// How many denied clients may be in their 554 dialogue at once. Apart from the lingering
+/// bound: a dialogue lasts up to [`DENY_TIME`], and one denied source must not be able to take
+/// the slots other refused clients need to read their 421.
+pub const MAX_DENYING: usize = 256;
+
+/// Bounds the connections that linger after a reply, and the denied clients' dialogues.
 pub struct Closer {
     lingering: Arc<Semaphore>,
+    denying: Arc<Semaphore>,
 }
 
 impl Default for Closer {
     fn default() -> Self {
         Closer {
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            denying: Arc::new(Semaphore::new(MAX_DENYING)),
         }
     }
 }
@@ -120,6 +127,11 @@ impl Closer {
     /// The bound, for the accept loops' own lingering sets.
     pub fn bound(&self) -> Arc<Semaphore> {
         self.lingering.clone()
+    }
+
+    /// Denied clients in their dialogue right now.
+    pub fn denying(&self) -> usize {
+        MAX_DENYING - self.denying.available_permits()
     }
 
     /// Writes `line`, half-closes, drains what the client still sends for a bounded time, then
@@ -153,10 +165,10 @@ const BAD_SEQUENCE: &[u8] = b"503 5.5.1 Bad sequence of commands\r\n";
 impl Closer {
     /// RFC 5321 §3.1 for a client that will never be accepted: greet with 554, answer every
     /// command with 503 until QUIT, which gets 221. Bounded by [`DENY_TIME`] and [`DENY_BYTES`],
-    /// and by the lingering bound: past it the client gets the greeting and a close.
+    /// and by [`MAX_DENYING`]: past it the client gets the greeting and a close.
     pub async fn deny(&self, mut stream: TcpStream, replies: &Replies) {
         let greeting = replies.line(RejectReason::Denied);
-        let Ok(_permit) = self.lingering.try_acquire() else {
+        let Ok(_permit) = self.denying.try_acquire() else {
             self.reply_and_close(stream, greeting).await;
             return;
         };
@@ -188,6 +200,7 @@ impl Closer {
         };
         let quit = matches!(timeout(DENY_TIME, dialogue).await, Ok(Ok(true)));
         if quit && stream.shutdown().await.is_ok() {
+            // The dialogue's own slot covers this short drain after the 221.
             drain(&stream).await;
         }
     }

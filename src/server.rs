@@ -208,6 +208,9 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         traffic,
         draining: AtomicBool::new(false),
         cut: CancellationToken::new(),
+        headers: Arc::new(tokio::sync::Semaphore::new(
+            crate::session::MAX_PENDING_HEADERS,
+        )),
     });
     let running = Running {
         reloads_ok: metrics.counter("mxgate_config_reloads_total", &[("result", "success")]),
@@ -291,6 +294,16 @@ impl Running {
     /// Refused connections lingering right now (answered, waiting for the client's FIN).
     pub fn lingering(&self) -> usize {
         crate::reply::MAX_LINGERING - self.gate.closer.bound().available_permits()
+    }
+
+    /// Denied clients in their 554 dialogue right now.
+    pub fn denying(&self) -> usize {
+        self.gate.closer.denying()
+    }
+
+    /// The config in force (a reload keeps the restart-only keys as they were).
+    pub fn config(&self) -> Config {
+        self.gate.live.load().config.clone()
     }
 
     /// The admission controller, for its counts.

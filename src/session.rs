@@ -66,6 +66,26 @@ pub struct Gate {
     pub draining: AtomicBool,
     /// Cancelled to cut sessions that are still forwarding.
     pub cut: CancellationToken,
+    /// Bounds the connections waiting for a trusted upstream's PROXY header, which hold no
+    /// slot yet.
+    pub headers: Arc<tokio::sync::Semaphore>,
+}
+
+/// How many connections may wait for their PROXY header at once; past it a new one gets the
+/// global-limit reply, which the upstream relays to its client.
+pub const MAX_PENDING_HEADERS: usize = 1024;
+
+/// A connection's place among those waiting for a PROXY header; shown in
+/// `mxgate_proxy_headers_pending` while held.
+pub struct HeaderWait {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+}
+
+impl Drop for HeaderWait {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
 }
 
 /// What the accept loop does with a new connection, decided without waiting.
@@ -80,7 +100,7 @@ pub enum Triage {
 /// Where a connection's task starts.
 pub enum Start {
     /// Admission waits for a trusted upstream's PROXY header, which has to be read first.
-    AfterHeader(Arc<Live>),
+    AfterHeader(Arc<Live>, HeaderWait),
     /// Admitted by the accept loop.
     Admitted(Guard, Arc<Live>),
     /// Refused with more than a line: the denied client's dialogue, or a line that has to
@@ -99,7 +119,13 @@ impl Gate {
             return Triage::Refuse(RejectReason::Draining, live);
         }
         if !live.config.accept_proxy_protocol.is_empty() {
-            return Triage::Task(Start::AfterHeader(live));
+            let Ok(slot) = self.headers.clone().try_acquire_owned() else {
+                self.count_refusal(RejectReason::GlobalLimit, ip, &live);
+                return Triage::Refuse(RejectReason::GlobalLimit, live);
+            };
+            let gauge = self.metrics.proxy_headers_pending.clone();
+            gauge.increment(1.0);
+            return Triage::Task(Start::AfterHeader(live, HeaderWait { _slot: slot, gauge }));
         }
         match self.admit(ip, &live) {
             Ok(guard) => Triage::Task(Start::Admitted(guard, live)),
@@ -176,7 +202,7 @@ impl Gate {
         start: Start,
     ) -> Option<Ready> {
         match start {
-            Start::AfterHeader(live) => self.after_header(client, peer, live).await,
+            Start::AfterHeader(live, wait) => self.after_header(client, peer, live, wait).await,
             Start::Admitted(guard, live) => {
                 let origin = Origin {
                     client: peer,
@@ -207,8 +233,11 @@ impl Gate {
         mut client: TcpStream,
         peer: SocketAddr,
         live: Arc<Live>,
+        wait: HeaderWait,
     ) -> Option<Ready> {
-        let origin = match upstream_header(&mut client, peer, &live.config).await {
+        let header = upstream_header(&mut client, peer, &live.config).await;
+        drop(wait);
+        let origin = match header {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!(error = %e, "refused a PROXY protocol header");
@@ -218,7 +247,13 @@ impl Gate {
                 return None;
             }
         };
-        match self.admit(origin.client.ip().to_canonical(), &live) {
+        let ip = origin.client.ip().to_canonical();
+        // A drain that began while the header was on its way refuses this client too.
+        if self.draining.load(Ordering::Acquire) {
+            self.reject(client, RejectReason::Draining, ip, &live).await;
+            return None;
+        }
+        match self.admit(ip, &live) {
             Ok(guard) => {
                 self.prepare(client, guard, origin, live, Instant::now())
                     .await

@@ -29,6 +29,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 pub const DEFAULT_MAX_PER_SOURCE: usize = 20;
 pub const DEFAULT_IPV4_PREFIX: u8 = 32;
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// IPv6 sources are also counted by this block: a site's typical allocation.
+pub const DEFAULT_IPV6_NETWORK_PREFIX: u8 = 48;
+/// The share of `max_connections` one IPv6 network block may hold by default (one tenth), so a
+/// single site cannot take every slot by spreading over its many /64s.
+pub const DEFAULT_IPV6_NETWORK_SHARE_DIVISOR: usize = 10;
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9925";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -191,6 +196,18 @@ pub struct Settings {
     #[arg(long, value_name = "LEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipv6_prefix: Option<u8>,
+
+    /// IPv6 sources are also counted together by networks of this prefix length, for
+    /// max_per_ipv6_network [default: 48]
+    #[arg(long, value_name = "LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_network_prefix: Option<u8>,
+
+    /// Cap on concurrent connections from one IPv6 network of ipv6_network_prefix
+    /// [default: a tenth of max_connections]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_ipv6_network: Option<usize>,
 
     /// Name mxgate gives in its own replies [default: the system host name]
     #[arg(long, value_name = "FQDN")]
@@ -398,6 +415,8 @@ impl Settings {
             max_per_source,
             ipv4_prefix,
             ipv6_prefix,
+            ipv6_network_prefix,
+            max_per_ipv6_network,
             hostname,
             metrics,
             connect_timeout,
@@ -439,6 +458,10 @@ pub struct Config {
     pub max_per_source: usize,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// The default network tier for IPv6 sources: blocks of this length ...
+    pub ipv6_network_prefix: u8,
+    /// ... hold at most this many sessions.
+    pub max_per_ipv6_network: usize,
     pub hostname: String,
     /// `None` when the endpoint is off.
     pub metrics: Option<SocketAddr>,
@@ -519,6 +542,8 @@ impl Config {
             max_per_source: Some(self.max_per_source),
             ipv4_prefix: Some(self.ipv4_prefix),
             ipv6_prefix: Some(self.ipv6_prefix),
+            ipv6_network_prefix: Some(self.ipv6_network_prefix),
+            max_per_ipv6_network: Some(self.max_per_ipv6_network),
             hostname: Some(self.hostname.clone()),
             metrics: Some(self.metrics.map_or(MetricsAddr::Off, MetricsAddr::On)),
             connect_timeout: Some(Dur(self.connect_timeout)),
@@ -566,11 +591,14 @@ fn toml_reason(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
+/// The kernel's host name, from uname(2): no /proc, which systemd's ProcSubset=pid hides.
 fn system_hostname() -> Result<String, String> {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map_err(|e| e.to_string())?;
-    Ok(raw.trim().to_string())
+    let name = rustix::system::uname();
+    let name = name
+        .nodename()
+        .to_str()
+        .map_err(|_| "it is not UTF-8".to_string())?;
+    Ok(name.trim().to_string())
 }
 
 #[cfg(test)]

@@ -139,3 +139,100 @@ fn flags_override_the_file() {
     assert_eq!(m.max_per_source, Some(7));
     assert_eq!(m.max_connections, Some(9));
 }
+
+#[test]
+fn values_past_their_range_are_refused_naming_the_key() {
+    let cases = [
+        (
+            "rate_per_source = \"2000000000/s\"",
+            "rate_per_source",
+            "faster than",
+        ),
+        (
+            "rate_per_source = \"1000001/s\"",
+            "rate_per_source",
+            "faster than",
+        ),
+        (
+            "rate_per_source = \"60000000/h\"",
+            "rate_per_source",
+            "burst",
+        ),
+        (
+            "rate_per_source = \"10/s\"\nrate_burst = 4000000000",
+            "rate_burst",
+            "more than 1000000",
+        ),
+        (
+            "connect_timeout = \"18446744073709551615s\"",
+            "connect_timeout",
+            "longer than",
+        ),
+        ("idle_timeout = \"25h\"", "idle_timeout", "longer than"),
+        ("drain_timeout = \"99999h\"", "drain_timeout", "longer than"),
+        (
+            "backend_greeting_timeout = \"90000s\"",
+            "backend_greeting_timeout",
+            "longer than",
+        ),
+        (
+            "max_connections = 1000001",
+            "max_connections",
+            "more than 1000000",
+        ),
+        (
+            "max_per_ipv6_network = 0",
+            "max_per_ipv6_network",
+            "at least 1",
+        ),
+        (
+            "ipv6_network_prefix = 129",
+            "ipv6_network_prefix",
+            "0..=128",
+        ),
+        (
+            "[[network]]\ncidr = \"192.0.2.0/24\"\nrate_per_source = \"5000000/s\"",
+            "rate_per_source",
+            "faster than",
+        ),
+    ];
+    for (toml, key, why) in cases {
+        let text = format!("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\n{toml}");
+        let e = Settings::from_toml(&text)
+            .unwrap()
+            .validate(None)
+            .expect_err(toml);
+        assert!(e.key.ends_with(key), "{toml}: key {} ({})", e.key, e.reason);
+        assert!(e.reason.contains(why), "{toml}: {}", e.reason);
+    }
+    // The edges themselves are accepted.
+    for toml in [
+        "rate_per_source = \"1000000/s\"\nrate_burst = 1000000",
+        "connect_timeout = \"24h\"",
+        "max_connections = 1000000",
+    ] {
+        let text = format!("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\n{toml}");
+        Settings::from_toml(&text)
+            .unwrap()
+            .validate(None)
+            .expect(toml);
+    }
+}
+
+#[test]
+fn the_default_ipv6_network_tier_is_a_tenth_of_the_global_limit_per_48() {
+    let c = Settings::from_toml("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"")
+        .unwrap()
+        .validate(None)
+        .unwrap();
+    assert_eq!((c.ipv6_network_prefix, c.max_per_ipv6_network), (48, 100));
+    let shown = c.to_toml();
+    assert!(shown.contains("ipv6_network_prefix = 48\n"), "{shown}");
+    assert!(shown.contains("max_per_ipv6_network = 100\n"), "{shown}");
+    let c =
+        Settings::from_toml("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nmax_connections = 5")
+            .unwrap()
+            .validate(None)
+            .unwrap();
+    assert_eq!(c.max_per_ipv6_network, 1, "never zero");
+}

@@ -89,6 +89,15 @@ impl Settings {
                 format!("{ipv6_prefix} is not in 0..=128"),
             ));
         }
+        let ipv6_network_prefix = self
+            .ipv6_network_prefix
+            .unwrap_or(DEFAULT_IPV6_NETWORK_PREFIX);
+        if ipv6_network_prefix > 128 {
+            return Err(err(
+                "ipv6_network_prefix",
+                format!("{ipv6_network_prefix} is not in 0..=128"),
+            ));
+        }
         let hostname = match self.hostname {
             Some(h) => h,
             None => system_hostname().map_err(|e| {
@@ -159,6 +168,11 @@ impl Settings {
                 format!("{reserved_for_allowed} is more than max_connections ({max_connections})"),
             ));
         }
+        let max_per_ipv6_network = match self.max_per_ipv6_network {
+            Some(0) => return Err(err("max_per_ipv6_network", "must be at least 1".into())),
+            Some(n) => n,
+            None => (max_connections / DEFAULT_IPV6_NETWORK_SHARE_DIVISOR).max(1),
+        };
         if reserved_for_allowed > 0 && self.allow.is_empty() {
             return Err(err(
                 "reserved_for_allowed",
@@ -235,6 +249,8 @@ impl Settings {
             max_per_source: self.max_per_source.unwrap_or(DEFAULT_MAX_PER_SOURCE),
             ipv4_prefix,
             ipv6_prefix,
+            ipv6_network_prefix,
+            max_per_ipv6_network,
             hostname,
             metrics,
             connect_timeout,

@@ -63,7 +63,9 @@ impl PipePool {
     /// A pool of pipes of about `pipe_size` bytes (capped at `fs.pipe-max-size`), bounded so
     /// that its pipes fit in half of the per-user pipe quota when running unprivileged.
     pub fn new(pipe_size: usize, exhausted: Counter, pipes: Gauge) -> Arc<PipePool> {
-        let max_size = read_proc_usize("/proc/sys/fs/pipe-max-size").unwrap_or(DEFAULT_PIPE_SIZE);
+        // systemd's ProcSubset=pid hides /proc/sys: then ask the kernel itself.
+        let max_size = read_proc_usize("/proc/sys/fs/pipe-max-size")
+            .unwrap_or_else(|| largest_pipe_granted(pipe_size));
         let want_size = pipe_size.min(max_size).max(4096);
         Self::with_bound(want_size, pool_bound(want_size), exhausted, pipes)
     }
@@ -301,6 +303,19 @@ fn pool_bound(size: usize) -> usize {
     }
     let budget = soft_pages * 4096 / 2;
     (budget / size).clamp(MIN_PIPES, MAX_PIPES_PRIVILEGED)
+}
+
+/// The largest pipe size up to `want` that the kernel grants this process, found by halving:
+/// an unprivileged process may not grow a pipe past `fs.pipe-max-size` (EPERM).
+fn largest_pipe_granted(want: usize) -> usize {
+    let mut size = want;
+    while size > 4096 {
+        if new_pipe(size).is_ok_and(|p| p.size >= size) {
+            return size;
+        }
+        size /= 2;
+    }
+    4096
 }
 
 fn read_proc_usize(path: &str) -> Option<usize> {

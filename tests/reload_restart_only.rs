@@ -1,0 +1,182 @@
+//! A reload never changes what only a restart may change: every restart-only key is changed
+//! in the file, SIGHUP is sent to the real binary, and the old behaviour is shown to hold.
+
+mod common;
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that greets, echoes, and reports each connection's peer address.
+async fn peer_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<SocketAddr>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = l.accept().await {
+            let _ = tx.send(peer);
+            tokio::spawn(async move {
+                let _ = s.write_all(GREETING).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// The worker threads the process runs now.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("mxgate-"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_every_restart_only_key_as_it_was() {
+    let (backend, mut peers) = peer_backend().await;
+    let (listen_a, listen_b, metrics_a, metrics_b) = (addr(), addr(), addr(), addr());
+    let dir = std::env::temp_dir().join(format!("mxgate-reload-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mxgate.toml");
+    let common = format!("backend = \"{backend}\"\nhostname = \"{HOST}\"\n");
+    std::fs::write(
+        &file,
+        format!(
+            "{common}listen = [\"{listen_a}\"]\nmetrics = \"{metrics_a}\"\nforwarding = \"copy\"\n\
+             pipe_size = \"64KiB\"\nthreads = 1\nlog_format = \"text\"\ntransparent = false\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["run", "--config", file.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let next_line_with = |needle: &str| -> String {
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("a log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    };
+    next_line_with("accepting");
+    assert_eq!(worker_threads(child.id()), 1);
+
+    // Every restart-only key changes; transparent would even need a capability check.
+    std::fs::write(
+        &file,
+        format!(
+            "{common}listen = [\"{listen_b}\"]\nmetrics = \"{metrics_b}\"\nforwarding = \"splice\"\n\
+             pipe_size = \"1MiB\"\nthreads = 2\nlog_format = \"json\"\ntransparent = true\n\
+             transparent_port = true\n"
+        ),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let mut named = Vec::new();
+    loop {
+        let line = next_line_with("");
+        if line.contains("config reloaded") {
+            assert!(!line.starts_with('{'), "still text logs: {line}");
+            break;
+        }
+        if line.contains("stays in force") {
+            assert!(!line.starts_with('{'), "still text logs: {line}");
+            named.push(line);
+        }
+    }
+    for key in [
+        "listen",
+        "metrics",
+        "forwarding",
+        "pipe_size",
+        "threads",
+        "log_format",
+        "transparent",
+        "transparent_port",
+    ] {
+        assert!(
+            named.iter().any(|l| l.contains(&format!("key=\"{key}\""))),
+            "a warning names {key}: {named:#?}"
+        );
+    }
+    assert_eq!(named.len(), 8, "{named:#?}");
+
+    // listen and metrics: the old sockets serve, the new addresses are not bound.
+    assert!(TcpStream::connect(listen_b).await.is_err());
+    assert!(TcpStream::connect(metrics_b).await.is_err());
+    let m = scrape(metrics_a).await;
+    assert_eq!(
+        metric(&m, "mxgate_config_reloads_total{result=\"success\"}"),
+        1.0
+    );
+    // threads: still one worker.
+    assert_eq!(worker_threads(child.id()), 1);
+    // forwarding: a bulk session is still copied, never spliced; transparent: the backend
+    // still sees mxgate's address, not the client's.
+    let mut s = connect_from("127.0.0.7", listen_a).await.unwrap();
+    assert_eq!(read_line(&mut s).await, GREETING);
+    let peer = tokio::time::timeout(Duration::from_secs(5), peers.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        "127.0.0.1",
+        "not the client's address"
+    );
+    let payload = random_bytes(2 << 20, 7);
+    let (mut r, mut w) = s.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(digest(&echoed), digest(&payload));
+    let m = scrape(metrics_a).await;
+    assert_eq!(metric(&m, "mxgate_spliced_bytes_total"), 0.0);
+    assert!(
+        metric(&m, "mxgate_bytes_total{direction=\"client_to_backend\"}") >= payload.len() as f64
+    );
+    // pipe_size has no effect in copy mode, and it is kept like the others (named above).
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
