@@ -147,6 +147,10 @@ pub fn transparent_preflight(backend: SocketAddr) -> anyhow::Result<()> {
         );
     }
     let family = if backend.is_ipv6() { "-6" } else { "-4" };
+    tracing::info!(
+        family = if backend.is_ipv6() { "IPv6" } else { "IPv4" },
+        "transparent mode: checking the capability and the policy routing"
+    );
     match std::process::Command::new("ip")
         .args([family, "rule", "show"])
         .output()

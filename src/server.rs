@@ -120,11 +120,7 @@ pub fn check(config: Config) -> Vec<String> {
 
 /// Binds every listener and the metrics endpoint, then starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    if config.transparent {
-        for b in &config.backends {
-            crate::backend::transparent_preflight(b.address.addr)?;
-        }
-    }
+    preflight(&config)?;
     let listeners = config
         .listen
         .iter()

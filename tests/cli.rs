@@ -231,3 +231,82 @@ fn every_key_wrong_in_turn_gives_one_clear_error() {
         assert!(err.contains(&format!("key `{key}")), "{key}: {err}");
     }
 }
+
+#[test]
+fn check_warns_of_a_backend_that_would_trust_mxgate_for_relaying() {
+    let risky = write_config(
+        "relay.toml",
+        "backend = \"127.0.0.1:2525\"\nhostname = \"mx.test\"\n",
+    );
+    let out = mxgate(&["check", "--config", risky.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mxgate: warning: backend 127.0.0.1:2525")
+            && err.contains("mynetworks")
+            && err.contains("relay_from_hosts")
+            && err.contains("RemoteIPRanges"),
+        "{err}"
+    );
+    for safe in [
+        "backend = \"127.0.0.1:2525\"\nhostname = \"mx.test\"\nproxy_protocol = \"v1\"\n",
+        "backend = \"192.0.2.25:25\"\nhostname = \"mx.test\"\n",
+    ] {
+        let p = write_config("safe.toml", safe);
+        let out = mxgate(&["check", "--config", p.to_str().unwrap()]);
+        assert!(out.status.success());
+        assert!(
+            out.stderr.is_empty(),
+            "{safe}: {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn check_warns_of_a_transparent_listener_no_backend_can_serve() {
+    let p = write_config(
+        "family.toml",
+        "backend = \"192.0.2.25:25\"\nhostname = \"mx.test\"\ntransparent = true\n\
+         listen = [\"0.0.0.0:25\", \"[::]:25\"]\n",
+    );
+    let out = mxgate(&["check", "--config", p.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("an IPv6 listener but no IPv6 backend"),
+        "{err}"
+    );
+    assert_eq!(err.matches("warning").count(), 1, "{err}");
+}
+
+#[test]
+fn values_that_once_passed_check_and_crashed_run_are_refused_by_both() {
+    for (line, key) in [
+        ("rate_per_source = \"2000000000/s\"", "rate_per_source"),
+        (
+            "connect_timeout = \"18446744073709551615s\"",
+            "connect_timeout",
+        ),
+    ] {
+        let p = write_config(
+            "range.toml",
+            &format!("backend = \"192.0.2.25:25\"\nhostname = \"mx.test\"\n{line}\n"),
+        );
+        for verb in ["check", "run"] {
+            let out = mxgate(&[
+                verb,
+                "--config",
+                p.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ]);
+            assert_eq!(out.status.code(), Some(2), "{verb} {line}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&format!("key `{key}`")) && !err.contains("panicked"),
+                "{verb} {line}: {err}"
+            );
+        }
+    }
+}

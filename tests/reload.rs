@@ -1,5 +1,5 @@
-//! A reload never changes what only a restart may change: every restart-only key is changed
-//! in the file, SIGHUP is sent to the real binary, and the old behaviour is shown to hold.
+//! Reloads against the real binary: a reload never changes what only a restart may change, and
+//! a reload with a value past its range keeps the old config and the process.
 
 mod common;
 
@@ -176,6 +176,67 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     );
     // pipe_size has no effect in copy mode, and it is kept like the others (named above).
 
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_process() {
+    let (backend, _peers) = peer_backend().await;
+    let (listen, metrics) = (addr(), addr());
+    let dir = std::env::temp_dir().join(format!("mxgate-reload-range-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("mxgate.toml");
+    let base = format!(
+        "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"{listen}\"]\n\
+         metrics = \"{metrics}\"\nmax_per_source = 1\n"
+    );
+    std::fs::write(&file, &base).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["run", "--config", file.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(metrics).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mxgate serves metrics"
+        );
+        tokio::task::yield_now().await;
+    }
+    for (round, bad) in [
+        "rate_per_source = \"2000000000/s\"\n",
+        "connect_timeout = \"18446744073709551615s\"\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::write(&file, format!("{base}{bad}")).unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+        let want = (round + 1) as f64;
+        let mut failed = 0.0;
+        for _ in 0..1000 {
+            failed = metric(
+                &scrape(metrics).await,
+                "mxgate_config_reloads_total{result=\"failure\"}",
+            );
+            if failed == want {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(failed, want, "the reload with {bad:?} failed");
+        assert!(child.try_wait().unwrap().is_none(), "still running");
+        // The old config still serves: one session per source, then the source's 421.
+        let _held = expect_admitted("127.0.0.2", listen).await;
+        expect_refusal("127.0.0.2", listen, SOURCE_LINE).await;
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
