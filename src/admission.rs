@@ -24,54 +24,14 @@ use metrics::Counter;
 
 use crate::metrics::Metrics;
 use crate::policy::{mask, Listing, Policy, RateCheck};
+pub use crate::reason::RejectReason;
 
-/// Why a client was not admitted. This one enum chooses the reply, the metric label and the log
-/// line, so the three can never disagree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// Every global slot (open to this source) is taken.
-    GlobalLimit,
-    /// The client's source already holds its share.
-    SourceLimit,
-    /// The backend refused, reset or did not answer within the connect timeout.
-    BackendUnavailable,
-    /// The source opened connections faster than its rate.
-    RateLimit,
-    /// The source's network block already holds its share.
-    NetworkLimit,
-    /// The source is on the deny list.
-    Denied,
-    /// mxgate is shutting down.
-    Draining,
-    /// A PROXY protocol header was malformed, late, too large or from an untrusted peer.
-    BadProxyHeader,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
-        RejectReason::GlobalLimit,
-        RejectReason::SourceLimit,
-        RejectReason::BackendUnavailable,
-        RejectReason::RateLimit,
-        RejectReason::NetworkLimit,
-        RejectReason::Denied,
-        RejectReason::Draining,
-        RejectReason::BadProxyHeader,
-    ];
-
-    /// The `reason` label value, which dashboards depend on.
-    pub fn label(self) -> &'static str {
-        match self {
-            RejectReason::GlobalLimit => "global_limit",
-            RejectReason::SourceLimit => "source_limit",
-            RejectReason::BackendUnavailable => "backend_unavailable",
-            RejectReason::RateLimit => "rate_limit",
-            RejectReason::NetworkLimit => "network_limit",
-            RejectReason::Denied => "denied",
-            RejectReason::Draining => "draining",
-            RejectReason::BadProxyHeader => "bad_proxy_header",
-        }
-    }
+/// A refusal, with the source key it was decided for: the same key the summaries, the
+/// per-source logs and the live view count it under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RejectReason,
+    pub source: IpNet,
 }
 
 /// The shared counting state behind every guard.
@@ -133,7 +93,7 @@ impl Admission {
                 global: AtomicUsize::new(0),
                 sources: DashMap::new(),
                 networks: DashMap::new(),
-                rate_untracked: metrics.counter("mxgate_rate_limit_untracked_total", &[]),
+                rate_untracked: metrics.rate_untracked.clone(),
                 metrics,
             }),
         }
@@ -154,8 +114,14 @@ impl Admission {
         self.inner.networks.len()
     }
 
-    /// Admits `ip` under `policy`, or says why not.
-    pub fn admit(&self, policy: &Policy, ip: IpAddr) -> Result<Admitted, RejectReason> {
+    /// Admits `ip` under `policy`, or says why not and for which source key.
+    pub fn admit(&self, policy: &Policy, ip: IpAddr) -> Result<Admitted, Refusal> {
+        let source = policy.classify(ip).rule.source_key(ip);
+        self.decide(policy, ip)
+            .map_err(|reason| Refusal { reason, source })
+    }
+
+    fn decide(&self, policy: &Policy, ip: IpAddr) -> Result<Admitted, RejectReason> {
         let inner = &self.inner;
         let class = policy.classify(ip);
         let rule = class.rule;
@@ -354,8 +320,8 @@ mod tests {
         Admission::new(Metrics::new())
     }
 
-    fn reason(r: Result<Admitted, RejectReason>) -> Option<RejectReason> {
-        r.err()
+    fn reason(r: Result<Admitted, Refusal>) -> Option<RejectReason> {
+        r.err().map(|e| e.reason)
     }
 
     #[test]
@@ -578,7 +544,9 @@ mod tests {
             }
         }
         assert_eq!(held.len(), 100, "a tenth of the default 1000");
-        assert!(refused.iter().all(|&r| r == RejectReason::NetworkLimit));
+        assert!(refused
+            .iter()
+            .all(|r| r.reason == RejectReason::NetworkLimit));
         // Another /48 has its own share, and IPv4 has no such tier.
         let _other = a.admit(&p, ip("2001:db8:2::1")).unwrap();
         let _v4 = a.admit(&p, ip("192.0.2.1")).unwrap();

@@ -5,40 +5,39 @@
 //!
 //! | concern | module |
 //! | --- | --- |
-//! | flags, file, validation | [`config`] |
-//! | who gets in | [`admission`] |
-//! | mxgate's own replies and graceful close | [`reply`] |
-//! | refusals answered by the accept loop itself (Linux) | `linger` |
-//! | moving bytes (splice, copy) | [`forward`] |
-//! | connecting to the mail server | [`backend`] |
-//! | several backends: balancing, caps, health checks | [`backends`] |
+//! | flags, file, validation, warnings | [`config`] |
+//! | where a connection is admitted: counts and limits | [`admission`], with [`policy`] (lists, per-network rules, rates) |
+//! | why mxgate answered a client itself | [`reason`] |
+//! | where a refusal is written and its connection closed | [`reply`] |
+//! | where bytes move (splice, copy) | [`forward`] |
+//! | the mail servers: connect, pool and failover, health | [`backend`] |
+//! | reading SMTP replies (health checks, load tool) | [`smtp`] |
 //! | Prometheus series and endpoint | [`metrics`] |
 //! | listening sockets, accept errors | [`listener`] |
-//! | source policy: lists, per-network rules, rate limits | [`policy`] |
-//! | accept loops, reload, shutdown | [`server`] |
+//! | shared state, worker threads, accept loops, reload, shutdown | [`server`] |
 //! | one connection's life | [`session`] |
+//! | PROXY protocol, both ways | [`proxy_protocol`] |
 //! | systemd notify, socket activation, signals, drain | [`service`] |
 //! | the SMTP load simulator and its sink | [`load`] |
 //! | `mxgate demo` | [`demo`] |
 
 pub mod admission;
 pub mod backend;
-pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
-#[cfg(target_os = "linux")]
-pub mod linger;
 pub mod listener;
 pub mod load;
 pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod reason;
 pub mod reply;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod smtp;
 
 pub use config::Config;
 pub use server::{start, start_with, Running};

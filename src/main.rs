@@ -108,42 +108,7 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         }
         Some(ramp) => {
             let report = runtime.block_on(sim::ramp(&opts, ramp));
-            if args.json {
-                let steps: Vec<_> = report
-                    .steps
-                    .iter()
-                    .map(|s| serde_json::json!({"concurrency": s.concurrency, "summary": s.stats.to_json()}))
-                    .collect();
-                let out = serde_json::json!({
-                    "steps": steps,
-                    "knee": report.knee,
-                    "recommended": {
-                        "max_connections": report.max_connections,
-                        "max_per_source": report.max_per_source,
-                    },
-                    "reasoning": report.reasoning,
-                });
-                println!("{out}");
-            } else {
-                println!(
-                    "{:>12}{:>16}{:>10}{:>14}",
-                    "concurrency", "delivered/s", "refused", "p99 µs"
-                );
-                for s in &report.steps {
-                    let rate = s.stats.delivered as f64 / s.stats.elapsed.as_secs_f64().max(1e-9);
-                    println!(
-                        "{:>12}{:>16.1}{:>10}{:>14}",
-                        s.concurrency,
-                        rate,
-                        s.stats.refused_total(),
-                        s.stats.session.value_at_quantile(0.99)
-                    );
-                }
-                println!(
-                    "\nrecommended: max_connections = {}, max_per_source = {}\n\n{}",
-                    report.max_connections, report.max_per_source, report.reasoning
-                );
-            }
+            print!("{}", report.render(args.json));
         }
     }
     Ok(())

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::RejectReason;
+use crate::reason::RejectReason;
 
 /// Buckets for the connect-time histogram: loopback connects take tens of µs, a remote backend
 /// under load can take seconds.
@@ -42,6 +42,110 @@ pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// backlog, so slow or idle clients of the endpoint cannot pile up tasks.
 pub const MAX_METRICS_CONNECTIONS: usize = 32;
 
+/// Every metric family mxgate exports, with its unit and HELP text.
+const HELP: &[(&str, Option<Unit>, &str)] = &[
+    (
+        "mxgate_connections_accepted_total",
+        None,
+        "Client connections accepted by the listeners, admitted or not.",
+    ),
+    (
+        "mxgate_connections_active",
+        None,
+        "Admitted client sessions now open.",
+    ),
+    (
+        "mxgate_sources_active",
+        None,
+        "Distinct sources (address masked to its prefix) with an admitted session open.",
+    ),
+    (
+        "mxgate_connections_rejected_total",
+        None,
+        "Client connections answered by mxgate itself instead of the backend, by reason.",
+    ),
+    (
+        "mxgate_bytes_total",
+        Some(Unit::Bytes),
+        "Bytes forwarded, by direction.",
+    ),
+    ("mxgate_limit", None, "The limits in force."),
+    (
+        "mxgate_backend_connect_seconds",
+        Some(Unit::Seconds),
+        "Time to connect to the backend.",
+    ),
+    (
+        "mxgate_session_duration_seconds",
+        Some(Unit::Seconds),
+        "Length of forwarded sessions.",
+    ),
+    (
+        "mxgate_proxy_headers_pending",
+        None,
+        "Connections from trusted upstreams waiting for their PROXY header (no slot held yet).",
+    ),
+    (
+        "mxgate_spliced_bytes_total",
+        Some(Unit::Bytes),
+        "Bytes moved by splice(2), both directions together (a part of mxgate_bytes_total).",
+    ),
+    (
+        "mxgate_splice_fallbacks_total",
+        None,
+        "Sessions that switched from splice to copying because the kernel refused splice.",
+    ),
+    (
+        "mxgate_splice_pool_exhausted_total",
+        None,
+        "Forwarding steps copied because every splice pipe was in use.",
+    ),
+    (
+        "mxgate_splice_pipes",
+        None,
+        "Splice pipes in existence, pooled or in use.",
+    ),
+    (
+        "mxgate_config_reloads_total",
+        None,
+        "Config reloads, by result (success, failure).",
+    ),
+    (
+        "mxgate_rate_limit_untracked_total",
+        None,
+        "Admissions not rate-checked because the rate limiter was at its key cap.",
+    ),
+    (
+        "mxgate_backend_up",
+        None,
+        "1 when the backend is healthy, 0 when marked down.",
+    ),
+    (
+        "mxgate_backend_connections_active",
+        None,
+        "Sessions on this backend now.",
+    ),
+    (
+        "mxgate_backend_selected_total",
+        None,
+        "Sessions given to this backend.",
+    ),
+    (
+        "mxgate_backend_health_checks_total",
+        None,
+        "Backend health observations, by result (failed session connects included).",
+    ),
+];
+
+/// One backend's series, labelled by its configured address (a bounded set).
+pub struct BackendSeries {
+    pub up: Gauge,
+    pub active: Gauge,
+    pub selected: Counter,
+    pub checks_ok: Counter,
+    pub checks_failed: Counter,
+}
+
 /// Every series mxgate exports, as ready-to-use handles.
 pub struct Metrics {
     /// The recorder that owns the storage behind every handle below.
@@ -59,6 +163,13 @@ pub struct Metrics {
     pub limit_max_per_source: Gauge,
     /// Connections from a trusted upstream whose PROXY header has not arrived yet.
     pub proxy_headers_pending: Gauge,
+    pub spliced_bytes: Counter,
+    pub splice_fallbacks: Counter,
+    pub splice_pool_exhausted: Counter,
+    pub splice_pipes: Gauge,
+    pub reloads_ok: Counter,
+    pub reloads_failed: Counter,
+    pub rate_untracked: Counter,
     pub backend_connect_seconds: Histogram,
     pub session_duration_seconds: Histogram,
 }
@@ -78,51 +189,10 @@ impl Metrics {
             .expect("non-empty buckets")
             .build_recorder();
         let handle = recorder.handle();
-        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
-            recorder.describe_counter(name.into(), unit, help.into());
-        };
-        describe(
-            "mxgate_connections_accepted_total",
-            None,
-            "Client connections accepted by the listeners, admitted or not.",
-        );
-        describe(
-            "mxgate_connections_active",
-            None,
-            "Admitted client sessions now open.",
-        );
-        describe(
-            "mxgate_sources_active",
-            None,
-            "Distinct sources (address masked to its prefix) with an admitted session open.",
-        );
-        describe(
-            "mxgate_connections_rejected_total",
-            None,
-            "Client connections answered by mxgate itself instead of the backend, by reason.",
-        );
-        describe(
-            "mxgate_bytes_total",
-            Some(Unit::Bytes),
-            "Bytes forwarded, by direction.",
-        );
-        describe("mxgate_limit", None, "The limits in force.");
-        recorder.describe_gauge(
-            "mxgate_proxy_headers_pending".into(),
-            None,
-            "Connections from trusted upstreams waiting for their PROXY header (no slot held yet)."
-                .into(),
-        );
-        describe(
-            "mxgate_backend_connect_seconds",
-            Some(Unit::Seconds),
-            "Time to connect to the backend.",
-        );
-        describe(
-            "mxgate_session_duration_seconds",
-            Some(Unit::Seconds),
-            "Length of forwarded sessions.",
-        );
+        // Every family's HELP text, in one place (`describe_*` all fill the same table).
+        for (name, unit, help) in HELP {
+            recorder.describe_counter((*name).into(), *unit, (*help).into());
+        }
 
         let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
         let key = |name: &'static str, labels: &[(&'static str, &'static str)]| {
@@ -167,6 +237,13 @@ impl Metrics {
             limit_max_connections: gauge("mxgate_limit", &[("kind", "max_connections")]),
             limit_max_per_source: gauge("mxgate_limit", &[("kind", "max_per_source")]),
             proxy_headers_pending: gauge("mxgate_proxy_headers_pending", &[]),
+            spliced_bytes: counter("mxgate_spliced_bytes_total", &[]),
+            splice_fallbacks: counter("mxgate_splice_fallbacks_total", &[]),
+            splice_pool_exhausted: counter("mxgate_splice_pool_exhausted_total", &[]),
+            splice_pipes: gauge("mxgate_splice_pipes", &[]),
+            reloads_ok: counter("mxgate_config_reloads_total", &[("result", "success")]),
+            reloads_failed: counter("mxgate_config_reloads_total", &[("result", "failure")]),
+            rate_untracked: counter("mxgate_rate_limit_untracked_total", &[]),
             backend_connect_seconds: histogram("mxgate_backend_connect_seconds"),
             session_duration_seconds: histogram("mxgate_session_duration_seconds"),
             handle,
@@ -182,47 +259,46 @@ impl Metrics {
     /// The dry-run twin of [`Metrics::rejected`]: would-be rejections, `dry_run="true"`.
     /// Registered on first use, so the series exist only where dry run was ever on.
     pub fn rejected_dry_run(&self, reason: RejectReason) -> Counter {
-        self.counter(
-            "mxgate_connections_rejected_total",
-            &[("reason", reason.label()), ("dry_run", "true")],
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let labels = vec![
+            Label::new("reason", reason.label()),
+            Label::new("dry_run", "true"),
+        ];
+        self.recorder.register_counter(
+            &Key::from_parts("mxgate_connections_rejected_total", labels),
+            &meta,
         )
     }
 
-    /// Registers (or finds) a counter outside the fixed set. Only for series whose label values
-    /// come from a fixed, bounded set.
-    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+    /// The series of the backend configured as `label` (registered on first use, found after).
+    pub fn backend(&self, label: &str) -> BackendSeries {
         let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
-        self.recorder
-            .register_counter(&Key::from_parts(name, labels), &meta)
-    }
-
-    /// Registers (or finds) a gauge outside the fixed set; bounded label values only.
-    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
-        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
-        self.recorder
-            .register_gauge(&Key::from_parts(name, labels), &meta)
-    }
-
-    /// A counter whose label values come from the config (backend addresses): a bounded set.
-    pub fn counter_owned(
-        &self,
-        name: &'static str,
-        labels: Vec<(&'static str, String)>,
-    ) -> Counter {
-        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        let labels: Vec<Label> = labels.into_iter().map(|(k, v)| Label::new(k, v)).collect();
-        self.recorder
-            .register_counter(&Key::from_parts(name, labels), &meta)
-    }
-
-    /// A gauge whose label values come from the config: a bounded set.
-    pub fn gauge_owned(&self, name: &'static str, labels: Vec<(&'static str, String)>) -> Gauge {
-        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        let labels: Vec<Label> = labels.into_iter().map(|(k, v)| Label::new(k, v)).collect();
-        self.recorder
-            .register_gauge(&Key::from_parts(name, labels), &meta)
+        let key = |name: &'static str, result: Option<&'static str>| {
+            let mut labels = vec![Label::new("backend", label.to_string())];
+            if let Some(r) = result {
+                labels.push(Label::new("result", r));
+            }
+            Key::from_parts(name, labels)
+        };
+        BackendSeries {
+            up: self
+                .recorder
+                .register_gauge(&key("mxgate_backend_up", None), &meta),
+            active: self
+                .recorder
+                .register_gauge(&key("mxgate_backend_connections_active", None), &meta),
+            selected: self
+                .recorder
+                .register_counter(&key("mxgate_backend_selected_total", None), &meta),
+            checks_ok: self.recorder.register_counter(
+                &key("mxgate_backend_health_checks_total", Some("success")),
+                &meta,
+            ),
+            checks_failed: self.recorder.register_counter(
+                &key("mxgate_backend_health_checks_total", Some("failure")),
+                &meta,
+            ),
+        }
     }
 
     /// Folds the histogram samples recorded since the last call into their buckets. The

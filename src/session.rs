@@ -1,157 +1,30 @@
 //! The life of one client connection: admission, then either mxgate's own answer or a backend
 //! connection and forwarding until the session ends.
 //!
-//! [`Gate::triage`] runs in the accept loop and never waits; everything else here runs in the
-//! connection's own task, on the worker thread that accepted it. The settings a reload may
-//! change live in [`Live`], swapped whole; a session reads them once when it starts.
+//! Everything here runs in the connection's own task, on the worker thread that accepted it,
+//! from where [`Gate::triage`] (in `server::gate`) left it. The settings a reload may change
+//! live in [`Live`], swapped whole; a session reads them once when it starts. This module keeps
+//! one connection's life and nothing else.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::{Admission, Guard, RejectReason};
-use crate::backend;
-use crate::backends::{Lease, NoBackend, Pool};
+use crate::admission::Guard;
+use crate::backend::Lease;
 use crate::config::Config;
-use crate::forward::{self, Mode, Traffic};
-use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::forward;
 use crate::proxy_protocol;
-use crate::reply::{display_source, Closer, RejectSummary, Replies};
-
-/// What a reload replaces, as one unit, so a connection never sees half of a new config.
-pub struct Live {
-    pub config: Config,
-    pub policy: Policy,
-    pub replies: Replies,
-    pub pool: Pool,
-}
-
-impl Live {
-    /// The runtime state for `config`: policy and rate limiters, replies, backend pool. The one
-    /// way it is built, at start-up, on reload and by `mxgate check`, so whatever validation
-    /// accepts builds here too. Limiters and backends of `previous` are carried over.
-    pub fn build(
-        config: Config,
-        previous: Option<&Live>,
-        clock: crate::policy::PolicyClock,
-        metrics: &Metrics,
-    ) -> Live {
-        Live {
-            policy: Policy::new(&config, previous.map(|p| &p.policy), clock),
-            replies: Replies::new(&config.hostname, &config.replies),
-            pool: Pool::new(&config, previous.map(|p| &p.pool), metrics),
-            config,
-        }
-    }
-}
-
-/// Everything a connection task needs, shared by all of them.
-pub struct Gate {
-    pub live: ArcSwap<Live>,
-    pub admission: Admission,
-    pub closer: Closer,
-    pub summary: Arc<RejectSummary>,
-    pub metrics: Arc<Metrics>,
-    pub mode: Mode,
-    pub traffic: Traffic,
-    /// Set once shutdown starts: new connections get the draining reply.
-    pub draining: AtomicBool,
-    /// Cancelled to cut sessions that are still forwarding.
-    pub cut: CancellationToken,
-    /// Bounds the connections waiting for a trusted upstream's PROXY header, which hold no
-    /// slot yet.
-    pub headers: Arc<tokio::sync::Semaphore>,
-}
-
-/// How many connections may wait for their PROXY header at once; past it a new one gets the
-/// global-limit reply, which the upstream relays to its client.
-pub const MAX_PENDING_HEADERS: usize = 1024;
-
-/// A connection's place among those waiting for a PROXY header; shown in
-/// `mxgate_proxy_headers_pending` while held.
-pub struct HeaderWait {
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    gauge: metrics::Gauge,
-}
-
-impl Drop for HeaderWait {
-    fn drop(&mut self) {
-        self.gauge.decrement(1.0);
-    }
-}
-
-/// What the accept loop does with a new connection, decided without waiting.
-pub enum Triage {
-    /// Refused with a one-line reply, which the accept loop can send and linger on itself.
-    /// The refusal is already counted.
-    Refuse(RejectReason, Arc<Live>),
-    /// Anything else goes on in the connection's own task.
-    Task(Start),
-}
-
-/// Where a connection's task starts.
-pub enum Start {
-    /// Admission waits for a trusted upstream's PROXY header, which has to be read first.
-    AfterHeader(Arc<Live>, HeaderWait),
-    /// Admitted by the accept loop.
-    Admitted(Guard, Arc<Live>),
-    /// Refused with more than a line: the denied client's dialogue, or a line that has to
-    /// be written asynchronously.
-    Refused(RejectReason, Arc<Live>),
-}
+use crate::reason::RejectReason;
+use crate::reply::display_source;
+use crate::server::gate::{Gate, HeaderWait, Live, Start};
 
 impl Gate {
-    /// Decides a new connection in the accept loop: admission needs no I/O unless a PROXY
-    /// header has to be read first.
-    pub fn triage(&self, peer: SocketAddr) -> Triage {
-        let live = self.live.load_full();
-        let ip = peer.ip().to_canonical();
-        if self.draining.load(Ordering::Acquire) {
-            self.count_refusal(RejectReason::Draining, ip, &live);
-            return Triage::Refuse(RejectReason::Draining, live);
-        }
-        if !live.config.accept_proxy_protocol.is_empty() {
-            let Ok(slot) = self.headers.clone().try_acquire_owned() else {
-                self.count_refusal(RejectReason::GlobalLimit, ip, &live);
-                return Triage::Refuse(RejectReason::GlobalLimit, live);
-            };
-            let gauge = self.metrics.proxy_headers_pending.clone();
-            gauge.increment(1.0);
-            return Triage::Task(Start::AfterHeader(live, HeaderWait { _slot: slot, gauge }));
-        }
-        match self.admit(ip, &live) {
-            Ok(guard) => Triage::Task(Start::Admitted(guard, live)),
-            Err(RejectReason::Denied) => Triage::Task(Start::Refused(RejectReason::Denied, live)),
-            Err(reason) => Triage::Refuse(reason, live),
-        }
-    }
-
-    /// Admission for `ip`, with the dry run's would-be refusal or the refusal counted.
-    fn admit(&self, ip: IpAddr, live: &Live) -> Result<Guard, RejectReason> {
-        match self.admission.admit(&live.policy, ip) {
-            Ok(admitted) => {
-                if let Some(r) = admitted.would_reject {
-                    self.metrics.rejected_dry_run(r).increment(1);
-                    self.summary
-                        .record_dry_run(r, live.policy.default.source_key(ip));
-                }
-                Ok(admitted.guard)
-            }
-            Err(reason) => {
-                self.count_refusal(reason, ip, live);
-                Err(reason)
-            }
-        }
-    }
-
     /// A connection's task, from where [`Gate::triage`] left it to the end.
     ///
     /// Two phases, so that an idle session's task holds no more than it needs. Everything up
@@ -212,18 +85,7 @@ impl Gate {
                 self.prepare(client, guard, origin, live, Instant::now())
                     .await
             }
-            Start::Refused(reason, live) => {
-                self.answer(client, reason, &live).await;
-                None
-            }
         }
-    }
-
-    /// Counts a refusal in the metrics and the periodic summary.
-    fn count_refusal(&self, reason: RejectReason, ip: IpAddr, live: &Live) {
-        self.metrics.rejected(reason).increment(1);
-        self.summary
-            .record(reason, live.policy.classify(ip).rule.source_key(ip));
     }
 
     /// A connection from a load balancer that must be trusted and send a PROXY header: the
@@ -259,7 +121,7 @@ impl Gate {
                     .await
             }
             Err(reason) => {
-                self.answer(client, reason, &live).await;
+                self.closer.refuse(client, reason, &live.replies).await;
                 None
             }
         }
@@ -268,21 +130,7 @@ impl Gate {
     /// Counts a refusal, answers the client for `reason` and closes; no backend is involved.
     async fn reject(&self, client: TcpStream, reason: RejectReason, ip: IpAddr, live: &Live) {
         self.count_refusal(reason, ip, live);
-        self.answer(client, reason, live).await
-    }
-
-    /// Answers the client for an already counted refusal, and closes.
-    async fn answer(&self, client: TcpStream, reason: RejectReason, live: &Live) {
-        match reason {
-            RejectReason::Denied => self.closer.deny(client, &live.replies).await,
-            // A broken or untrusted upstream gets no SMTP text: it is not an SMTP client.
-            RejectReason::BadProxyHeader => drop(client),
-            _ => {
-                self.closer
-                    .reply_and_close(client, live.replies.line(reason))
-                    .await;
-            }
-        }
+        self.closer.refuse(client, reason, &live.replies).await
     }
 
     /// Records and logs how a forwarded session went.
@@ -334,7 +182,8 @@ impl Gate {
             };
             SocketAddr::new(ip, port)
         });
-        let (mut backend, lease) = match self.connect_backend(&live, source).await {
+        let deadline = deadline_after(config.connect_timeout);
+        let (mut backend, lease) = match live.pool.connect(config, source, deadline).await {
             Ok(connected) => connected,
             Err(reason) => {
                 drop(guard);
@@ -398,45 +247,6 @@ async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool
         tokio::time::timeout(limit, backend.peek(&mut probe)).await,
         Ok(Ok(1))
     )
-}
-
-impl Gate {
-    /// Picks a backend and connects to it, falling through to the next healthy one on a
-    /// connect failure, all within one connect-timeout budget: no byte has reached the client
-    /// yet, so a failure here is still invisible to it. Only the backend's own failures count
-    /// against its health; one caused by the client's address or mxgate's own socket never does.
-    async fn connect_backend(
-        &self,
-        live: &Live,
-        source: Option<SocketAddr>,
-    ) -> Result<(TcpStream, Lease), RejectReason> {
-        let config = &live.config;
-        let deadline = deadline_after(config.connect_timeout);
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        loop {
-            let lease = match live.pool.select(&tried, source.map(|s| s.ip())) {
-                Ok(l) => l,
-                Err(_) if !tried.is_empty() => return Err(RejectReason::BackendUnavailable),
-                Err(NoBackend::AllFull) => return Err(RejectReason::GlobalLimit),
-                Err(NoBackend::AllDown) => return Err(RejectReason::BackendUnavailable),
-            };
-            let addr = lease.member.addr;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(RejectReason::BackendUnavailable);
-            }
-            match backend::connect(addr, left, source).await {
-                Ok(s) => return Ok((s, lease)),
-                Err(e) => {
-                    tracing::debug!(backend = %lease.member.label, error = %e, "backend connect failed; trying the next");
-                    if config.health_checks && e.is_backend_fault() {
-                        lease.member.observe(false, config.fall, config.rise);
-                    }
-                    tried.push(addr);
-                }
-            }
-        }
-    }
 }
 
 /// `after` from now, or as far as the clock goes: a deadline never overflows.

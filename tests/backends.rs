@@ -276,13 +276,13 @@ async fn scripted(greeting: &'static [u8]) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_reads_multi_line_greetings_and_fails_a_421() {
     let multi = scripted(b"220-mx.example.com ESMTP\r\n220-please wait\r\n220 ready\r\n").await;
-    assert!(mxgate::backends::check(multi, Duration::from_secs(2)).await);
+    assert!(mxgate::backend::check(multi, Duration::from_secs(2)).await);
     let busy = scripted(b"421 4.3.2 busy\r\n").await;
-    assert!(!mxgate::backends::check(busy, Duration::from_secs(2)).await);
+    assert!(!mxgate::backend::check(busy, Duration::from_secs(2)).await);
     let truncated = scripted(b"220-first line only\r\n").await;
-    assert!(!mxgate::backends::check(truncated, Duration::from_millis(300)).await);
+    assert!(!mxgate::backend::check(truncated, Duration::from_millis(300)).await);
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    assert!(!mxgate::backends::check(dead, Duration::from_secs(1)).await);
+    assert!(!mxgate::backend::check(dead, Duration::from_secs(1)).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

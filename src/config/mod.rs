@@ -344,10 +344,17 @@ pub struct ConfigError {
     /// The key, as written in the file (`replies.global_limit`); empty for a whole-file error.
     pub key: String,
     pub reason: String,
+    /// The line of the file the key is on, when the value came from the file.
+    pub line: Option<usize>,
+    /// The flag (`--max-connections`), when the value came from the command line.
+    pub flag: Option<String>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(flag) = &self.flag {
+            return write!(f, "command line: flag `{flag}`: {}", self.reason);
+        }
         match &self.file {
             Some(p) => write!(f, "config file {}", p.display())?,
             None => f.write_str("command line")?,
@@ -355,7 +362,11 @@ impl fmt::Display for ConfigError {
         if !self.key.is_empty() {
             write!(f, ": key `{}`", self.key)?;
         }
-        write!(f, ": {}", self.reason)
+        write!(f, ": {}", self.reason)?;
+        match self.line {
+            Some(line) => write!(f, " (line {line})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -366,6 +377,8 @@ impl Settings {
             file: Some(path.to_path_buf()),
             key,
             reason,
+            line: None,
+            flag: None,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(String::new(), e.to_string()))?;
         Self::from_toml(&text).map_err(|(key, reason)| err(key, reason))
@@ -496,15 +509,51 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads the file (if any), overlays the flags, and validates the result.
+    /// Loads the file (if any), overlays the flags, and validates the result. An error names
+    /// where the bad value came from: the flag, or the file's key and line.
     pub fn load(file: Option<&Path>, flags: Settings) -> Result<Config, ConfigError> {
-        let base = match file {
-            Some(p) => Settings::from_file(p)?,
-            None => Settings::default(),
+        let (base, text) = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    file: Some(p.to_path_buf()),
+                    key: String::new(),
+                    reason: e.to_string(),
+                    line: None,
+                    flag: None,
+                })?;
+                let base = Settings::from_toml(&text).map_err(|(key, reason)| ConfigError {
+                    file: Some(p.to_path_buf()),
+                    key,
+                    reason,
+                    line: None,
+                    flag: None,
+                })?;
+                (base, text)
+            }
+            None => (Settings::default(), String::new()),
         };
-        // A flag's error names the command line, not the file.
-        let merged = base.merge(flags);
-        merged.validate(file)
+        let from_flags = flags.keys_set();
+        base.merge(flags)
+            .check()
+            .map_err(|validate::Bad(key, reason)| {
+                let root = key.split(['.', '[']).next().unwrap_or("").to_string();
+                if from_flags.contains(&root) || file.is_none() {
+                    return ConfigError {
+                        file: None,
+                        flag: Some(format!("--{}", root.replace('_', "-"))),
+                        key,
+                        reason,
+                        line: None,
+                    };
+                }
+                ConfigError {
+                    file: file.map(Path::to_path_buf),
+                    line: line_of(&text, &root),
+                    key,
+                    reason,
+                    flag: None,
+                }
+            })
     }
 
     /// A test-friendly config: listen on loopback port 0, metrics on port 0.
@@ -577,6 +626,30 @@ impl Config {
         };
         toml::to_string(&s).expect("settings serialise")
     }
+}
+
+impl Settings {
+    /// The top-level keys these settings give a value to (the flags an operator passed).
+    fn keys_set(&self) -> Vec<String> {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The line on which `key` is set in a TOML `text`: a `key =` line, or the `[key]` or
+/// `[[key]]` table header (`network` for `[[network]]`).
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let table = if key == "networks" { "network" } else { key };
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+                || l.trim_start_matches('[').starts_with(&format!("{table}]"))
+        })
+        .map(|i| i + 1)
 }
 
 /// The toml error's own message plus the line it points at, without its multi-line snippet.

@@ -1,265 +1,366 @@
 //! Validation: raw [`Settings`] into a typed [`Config`], every value checked, every default
-//! filled. Each error names the key it is about.
+//! filled. One short function per concern; each error names the key it is about, and the
+//! caller ([`Settings::validate`]) says where that key's value came from.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use super::*;
 
+/// A validation failure: the key (as written in the file) and the reason.
+pub(super) struct Bad(pub String, pub String);
+
+fn bad(key: &str, reason: impl Into<String>) -> Bad {
+    Bad(key.to_string(), reason.into())
+}
+
 impl Settings {
     /// Checks every value and fills every default. `file` only labels the errors.
     pub fn validate(self, file: Option<&Path>) -> Result<Config, ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
+        self.check().map_err(|Bad(key, reason)| ConfigError {
             file: file.map(Path::to_path_buf),
-            key: key.to_string(),
+            key,
             reason,
-        };
-        // A duration that must be positive when set, with its default otherwise.
-        let positive = |key: &str, set: Option<Dur>, default: Duration| match set {
-            Some(d) if d.0.is_zero() => Err(err(key, "must be more than zero".into())),
-            Some(d) => bounded(d.0).map_err(|e| err(key, e)),
-            None => Ok(default),
-        };
-        let listen: Vec<SocketAddr> = if self.listen.is_empty() {
-            vec![DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses")]
-        } else {
-            self.listen.iter().map(|l| l.0).collect()
-        };
-        for (i, a) in listen.iter().enumerate() {
-            if listen[..i].contains(a) {
-                return Err(err("listen", format!("{a} is listed twice")));
-            }
-        }
-        if !self.backend.is_empty() && !self.backends.is_empty() {
-            return Err(err(
-                "backends",
-                "use either backend or backends, not both".into(),
-            ));
-        }
-        let (key, backends) = if self.backends.is_empty() {
-            ("backend", self.backend)
-        } else {
-            ("backends", self.backends)
-        };
-        if backends.is_empty() {
-            return Err(err(
-                "backend",
-                "is required: the mail server to forward to".into(),
-            ));
-        }
-        for (i, b) in backends.iter().enumerate() {
-            if backends[..i]
-                .iter()
-                .any(|o| o.address.addr == b.address.addr)
-            {
-                return Err(err(key, format!("{} is listed twice", b.address)));
-            }
-        }
-        if backends.iter().all(|b| b.backup) {
-            return Err(err(key, "at least one backend must not be a backup".into()));
-        }
-        let health_interval = positive(
-            "health_interval",
-            self.health_interval,
-            DEFAULT_HEALTH_INTERVAL,
-        )?;
-        let (fall, rise) = (
-            self.fall.unwrap_or(DEFAULT_FALL),
-            self.rise.unwrap_or(DEFAULT_RISE),
-        );
-        if fall == 0 {
-            return Err(err("fall", "must be at least 1".into()));
-        }
-        if rise == 0 {
-            return Err(err("rise", "must be at least 1".into()));
-        }
-        let ipv4_prefix = self.ipv4_prefix.unwrap_or(DEFAULT_IPV4_PREFIX);
-        if ipv4_prefix > 32 {
-            return Err(err(
-                "ipv4_prefix",
-                format!("{ipv4_prefix} is not in 0..=32"),
-            ));
-        }
-        let ipv6_prefix = self.ipv6_prefix.unwrap_or(DEFAULT_IPV6_PREFIX);
-        if ipv6_prefix > 128 {
-            return Err(err(
-                "ipv6_prefix",
-                format!("{ipv6_prefix} is not in 0..=128"),
-            ));
-        }
-        let ipv6_network_prefix = self
-            .ipv6_network_prefix
-            .unwrap_or(DEFAULT_IPV6_NETWORK_PREFIX);
-        if ipv6_network_prefix > 128 {
-            return Err(err(
-                "ipv6_network_prefix",
-                format!("{ipv6_network_prefix} is not in 0..=128"),
-            ));
-        }
-        let hostname = match self.hostname {
-            Some(h) => h,
-            None => system_hostname().map_err(|e| {
-                err(
-                    "hostname",
-                    format!("not set, and the system host name is unusable: {e}"),
-                )
-            })?,
-        };
-        value::validate_hostname(&hostname).map_err(|e| err("hostname", e))?;
-        let connect_timeout = positive(
-            "connect_timeout",
-            self.connect_timeout,
-            DEFAULT_CONNECT_TIMEOUT,
-        )?;
-        let idle_timeout = positive("idle_timeout", self.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
-        let half_close_timeout = positive(
-            "half_close_timeout",
-            self.half_close_timeout,
-            DEFAULT_HALF_CLOSE_TIMEOUT,
-        )?;
-        let metrics = match self.metrics {
-            Some(MetricsAddr::On(a)) => Some(a),
-            Some(MetricsAddr::Off) => None,
-            None => Some(
-                DEFAULT_METRICS
-                    .parse()
-                    .expect("default metrics address parses"),
-            ),
-        };
-        if let Some(m) = metrics {
-            if m.port() != 0 && listen.contains(&m) {
-                return Err(err("metrics", format!("{m} is also a listen address")));
-            }
-        }
-        let forwarding = self.forwarding.unwrap_or_default();
-        if forwarding == Forwarding::Splice && !cfg!(target_os = "linux") {
-            return Err(err(
-                "forwarding",
-                "splice is only available on Linux".into(),
-            ));
-        }
-        let pipe_size = self.pipe_size.map_or(DEFAULT_PIPE_SIZE, |s| s.0);
-        if !(4096..=1 << 30).contains(&pipe_size) {
-            return Err(err(
-                "pipe_size",
-                format!("{pipe_size} is not between 4KiB and 1GiB"),
-            ));
-        }
-        let threads = self.threads.unwrap_or(0);
-        if threads > MAX_THREADS {
-            return Err(err(
-                "threads",
-                format!("{threads} is more than {MAX_THREADS}"),
-            ));
-        }
-        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-        if max_connections > MAX_CONNECTIONS {
-            return Err(err(
-                "max_connections",
-                format!("{max_connections} is more than {MAX_CONNECTIONS}"),
-            ));
-        }
-        let reserved_for_allowed = self.reserved_for_allowed.unwrap_or(0);
-        if reserved_for_allowed > max_connections {
-            return Err(err(
-                "reserved_for_allowed",
-                format!("{reserved_for_allowed} is more than max_connections ({max_connections})"),
-            ));
-        }
-        let max_per_ipv6_network = match self.max_per_ipv6_network {
-            Some(0) => return Err(err("max_per_ipv6_network", "must be at least 1".into())),
-            Some(n) => n,
-            None => (max_connections / DEFAULT_IPV6_NETWORK_SHARE_DIVISOR).max(1),
-        };
-        if reserved_for_allowed > 0 && self.allow.is_empty() {
-            return Err(err(
-                "reserved_for_allowed",
-                "has no effect without an allow list".into(),
-            ));
-        }
-        validate_rate(self.rate_per_source, self.rate_burst).map_err(|(k, e)| err(k, e))?;
-        let allow: Vec<_> = self.allow.iter().map(|c| c.0).collect();
-        let deny: Vec<_> = self.deny.iter().map(|c| c.0).collect();
-        if let Some(both) = allow.iter().find(|a| deny.contains(a)) {
-            return Err(err("deny", format!("{both} is in both allow and deny")));
-        }
-        for (i, rule) in self.networks.iter().enumerate() {
-            let key = |k: &str| format!("network[{i}].{k}");
-            validate_rule(rule, self.rate_per_source, self.rate_burst)
-                .map_err(|(k, e)| err(&key(k), e))?;
-            if self.networks[..i].iter().any(|r| r.cidr == rule.cidr) {
-                return Err(err(&key("cidr"), format!("{} is listed twice", rule.cidr)));
-            }
-        }
-        let backend_greeting_timeout = match self.backend_greeting_timeout {
-            Some(d) => Some(positive("backend_greeting_timeout", Some(d), d.0)?),
-            None => None,
-        };
-        let drain_timeout = match self.drain_timeout {
-            Some(d) => bounded(d.0).map_err(|e| err("drain_timeout", e))?,
-            None => DEFAULT_DRAIN_TIMEOUT,
-        };
-        let transparent = self.transparent.unwrap_or(false);
-        let transparent_port = self.transparent_port.unwrap_or(false);
-        if transparent_port && !transparent {
-            return Err(err(
-                "transparent_port",
-                "has no effect without transparent".into(),
-            ));
-        }
-        let proxy_header_timeout = positive(
-            "proxy_header_timeout",
-            self.proxy_header_timeout,
-            DEFAULT_PROXY_HEADER_TIMEOUT,
-        )?;
-        if self.proxy_header_timeout.is_some() && self.accept_proxy_protocol.is_empty() {
-            return Err(err(
-                "proxy_header_timeout",
-                "has no effect without accept_proxy_protocol".into(),
-            ));
-        }
+            line: None,
+            flag: None,
+        })
+    }
+
+    /// Validation proper: every concern in turn, first error wins.
+    pub(super) fn check(self) -> Result<Config, Bad> {
+        let (listen, metrics) = listeners(&self)?;
+        let backends = backends(&self)?;
+        let limits = limits(&self)?;
+        let timeouts = timeouts(&self)?;
+        let edge = transparency_and_proxy(&self)?;
+        let moving = forwarding(&self)?;
+        let hostname = hostname(self.hostname.clone())?;
         Ok(Config {
-            transparent,
-            transparent_port,
-            proxy_protocol: self.proxy_protocol,
-            accept_proxy_protocol: self.accept_proxy_protocol.iter().map(|c| c.0).collect(),
-            proxy_header_timeout,
-            backend_greeting_timeout,
-            drain_timeout,
+            listen,
+            metrics,
+            health_checks: backends.list.len() > 1 || self.health_interval.is_some(),
+            backends: backends.list,
+            balance: self.balance.unwrap_or_default(),
+            health_interval: backends.health_interval,
+            fall: backends.fall,
+            rise: backends.rise,
+            max_connections: limits.max_connections,
+            max_per_source: self.max_per_source.unwrap_or(DEFAULT_MAX_PER_SOURCE),
+            ipv4_prefix: limits.ipv4_prefix,
+            ipv6_prefix: limits.ipv6_prefix,
+            ipv6_network_prefix: limits.ipv6_network_prefix,
+            max_per_ipv6_network: limits.max_per_ipv6_network,
+            reserved_for_allowed: limits.reserved_for_allowed,
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
-            allow,
-            deny,
-            reserved_for_allowed,
+            allow: limits.allow,
+            deny: limits.deny,
             dry_run: self.dry_run.unwrap_or(false),
             networks: self.networks,
-            forwarding,
-            pipe_size,
-            threads,
-            listen,
-            health_checks: backends.len() > 1 || self.health_interval.is_some(),
-            backends,
-            balance: self.balance.unwrap_or_default(),
-            health_interval,
-            fall,
-            rise,
-            max_connections,
-            max_per_source: self.max_per_source.unwrap_or(DEFAULT_MAX_PER_SOURCE),
-            ipv4_prefix,
-            ipv6_prefix,
-            ipv6_network_prefix,
-            max_per_ipv6_network,
             hostname,
-            metrics,
-            connect_timeout,
-            idle_timeout,
-            half_close_timeout,
+            connect_timeout: timeouts.connect,
+            idle_timeout: timeouts.idle,
+            half_close_timeout: timeouts.half_close,
+            backend_greeting_timeout: timeouts.greeting,
+            drain_timeout: timeouts.drain,
+            transparent: edge.transparent,
+            transparent_port: edge.transparent_port,
+            proxy_protocol: self.proxy_protocol,
+            accept_proxy_protocol: edge.accept_proxy_protocol,
+            proxy_header_timeout: edge.proxy_header_timeout,
+            forwarding: moving.forwarding,
+            pipe_size: moving.pipe_size,
+            threads: moving.threads,
             log_format: self.log_format.unwrap_or_default(),
             replies: self.replies.unwrap_or_default(),
         })
     }
+}
+
+/// A duration that must be positive when set, within range, with its default otherwise.
+fn positive(key: &str, set: Option<Dur>, default: Duration) -> Result<Duration, Bad> {
+    match set {
+        Some(d) if d.0.is_zero() => Err(bad(key, "must be more than zero")),
+        Some(d) => bounded(d.0).map_err(|e| bad(key, e)),
+        None => Ok(default),
+    }
+}
+
+/// Where clients and scrapers connect.
+fn listeners(s: &Settings) -> Result<(Vec<SocketAddr>, Option<SocketAddr>), Bad> {
+    let listen: Vec<SocketAddr> = if s.listen.is_empty() {
+        vec![DEFAULT_LISTEN
+            .parse()
+            .expect("default listen address parses")]
+    } else {
+        s.listen.iter().map(|l| l.0).collect()
+    };
+    for (i, a) in listen.iter().enumerate() {
+        if listen[..i].contains(a) {
+            return Err(bad("listen", format!("{a} is listed twice")));
+        }
+    }
+    let metrics = match s.metrics {
+        Some(MetricsAddr::On(a)) => Some(a),
+        Some(MetricsAddr::Off) => None,
+        None => Some(
+            DEFAULT_METRICS
+                .parse()
+                .expect("default metrics address parses"),
+        ),
+    };
+    if let Some(m) = metrics {
+        if m.port() != 0 && listen.contains(&m) {
+            return Err(bad("metrics", format!("{m} is also a listen address")));
+        }
+    }
+    Ok((listen, metrics))
+}
+
+/// The backends and their health checking.
+struct Backends {
+    list: Vec<BackendSpec>,
+    health_interval: Duration,
+    fall: u32,
+    rise: u32,
+}
+
+fn backends(s: &Settings) -> Result<Backends, Bad> {
+    if !s.backend.is_empty() && !s.backends.is_empty() {
+        return Err(bad("backends", "use either backend or backends, not both"));
+    }
+    let (key, list) = if s.backends.is_empty() {
+        ("backend", s.backend.clone())
+    } else {
+        ("backends", s.backends.clone())
+    };
+    if list.is_empty() {
+        return Err(bad("backend", "is required: the mail server to forward to"));
+    }
+    for (i, b) in list.iter().enumerate() {
+        if list[..i].iter().any(|o| o.address.addr == b.address.addr) {
+            return Err(bad(key, format!("{} is listed twice", b.address)));
+        }
+    }
+    if list.iter().all(|b| b.backup) {
+        return Err(bad(key, "at least one backend must not be a backup"));
+    }
+    let health_interval = positive(
+        "health_interval",
+        s.health_interval,
+        DEFAULT_HEALTH_INTERVAL,
+    )?;
+    let (fall, rise) = (
+        s.fall.unwrap_or(DEFAULT_FALL),
+        s.rise.unwrap_or(DEFAULT_RISE),
+    );
+    if fall == 0 {
+        return Err(bad("fall", "must be at least 1"));
+    }
+    if rise == 0 {
+        return Err(bad("rise", "must be at least 1"));
+    }
+    Ok(Backends {
+        list,
+        health_interval,
+        fall,
+        rise,
+    })
+}
+
+/// The connection limits and the source policy.
+struct Limits {
+    max_connections: usize,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+    ipv6_network_prefix: u8,
+    max_per_ipv6_network: usize,
+    reserved_for_allowed: usize,
+    allow: Vec<ipnet::IpNet>,
+    deny: Vec<ipnet::IpNet>,
+}
+
+fn prefix(key: &str, set: Option<u8>, default: u8, max: u8) -> Result<u8, Bad> {
+    let p = set.unwrap_or(default);
+    if p > max {
+        return Err(bad(key, format!("{p} is not in 0..={max}")));
+    }
+    Ok(p)
+}
+
+fn limits(s: &Settings) -> Result<Limits, Bad> {
+    let ipv4_prefix = prefix("ipv4_prefix", s.ipv4_prefix, DEFAULT_IPV4_PREFIX, 32)?;
+    let ipv6_prefix = prefix("ipv6_prefix", s.ipv6_prefix, DEFAULT_IPV6_PREFIX, 128)?;
+    let ipv6_network_prefix = prefix(
+        "ipv6_network_prefix",
+        s.ipv6_network_prefix,
+        DEFAULT_IPV6_NETWORK_PREFIX,
+        128,
+    )?;
+    let max_connections = s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections > MAX_CONNECTIONS {
+        return Err(bad(
+            "max_connections",
+            format!("{max_connections} is more than {MAX_CONNECTIONS}"),
+        ));
+    }
+    let max_per_ipv6_network = match s.max_per_ipv6_network {
+        Some(0) => return Err(bad("max_per_ipv6_network", "must be at least 1")),
+        Some(n) => n,
+        None => (max_connections / DEFAULT_IPV6_NETWORK_SHARE_DIVISOR).max(1),
+    };
+    let reserved_for_allowed = s.reserved_for_allowed.unwrap_or(0);
+    if reserved_for_allowed > max_connections {
+        return Err(bad(
+            "reserved_for_allowed",
+            format!("{reserved_for_allowed} is more than max_connections ({max_connections})"),
+        ));
+    }
+    if reserved_for_allowed > 0 && s.allow.is_empty() {
+        return Err(bad(
+            "reserved_for_allowed",
+            "has no effect without an allow list",
+        ));
+    }
+    validate_rate(s.rate_per_source, s.rate_burst).map_err(|(k, e)| bad(k, e))?;
+    let allow: Vec<_> = s.allow.iter().map(|c| c.0).collect();
+    let deny: Vec<_> = s.deny.iter().map(|c| c.0).collect();
+    if let Some(both) = allow.iter().find(|a| deny.contains(a)) {
+        return Err(bad("deny", format!("{both} is in both allow and deny")));
+    }
+    for (i, rule) in s.networks.iter().enumerate() {
+        let key = |k: &str| format!("network[{i}].{k}");
+        validate_rule(rule, s.rate_per_source, s.rate_burst).map_err(|(k, e)| bad(&key(k), e))?;
+        if s.networks[..i].iter().any(|r| r.cidr == rule.cidr) {
+            return Err(bad(&key("cidr"), format!("{} is listed twice", rule.cidr)));
+        }
+    }
+    Ok(Limits {
+        max_connections,
+        ipv4_prefix,
+        ipv6_prefix,
+        ipv6_network_prefix,
+        max_per_ipv6_network,
+        reserved_for_allowed,
+        allow,
+        deny,
+    })
+}
+
+/// Every timeout.
+struct Timeouts {
+    connect: Duration,
+    idle: Duration,
+    half_close: Duration,
+    greeting: Option<Duration>,
+    drain: Duration,
+}
+
+fn timeouts(s: &Settings) -> Result<Timeouts, Bad> {
+    let greeting = match s.backend_greeting_timeout {
+        Some(d) => Some(positive("backend_greeting_timeout", Some(d), d.0)?),
+        None => None,
+    };
+    let drain = match s.drain_timeout {
+        Some(d) => bounded(d.0).map_err(|e| bad("drain_timeout", e))?,
+        None => DEFAULT_DRAIN_TIMEOUT,
+    };
+    Ok(Timeouts {
+        connect: positive(
+            "connect_timeout",
+            s.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        idle: positive("idle_timeout", s.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+        half_close: positive(
+            "half_close_timeout",
+            s.half_close_timeout,
+            DEFAULT_HALF_CLOSE_TIMEOUT,
+        )?,
+        greeting,
+        drain,
+    })
+}
+
+/// Source transparency and the PROXY protocol, both ways.
+struct Edge {
+    transparent: bool,
+    transparent_port: bool,
+    accept_proxy_protocol: Vec<ipnet::IpNet>,
+    proxy_header_timeout: Duration,
+}
+
+fn transparency_and_proxy(s: &Settings) -> Result<Edge, Bad> {
+    let transparent = s.transparent.unwrap_or(false);
+    let transparent_port = s.transparent_port.unwrap_or(false);
+    if transparent_port && !transparent {
+        return Err(bad("transparent_port", "has no effect without transparent"));
+    }
+    let proxy_header_timeout = positive(
+        "proxy_header_timeout",
+        s.proxy_header_timeout,
+        DEFAULT_PROXY_HEADER_TIMEOUT,
+    )?;
+    if s.proxy_header_timeout.is_some() && s.accept_proxy_protocol.is_empty() {
+        return Err(bad(
+            "proxy_header_timeout",
+            "has no effect without accept_proxy_protocol",
+        ));
+    }
+    Ok(Edge {
+        transparent,
+        transparent_port,
+        accept_proxy_protocol: s.accept_proxy_protocol.iter().map(|c| c.0).collect(),
+        proxy_header_timeout,
+    })
+}
+
+/// How bytes move, and on how many threads.
+struct Moving {
+    forwarding: Forwarding,
+    pipe_size: usize,
+    threads: usize,
+}
+
+fn forwarding(s: &Settings) -> Result<Moving, Bad> {
+    let forwarding = s.forwarding.unwrap_or_default();
+    if forwarding == Forwarding::Splice && !cfg!(target_os = "linux") {
+        return Err(bad("forwarding", "splice is only available on Linux"));
+    }
+    let pipe_size = s.pipe_size.map_or(DEFAULT_PIPE_SIZE, |s| s.0);
+    if !(4096..=1 << 30).contains(&pipe_size) {
+        return Err(bad(
+            "pipe_size",
+            format!("{pipe_size} is not between 4KiB and 1GiB"),
+        ));
+    }
+    let threads = s.threads.unwrap_or(0);
+    if threads > MAX_THREADS {
+        return Err(bad(
+            "threads",
+            format!("{threads} is more than {MAX_THREADS}"),
+        ));
+    }
+    Ok(Moving {
+        forwarding,
+        pipe_size,
+        threads,
+    })
+}
+
+/// The name in mxgate's own replies: as set, or the system's.
+fn hostname(set: Option<String>) -> Result<String, Bad> {
+    let hostname = match set {
+        Some(h) => h,
+        None => system_hostname().map_err(|e| {
+            bad(
+                "hostname",
+                format!("not set, and the system host name is unusable: {e}"),
+            )
+        })?,
+    };
+    value::validate_hostname(&hostname).map_err(|e| bad("hostname", e))?;
+    Ok(hostname)
 }
 
 /// A duration within [`MAX_DURATION`]: longer is a typo, and could not be added to a clock.

@@ -30,8 +30,6 @@ use tokio::io::Interest;
 use super::copy::{self, Burst};
 use super::{write_ready, Flow, Side};
 
-/// The pipe size asked for when none is configured.
-pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 /// The most pipes a privileged process keeps in existence; each costs two descriptors.
 const MAX_PIPES_PRIVILEGED: usize = 1024;
 /// The fewest pipes a pool allows, so splice is used at all under a tiny quota.

@@ -398,6 +398,48 @@ pub async fn ramp(base: &Options, ramp: Ramp) -> RampReport {
     }
 }
 
+impl RampReport {
+    /// The ramp as the operator reads it: a table and the recommendation, or one JSON object.
+    pub fn render(&self, json: bool) -> String {
+        if json {
+            let steps: Vec<_> = self
+                .steps
+                .iter()
+                .map(|s| serde_json::json!({"concurrency": s.concurrency, "summary": s.stats.to_json()}))
+                .collect();
+            let out = serde_json::json!({
+                "steps": steps,
+                "knee": self.knee,
+                "recommended": {
+                    "max_connections": self.max_connections,
+                    "max_per_source": self.max_per_source,
+                },
+                "reasoning": self.reasoning,
+            });
+            return format!("{out}\n");
+        }
+        let mut out = format!(
+            "{:>12}{:>16}{:>10}{:>14}\n",
+            "concurrency", "delivered/s", "refused", "p99 µs"
+        );
+        for s in &self.steps {
+            let rate = s.stats.delivered as f64 / s.stats.elapsed.as_secs_f64().max(1e-9);
+            out += &format!(
+                "{:>12}{:>16.1}{:>10}{:>14}\n",
+                s.concurrency,
+                rate,
+                s.stats.refused_total(),
+                s.stats.session.value_at_quantile(0.99)
+            );
+        }
+        out += &format!(
+            "\nrecommended: max_connections = {}, max_per_source = {}\n\n{}\n",
+            self.max_connections, self.max_per_source, self.reasoning
+        );
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

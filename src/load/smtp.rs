@@ -5,13 +5,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, Instant};
 
-/// Longest reply line, and most lines in one reply, accepted from a server.
-const MAX_REPLY_LINE: usize = 2048;
-const MAX_REPLY_LINES: usize = 64;
+use crate::smtp::{read_reply, Failure, Reply};
 
 /// How one session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,17 +31,6 @@ pub struct Measured {
     pub greeting: Option<Duration>,
     /// Connect to the end of the session.
     pub session: Duration,
-}
-
-/// A reply: its code and the text of its last line.
-struct Reply {
-    code: u16,
-    text: String,
-}
-
-enum Failure {
-    Timeout,
-    Broken,
 }
 
 /// Runs one transaction against `target`, from `source` when given.
@@ -115,47 +102,6 @@ async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<
     socket.connect(target).await
 }
 
-/// Reads a complete reply: `250-...` lines continue until `250 ...`.
-async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    step: Duration,
-) -> Result<Reply, Failure> {
-    let read = async {
-        let mut line = Vec::with_capacity(128);
-        for _ in 0..MAX_REPLY_LINES {
-            line.clear();
-            let n = tokio::io::AsyncReadExt::take(&mut *r, MAX_REPLY_LINE as u64)
-                .read_until(b'\n', &mut line)
-                .await
-                .map_err(|_| Failure::Broken)?;
-            if n == 0 || !line.ends_with(b"\n") || line.len() < 3 {
-                return Err(Failure::Broken);
-            }
-            let text = String::from_utf8_lossy(&line).trim_end().to_string();
-            let code: u16 = text
-                .get(..3)
-                .and_then(|c| c.parse().ok())
-                .ok_or(Failure::Broken)?;
-            match text.as_bytes().get(3) {
-                Some(b'-') => continue,
-                Some(b' ') | None => return Ok(Reply { code, text }),
-                Some(_) => return Err(Failure::Broken),
-            }
-        }
-        Err(Failure::Broken)
-    };
-    timeout(step, read).await.map_err(|_| Failure::Timeout)?
-}
-
-/// The code of one complete (possibly multi-line) reply, or `None` on a timeout, a close or
-/// anything that is not a reply. Shared with the backend health check.
-pub(crate) async fn reply_code<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    step: Duration,
-) -> Option<u16> {
-    read_reply(r, step).await.ok().map(|reply| reply.code)
-}
-
 /// `421 4.7.0` from `421 4.7.0 mx Too many ...`; just `421` without an enhanced code.
 fn reply_key(reply: &Reply) -> String {
     let enhanced = reply
@@ -205,18 +151,6 @@ mod tests {
         assert_eq!(k("554 5.7.1 mx Access denied"), "554 5.7.1");
         assert_eq!(k("421 Service not available"), "421");
         assert_eq!(k("421"), "421");
-    }
-
-    #[tokio::test]
-    async fn multi_line_replies_are_read_whole() {
-        let mut r = BufReader::new(&b"220-first\r\n220-second\r\n220 last\r\nnext"[..]);
-        let reply = read_reply(&mut r, Duration::from_secs(1))
-            .await
-            .ok()
-            .unwrap();
-        assert_eq!((reply.code, reply.text.as_str()), (220, "220 last"));
-        let mut bad = BufReader::new(&b"22x oops\r\n"[..]);
-        assert!(read_reply(&mut bad, Duration::from_secs(1)).await.is_err());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! Most refused connections need nothing but their one reply line and a clean close, and a
 //! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
 //! hands the socket to its [`Lingerer`]: a small level-triggered epoll set of its own, in which
-//! the socket waits for the client's FIN, read and discarded for at most [`LINGER_TIME`] and
-//! [`LINGER_BYTES`], exactly as [`crate::reply`] describes. Closing the socket removes it from the set; a
+//! the socket waits for the client's FIN, read and discarded for at most [`LINGER_TIME`](super::LINGER_TIME) and
+//! [`LINGER_BYTES`](super::LINGER_BYTES), with the same drain step as a task's close (`close::discard`). Closing the socket removes it from the set; a
 //! refusal costs accept, send, shutdown, one `epoll_ctl`, one read and the close.
 //!
 //! The line is sent with `MSG_MORE` and the half-close follows at once, so the kernel puts the
@@ -24,7 +24,8 @@ use tokio::io::Interest;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use crate::reply::{LINGER_BYTES, LINGER_TIME};
+use super::close::{discard, Drained};
+use super::LINGER_TIME;
 
 /// Events taken from the set per `epoll_wait`.
 const EVENTS: usize = 64;
@@ -210,22 +211,8 @@ impl Lingerer {
         let Some(entry) = self.open.get_mut(&fd) else {
             return;
         };
-        let mut buf = [0u8; 4096];
-        let done = loop {
-            match (&entry.socket).read(&mut buf) {
-                Ok(0) => break true,
-                Ok(n) => {
-                    entry.seen += n;
-                    if entry.seen >= LINGER_BYTES {
-                        break true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break true,
-            }
-        };
-        if done {
+        let socket = &entry.socket;
+        if discard(|buf| (&*socket).read(buf), &mut entry.seen) == Drained::Done {
             // Closing the only descriptor also takes the socket out of the epoll set.
             self.open.remove(&fd);
         }

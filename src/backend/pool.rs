@@ -1,26 +1,28 @@
-//! Several backends: choosing one per session, per-backend caps, and SMTP-aware health checks.
+//! The backend pool: choosing a backend per session, per-backend caps, and failing over.
 //!
-//! Selection happens in the session's task, after admission. Least-connections picks the
+//! Selection happens in the session's task, after admission, through [`Pool::connect`], which
+//! owns the whole failover: a session asks once for a connected backend before its deadline. Least-connections picks the
 //! healthy primary with the fewest active sessions relative to its weight, taking ties in turn;
 //! `first` is strict failover in config order. A backend at its own `max_connections` is
 //! skipped, not failed. Backups are used only when no primary is healthy.
 //!
-//! A health check connects, reads the complete greeting (multi-line `220-` replies included),
-//! sends QUIT and reads the 221. `fall` consecutive failures mark a backend down, `rise`
-//! successes mark it up again; a failed connect from a live session counts as a failure too.
-//! Members are matched by address across reloads, so health and active counts survive them.
+//! `fall` consecutive failures mark a backend down, `rise` successes mark it up again (see
+//! [`super::health`]); a failed connect from a live session counts as a failure too, but only
+//! when it is the backend's own fault. Members are matched by address across reloads, so health and active counts survive them.
 //! Every metric here is labelled by configured backend address, a bounded set.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::{Counter, Gauge};
-use tokio::io::{AsyncWriteExt, BufReader};
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::config::{BackendSpec, Balance, Config};
 use crate::metrics::Metrics;
+use crate::reason::RejectReason;
 
 /// One backend and its live state.
 pub struct Member {
@@ -47,11 +49,7 @@ pub struct Member {
 impl Member {
     fn new(spec: &BackendSpec, metrics: &Metrics) -> Member {
         let label = spec.address.text.clone();
-        let l = |extra: &[(&'static str, &'static str)]| {
-            let mut v = vec![("backend", label.clone())];
-            v.extend(extra.iter().map(|(k, val)| (*k, val.to_string())));
-            v
-        };
+        let series = metrics.backend(&label);
         let m = Member {
             addr: spec.address.addr,
             weight: AtomicU32::new(spec.weight),
@@ -61,17 +59,11 @@ impl Member {
             up: AtomicBool::new(true),
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
-            m_up: metrics.gauge_owned("mxgate_backend_up", l(&[])),
-            m_active: metrics.gauge_owned("mxgate_backend_connections_active", l(&[])),
-            m_selected: metrics.counter_owned("mxgate_backend_selected_total", l(&[])),
-            m_ok: metrics.counter_owned(
-                "mxgate_backend_health_checks_total",
-                l(&[("result", "success")]),
-            ),
-            m_fail: metrics.counter_owned(
-                "mxgate_backend_health_checks_total",
-                l(&[("result", "failure")]),
-            ),
+            m_up: series.up,
+            m_active: series.active,
+            m_selected: series.selected,
+            m_ok: series.checks_ok,
+            m_fail: series.checks_failed,
             label,
         };
         m.m_up.set(1.0);
@@ -152,7 +144,7 @@ pub enum NoBackend {
 
 /// The configured backends.
 pub struct Pool {
-    members: Vec<Arc<Member>>,
+    pub(super) members: Vec<Arc<Member>>,
     balance: Balance,
     /// Where the next tie-break starts.
     turn: AtomicUsize,
@@ -253,59 +245,40 @@ impl Pool {
         Err(NoBackend::AllFull)
     }
 
-    /// Checks every backend once, concurrently, and waits for all the checks.
-    pub async fn check_all(&self, timeout: Duration, fall: u32, rise: u32) {
-        let checks: Vec<_> = self
-            .members
-            .iter()
-            .cloned()
-            .map(|m| {
-                tokio::spawn(async move {
-                    // A check mxgate could not even start (no descriptor left) says nothing.
-                    if let Some(ok) = probe(m.addr, timeout).await {
-                        m.observe(ok, fall, rise);
+    /// A connected backend for a new session, before `deadline`: picks one and connects,
+    /// falling through to the next healthy one on a connect failure. No byte has reached the
+    /// client yet, so a failure here is still invisible to it. Only the backend's own failures
+    /// count against its health; one caused by the client's address or mxgate's own socket
+    /// never does. With `source` (transparent mode), only backends of its family are tried.
+    pub async fn connect(
+        &self,
+        config: &Config,
+        source: Option<SocketAddr>,
+        deadline: Instant,
+    ) -> Result<(TcpStream, Lease), RejectReason> {
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let lease = match self.select(&tried, source.map(|s| s.ip())) {
+                Ok(l) => l,
+                Err(_) if !tried.is_empty() => return Err(RejectReason::BackendUnavailable),
+                Err(NoBackend::AllFull) => return Err(RejectReason::GlobalLimit),
+                Err(NoBackend::AllDown) => return Err(RejectReason::BackendUnavailable),
+            };
+            let addr = lease.member.addr;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RejectReason::BackendUnavailable);
+            }
+            match super::connect(addr, left, source).await {
+                Ok(s) => return Ok((s, lease)),
+                Err(e) => {
+                    tracing::debug!(backend = %lease.member.label, error = %e, "backend connect failed; trying the next");
+                    if config.health_checks && e.is_backend_fault() {
+                        lease.member.observe(false, config.fall, config.rise);
                     }
-                })
-            })
-            .collect();
-        for c in checks {
-            let _ = c.await;
+                    tried.push(addr);
+                }
+            }
         }
     }
-}
-
-/// One SMTP health check: the whole greeting must be 2xx, and QUIT must get a 2xx.
-pub async fn check(addr: SocketAddr, timeout: Duration) -> bool {
-    probe(addr, timeout).await == Some(true)
-}
-
-/// [`check`], or `None` when mxgate's own side failed, which says nothing about the backend.
-pub async fn probe(addr: SocketAddr, timeout: Duration) -> Option<bool> {
-    match crate::backend::connect(addr, timeout, None).await {
-        Ok(stream) => Some(converse(stream, timeout).await),
-        Err(e) if e.is_backend_fault() => Some(false),
-        Err(e) => {
-            tracing::debug!(%addr, error = %e, "health check not started");
-            None
-        }
-    }
-}
-
-/// The health check's dialogue on a connected backend.
-async fn converse(stream: tokio::net::TcpStream, timeout: Duration) -> bool {
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let greeting = crate::load::smtp::reply_code(&mut r, timeout).await;
-    if greeting.is_none_or(|c| c / 100 != 2) {
-        return false;
-    }
-    if tokio::time::timeout(timeout, w.write_all(b"QUIT\r\n"))
-        .await
-        .map_or(true, |r| r.is_err())
-    {
-        return false;
-    }
-    crate::load::smtp::reply_code(&mut r, timeout)
-        .await
-        .is_some_and(|c| c / 100 == 2)
 }

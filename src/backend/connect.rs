@@ -108,25 +108,10 @@ fn local_socket(addr: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpS
 /// Sets IP_TRANSPARENT or IPV6_TRANSPARENT, so the socket may bind an address this host does
 /// not own. Needs CAP_NET_ADMIN.
 pub fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
-    if !ipv6 {
-        return socket.set_ip_transparent_v4(true);
-    }
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket descriptor, and a pointer to a c_int of exactly the size passed,
-    // as setsockopt(IPV6_TRANSPARENT) requires.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
+    if ipv6 {
+        socket.set_ip_transparent_v6(true)
     } else {
-        Err(io::Error::last_os_error())
+        socket.set_ip_transparent_v4(true)
     }
 }
 

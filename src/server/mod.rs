@@ -2,14 +2,16 @@
 //!
 //! [`start`] binds everything (or adopts inherited listeners), starts the worker threads and
 //! returns a [`Running`] handle; tests use it to run the real server in-process on port 0.
-//! Every worker runs an accept loop on every listener. An accept loop decides admission (it
-//! needs no I/O, unless a PROXY header must be read first), answers a one-line refusal itself
-//! (`linger`), and gives every other connection its own task ([`crate::session`]).
+//! Every worker runs an accept loop on every listener (`accept`). An accept loop decides
+//! admission with the shared state in [`gate`] (no I/O, unless a PROXY header must be read
+//! first), sends refusals to [`crate::reply`], and gives every other connection its own task
+//! ([`crate::session`]).
 //!
 //! A reload swaps the policy, replies, backend and timeouts for new connections at once.
 //! Sessions already forwarding are never cut and keep their slots. Settings that would need new
-//! sockets, threads or a new forwarder (listen, metrics, forwarding, pipe_size, threads,
-//! log_format) are kept as they are, with a warning naming each.
+//! sockets, threads, a new forwarder or a new security check (listen, metrics, forwarding,
+//! pipe_size, threads, log_format, transparent, transparent_port) keep their old values in
+//! force, with a warning naming each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,24 +21,22 @@ use std::time::Duration;
 use ::metrics::Counter;
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
 use crate::config::{Config, Forwarding};
 use crate::forward::{self, Mode, Traffic};
-use crate::listener::{self, AcceptErrors};
+use crate::listener;
 use crate::metrics::{self, Metrics};
 use crate::policy::{PolicyClock, EVICT_INTERVAL};
 use crate::reply::Closer;
-use crate::session::{Gate, Live, Triage};
+mod accept;
+pub mod gate;
 
-/// How often an idle accept loop wakes to show it is alive; the watchdog needs a period of at
-/// least four times this.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+use accept::{worker_count, AcceptLoop, Workers};
+
+use gate::{Gate, Live};
 
 /// A running mxgate instance.
 pub struct Running {
@@ -55,54 +55,6 @@ pub struct Running {
     heartbeats: Vec<Arc<AtomicU64>>,
     /// The threads that accept and run sessions.
     workers: Workers,
-}
-
-/// The threads that accept connections and run their sessions, each with a single-threaded
-/// runtime of its own, as HAProxy and nginx run one event loop per core. A session lives on
-/// the thread that accepted it: its wake-ups never cross threads, and no thread is woken to
-/// steal work. The caller's runtime keeps the control work (signals, reload, metrics, health
-/// checks).
-struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
-    /// Cancelled to let the threads end, dropping whatever tasks they still hold.
-    done: CancellationToken,
-}
-
-impl Workers {
-    fn start(count: usize) -> std::io::Result<Workers> {
-        let done = CancellationToken::new();
-        let mut handles = Vec::with_capacity(count);
-        for i in 0..count {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            handles.push(rt.handle().clone());
-            let end = done.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("mxgate-{i}"))
-                .spawn(move || rt.block_on(end.cancelled()));
-            if let Err(e) = spawned {
-                done.cancel();
-                return Err(e);
-            }
-        }
-        Ok(Workers { handles, done })
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.done.cancel();
-    }
-}
-
-/// How many worker threads to run: as configured, or one per CPU this process may run on
-/// (which honours a systemd `CPUAffinity=` or a container's CPU limit).
-fn worker_count(config: &Config) -> usize {
-    match config.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    }
 }
 
 /// What `mxgate check` does beyond validation: builds the runtime state exactly as start-up
@@ -189,8 +141,8 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     let traffic = Traffic {
         client_to_backend: metrics.bytes_client_to_backend.clone(),
         backend_to_client: metrics.bytes_backend_to_client.clone(),
-        spliced: metrics.counter("mxgate_spliced_bytes_total", &[]),
-        splice_fallbacks: metrics.counter("mxgate_splice_fallbacks_total", &[]),
+        spliced: metrics.spliced_bytes.clone(),
+        splice_fallbacks: metrics.splice_fallbacks.clone(),
     };
     let live = Live::build(config, None, PolicyClock::default(), &metrics);
     set_limit_gauges(&metrics, &live.config);
@@ -204,13 +156,11 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         traffic,
         draining: AtomicBool::new(false),
         cut: CancellationToken::new(),
-        headers: Arc::new(tokio::sync::Semaphore::new(
-            crate::session::MAX_PENDING_HEADERS,
-        )),
+        headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
     });
     let running = Running {
-        reloads_ok: metrics.counter("mxgate_config_reloads_total", &[("result", "success")]),
-        reloads_failed: metrics.counter("mxgate_config_reloads_total", &[("result", "failure")]),
+        reloads_ok: metrics.reloads_ok.clone(),
+        reloads_failed: metrics.reloads_failed.clone(),
         listen_addrs: listen_addrs.clone(),
         metrics_addr,
         gate: gate.clone(),
@@ -487,178 +437,14 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     kept
 }
 
-/// How many connections one turn of an accept loop takes before it looks at its other work.
-const ACCEPT_BATCH: usize = 64;
-/// How often, in accepted connections, a busy accept loop looks at its lingering refusals.
-const LINGER_EVERY: usize = 16;
-
-/// One worker's accept loop on one listener.
-struct AcceptLoop {
-    listener: AsyncFd<std::net::TcpListener>,
-    addr: SocketAddr,
-    door: Door,
-}
-
-impl AcceptLoop {
-    /// Registers the listener with the current (worker) runtime and sets up its refusal set.
-    fn new(
-        listener: std::net::TcpListener,
-        addr: SocketAddr,
-        gate: &Gate,
-    ) -> std::io::Result<Self> {
-        // SAFETY: the std listener owns its descriptor and keeps it open, unchanged, until it
-        // is dropped, which happens only with the AsyncFd.
-        let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }?;
-        Ok(AcceptLoop {
-            listener,
-            addr,
-            door: Door::new(gate)?,
-        })
-    }
-
-    /// Accepts until `stop`. Admission is decided here; a refusal with a one-line reply is
-    /// answered here too (see `linger`), and every other connection gets its own task.
-    async fn run(
-        mut self,
-        gate: Arc<Gate>,
-        sessions: TaskTracker,
-        stop: CancellationToken,
-        heartbeat: Arc<AtomicU64>,
-    ) {
-        let (listener, door) = (&self.listener, &mut self.door);
-        let mut errors = AcceptErrors::default();
-        // Wake now and then even when idle, so the heartbeat shows the loop is alive.
-        let mut alive = tokio::time::interval(HEARTBEAT_INTERVAL);
-        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // Registered once: a fresh cancellation wait per accept would take a lock each time.
-        let stopped = stop.cancelled();
-        tokio::pin!(stopped);
-        loop {
-            heartbeat.fetch_add(1, Ordering::Relaxed);
-            let accepted = tokio::select! {
-                biased;
-                () = &mut stopped => return,
-                // Before accepting: under a flood the listener is always ready, and lingering
-                // clients whose FIN is never read would fill the set until every refusal is
-                // closed at once.
-                () = door.turn() => continue,
-                r = listener.async_io(Interest::READABLE, listener::accept_raw) => r,
-                _ = alive.tick() => continue,
-            };
-            // Take what is queued, up to a batch, before looking at anything else.
-            let mut next = Some(accepted);
-            let mut taken = 0;
-            while let Some(accepted) = next.take() {
-                match accepted {
-                    Ok((stream, peer)) => {
-                        errors.success();
-                        gate.metrics.accepted.increment(1);
-                        door.admit(&gate, &sessions, stream, peer);
-                    }
-                    Err(e) => {
-                        let pause = errors.failure(self.addr, &e);
-                        tokio::select! {
-                            () = &mut stopped => return,
-                            () = tokio::time::sleep(pause) => {}
-                        }
-                        break;
-                    }
-                }
-                taken += 1;
-                if taken % LINGER_EVERY == 0 {
-                    door.reap();
-                }
-                if taken < ACCEPT_BATCH {
-                    next = match listener.try_io(Interest::READABLE, listener::accept_raw) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-                        r => Some(r),
-                    };
-                }
-            }
-        }
-    }
-}
-
-/// Where an accept loop sends each new connection.
-struct Door {
-    #[cfg(target_os = "linux")]
-    lingerer: crate::linger::Lingerer,
-}
-
-impl Door {
-    fn new(gate: &Gate) -> std::io::Result<Door> {
-        #[cfg(not(target_os = "linux"))]
-        let _ = gate;
-        Ok(Door {
-            #[cfg(target_os = "linux")]
-            lingerer: crate::linger::Lingerer::new(gate.closer.bound())?,
-        })
-    }
-
-    /// The refusal set's work that is ready now, without waiting.
-    fn reap(&mut self) {
-        #[cfg(target_os = "linux")]
-        self.lingerer.reap();
-    }
-
-    /// The refusal set's own work; pending for ever where there is none.
-    async fn turn(&mut self) {
-        #[cfg(target_os = "linux")]
-        self.lingerer.turn().await;
-        #[cfg(not(target_os = "linux"))]
-        std::future::pending::<()>().await;
-    }
-
-    /// Decides a new connection: answered here if refused with a line, else in its own task.
-    fn admit(
-        &mut self,
-        gate: &Arc<Gate>,
-        sessions: &TaskTracker,
-        stream: std::net::TcpStream,
-        peer: SocketAddr,
-    ) {
-        let start = match gate.triage(peer) {
-            Triage::Task(start) => start,
-            #[cfg(target_os = "linux")]
-            Triage::Refuse(reason, live) => {
-                let line = live.replies.line(reason);
-                match self.lingerer.refuse(stream, line) {
-                    crate::linger::Refusal::Done => return,
-                    crate::linger::Refusal::Partial { socket, written } => {
-                        // Only a zero window at connect time gets here: finish in a task.
-                        let rest = line[written..].to_vec();
-                        if let Ok(s) = TcpStream::from_std(socket) {
-                            let gate = gate.clone();
-                            sessions.spawn(async move {
-                                gate.closer.reply_and_close(s, &rest).await;
-                            });
-                        }
-                        return;
-                    }
-                }
-            }
-            #[cfg(not(target_os = "linux"))]
-            Triage::Refuse(reason, live) => crate::session::Start::Refused(reason, live),
-        };
-        let stream = match TcpStream::from_std(stream) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register a connection; closing it");
-                return;
-            }
-        };
-        sessions.spawn(gate.clone().run(stream, peer, start));
-    }
-}
-
 fn forwarding_mode(config: &Config, metrics: &Metrics) -> Mode {
     match config.forwarding {
         Forwarding::Copy => Mode::Copy,
         #[cfg(target_os = "linux")]
         Forwarding::Auto | Forwarding::Splice => Mode::Splice(forward::splice::PipePool::new(
             config.pipe_size,
-            metrics.counter("mxgate_splice_pool_exhausted_total", &[]),
-            metrics.gauge("mxgate_splice_pipes", &[]),
+            metrics.splice_pool_exhausted.clone(),
+            metrics.splice_pipes.clone(),
         )),
         #[cfg(not(target_os = "linux"))]
         Forwarding::Auto | Forwarding::Splice => {

@@ -1,0 +1,18 @@
+//! Backends: everything between an admitted client and its mail server.
+//!
+//! | concern | module |
+//! | --- | --- |
+//! | opening one connection (transparent bind, whose fault a failure is) | `connect` |
+//! | choosing a backend, per-backend caps, failover within a deadline | `pool` |
+//! | SMTP health checks | `health` |
+//!
+//! A session asks the pool once, [`Pool::connect`], for a connected backend before its deadline.
+//! Nothing here is done in the accept loop, and nothing here writes to the client.
+
+mod connect;
+mod health;
+mod pool;
+
+pub use connect::{connect, set_transparent, transparent_preflight, ConnectError};
+pub use health::{check, probe};
+pub use pool::{Lease, Member, NoBackend, Pool};

@@ -1,0 +1,171 @@
+//! Refusals: mxgate's own SMTP replies, and closing a refused connection so that the client
+//! actually reads them. Everything a refused connection goes through lives here.
+//!
+//! | concern | module |
+//! | --- | --- |
+//! | the reply texts | here |
+//! | the one entry point for a refused connection, accept loop or task | `door` |
+//! | the graceful close (write, half-close, bounded drain) and the deny dialogue | `close` |
+//! | the accept loop's own lingering set (Linux) | `linger` |
+//! | rejection summaries in the log | `summary` |
+//!
+//! A reply followed at once by `close()` while unread client bytes remain makes the kernel send
+//! RST, and the client may never see the line. So a refused connection is answered with the
+//! line, then `shutdown(SHUT_WR)`, then a bounded read-and-discard, then the close. Nothing in
+//! this module ever opens a backend connection.
+
+mod close;
+mod door;
+#[cfg(target_os = "linux")]
+pub mod linger;
+mod summary;
+
+pub use close::{
+    Closer, DENY_BYTES, DENY_TIME, LINGER_BYTES, LINGER_TIME, MAX_DENYING, MAX_LINGERING,
+};
+pub use door::Door;
+pub use summary::{display_source, RejectSummary, SummaryLine, SUMMARY_INTERVAL};
+
+use crate::config::ReplyOverrides;
+use crate::reason::RejectReason;
+
+/// The reply templates; `{hostname}` is replaced by the configured host name.
+fn default_template(reason: RejectReason) -> &'static str {
+    match reason {
+        RejectReason::GlobalLimit => "421 4.3.2 {hostname} Too many connections, try again later",
+        RejectReason::SourceLimit => {
+            "421 4.7.0 {hostname} Too many connections from your address, try again later"
+        }
+        RejectReason::BackendUnavailable => {
+            "421 4.3.2 {hostname} Service not available, try again later"
+        }
+        RejectReason::RateLimit => {
+            "421 4.7.0 {hostname} Connection rate limit exceeded, try again later"
+        }
+        RejectReason::NetworkLimit => {
+            "421 4.7.0 {hostname} Too many connections from your network, try again later"
+        }
+        RejectReason::Denied => "554 5.7.1 {hostname} Access denied",
+        RejectReason::Draining => "421 4.3.2 {hostname} Service shutting down, try again later",
+        // Sent to nobody: a bad PROXY header comes from a load balancer, and is closed on.
+        RejectReason::BadProxyHeader => "421 4.7.0 {hostname} Bad PROXY protocol header",
+    }
+}
+
+/// The reply line for every reason, rendered once, CRLF included.
+#[derive(Clone, Debug)]
+pub struct Replies {
+    /// Indexed by `RejectReason as usize`.
+    lines: Vec<Box<[u8]>>,
+    /// The answer to QUIT in a denied session.
+    bye: Box<[u8]>,
+}
+
+impl Replies {
+    pub fn new(hostname: &str, overrides: &ReplyOverrides) -> Replies {
+        let lines = RejectReason::ALL
+            .iter()
+            .map(|&r| {
+                let over = match r {
+                    RejectReason::GlobalLimit => &overrides.global_limit,
+                    RejectReason::SourceLimit => &overrides.source_limit,
+                    RejectReason::BackendUnavailable => &overrides.backend_unavailable,
+                    RejectReason::RateLimit => &overrides.rate_limit,
+                    RejectReason::NetworkLimit => &overrides.network_limit,
+                    RejectReason::Denied => &overrides.denied,
+                    RejectReason::Draining => &overrides.draining,
+                    RejectReason::BadProxyHeader => &None,
+                };
+                let template = over.as_ref().map_or(default_template(r), |t| t.0.as_str());
+                format!("{}\r\n", template.replace("{hostname}", hostname))
+                    .into_bytes()
+                    .into_boxed_slice()
+            })
+            .collect();
+        Replies {
+            lines,
+            bye: format!("221 2.0.0 {hostname} Bye\r\n")
+                .into_bytes()
+                .into_boxed_slice(),
+        }
+    }
+
+    pub fn line(&self, reason: RejectReason) -> &[u8] {
+        &self.lines[reason as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReplyText;
+    use ipnet::IpNet;
+
+    #[test]
+    fn default_lines_are_exact() {
+        let r = Replies::new("mx.example.com", &ReplyOverrides::default());
+        assert_eq!(
+            r.line(RejectReason::GlobalLimit),
+            b"421 4.3.2 mx.example.com Too many connections, try again later\r\n"
+        );
+        assert_eq!(
+            r.line(RejectReason::SourceLimit),
+            b"421 4.7.0 mx.example.com Too many connections from your address, try again later\r\n"
+        );
+        assert_eq!(
+            r.line(RejectReason::BackendUnavailable),
+            b"421 4.3.2 mx.example.com Service not available, try again later\r\n"
+        );
+    }
+
+    #[test]
+    fn summary_counts_per_reason_and_finds_the_busiest_source() {
+        let s = RejectSummary::default();
+        let a: IpNet = "192.0.2.1/32".parse().unwrap();
+        let b: IpNet = "192.0.2.2/32".parse().unwrap();
+        for _ in 0..5 {
+            s.record(RejectReason::SourceLimit, a);
+        }
+        s.record(RejectReason::SourceLimit, b);
+        s.record(RejectReason::GlobalLimit, b);
+        s.record_dry_run(RejectReason::GlobalLimit, a);
+        let lines = s.take();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(
+            lines[0],
+            SummaryLine {
+                reason: RejectReason::GlobalLimit,
+                dry_run: false,
+                count: 1,
+                busiest: Some((b, 1))
+            }
+        );
+        assert!(lines[1].dry_run);
+        assert_eq!(
+            lines[2],
+            SummaryLine {
+                reason: RejectReason::SourceLimit,
+                dry_run: false,
+                count: 6,
+                busiest: Some((a, 5))
+            }
+        );
+        assert!(s.take().is_empty(), "a new window starts empty");
+    }
+
+    #[test]
+    fn overrides_replace_one_reason() {
+        let o = ReplyOverrides {
+            source_limit: Some(ReplyText("421 4.7.0 {hostname} slow down".into())),
+            ..ReplyOverrides::default()
+        };
+        let r = Replies::new("mx.t", &o);
+        assert_eq!(
+            r.line(RejectReason::SourceLimit),
+            b"421 4.7.0 mx.t slow down\r\n"
+        );
+        assert!(r
+            .line(RejectReason::GlobalLimit)
+            .starts_with(b"421 4.3.2 mx.t Too many"));
+    }
+}
