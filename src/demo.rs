@@ -12,14 +12,24 @@ const MAX_CONNECTIONS: usize = 12;
 const MAX_PER_SOURCE: usize = 3;
 const SESSIONS: u64 = 300;
 
+/// The demo's config: small limits on loopback, validated like an operator's, so every value
+/// derived from them (the IPv6 network tier) follows.
+fn config(sink: std::net::SocketAddr) -> Result<Config, crate::config::ConfigError> {
+    Config::on_loopback(
+        sink,
+        crate::config::Settings {
+            hostname: Some("mx.demo".into()),
+            max_connections: Some(MAX_CONNECTIONS),
+            max_per_source: Some(MAX_PER_SOURCE),
+            ..Default::default()
+        },
+    )
+}
+
 /// Runs the demo and returns its report.
 pub async fn run() -> anyhow::Result<String> {
     let sink = Sink::start().await?;
-    let mut config = Config::for_backend(sink.addr);
-    config.hostname = "mx.demo".into();
-    config.max_connections = MAX_CONNECTIONS;
-    config.max_per_source = MAX_PER_SOURCE;
-    let mx = crate::start(config).await?;
+    let mx = crate::start(config(sink.addr)?).await?;
     let at = mx.listen_addrs()[0];
     let base = Options {
         target: at,
@@ -107,4 +117,16 @@ fn report(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_demo_config_is_validated_with_its_own_limits() {
+        let c = super::config("127.0.0.1:2525".parse().unwrap()).unwrap();
+        assert_eq!((c.max_connections, c.max_per_source), (12, 3));
+        assert_eq!(c.hostname, "mx.demo");
+        // Derived from the demo's own limit, not from the default 1000.
+        assert_eq!(c.max_per_ipv6_network, 1);
+    }
 }

@@ -558,6 +558,12 @@ impl Config {
 
     /// A test-friendly config: listen on loopback port 0, metrics on port 0.
     pub fn for_backend(backend: SocketAddr) -> Config {
+        Config::on_loopback(backend, Settings::default()).expect("the test config is valid")
+    }
+
+    /// A config on loopback port 0 (clients and metrics) in front of `backend`, with `over`
+    /// applied, validated like any other: the demo and the tests build theirs this way.
+    pub fn on_loopback(backend: SocketAddr, over: Settings) -> Result<Config, ConfigError> {
         Settings {
             listen: vec![ListenAddr("127.0.0.1:0".parse().expect("literal"))],
             backend: vec![BackendSpec {
@@ -573,8 +579,8 @@ impl Config {
             metrics: Some(MetricsAddr::On("127.0.0.1:0".parse().expect("literal"))),
             ..Settings::default()
         }
+        .merge(over)
         .validate(None)
-        .expect("the test config is valid")
     }
 
     /// The effective config as TOML, every key present: what `mxgate check` prints.

@@ -20,10 +20,10 @@ use crate::reply::{Closer, RejectSummary, Replies};
 
 /// What a reload replaces, as one unit, so a connection never sees half of a new config.
 pub struct Live {
-    pub config: Config,
-    pub policy: Policy,
-    pub replies: Arc<Replies>,
-    pub pool: Pool,
+    pub(crate) config: Config,
+    pub(crate) policy: Policy,
+    pub(crate) replies: Arc<Replies>,
+    pub(crate) pool: Pool,
 }
 
 impl Live {
@@ -47,20 +47,20 @@ impl Live {
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Gate {
-    pub live: ArcSwap<Live>,
-    pub admission: Admission,
-    pub closer: Closer,
-    pub summary: Arc<RejectSummary>,
-    pub metrics: Arc<Metrics>,
-    pub mode: Mode,
-    pub traffic: Traffic,
+    pub(crate) live: ArcSwap<Live>,
+    pub(crate) admission: Admission,
+    pub(crate) closer: Closer,
+    pub(crate) summary: Arc<RejectSummary>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) mode: Mode,
+    pub(crate) traffic: Traffic,
     /// Set once shutdown starts: new connections get the draining reply.
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// Cancelled to cut sessions that are still forwarding.
-    pub cut: CancellationToken,
+    pub(crate) cut: CancellationToken,
     /// Bounds the connections waiting for a trusted upstream's PROXY header, which hold no
     /// slot yet.
-    pub headers: Arc<tokio::sync::Semaphore>,
+    pub(crate) headers: Arc<tokio::sync::Semaphore>,
 }
 
 /// How many connections may wait for their PROXY header at once; past it a new one gets the
