@@ -39,28 +39,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub fn accept_raw(
     listener: &std::net::TcpListener,
 ) -> io::Result<(std::net::TcpStream, SocketAddr)> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: the closure hands accept4 the storage and length socket2 provides, which are
-    // valid for writes of a sockaddr_storage; a negative result is turned into the error.
-    let (fd, addr) = unsafe {
-        socket2::SockAddr::try_init(|storage, len| {
-            let fd = libc::accept4(
-                listener.as_raw_fd(),
-                storage.cast(),
-                len,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            );
-            if fd < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(fd)
-            }
-        })?
-    };
-    // SAFETY: accept4 succeeded, so `fd` is a new connected socket owned by nobody else.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    use rustix::net::{acceptfrom_with, SocketFlags};
+    let (fd, addr) = acceptfrom_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let stream = std::net::TcpStream::from(fd);
     let peer = addr
-        .as_socket()
+        .and_then(|a| SocketAddr::try_from(a).ok())
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
     Ok((stream, peer))
 }

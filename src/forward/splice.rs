@@ -20,7 +20,9 @@
 //! This module must never drop, reorder or duplicate a byte, and never block a thread.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::pipe::{PipeFlags, SpliceFlags};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -188,15 +190,13 @@ async fn splice_burst(
     flow: &Flow<'_>,
     mut loan: Loan,
 ) -> Result<(Burst, usize), (Side, io::Error)> {
-    let src_fd = flow.src.as_raw_fd();
-    let dst_fd = flow.dst.as_raw_fd();
     let mut moved = 0;
     loop {
         debug_assert_eq!(loan.filled, 0, "only an empty pipe is filled");
-        let (pipe_in, size) = (loan.pipe().write.as_raw_fd(), loan.pipe().size);
+        let (pipe_in, size) = (&loan.pipe().write, loan.pipe().size);
         let filled = flow
             .src
-            .try_io(Interest::READABLE, || splice(src_fd, pipe_in, size));
+            .try_io(Interest::READABLE, || splice(flow.src, pipe_in, size));
         match filled {
             Ok(0) => return Ok((Burst::Eof, moved)),
             Ok(n) => loan.filled = n,
@@ -214,19 +214,19 @@ async fn splice_burst(
             Err(e) => return Err((flow.from(), e)),
         }
         moved += loan.filled;
-        drain(flow, &mut loan, dst_fd).await?;
+        drain(flow, &mut loan).await?;
     }
 }
 
 /// Writes the pipe's bytes to the destination, waiting for room as needed.
-async fn drain(flow: &Flow<'_>, loan: &mut Loan, dst_fd: RawFd) -> Result<(), (Side, io::Error)> {
-    let pipe_out = loan.pipe().read.as_raw_fd();
+async fn drain(flow: &Flow<'_>, loan: &mut Loan) -> Result<(), (Side, io::Error)> {
     while loan.filled > 0 {
         write_ready(flow.dst).await.map_err(|e| (flow.to, e))?;
         let len = loan.filled;
+        let pipe_out = &loan.pipe().read;
         match flow
             .dst
-            .try_io(Interest::WRITABLE, || splice(pipe_out, dst_fd, len))
+            .try_io(Interest::WRITABLE, || splice(pipe_out, flow.dst, len))
         {
             Ok(n) => {
                 loan.filled -= n;
@@ -243,58 +243,26 @@ async fn drain(flow: &Flow<'_>, loan: &mut Loan, dst_fd: RawFd) -> Result<(), (S
 }
 
 /// One non-blocking splice of at most `len` bytes.
-fn splice(fd_in: RawFd, fd_out: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the duration of the call (borrowed from live
-    // streams and pipes), null offsets are required for sockets and pipes, and the kernel
-    // reads and writes no user memory for splice.
-    let n = unsafe {
-        libc::splice(
-            fd_in,
-            std::ptr::null_mut(),
-            fd_out,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn splice(fd_in: impl AsFd, fd_out: impl AsFd, len: usize) -> io::Result<usize> {
+    // Null offsets: both ends are sockets or pipes.
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    Ok(rustix::pipe::splice(fd_in, None, fd_out, None, len, flags)?)
 }
 
 /// Creates a non-blocking pipe and grows it towards `want` bytes. Under an exceeded quota the
 /// kernel refuses to grow it (EPERM); the pipe is then kept at whatever size it has.
 fn new_pipe(want: usize) -> io::Result<Pipe> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` is a valid, writable array of two descriptors, as pipe2 requires.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let want = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
-    // SAFETY: F_SETPIPE_SZ and F_GETPIPE_SZ take an int argument and touch no user memory.
-    let size = unsafe {
-        libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want);
-        libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
-    };
-    if size <= 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(Pipe {
-        read,
-        write,
-        size: size as usize,
-    })
+    let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    // Refused (EPERM) past the quota or fs.pipe-max-size: the pipe keeps the size it has.
+    let _ = rustix::pipe::fcntl_setpipe_size(&write, want);
+    let size = rustix::pipe::fcntl_getpipe_size(&write)?;
+    Ok(Pipe { read, write, size })
 }
 
 /// How many pipes of `size` bytes to allow: half of the per-user soft quota when it applies to
 /// this process, so the pool never pushes its own pipes down to one page.
 fn pool_bound(size: usize) -> usize {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let privileged = unsafe { libc::geteuid() } == 0;
+    let privileged = rustix::process::geteuid().is_root();
     let soft_pages = read_proc_usize("/proc/sys/fs/pipe-user-pages-soft").unwrap_or(16384);
     if privileged || soft_pages == 0 {
         return MAX_PIPES_PRIVILEGED;
@@ -323,6 +291,7 @@ fn read_proc_usize(path: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn pipes_are_sized_and_reused() {

@@ -14,7 +14,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll;
+use rustix::net::SendFlags;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,13 +77,7 @@ impl Lingerer {
 
     /// As [`Lingerer::new`], lingering `linger_time` at most (tests shorten it).
     pub fn with_time(bound: Arc<Semaphore>, linger_time: Duration) -> io::Result<Lingerer> {
-        // SAFETY: epoll_create1 takes no pointers; a negative result is handled.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the descriptor was just created and is owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let epoll: OwnedFd = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         // SAFETY: an OwnedFd keeps its one descriptor open, unchanged, until it is dropped,
         // which happens only with the AsyncFd.
         let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }?;
@@ -120,15 +118,13 @@ impl Lingerer {
             return Refusal::Done;
         };
         let fd = socket.as_raw_fd();
-        let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
-            u64: fd as u64,
-        };
-        // SAFETY: both descriptors are open, and `event` is a valid, initialised epoll_event
-        // that the kernel only reads.
-        let added =
-            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
-        if added != 0 {
+        let added = epoll::add(
+            self.epoll.get_ref(),
+            &socket,
+            epoll::EventData::new_u64(fd as u64),
+            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+        );
+        if added.is_err() {
             return Refusal::Done;
         }
         self.generation += 1;
@@ -169,7 +165,7 @@ impl Lingerer {
         let fired = tokio::select! {
             ready = self.epoll.readable() => match ready {
                 Ok(mut guard) => {
-                    let fired = wait_events(guard.get_ref().as_raw_fd());
+                    let fired = wait_events(guard.get_inner());
                     // Fewer events than asked for: the set is empty of events now.
                     if fired.len() < EVENTS {
                         guard.clear_ready();
@@ -193,7 +189,7 @@ impl Lingerer {
         if self.open.is_empty() {
             return;
         }
-        while self.take(wait_events(self.epoll.get_ref().as_raw_fd())) {}
+        while self.take(wait_events(self.epoll.get_ref())) {}
         self.expire();
     }
 
@@ -238,32 +234,24 @@ impl Lingerer {
 }
 
 /// The descriptors with events in an epoll set, without waiting.
-fn wait_events(epoll: RawFd) -> Vec<RawFd> {
-    let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS];
-    // SAFETY: `events` is a writable array of EVENTS epoll_events; timeout 0 never blocks.
-    let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), EVENTS as i32, 0) };
-    let n = usize::try_from(n).unwrap_or(0);
-    events[..n].iter().map(|ev| ev.u64 as RawFd).collect()
+fn wait_events(epoll: &OwnedFd) -> Vec<RawFd> {
+    let mut events = Vec::with_capacity(EVENTS);
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // A zero timeout never blocks; an error (EINTR) reads as no events this time.
+    let _ = epoll::wait(epoll, spare_capacity(&mut events), Some(&now));
+    events.iter().map(|ev| ev.data.u64() as RawFd).collect()
 }
 
 /// One non-blocking send that lets the kernel hold the bytes for the FIN that follows.
 fn send_more(socket: &TcpStream, line: &[u8]) -> io::Result<usize> {
+    let flags = SendFlags::MORE | SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
     loop {
-        // SAFETY: `line` is valid for reads of its length for the duration of the call.
-        let n = unsafe {
-            libc::send(
-                socket.as_raw_fd(),
-                line.as_ptr().cast(),
-                line.len(),
-                libc::MSG_MORE | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match rustix::net::send(socket, line, flags) {
+            Err(rustix::io::Errno::INTR) => {}
+            r => return Ok(r?),
         }
     }
 }
