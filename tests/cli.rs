@@ -310,3 +310,42 @@ fn values_that_once_passed_check_and_crashed_run_are_refused_by_both() {
         }
     }
 }
+
+#[test]
+fn an_error_names_the_flag_or_the_file_line_its_value_came_from() {
+    let p = write_config(
+        "origin.toml",
+        "backend = \"192.0.2.25:25\"\nhostname = \"mx.test\"\n\nidle_timeout = \"30h\"\n",
+    );
+    let file = p.to_str().unwrap();
+    // From the file: the file, the key and its line.
+    let out = mxgate(&["check", "--config", file]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.starts_with(&format!("mxgate: config file {file}: key `idle_timeout`: "))
+            && err.trim_end().ends_with("(line 4)"),
+        "{err}"
+    );
+    // The same key from a flag names the flag, not the file.
+    let out = mxgate(&["check", "--config", file, "--idle-timeout", "0s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "mxgate: command line: flag `--idle-timeout`: must be more than zero"
+    );
+    let out = mxgate(&[
+        "check",
+        "--config",
+        file,
+        "--idle-timeout",
+        "1m",
+        "--max-connections",
+        "2000000",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "mxgate: command line: flag `--max-connections`: 2000000 is more than 1000000"
+    );
+}
