@@ -178,52 +178,65 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     running.spawn_housekeeping();
     running.spawn_health_checks();
     let mut running = running;
-    let mut readies = Vec::new();
-    for (l, addr) in listeners.into_iter().zip(listen_addrs) {
-        let backends: Vec<String> = gate
-            .live
-            .load()
-            .config
-            .backends
-            .iter()
-            .map(|b| b.to_string())
-            .collect();
-        tracing::info!(listen = %addr, backends = ?backends, workers = running.workers.handles.len(), "accepting");
-        // Every worker accepts on the same socket: whichever is free takes the next client.
-        for worker in running.workers.handles.clone() {
-            let l = l
-                .try_clone()
-                .context("cannot share a listener between workers")?;
-            let heartbeat = Arc::new(AtomicU64::new(0));
-            running.heartbeats.push(heartbeat.clone());
-            let (gate, sessions, stop) =
-                (gate.clone(), running.sessions.clone(), running.stop.clone());
-            let (set_up, ready) = tokio::sync::oneshot::channel();
-            let task = running.background.track_future(async move {
-                // Set up on the worker itself: its sockets belong to the worker's event loop.
-                match AcceptLoop::new(l, addr, &gate) {
-                    Ok(accept) => {
-                        let _ = set_up.send(Ok(()));
-                        accept.run(gate, sessions, stop, heartbeat).await;
-                    }
-                    Err(e) => {
-                        let _ = set_up.send(Err(e));
-                    }
-                }
-            });
-            worker.spawn(task);
-            readies.push((addr, ready));
-        }
-    }
-    // Serving only once every accept loop is in place, so a failure is the caller's to see.
-    for (addr, ready) in readies {
-        match ready.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e).with_context(|| format!("cannot accept on {addr}")),
-            Err(_) => anyhow::bail!("the worker for {addr} ended before accepting"),
-        }
-    }
+    running.accept_on(listeners, listen_addrs).await?;
     Ok(running)
+}
+
+impl Running {
+    /// Starts an accept loop on every worker for every listener, and returns once all of them
+    /// are in place, so a failure is the caller's to see.
+    async fn accept_on(
+        &mut self,
+        listeners: Vec<std::net::TcpListener>,
+        listen_addrs: Vec<SocketAddr>,
+    ) -> anyhow::Result<()> {
+        let gate = self.gate.clone();
+        let mut readies = Vec::new();
+        for (l, addr) in listeners.into_iter().zip(listen_addrs) {
+            let backends: Vec<String> = gate
+                .live
+                .load()
+                .config
+                .backends
+                .iter()
+                .map(|b| b.to_string())
+                .collect();
+            tracing::info!(listen = %addr, backends = ?backends, workers = self.workers.handles.len(), "accepting");
+            // Every worker accepts on the same socket: whichever is free takes the next client.
+            for worker in self.workers.handles.clone() {
+                let l = l
+                    .try_clone()
+                    .context("cannot share a listener between workers")?;
+                let heartbeat = Arc::new(AtomicU64::new(0));
+                self.heartbeats.push(heartbeat.clone());
+                let (gate, sessions, stop) =
+                    (gate.clone(), self.sessions.clone(), self.stop.clone());
+                let (set_up, ready) = tokio::sync::oneshot::channel();
+                let task = self.background.track_future(async move {
+                    // Set up on the worker itself: its sockets belong to the worker's event loop.
+                    match AcceptLoop::new(l, addr, &gate) {
+                        Ok(accept) => {
+                            let _ = set_up.send(Ok(()));
+                            accept.run(gate, sessions, stop, heartbeat).await;
+                        }
+                        Err(e) => {
+                            let _ = set_up.send(Err(e));
+                        }
+                    }
+                });
+                worker.spawn(task);
+                readies.push((addr, ready));
+            }
+        }
+        for (addr, ready) in readies {
+            match ready.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e).with_context(|| format!("cannot accept on {addr}")),
+                Err(_) => anyhow::bail!("the worker for {addr} ended before accepting"),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Running {
