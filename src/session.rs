@@ -97,7 +97,16 @@ impl Gate {
         live: Arc<Live>,
         wait: HeaderWait,
     ) -> Option<Ready> {
-        let header = upstream_header(&mut client, peer, &live.config).await;
+        let header = tokio::select! {
+            h = upstream_header(&mut client, peer, &live.config) => h,
+            // Shutdown: a header still on its way is not waited for past the drain.
+            () = self.cut.cancelled() => {
+                drop(wait);
+                let ip = peer.ip().to_canonical();
+                self.reject(client, RejectReason::Draining, ip, &live).await;
+                return None;
+            }
+        };
         drop(wait);
         let origin = match header {
             Ok(o) => o,
@@ -219,10 +228,6 @@ impl Gate {
         if let Some(limit) = config.backend_greeting_timeout {
             if !backend_speaks(&backend, limit).await {
                 tracing::debug!(backend = %lease.member.label, "backend sent no greeting in time");
-                // A backend that accepts but never greets is failing, as a health check sees it.
-                if config.health_checks {
-                    lease.member.observe(false, config.fall, config.rise);
-                }
                 drop((backend, guard, lease));
                 self.reject(client, RejectReason::BackendUnavailable, ip, &live)
                     .await;
@@ -253,7 +258,8 @@ async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool
 fn deadline_after(after: std::time::Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(after)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(86400 * 365 * 30))
+        .or_else(|| now.checked_add(crate::config::MAX_DURATION))
+        .unwrap_or(now)
 }
 
 /// An admitted session, connected and ready to forward. Its fields hold the session's

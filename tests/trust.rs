@@ -147,6 +147,12 @@ async fn a_denied_source_cannot_take_the_slots_other_refusals_linger_in() {
         held.push(s);
     }
     assert!(!held.is_empty());
+    eventually("the dialogues are at their own bound", || {
+        mx.denying() == mxgate::reply::MAX_DENYING
+    })
+    .await;
+    // Even the denied clients past the bound, still open, hold no lingering slot.
+    assert_eq!(mx.lingering(), 0);
     // Past the bound, a denied client gets the greeting and a close.
     let past: Vec<_> = held.split_off(mxgate::reply::MAX_DENYING);
     assert_eq!(past.len(), extra);
@@ -272,4 +278,67 @@ async fn the_metrics_endpoint_serves_a_bounded_number_of_connections() {
         .expect("answered once a slot is free")
         .unwrap();
     assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_seen_from_a_clients_own_address_does_not_mark_the_backend_down() {
+    if !can_be_transparent() {
+        return;
+    }
+    // From the client's own address a refusal may be aimed at that client alone (a firewall
+    // ban): only health checks, from mxgate's own address, may judge the backend.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mx = start(config_toml(
+        closed,
+        "transparent = true\nhealth_interval = \"1h\"\nfall = 1",
+    ))
+    .await;
+    let at = mx.listen_addrs()[0];
+    for _ in 0..3 {
+        expect_refusal("127.0.0.2", at, BACKEND_LINE).await;
+    }
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    assert_eq!(
+        metric(&m, &format!("mxgate_backend_up{{backend=\"{closed}\"}}")),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            &format!(
+                "mxgate_backend_health_checks_total{{backend=\"{closed}\",result=\"failure\"}}"
+            )
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_waiting_for_its_proxy_header_ends_with_the_drain() {
+    let backend = GreetingBackend::start().await;
+    let mx = start(config_toml(
+        backend.addr,
+        "accept_proxy_protocol = [\"127.0.0.0/8\"]\nproxy_header_timeout = \"1h\"",
+    ))
+    .await;
+    let at = mx.listen_addrs()[0];
+    let mut s = connect_from("127.0.0.2", at).await.unwrap();
+    eventually("the connection waits for its header", || {
+        mx.render_metrics()
+            .contains("mxgate_proxy_headers_pending 1\n")
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        mx.shutdown(Duration::from_millis(100)),
+    )
+    .await
+    .expect("shutdown does not wait for the header");
+    assert_eq!(
+        read_to_end(&mut s).await,
+        b"421 4.3.2 mx.test Service shutting down, try again later\r\n"
+    );
 }

@@ -273,7 +273,10 @@ impl Pool {
                 Ok(s) => return Ok((s, lease)),
                 Err(e) => {
                     tracing::debug!(backend = %lease.member.label, error = %e, "backend connect failed; trying the next");
-                    if config.health_checks && e.is_backend_fault() {
+                    // From the client's own address (transparent mode) a refusal or timeout
+                    // may be aimed at that client (a firewall ban, its own network): only
+                    // health checks, made from mxgate's address, judge the backend then.
+                    if config.health_checks && source.is_none() && e.is_backend_fault() {
                         lease.member.observe(false, config.fall, config.rise);
                     }
                     tried.push(addr);

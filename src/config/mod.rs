@@ -52,6 +52,10 @@ pub const MAX_RATE_PER_SECOND: u64 = 1_000_000;
 pub const MAX_RATE_BURST: u32 = 1_000_000;
 /// The largest `max_connections` (and any other connection count) accepted.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
+/// The most consecutive health checks `fall` and `rise` may ask for.
+pub const MAX_CHECKS: u32 = 1000;
+/// The largest backend weight.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// How bytes are moved between client and backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]

@@ -185,6 +185,19 @@ fn values_past_their_range_are_refused_naming_the_key() {
             "max_per_ipv6_network",
             "at least 1",
         ),
+        ("max_per_source = 2000000", "max_per_source", "more than"),
+        (
+            "max_per_ipv6_network = 1000001",
+            "max_per_ipv6_network",
+            "more than",
+        ),
+        ("fall = 0", "fall", "1..=1000"),
+        ("rise = 4294967295", "rise", "1..=1000"),
+        (
+            "[[network]]\ncidr = \"192.0.2.0/24\"\nmax_per_source = 2000000",
+            "max_per_source",
+            "more than",
+        ),
         (
             "ipv6_network_prefix = 129",
             "ipv6_network_prefix",

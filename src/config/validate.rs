@@ -154,11 +154,30 @@ fn backends(s: &Settings) -> Result<Backends, Bad> {
         s.fall.unwrap_or(DEFAULT_FALL),
         s.rise.unwrap_or(DEFAULT_RISE),
     );
-    if fall == 0 {
-        return Err(bad("fall", "must be at least 1"));
+    for (key, n) in [("fall", fall), ("rise", rise)] {
+        if !(1..=MAX_CHECKS).contains(&n) {
+            return Err(bad(key, format!("{n} is not in 1..={MAX_CHECKS}")));
+        }
     }
-    if rise == 0 {
-        return Err(bad("rise", "must be at least 1"));
+    for b in &list {
+        if b.weight > MAX_WEIGHT {
+            return Err(bad(
+                key,
+                format!(
+                    "{}: weight {} is more than {MAX_WEIGHT}",
+                    b.address, b.weight
+                ),
+            ));
+        }
+        if b.max_connections.is_some_and(|n| n > MAX_CONNECTIONS) {
+            return Err(bad(
+                key,
+                format!(
+                    "{}: max_connections is more than {MAX_CONNECTIONS}",
+                    b.address
+                ),
+            ));
+        }
     }
     Ok(Backends {
         list,
@@ -203,6 +222,17 @@ fn limits(s: &Settings) -> Result<Limits, Bad> {
             "max_connections",
             format!("{max_connections} is more than {MAX_CONNECTIONS}"),
         ));
+    }
+    for (key, n) in [
+        ("max_per_source", s.max_per_source),
+        ("max_per_ipv6_network", s.max_per_ipv6_network),
+    ] {
+        if n.is_some_and(|n| n > MAX_CONNECTIONS) {
+            return Err(bad(
+                key,
+                format!("{} is more than {MAX_CONNECTIONS}", n.unwrap_or(0)),
+            ));
+        }
     }
     let max_per_ipv6_network = match s.max_per_ipv6_network {
         Some(0) => return Err(bad("max_per_ipv6_network", "must be at least 1")),
@@ -450,6 +480,17 @@ fn validate_rule(
                     net.prefix_len(),
                     net.max_prefix_len()
                 ),
+            ));
+        }
+    }
+    for (k, n) in [
+        ("max_per_source", rule.max_per_source),
+        ("max_per_network", rule.max_per_network),
+    ] {
+        if n.is_some_and(|n| n > MAX_CONNECTIONS) {
+            return Err((
+                k,
+                format!("{} is more than {MAX_CONNECTIONS}", n.unwrap_or(0)),
             ));
         }
     }

@@ -27,7 +27,7 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
     }
     if !config.transparent && config.proxy_protocol.is_none() {
         for b in &config.backends {
-            let ip = b.address.addr.ip();
+            let ip = b.address.addr.ip().to_canonical();
             if is_local_or_private(ip) {
                 out.push(format!(
                     "backend {}: every client will reach it from mxgate's own address ({}), \
@@ -36,7 +36,7 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
                      RemoteIPRanges includes it): set proxy_protocol or transparent, or make \
                      sure the backend does not trust that address (see the README)",
                     b.address,
-                    if ip.is_loopback() {
+                    if ip.is_loopback() || ip.is_unspecified() {
                         "loopback"
                     } else {
                         "a private address"
@@ -48,9 +48,13 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
     out
 }
 
-/// Loopback, private (RFC 1918, ULA), link-local or shared (RFC 6598) addresses: the ones a
-/// mail server's default relay trust covers.
+/// Loopback (and the unspecified address, which Linux connects to loopback), private (RFC
+/// 1918, ULA), link-local or shared (RFC 6598) addresses: the ones a mail server's default
+/// relay trust covers.
 fn is_local_or_private(ip: IpAddr) -> bool {
+    if ip.to_canonical().is_unspecified() {
+        return true;
+    }
     match ip.to_canonical() {
         IpAddr::V4(a) => {
             let o = a.octets();
@@ -89,6 +93,9 @@ mod tests {
             "10.1.2.3:25",
             "192.168.0.9:25",
             "[fd00::1]:25",
+            "0.0.0.0:2525",
+            "[::]:2525",
+            "[::ffff:127.0.0.1]:2525",
         ] {
             let w = warnings(
                 &config(&format!("backend = \"{backend}\"")),
@@ -96,6 +103,9 @@ mod tests {
             );
             assert_eq!(w.len(), 1, "{backend}: {w:?}");
             assert!(w[0].contains("mynetworks"), "{w:?}");
+            if backend.contains("127.0.0.1") {
+                assert!(w[0].contains("(loopback)"), "{w:?}");
+            }
         }
         for safe in [
             "backend = \"192.0.2.10:25\"",

@@ -96,7 +96,14 @@ impl Closer {
     pub async fn deny(&self, mut stream: TcpStream, replies: &Replies) {
         let greeting = replies.line(RejectReason::Denied);
         let Ok(_permit) = self.denying.try_acquire() else {
-            self.reply_and_close(stream, greeting).await;
+            // Past the bound: the greeting and a close, without taking one of the lingering
+            // slots the other refused clients need.
+            if matches!(
+                timeout(WRITE_TIME, stream.write_all(greeting)).await,
+                Ok(Ok(()))
+            ) {
+                let _ = stream.shutdown().await;
+            }
             return;
         };
         let dialogue = async {

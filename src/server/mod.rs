@@ -314,6 +314,15 @@ impl Running {
                 "reload cannot change this setting; the old value stays in force until a restart"
             );
         }
+        // A backend of a family transparent mode has not checked yet is checked now.
+        if let Err(e) = preflight(&new) {
+            self.reloads_failed.increment(1);
+            tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
+            return false;
+        }
+        for warning in crate::config::warnings(&new, &self.listen_addrs) {
+            tracing::warn!("{warning}");
+        }
         let live = Live::build(
             new,
             Some(&old),
@@ -345,8 +354,10 @@ impl Running {
                 remaining = self.gate.admission.active(),
                 "drain time over; closing sessions"
             );
-            self.gate.cut.cancel();
         }
+        // Whatever is left (sessions past the drain time, connections still waiting for a
+        // PROXY header) ends now.
+        self.gate.cut.cancel();
         self.stop.cancel();
         self.background.close();
         self.sessions.close();
