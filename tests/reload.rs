@@ -35,6 +35,16 @@ fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
+/// The mxgate child, killed when the test ends, passed or not.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The worker threads the process runs now.
 fn worker_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -67,9 +77,10 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Child)
         .unwrap();
     let (lines_tx, lines) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
+    let stderr = child.0.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
@@ -91,7 +102,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     next_line_with("accepting");
     // A thread names itself once it runs, which may be a moment after the log line.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while worker_threads(child.id()) != 1 {
+    while worker_threads(child.0.id()) != 1 {
         assert!(std::time::Instant::now() < deadline, "one worker thread");
         std::thread::yield_now();
     }
@@ -107,7 +118,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     )
     .unwrap();
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
     let mut named = Vec::new();
     // The reloaded config's warnings are logged like start-up's (a loopback backend without
     // proxy_protocol or transparent in force).
@@ -153,7 +164,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         1.0
     );
     // threads: still one worker.
-    assert_eq!(worker_threads(child.id()), 1);
+    assert_eq!(worker_threads(child.0.id()), 1);
     // forwarding: a bulk session is still copied, never spliced; transparent: the backend
     // still sees mxgate's address, not the client's.
     let mut s = connect_from("127.0.0.7", listen_a).await.unwrap();
@@ -188,8 +199,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     );
     // pipe_size has no effect in copy mode, and it is kept like the others (named above).
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -212,6 +222,7 @@ async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_proce
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Child)
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(metrics).await.is_err() {
@@ -230,7 +241,7 @@ async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_proce
     {
         std::fs::write(&file, format!("{base}{bad}")).unwrap();
         // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+        assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
         let want = (round + 1) as f64;
         let mut failed = 0.0;
         for _ in 0..1000 {
@@ -244,12 +255,11 @@ async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_proce
             tokio::task::yield_now().await;
         }
         assert_eq!(failed, want, "the reload with {bad:?} failed");
-        assert!(child.try_wait().unwrap().is_none(), "still running");
+        assert!(child.0.try_wait().unwrap().is_none(), "still running");
         // The old config still serves: one session per source, then the source's 421.
         let _held = expect_admitted("127.0.0.2", listen).await;
         expect_refusal("127.0.0.2", listen, SOURCE_LINE).await;
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
