@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
+# An older mxgate to measure beside this one in the same run (a refactor's before and after).
+MXGATE_BEFORE = os.environ.get("MXBIN_BEFORE")
 NETLOAD = os.path.join(ROOT, "target/release/examples/netload")
 QUICK = os.environ.get("QUICK") == "1"
 IPERF_SECONDS = 2 if QUICK else 5
@@ -146,12 +148,12 @@ class Target:
             LIVE.remove(self)
 
 
-def mxgate_target(name, mode, smtp, iperf, greet, reject=False):
+def mxgate_target(name, mode, smtp, iperf, greet, reject=False, binary=None):
     t = Target(name)
     limits = ["--max-connections", "0"] if reject else ["--max-connections", "100000"]
     for backend, attr in ((smtp, "smtp_port"), (iperf, "iperf_port"), (greet, "hold_port")):
         port = free_port()
-        cmd = [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
+        cmd = [binary or MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
                "--metrics", "off", "--forwarding", mode, "--hostname", "mx.bench",
                "--max-per-source", "100000", "--threads", str(THREADS), *limits]
         t.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -366,6 +368,9 @@ def main():
             ("haproxy", lambda: haproxy_target(*ports)),
             ("nginx", lambda: nginx_target(*ports)),
         ]
+        if MXGATE_BEFORE:
+            builders.append(("mxgate-before", lambda: mxgate_target(
+                "mxgate-before", "splice", *ports, binary=MXGATE_BEFORE)))
         reject_builders = [
             ("mxgate-splice", lambda: mxgate_target("mxgate-splice", "splice", *ports, True)),
             ("haproxy", lambda: haproxy_target(*ports, True)),
@@ -524,7 +529,7 @@ def write_report(rounds, meta):
                "each in turn, so all of them see the same moments of the machine. "
                "Added latency over direct, p50/p99 µs (median): " + ", ".join(
         f"{nm} {lat(nm, 'latency_p50_us')}/{lat(nm, 'latency_p99_us')}"
-        for nm in ("mxgate-splice", "mxgate-copy", "haproxy", "nginx")) + ".\n")
+        for nm in names if nm != "direct") + ".\n")
 
     if n > 1:
         out.append("\n### Each round, mxgate-splice ÷ HAProxy\n")

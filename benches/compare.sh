@@ -6,6 +6,8 @@
 #   benches/compare.sh            # full run: 3 rounds, about 15 minutes
 #   ROUNDS=5 benches/compare.sh   # more rounds, a tighter median
 #   QUICK=1 benches/compare.sh    # one short round, for a smoke test
+#   MXBIN_BEFORE=/path/to/older/mxgate benches/compare.sh   # also measure an older build
+#                                 # beside this one, as "mxgate-before", in the same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n "$(ulimit -Hn)"

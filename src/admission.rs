@@ -6,7 +6,9 @@
 //! the session ends (clean close, error, panic, shutdown), so the counts always return to zero.
 //!
 //! Order of checks: deny list, connection rate, per-source cap, per-network cap, global cap
-//! (minus the slots reserved for allowed sources). The first that fails is the reason. Allowed
+//! (minus the slots reserved for allowed sources). The first that fails is the reason. With the
+//! wait queue on, admission stops before the global cap ([`Global::Leave`]): the queue
+//! (`crate::queue`) decides when the client gets its [`GlobalSlot`]. Allowed
 //! sources skip the rate, per-source and per-network checks. In dry-run mode every check runs and
 //! the first failure is reported as "would reject", but the connection is admitted.
 //!
@@ -24,6 +26,7 @@ use metrics::Counter;
 
 use crate::metrics::Metrics;
 use crate::policy::{mask, Listing, Policy, RateCheck};
+use crate::queue::Wake;
 pub use crate::reason::RejectReason;
 
 /// A refusal, with the source key it was decided for: the same key the summaries, the
@@ -45,6 +48,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Admissions not rate-checked because the limiter was at its key cap.
     rate_untracked: Counter,
+    /// Told whenever a global slot is given back, for the wait queue.
+    wake: Arc<Wake>,
 }
 
 /// The admission controller. Cheap to clone.
@@ -64,7 +69,7 @@ pub struct Guard {
     holds_source: bool,
     /// The network block whose slot is held, if its rule caps blocks.
     network: Option<IpNet>,
-    /// Whether a global slot is held.
+    /// Whether a global slot is held (a waiter in the queue has none yet).
     holds_global: bool,
 }
 
@@ -72,6 +77,46 @@ impl Guard {
     pub fn source(&self) -> IpNet {
         self.source
     }
+
+    /// Takes over a global slot handed to this waiter.
+    pub fn hold(&mut self, mut slot: GlobalSlot) {
+        debug_assert!(!self.holds_global);
+        // The slot is the guard's to give back now; its own handle goes quietly.
+        slot.inner = None;
+        self.holds_global = true;
+    }
+}
+
+/// One global slot. Dropping it gives it back and tells the wait queue.
+#[must_use = "dropping the slot frees it at once"]
+pub struct GlobalSlot {
+    /// `None` once the slot has passed to a guard or been given back.
+    inner: Option<Arc<Inner>>,
+}
+
+impl GlobalSlot {
+    /// Gives the slot back without waking the queue: for a grant the dispatcher itself
+    /// could not complete, which would otherwise wake it again at once.
+    pub fn give_back(mut self) {
+        if let Some(inner) = self.inner.take() {
+            release_global(&inner);
+        }
+    }
+}
+
+impl Drop for GlobalSlot {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            release_global(&inner);
+            inner.wake.freed();
+        }
+    }
+}
+
+/// Gives back one global slot.
+fn release_global(inner: &Inner) {
+    inner.global.fetch_sub(1, Ordering::SeqCst);
+    inner.metrics.active.decrement(1.0);
 }
 
 /// An admitted connection.
@@ -79,6 +124,17 @@ pub struct Admitted {
     pub guard: Guard,
     /// In dry-run mode: the reason it would have been refused.
     pub would_reject: Option<RejectReason>,
+    /// Whether the source is on the allow list (served first by the wait queue).
+    pub allowed: bool,
+}
+
+/// Whether [`Admission::admit`] takes the global slot too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Global {
+    /// Take it, or refuse with [`RejectReason::GlobalLimit`].
+    Take,
+    /// Leave it to the wait queue ([`Admission::take_global`]).
+    Leave,
 }
 
 /// The source a client address belongs to under the default prefixes.
@@ -88,6 +144,11 @@ pub fn source_key(ip: IpAddr, ipv4_prefix: u8, ipv6_prefix: u8) -> IpNet {
 
 impl Admission {
     pub fn new(metrics: Arc<Metrics>) -> Admission {
+        Admission::with_wake(metrics, Arc::default())
+    }
+
+    /// An admission controller whose freed global slots tell `wake`.
+    pub fn with_wake(metrics: Arc<Metrics>, wake: Arc<Wake>) -> Admission {
         Admission {
             inner: Arc::new(Inner {
                 global: AtomicUsize::new(0),
@@ -95,13 +156,14 @@ impl Admission {
                 networks: DashMap::new(),
                 rate_untracked: metrics.rate_untracked.clone(),
                 metrics,
+                wake,
             }),
         }
     }
 
     /// Sessions admitted and not yet released.
     pub fn active(&self) -> usize {
-        self.inner.global.load(Ordering::Acquire)
+        self.inner.global.load(Ordering::SeqCst)
     }
 
     /// Distinct sources with at least one admitted session.
@@ -114,14 +176,41 @@ impl Admission {
         self.inner.networks.len()
     }
 
-    /// Admits `ip` under `policy`, or says why not and for which source key.
+    /// Admits `ip` under `policy`, global slot included, or says why not and for which
+    /// source key.
     pub fn admit(&self, policy: &Policy, ip: IpAddr) -> Result<Admitted, Refusal> {
+        self.admit_with(policy, ip, Global::Take)
+    }
+
+    /// [`Admission::admit`], where with [`Global::Leave`] the guard holds no global slot yet:
+    /// the wait queue gets it one.
+    pub fn admit_with(
+        &self,
+        policy: &Policy,
+        ip: IpAddr,
+        global: Global,
+    ) -> Result<Admitted, Refusal> {
         let source = policy.classify(ip).rule.source_key(ip);
-        self.decide(policy, ip)
+        self.decide(policy, ip, global)
             .map_err(|reason| Refusal { reason, source })
     }
 
-    fn decide(&self, policy: &Policy, ip: IpAddr) -> Result<Admitted, RejectReason> {
+    /// A global slot, if one is open to this class of source under `policy`.
+    pub fn take_global(&self, policy: &Policy, allowed: bool) -> Option<GlobalSlot> {
+        take_global(&self.inner.global, global_cap(policy, allowed), true).then(|| {
+            self.inner.metrics.active.increment(1.0);
+            GlobalSlot {
+                inner: Some(self.inner.clone()),
+            }
+        })
+    }
+
+    fn decide(
+        &self,
+        policy: &Policy,
+        ip: IpAddr,
+        global: Global,
+    ) -> Result<Admitted, RejectReason> {
         let inner = &self.inner;
         let class = policy.classify(ip);
         let rule = class.rule;
@@ -185,23 +274,31 @@ impl Admission {
                 }
             }
         }
-        let global_cap = if allowed {
-            policy.max_connections
-        } else {
-            policy.max_connections - policy.reserved_for_allowed
-        };
-        let within = take_global(&inner.global, global_cap, enforce);
-        if within || !enforce {
-            guard.holds_global = true;
-            inner.metrics.active.increment(1.0);
-        }
-        if !within {
-            fail(RejectReason::GlobalLimit)?;
+        if global == Global::Take || !enforce {
+            let within = take_global(&inner.global, global_cap(policy, allowed), enforce);
+            if within || !enforce {
+                guard.holds_global = true;
+                inner.metrics.active.increment(1.0);
+            }
+            if !within {
+                fail(RejectReason::GlobalLimit)?;
+            }
         }
         Ok(Admitted {
             guard,
             would_reject,
+            allowed,
         })
+    }
+}
+
+/// The global slots open to a source: all of them for allowed sources, the others less the
+/// ones reserved for allowed sources.
+pub fn global_cap(policy: &Policy, allowed: bool) -> usize {
+    if allowed {
+        policy.max_connections
+    } else {
+        policy.max_connections - policy.reserved_for_allowed
     }
 }
 
@@ -258,12 +355,12 @@ fn take_slot(map: &DashMap<IpNet, usize>, key: IpNet, limit: usize, enforce: boo
 fn take_global(global: &AtomicUsize, max: usize, enforce: bool) -> bool {
     if enforce {
         global
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
     } else {
-        global.fetch_add(1, Ordering::AcqRel) < max
+        global.fetch_add(1, Ordering::SeqCst) < max
     }
 }
 
@@ -293,8 +390,8 @@ impl Drop for Guard {
             release_slot(&inner.networks, block);
         }
         if self.holds_global {
-            inner.global.fetch_sub(1, Ordering::AcqRel);
-            inner.metrics.active.decrement(1.0);
+            release_global(inner);
+            inner.wake.freed();
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `mxgate demo`: the whole job on this machine, with nothing else installed. An embedded SMTP
 //! sink on loopback, mxgate in front of it with small limits, and the load simulator driving it
-//! from many sources and from one greedy source at once. Prints a short table and the live
-//! `/metrics` excerpt, then stops everything it started.
+//! from many sources and from one greedy source at once, then a burst far over the global
+//! limit, absorbed by the wait queue, and the same burst again with the queue off. Prints a
+//! short table and the live `/metrics` excerpt, then stops everything it started.
 
 use std::time::Duration;
 
@@ -11,6 +12,10 @@ use crate::load::{self, sink::Sink, Bound, Options, Stats};
 const MAX_CONNECTIONS: usize = 12;
 const MAX_PER_SOURCE: usize = 3;
 const SESSIONS: u64 = 300;
+/// Sessions that arrive at once in the burst: ten times the global limit.
+const BURST: u64 = 120;
+/// Room in the queue for the whole burst (the default is max_connections).
+const MAX_QUEUED: usize = 200;
 
 /// The demo's config: small limits on loopback, validated like an operator's, so every value
 /// derived from them (the IPv6 network tier) follows.
@@ -21,6 +26,7 @@ fn config(sink: std::net::SocketAddr) -> Result<Config, crate::config::ConfigErr
             hostname: Some("mx.demo".into()),
             max_connections: Some(MAX_CONNECTIONS),
             max_per_source: Some(MAX_PER_SOURCE),
+            max_queued: Some(MAX_QUEUED),
             ..Default::default()
         },
     )
@@ -47,25 +53,57 @@ pub async fn run() -> anyhow::Result<String> {
         sources: Some("127.99.0.1/32".parse()?),
         ..base
     };
+    // A burst of ten times the limit, all at once, each from its own address.
+    let burst = Options {
+        sources: Some("127.88.0.0/16".parse()?),
+        concurrency: BURST as usize,
+        bound: Bound::Sessions(BURST),
+        ..many.clone()
+    };
     let (many, greedy) = tokio::join!(load::run(&many), load::run(&greedy));
-    // Let the last sessions' slots return before reading the counters.
+    settle(&mx).await;
+    let queued = load::run(&burst).await;
+    settle(&mx).await;
+    let metrics = mx.render_metrics();
+    let config = mx.config();
+    // The same burst with the queue off, as a peer without one would answer it.
+    let mut off = mx.config();
+    off.queue_timeout = Duration::ZERO;
+    mx.reload(Ok(off));
+    let unqueued = load::run(&burst).await;
+    settle(&mx).await;
+    let burst = Burst {
+        queued,
+        unqueued,
+        config,
+    };
+    let report = report(&sink, at, (&many, &greedy), &burst, &metrics);
+    mx.shutdown(Duration::from_secs(1)).await;
+    Ok(report)
+}
+
+/// Lets the last sessions' slots return before the counters are read.
+async fn settle(mx: &crate::Running) {
     for _ in 0..500 {
-        if mx.admission().active() == 0 {
+        if mx.admission().active() == 0 && mx.queued() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let metrics = mx.render_metrics();
-    let report = report(&sink, at, &many, &greedy, &metrics);
-    mx.shutdown(Duration::from_secs(1)).await;
-    Ok(report)
+}
+
+/// The burst, with the queue and without.
+struct Burst {
+    queued: Stats,
+    unqueued: Stats,
+    config: Config,
 }
 
 fn report(
     sink: &Sink,
     at: std::net::SocketAddr,
-    many: &Stats,
-    greedy: &Stats,
+    (many, greedy): (&Stats, &Stats),
+    burst: &Burst,
     metrics: &str,
 ) -> String {
     let mut keys: Vec<&String> = many.refused.keys().chain(greedy.refused.keys()).collect();
@@ -106,12 +144,40 @@ fn report(
     };
     out += &row("session p50/p99 µs", lat(many), lat(greedy));
     out += &format!(
-        "\nthe sink accepted {} messages (delivered: {})\n\n/metrics excerpt:\n",
+        "\na burst of {BURST} sessions at once from 127.88.0.0/16, ten times max_connections:\n"
+    );
+    out += &row("", "queue on".into(), "queue off".into());
+    let (on, off) = (&burst.queued, &burst.unqueued);
+    out += &row(
+        "delivered",
+        on.delivered.to_string(),
+        off.delivered.to_string(),
+    );
+    let refused = |s: &Stats| s.refused.values().sum::<u64>().to_string();
+    out += &row("refused 421", refused(on), refused(off));
+    let wait = |s: &Stats| {
+        format!(
+            "{}/{}",
+            s.greeting.value_at_quantile(0.5) / 1000,
+            s.greeting.value_at_quantile(0.99) / 1000
+        )
+    };
+    out += &row("greeting wait p50/p99 ms", wait(on), wait(off));
+    out += &format!(
+        "(queue_timeout {}, max_queued {})\n",
+        crate::config::Dur(burst.config.queue_timeout),
+        burst.config.max_queued
+    );
+    let delivered = many.delivered + greedy.delivered + on.delivered + off.delivered;
+    out += &format!(
+        "\nthe sink accepted {} messages (delivered: {delivered})\n\n/metrics excerpt, before the queue was turned off:\n",
         sink.delivered(),
-        many.delivered + greedy.delivered
     );
     for line in metrics.lines() {
-        let wanted = line.starts_with("mxgate_connections_") || line.starts_with("mxgate_limit");
+        let wanted = line.starts_with("mxgate_connections_")
+            || line.starts_with("mxgate_limit")
+            || line.starts_with("mxgate_queue_wait_seconds_count")
+            || line.starts_with("mxgate_queue_wait_seconds_sum");
         if wanted && !line.ends_with(" 0") {
             out += &format!("  {line}\n");
         }
@@ -125,6 +191,7 @@ mod tests {
     fn the_demo_config_is_validated_with_its_own_limits() {
         let c = super::config("127.0.0.1:2525".parse().unwrap()).unwrap();
         assert_eq!((c.max_connections, c.max_per_source), (12, 3));
+        assert_eq!((c.max_queued, c.queue_timeout.as_secs()), (200, 30));
         assert_eq!(c.hostname, "mx.demo");
         // Derived from the demo's own limit, not from the default 1000.
         assert_eq!(c.max_per_ipv6_network, 1);

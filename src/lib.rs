@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | flags, file, validation, warnings | [`config`] |
 //! | where a connection is admitted: counts and limits | [`admission`], with [`policy`] (lists, per-network rules, rates) |
+//! | where a client waits for a slot, fair between sources | [`queue`] |
 //! | why mxgate answered a client itself | [`reason`] |
 //! | where a refusal is written and its connection closed | [`reply`] |
 //! | where bytes move (splice, copy) | [`forward`] |
@@ -32,6 +33,7 @@ pub mod load;
 pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod queue;
 pub mod reason;
 pub mod reply;
 pub mod server;

@@ -32,6 +32,11 @@ const CONNECT_BUCKETS: &[f64] = &[
 const SESSION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
+/// Buckets for the wait in the queue: from a slot that frees at once to the longest
+/// `queue_timeout` clients will sit through.
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 /// A request head larger than this is not a metrics scrape.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// A scraper that has not sent its request head by then is dropped.
@@ -79,6 +84,16 @@ const HELP: &[(&str, Option<Unit>, &str)] = &[
         "mxgate_session_duration_seconds",
         Some(Unit::Seconds),
         "Length of forwarded sessions.",
+    ),
+    (
+        "mxgate_connections_queued",
+        None,
+        "Clients waiting in the queue for a slot, without a greeting yet.",
+    ),
+    (
+        "mxgate_queue_wait_seconds",
+        Some(Unit::Seconds),
+        "Time each client spent in the queue, admitted or not.",
     ),
     (
         "mxgate_proxy_headers_pending",
@@ -161,6 +176,9 @@ pub struct Metrics {
     pub bytes_backend_to_client: Counter,
     pub limit_max_connections: Gauge,
     pub limit_max_per_source: Gauge,
+    pub limit_max_queued: Gauge,
+    pub queued: Gauge,
+    pub queue_wait_seconds: Histogram,
     /// Connections from a trusted upstream whose PROXY header has not arrived yet.
     pub proxy_headers_pending: Gauge,
     pub spliced_bytes: Counter,
@@ -185,6 +203,11 @@ impl Metrics {
             .set_buckets_for_metric(
                 Matcher::Full("mxgate_session_duration_seconds".into()),
                 SESSION_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .set_buckets_for_metric(
+                Matcher::Full("mxgate_queue_wait_seconds".into()),
+                QUEUE_WAIT_BUCKETS,
             )
             .expect("non-empty buckets")
             .build_recorder();
@@ -236,6 +259,9 @@ impl Metrics {
             ),
             limit_max_connections: gauge("mxgate_limit", &[("kind", "max_connections")]),
             limit_max_per_source: gauge("mxgate_limit", &[("kind", "max_per_source")]),
+            limit_max_queued: gauge("mxgate_limit", &[("kind", "max_queued")]),
+            queued: gauge("mxgate_connections_queued", &[]),
+            queue_wait_seconds: histogram("mxgate_queue_wait_seconds"),
             proxy_headers_pending: gauge("mxgate_proxy_headers_pending", &[]),
             spliced_bytes: counter("mxgate_spliced_bytes_total", &[]),
             splice_fallbacks: counter("mxgate_splice_fallbacks_total", &[]),

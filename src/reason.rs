@@ -1,7 +1,7 @@
 //! Why mxgate answered a client itself: the one enum that picks the reply text, the metric's
 //! `reason` label and the log line, so the three can never disagree. Admission decides some
-//! reasons, the session others (backend unavailable, draining, a bad PROXY header); none of
-//! them lives in either.
+//! reasons, the session others (backend unavailable, draining, a bad PROXY header), the wait
+//! queue two (its timeout, and a full queue); none of them lives in any of those.
 
 /// Why a client was not admitted. This one enum chooses the reply, the metric label and the log
 /// line, so the three can never disagree.
@@ -23,10 +23,16 @@ pub enum RejectReason {
     Draining,
     /// A PROXY protocol header was malformed, late, too large or from an untrusted peer.
     BadProxyHeader,
+    /// The client waited in the queue for `queue_timeout` without a slot freeing. Answered
+    /// with the global-limit reply.
+    QueueTimeout,
+    /// The capacity was full and the queue already held `max_queued`. Answered with the
+    /// global-limit reply.
+    QueueFull,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::GlobalLimit,
         RejectReason::SourceLimit,
         RejectReason::BackendUnavailable,
@@ -35,6 +41,8 @@ impl RejectReason {
         RejectReason::Denied,
         RejectReason::Draining,
         RejectReason::BadProxyHeader,
+        RejectReason::QueueTimeout,
+        RejectReason::QueueFull,
     ];
 
     /// The `reason` label value, which dashboards depend on.
@@ -48,6 +56,8 @@ impl RejectReason {
             RejectReason::Denied => "denied",
             RejectReason::Draining => "draining",
             RejectReason::BadProxyHeader => "bad_proxy_header",
+            RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::QueueFull => "queue_full",
         }
     }
 }

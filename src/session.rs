@@ -2,7 +2,8 @@
 //! connection and forwarding until the session ends.
 //!
 //! Everything here runs in the connection's own task, on the worker thread that accepted it,
-//! from where [`Gate::triage`] (in `server::gate`) left it. The settings a reload may change
+//! from where [`Gate::triage`] (in `server::gate`) left it: admitted, or waiting in the queue
+//! ([`Gate::wait_turn`]) for its slot. The settings a reload may change
 //! live in [`Live`], swapped whole; a session reads them once when it starts. This module keeps
 //! one connection's life and nothing else.
 
@@ -20,31 +21,97 @@ use crate::backend::Lease;
 use crate::config::Config;
 use crate::forward;
 use crate::proxy_protocol;
+use crate::queue::{Outcome, Ticket};
 use crate::reason::RejectReason;
 use crate::reply::display_source;
-use crate::server::gate::{Gate, HeaderWait, Live, Start};
+use crate::server::gate::{Entry, Gate, Grant, HeaderWait, Live, Start};
+
+/// How many bytes a client that talks while it waits in the queue may send before mxgate stops
+/// reading (TCP flow control then holds the rest). Every byte is forwarded, in order, once a
+/// slot is free.
+pub const MAX_EARLY_BYTES: usize = 1024;
 
 impl Gate {
     /// A connection's task, from where [`Gate::triage`] left it to the end.
     ///
-    /// Two phases, so that an idle session's task holds no more than it needs. Everything up
-    /// to forwarding (PROXY header, backend connect, refusals) is one boxed future, freed as
-    /// soon as it is done; the long forwarding phase that follows holds only the two streams,
-    /// the session's slots and the forwarder's own small state. (Inline, the opening phase's
-    /// locals would stay reserved in the task for the session's whole life.)
+    /// In phases, so that a task holds no more than its phase needs. A PROXY header is read
+    /// in a boxed future, and so is everything from the backend connect to forwarding; each
+    /// box is freed as soon as it is done. The wait in the queue and the long forwarding
+    /// phase are inline: they hold only the client, the slots and their own small state, so a
+    /// waiting client costs no more than an idle session. (Inline, the boxed phases' locals
+    /// would stay reserved in the task for the session's whole life.)
     pub fn run(
         self: Arc<Self>,
         client: TcpStream,
         peer: SocketAddr,
         start: Start,
     ) -> impl std::future::Future<Output = ()> + Send {
-        // The span gives the opening phase's log lines their client; the long forwarding
+        // The span gives the opening phases' log lines their client; the long forwarding
         // phase carries none (it would sit in every idle session's task), and its one line,
         // "session finished", names the client itself.
-        let span = tracing::info_span!("conn", src = %peer.ip().to_canonical(), port = peer.port());
-        let opening = Box::pin(self.clone().open(client, peer, start).instrument(span));
+        let span = conn_span(peer);
+        // What the task starts with is one small value: an async block keeps what it
+        // captures for its whole life, so the captures are boxed and moved out at once.
+        let mut phase = match start {
+            Start::Admitted(guard, lease, live) => {
+                let origin = Origin::peer(peer);
+                Phase::Open(
+                    self.clone()
+                        .opening(client, (guard, lease), origin, live, span),
+                )
+            }
+            Start::Queued(guard, ticket, live) => Phase::Wait(Box::new(Waiting {
+                client,
+                guard,
+                ticket,
+                origin: Origin::peer(peer),
+                live,
+                peer,
+            })),
+            Start::AfterHeader(live, wait) => {
+                let header = self.clone().after_header(client, peer, live, wait);
+                Phase::Header(Box::pin(header.instrument(span)))
+            }
+        };
         async move {
-            // `opening` is consumed here, so its box is freed before forwarding starts.
+            // `phase` is the task's one capture, reused by every phase.
+            let opening = loop {
+                phase = match phase {
+                    Phase::Open(opening) => break opening,
+                    Phase::Refuse(refusal) => return refusal.await,
+                    Phase::Header(header) => {
+                        let Some((client, origin, live, entry, peer)) = header.await else {
+                            return;
+                        };
+                        match entry {
+                            Entry::Now(guard, lease) => Phase::Open(self.clone().opening(
+                                client,
+                                (guard, lease),
+                                origin,
+                                live,
+                                conn_span(peer),
+                            )),
+                            Entry::Wait(guard, ticket) => Phase::Wait(Box::new(Waiting {
+                                client,
+                                guard,
+                                ticket,
+                                origin,
+                                live,
+                                peer,
+                            })),
+                        }
+                    }
+                    Phase::Wait(waiting) => {
+                        let mut waiting = *waiting;
+                        let outcome = waiting.turn().await;
+                        match self.after_wait(waiting, outcome) {
+                            Some(next) => next,
+                            None => return,
+                        }
+                    }
+                };
+            };
+            // Consumed here, so its box is freed before forwarding starts.
             let Some(ready) = opening.await else {
                 return;
             };
@@ -66,37 +133,92 @@ impl Gate {
         }
     }
 
-    /// The opening phase: admission if still to do, then the backend. `None` when the client
-    /// has been answered by mxgate instead.
-    async fn open(
+    /// The boxed phase from the backend connect to forwarding.
+    fn opening(
         self: Arc<Self>,
         client: TcpStream,
-        peer: SocketAddr,
-        start: Start,
-    ) -> Option<Ready> {
-        match start {
-            Start::AfterHeader(live, wait) => self.after_header(client, peer, live, wait).await,
-            Start::Admitted(guard, live) => {
-                let origin = Origin {
-                    client: peer,
-                    server: None,
-                    early: Vec::new(),
-                };
-                self.prepare(client, guard, origin, live, Instant::now())
-                    .await
+        slots: (Guard, Option<Lease>),
+        origin: Origin,
+        live: Arc<Live>,
+        span: tracing::Span,
+    ) -> BoxedOpening {
+        Box::pin(self.prepare(client, slots, origin, live).instrument(span))
+    }
+
+    /// mxgate's own answer to a client that left the queue without a slot, boxed.
+    fn refusal(
+        self: &Arc<Self>,
+        (client, reason, ip, live, span): Unserved,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let gate = self.clone();
+        Box::pin(async move { gate.reject(client, reason, ip, &live).await }.instrument(span))
+    }
+
+    /// Where a wait in the queue leads: the backend connect with the slot it got; or the
+    /// refusal to send (a timeout, a drain), or nothing when the client gave up.
+    fn after_wait(
+        self: &Arc<Self>,
+        waiting: Waiting,
+        outcome: Option<Outcome<Grant>>,
+    ) -> Option<Phase> {
+        let Waiting {
+            client,
+            mut guard,
+            ticket,
+            mut origin,
+            live,
+            peer,
+        } = waiting;
+        let span = conn_span(peer);
+        let waited = ticket.entered().elapsed();
+        origin.waited = Some(waited);
+        let waited_ms = waited.as_millis() as u64;
+        let reason = match outcome {
+            Some(Outcome::Granted(grant)) => {
+                guard.hold(grant.global);
+                let slots = (guard, grant.lease);
+                // The config in force now, which the slot was granted under (a reload may have
+                // come while it waited), not the one it arrived under.
+                drop(live);
+                let live = self.live.load_full();
+                return Some(Phase::Open(
+                    self.clone().opening(client, slots, origin, live, span),
+                ));
             }
-        }
+            Some(Outcome::TimedOut) => RejectReason::QueueTimeout,
+            Some(Outcome::Draining) => RejectReason::Draining,
+            None => {
+                // Gone: the ticket leaves the queue, and a slot sent meanwhile is freed.
+                drop(ticket);
+                span.in_scope(|| {
+                    tracing::debug!(waited_ms, "client gave up while waiting in the queue")
+                });
+                return None;
+            }
+        };
+        span.in_scope(|| {
+            tracing::debug!(
+                reason = reason.label(),
+                waited_ms,
+                "left the queue without a slot"
+            )
+        });
+        // Counted under the client's own address: behind a PROXY upstream, not the upstream's.
+        let ip = origin.client.ip().to_canonical();
+        Some(Phase::Refuse(
+            self.refusal((client, reason, ip, live, span)),
+        ))
     }
 
     /// A connection from a load balancer that must be trusted and send a PROXY header: the
-    /// header first, then admission of the client it names.
+    /// header first, then admission of the client it names; `None` once answered.
     async fn after_header(
-        &self,
+        self: Arc<Self>,
         mut client: TcpStream,
         peer: SocketAddr,
         live: Arc<Live>,
         wait: HeaderWait,
-    ) -> Option<Ready> {
+    ) -> Option<Admitted> {
         let header = tokio::select! {
             h = upstream_header(&mut client, peer, &live.config) => h,
             // Shutdown: a header still on its way is not waited for past the drain.
@@ -125,10 +247,7 @@ impl Gate {
             return None;
         }
         match self.admit(ip, &live) {
-            Ok(guard) => {
-                self.prepare(client, guard, origin, live, Instant::now())
-                    .await
-            }
+            Ok(entry) => Some((client, origin, live, entry, peer)),
             Err(reason) => {
                 self.closer.refuse(client, reason, &live.replies).await;
                 None
@@ -157,6 +276,7 @@ impl Gate {
             port = ready.peer.port(),
             source = %display_source(&ready.guard.source()),
             backend = %ready.lease.member.label,
+            queued_ms = ready.waited_ms,
             duration_ms = elapsed.as_millis() as u64,
             client_to_backend = report.client_to_backend,
             backend_to_client = report.backend_to_client,
@@ -171,13 +291,13 @@ impl Gate {
     /// PROXY header and any early client bytes, wait for the greeting if asked. On failure the
     /// client has been answered and `None` is returned.
     async fn prepare(
-        &self,
+        self: Arc<Self>,
         client: TcpStream,
-        guard: Guard,
+        (guard, first): (Guard, Option<Lease>),
         origin: Origin,
         live: Arc<Live>,
-        started: Instant,
     ) -> Option<Ready> {
+        let started = Instant::now();
         // On Linux the client's socket has TCP_NODELAY from its listener already.
         #[cfg(not(target_os = "linux"))]
         let _ = client.set_nodelay(true);
@@ -192,7 +312,8 @@ impl Gate {
             SocketAddr::new(ip, port)
         });
         let deadline = deadline_after(config.connect_timeout);
-        let (mut backend, lease) = match live.pool.connect(config, source, deadline).await {
+        let connected = live.pool.connect(config, source, deadline, first).await;
+        let (mut backend, lease) = match connected {
             Ok(connected) => connected,
             Err(reason) => {
                 drop(guard);
@@ -240,8 +361,16 @@ impl Gate {
             guard,
             lease,
             peer: origin.client,
+            waited_ms: origin
+                .waited
+                .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
         })
     }
+}
+
+/// The span that gives a connection's opening log lines their client.
+fn conn_span(peer: SocketAddr) -> tracing::Span {
+    tracing::info_span!("conn", src = %peer.ip().to_canonical(), port = peer.port())
 }
 
 /// Whether the backend sends its first byte within `limit`. No byte has reached the client yet,
@@ -271,6 +400,108 @@ struct Ready {
     lease: Lease,
     /// The client: the connection's peer, or what a trusted upstream's header says it is.
     peer: SocketAddr,
+    /// How long it waited in the queue, if it did.
+    waited_ms: Option<u32>,
+}
+
+/// A client that left the queue without a slot, and what its refusal needs.
+type Unserved = (TcpStream, RejectReason, IpAddr, Arc<Live>, tracing::Span);
+
+/// A client admitted after its PROXY header: at once or to wait, and the upstream it came
+/// through (its log lines' `src`).
+type Admitted = (TcpStream, Origin, Arc<Live>, Entry, SocketAddr);
+
+type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Ready>> + Send>>;
+
+type BoxedHeader = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Admitted>> + Send>>;
+
+/// Where a connection's task is: each phase is one small value.
+enum Phase {
+    /// Reading a trusted upstream's PROXY header.
+    Header(BoxedHeader),
+    /// Waiting in the queue.
+    Wait(Box<Waiting>),
+    /// Connecting the backend, up to forwarding.
+    Open(BoxedOpening),
+    /// Answering a client that left the queue without a slot.
+    Refuse(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+}
+
+/// A client waiting in the queue: everything its task holds meanwhile.
+struct Waiting {
+    client: TcpStream,
+    guard: Guard,
+    ticket: Ticket<Grant>,
+    origin: Origin,
+    live: Arc<Live>,
+    /// The connection's peer, for its log lines. (A span of its own would hold a slot in the
+    /// log registry for the whole wait.)
+    peer: SocketAddr,
+}
+
+impl Waiting {
+    /// Waits for a slot, until `queue_timeout` or the client gives up (FIN or RST). A client
+    /// that talks meanwhile has its bytes kept, in order, for the backend. No wake-up happens
+    /// while nothing does: the task sleeps on its channel and its socket, and the queue's
+    /// dispatcher keeps the deadline.
+    fn turn(&mut self) -> Turn<'_> {
+        Turn {
+            client: &self.client,
+            ticket: &mut self.ticket,
+            early: &mut self.origin.early,
+        }
+    }
+}
+
+/// A wait in the queue: ready with the queue's outcome, or `None` once the client has closed
+/// or reset its side. Polls the socket's readiness directly, so the wait holds no waiter node
+/// or timer of its own.
+struct Turn<'a> {
+    client: &'a TcpStream,
+    ticket: &'a mut Ticket<Grant>,
+    early: &'a mut Vec<u8>,
+}
+
+impl std::future::Future for Turn<'_> {
+    type Output = Option<Outcome<Grant>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(outcome) = this.ticket.poll_outcome(cx) {
+            return Poll::Ready(Some(outcome));
+        }
+        // Past the bound, TCP flow control holds the rest; a close then goes unseen until
+        // the slot comes, which costs nothing but that wait.
+        while this.early.len() < MAX_EARLY_BYTES {
+            match this.client.poll_read_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(())) if read_early(this.client, this.early) => {}
+                Poll::Ready(_) => return Poll::Ready(None),
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Reads what a waiting client sent, keeping it for the backend. `false` once the client has
+/// closed or reset its side: it has given up.
+fn read_early(client: &TcpStream, early: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; MAX_EARLY_BYTES];
+    let room = MAX_EARLY_BYTES - early.len();
+    match client.try_read(&mut buf[..room]) {
+        Ok(0) => false,
+        Ok(n) => {
+            // Exactly what came: a talker's buffer never grows past the bound.
+            early.reserve_exact(n);
+            early.extend_from_slice(&buf[..n]);
+            true
+        }
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    }
 }
 
 /// Who a connection is from and to: the peer and our address, or what a trusted upstream's
@@ -279,8 +510,23 @@ struct Origin {
     client: SocketAddr,
     /// The address the client connected to, when an upstream header said so.
     server: Option<SocketAddr>,
-    /// Client bytes that arrived behind the header, to be forwarded before anything else.
+    /// Client bytes that arrived behind the header or while it waited in the queue, to be
+    /// forwarded before anything else.
     early: Vec<u8>,
+    /// How long it waited in the queue, if it did.
+    waited: Option<std::time::Duration>,
+}
+
+impl Origin {
+    /// A connection that is its own client: no upstream header.
+    fn peer(client: SocketAddr) -> Origin {
+        Origin {
+            client,
+            server: None,
+            early: Vec::new(),
+            waited: None,
+        }
+    }
 }
 
 /// Reads the PROXY header of a connection from a trusted upstream load balancer.
@@ -302,6 +548,7 @@ async fn upstream_header(
         client,
         server,
         early,
+        waited: None,
     })
 }
 

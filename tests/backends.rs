@@ -199,10 +199,12 @@ async fn a_backup_is_used_only_when_every_primary_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backend_is_skipped_and_all_full_gets_the_global_421() {
+    // With the queue off; tests/queue.rs has every backend full with the queue on.
     let (a, b) = (Sink::start().await.unwrap(), Sink::start().await.unwrap());
     let mx = start(config_toml(&format!(
         "backends = [{{ address = \"{}\", max_connections = 2 }}, {{ address = \"{}\", max_connections = 1 }}]\n\
-         balance = \"first\"\nmax_per_source = 100\nhealth_interval = \"1h\"",
+         balance = \"first\"\nmax_per_source = 100\nhealth_interval = \"1h\"\n\
+         queue_timeout = \"0\"",
         a.addr, b.addr
     )))
     .await;

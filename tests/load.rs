@@ -127,6 +127,8 @@ async fn ramp_stops_at_the_knee_and_recommends_limits() {
     let sink = Sink::start().await.unwrap();
     let mut c = config(sink.addr);
     c.max_connections = 4;
+    // The ramp finds the knee where refusals begin: with the queue off, a full server refuses.
+    c.queue_timeout = std::time::Duration::ZERO;
     let mx = start(c).await;
     let target = mx.listen_addrs()[0].to_string();
     let text = mxgate_load_json(
@@ -186,8 +188,24 @@ fn demo_runs_to_completion_with_deliveries_and_refusals() {
             .map(|n| n.parse().unwrap())
             .collect()
     };
-    let delivered = row("delivered");
+    // Two tables: many and greedy sources, then the burst with the queue on and off.
+    let rows = |label: &str| -> Vec<Vec<u64>> {
+        text.lines()
+            .filter(|l| l.starts_with(label))
+            .map(|l| {
+                l[label.len()..]
+                    .split_whitespace()
+                    .map(|n| n.parse().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let delivered = rows("delivered").concat();
+    assert_eq!(delivered.len(), 4, "{text}");
     assert!(delivered.iter().all(|&n| n > 0), "{text}");
+    // The burst of 120: absorbed by the queue, refused past the limit without it.
+    assert_eq!(delivered[2], 120, "{text}");
+    assert_eq!(rows("refused 421  "), [vec![0u64, 108]], "{text}");
     let source_refusals = row("refused 421 4.7.0");
     assert!(
         source_refusals[1] > 0,

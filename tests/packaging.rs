@@ -40,7 +40,7 @@ fn alert_rules_pass_promtool() {
         "promtool",
         &["check", "rules", rules.to_str().unwrap()],
     ));
-    assert!(text.contains("SUCCESS: 5 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
 }
 
 #[test]
@@ -56,9 +56,12 @@ fn grafana_dashboard_parses_and_uses_real_metrics() {
         .stdin(std::fs::File::open(root().join("systemd/grafana-dashboard.json")).unwrap())
         .output()
         .unwrap();
-    assert_eq!(ok(&out).trim(), "4");
+    assert_eq!(ok(&out).trim(), "6");
     for name in [
         "mxgate_connections_active",
+        "mxgate_connections_queued",
+        "mxgate_queue_wait_seconds_bucket",
+        "mxgate_limit{kind=\\\"max_queued\\\"",
         "mxgate_limit{kind=\\\"max_connections\\\"",
         "mxgate_connections_accepted_total",
         "mxgate_connections_rejected_total",

@@ -155,7 +155,9 @@ async fn allowed_network_keeps_reserved_slots_when_the_rest_is_full() {
     let backend = GreetingBackend::start().await;
     let mx = start(config_toml(
         backend.addr,
-        "max_connections = 4\nmax_per_source = 1\nreserved_for_allowed = 2\nallow = [\"127.0.9.0/24\"]",
+        // The queue off: past the open slots, a refusal at once.
+        "max_connections = 4\nmax_per_source = 1\nreserved_for_allowed = 2\nallow = [\"127.0.9.0/24\"]\n\
+         queue_timeout = \"0\"",
     ))
     .await;
     let at = mx.listen_addrs()[0];

@@ -109,6 +109,8 @@ async fn many_source_flood_leaves_no_state_and_metrics_agree() {
     let mut c = config(backend.addr);
     c.max_connections = 20;
     c.max_per_source = 1;
+    // A refusal flood: with the queue off, every client past the limit is answered at once.
+    c.queue_timeout = Duration::ZERO;
     let mx = start(c).await;
     let at = mx.listen_addrs()[0];
     let rss_before = rss_kib(std::process::id());

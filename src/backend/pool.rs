@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::{BackendSpec, Balance, Config};
 use crate::metrics::Metrics;
+use crate::queue::Wake;
 use crate::reason::RejectReason;
 
 /// One backend and its live state.
@@ -44,10 +45,12 @@ pub struct Member {
     m_selected: Counter,
     m_ok: Counter,
     m_fail: Counter,
+    /// Told when a slot of this backend is given back or it comes up, for the wait queue.
+    wake: Arc<Wake>,
 }
 
 impl Member {
-    fn new(spec: &BackendSpec, metrics: &Metrics) -> Member {
+    fn new(spec: &BackendSpec, metrics: &Metrics, wake: &Arc<Wake>) -> Member {
         let label = spec.address.text.clone();
         let series = metrics.backend(&label);
         let m = Member {
@@ -64,6 +67,7 @@ impl Member {
             m_selected: series.selected,
             m_ok: series.checks_ok,
             m_fail: series.checks_failed,
+            wake: wake.clone(),
             label,
         };
         m.m_up.set(1.0);
@@ -91,10 +95,15 @@ impl Member {
     fn take(&self) -> bool {
         let max = self.max_connections.load(Ordering::Relaxed);
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// Whether every slot of this backend is taken.
+    fn is_full(&self) -> bool {
+        self.active() >= self.max_connections.load(Ordering::Relaxed)
     }
 
     /// Records one health observation and moves the up/down state by `fall`/`rise`.
@@ -107,6 +116,7 @@ impl Member {
                 self.up.store(true, Ordering::Release);
                 self.m_up.set(1.0);
                 tracing::info!(backend = %self.label, "backend is up");
+                self.wake.freed();
             }
         } else {
             self.m_fail.increment(1);
@@ -116,6 +126,8 @@ impl Member {
                 self.up.store(false, Ordering::Release);
                 self.m_up.set(0.0);
                 tracing::warn!(backend = %self.label, fails, "backend is down");
+                // Sessions now go to other backends (the backups, say), which may have room.
+                self.wake.freed();
             }
         }
     }
@@ -128,8 +140,9 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.member.active.fetch_sub(1, Ordering::AcqRel);
+        self.member.active.fetch_sub(1, Ordering::SeqCst);
         self.member.m_active.decrement(1.0);
+        self.member.wake.freed();
     }
 }
 
@@ -152,7 +165,12 @@ pub struct Pool {
 
 impl Pool {
     /// Builds the pool for `config`, keeping the members of `previous` with the same address.
-    pub fn new(config: &Config, previous: Option<&Pool>, metrics: &Metrics) -> Pool {
+    pub fn new(
+        config: &Config,
+        previous: Option<&Pool>,
+        metrics: &Metrics,
+        wake: &Arc<Wake>,
+    ) -> Pool {
         let members = config
             .backends
             .iter()
@@ -164,7 +182,7 @@ impl Pool {
                         m.update(spec);
                         m.clone()
                     }
-                    None => Arc::new(Member::new(spec, metrics)),
+                    None => Arc::new(Member::new(spec, metrics, wake)),
                 }
             })
             .collect();
@@ -175,14 +193,25 @@ impl Pool {
         }
     }
 
-    /// Chooses a backend for a new session, skipping `tried` ones, and takes one of its slots.
-    /// With `family` (transparent mode: the client's address), only backends of that address
-    /// family can take the session.
-    pub fn select(
-        &self,
-        tried: &[SocketAddr],
-        family: Option<std::net::IpAddr>,
-    ) -> Result<Lease, NoBackend> {
+    /// Whether some backend has a cap of its own, so that a session needs one of its slots
+    /// before it can be admitted.
+    pub fn capped(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.max_connections.load(Ordering::Relaxed) != usize::MAX)
+    }
+
+    /// Whether a session would find healthy backends, all at their own caps (for `family`,
+    /// as in [`Pool::select`]). With no healthy backend at all this is `false`: the session
+    /// goes on and gets the backend-unavailable answer, as it would without a queue.
+    pub fn full(&self, family: Option<std::net::IpAddr>) -> bool {
+        let tier = self.tier(&[], family);
+        !tier.is_empty() && tier.iter().all(|m| m.is_full())
+    }
+
+    /// The backends a new session may use: the healthy primaries, or the healthy backups when
+    /// no primary is healthy.
+    fn tier(&self, tried: &[SocketAddr], family: Option<std::net::IpAddr>) -> Vec<&Arc<Member>> {
         let usable = |m: &&Arc<Member>| {
             m.is_up()
                 && !tried.contains(&m.addr)
@@ -194,7 +223,7 @@ impl Pool {
             .filter(|m| !m.backup.load(Ordering::Relaxed))
             .filter(usable)
             .collect();
-        let tier = if primaries.is_empty() {
+        if primaries.is_empty() {
             self.members
                 .iter()
                 .filter(|m| m.backup.load(Ordering::Relaxed))
@@ -202,7 +231,18 @@ impl Pool {
                 .collect()
         } else {
             primaries
-        };
+        }
+    }
+
+    /// Chooses a backend for a new session, skipping `tried` ones, and takes one of its slots.
+    /// With `family` (transparent mode: the client's address), only backends of that address
+    /// family can take the session.
+    pub fn select(
+        &self,
+        tried: &[SocketAddr],
+        family: Option<std::net::IpAddr>,
+    ) -> Result<Lease, NoBackend> {
+        let tier = self.tier(tried, family);
         if tier.is_empty() {
             return Err(NoBackend::AllDown);
         }
@@ -210,13 +250,10 @@ impl Pool {
         // A candidate that filled up between the look and the take is simply passed over.
         for _ in 0..tier.len() * 2 {
             let pick = match self.balance {
-                Balance::First => tier
-                    .iter()
-                    .copied()
-                    .find(|m| m.active() < m.max_connections.load(Ordering::Relaxed)),
+                Balance::First => tier.iter().copied().find(|m| !m.is_full()),
                 Balance::LeastConnections => (0..tier.len())
                     .map(|i| tier[(start + i) % tier.len()])
-                    .filter(|m| m.active() < m.max_connections.load(Ordering::Relaxed))
+                    .filter(|m| !m.is_full())
                     // Compare active/weight without division: a/w < b/v ⇔ a·v < b·w.
                     .reduce(|best, m| {
                         let (a, w) = (
@@ -250,15 +287,21 @@ impl Pool {
     /// client yet, so a failure here is still invisible to it. Only the backend's own failures
     /// count against its health; one caused by the client's address or mxgate's own socket
     /// never does. With `source` (transparent mode), only backends of its family are tried.
+    /// `first`, a slot the wait queue already took, is tried first.
     pub async fn connect(
         &self,
         config: &Config,
         source: Option<SocketAddr>,
         deadline: Instant,
+        mut first: Option<Lease>,
     ) -> Result<(TcpStream, Lease), RejectReason> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let lease = match self.select(&tried, source.map(|s| s.ip())) {
+            let chosen = match first.take() {
+                Some(l) => Ok(l),
+                None => self.select(&tried, source.map(|s| s.ip())),
+            };
+            let lease = match chosen {
                 Ok(l) => l,
                 Err(_) if !tried.is_empty() => return Err(RejectReason::BackendUnavailable),
                 Err(NoBackend::AllFull) => return Err(RejectReason::GlobalLimit),

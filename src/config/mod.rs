@@ -38,6 +38,11 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9925";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may wait in the queue for a slot before it gets the global-limit 421.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest queue_timeout: RFC 5321 §4.5.3.2 gives a client 5 minutes for the greeting,
+/// and a wait past it would only be cut by the client.
+pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -319,6 +324,18 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<Cidr>,
 
+    /// How long a client that finds the server full may wait, without a greeting, for a slot
+    /// before it gets the 421; 0 turns the queue off [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<Dur>,
+
+    /// How many clients may wait in the queue at once; past it a newcomer gets the 421 at once
+    /// [default: max_connections]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<usize>,
+
     /// Global slots kept for allowed networks only [default: 0]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -452,6 +469,8 @@ impl Settings {
             rate_per_source,
             rate_burst,
             reserved_for_allowed,
+            queue_timeout,
+            max_queued,
             dry_run,
             replies
         );
@@ -507,6 +526,9 @@ pub struct Config {
     pub allow: Vec<ipnet::IpNet>,
     pub deny: Vec<ipnet::IpNet>,
     pub reserved_for_allowed: usize,
+    /// Zero: the queue is off, and a full server refuses at once.
+    pub queue_timeout: Duration,
+    pub max_queued: usize,
     pub dry_run: bool,
     pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
@@ -630,6 +652,8 @@ impl Config {
             allow: self.allow.iter().copied().map(Cidr).collect(),
             deny: self.deny.iter().copied().map(Cidr).collect(),
             reserved_for_allowed: Some(self.reserved_for_allowed),
+            queue_timeout: Some(Dur(self.queue_timeout)),
+            max_queued: Some(self.max_queued),
             dry_run: Some(self.dry_run),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),

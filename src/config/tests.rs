@@ -249,3 +249,36 @@ fn the_default_ipv6_network_tier_is_a_tenth_of_the_global_limit_per_48() {
             .unwrap();
     assert_eq!(c.max_per_ipv6_network, 1, "never zero");
 }
+
+#[test]
+fn the_queue_defaults_to_30s_and_max_connections_and_is_bounded() {
+    let c = Settings::from_toml(
+        "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nmax_connections = 40",
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    assert_eq!(
+        (c.queue_timeout, c.max_queued),
+        (Duration::from_secs(30), 40)
+    );
+    let off = Settings::from_toml(
+        "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nqueue_timeout = \"0\"\nmax_queued = 5",
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    assert_eq!((off.queue_timeout, off.max_queued), (Duration::ZERO, 5));
+    for (toml, key, reason) in [
+        (
+            "queue_timeout = \"6m\"",
+            "queue_timeout",
+            "6m is more than 5m: a client waits at most 5 minutes for the greeting (RFC 5321 section 4.5.3.2)",
+        ),
+        ("max_queued = 1000001", "max_queued", "1000001 is more than 1000000"),
+    ] {
+        let text = format!("backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\n{toml}");
+        let e = Settings::from_toml(&text).unwrap().validate(None).unwrap_err();
+        assert_eq!((e.key.as_str(), e.reason.as_str()), (key, reason), "{toml}");
+    }
+}

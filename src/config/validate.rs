@@ -32,6 +32,7 @@ impl Settings {
         let backends = backends(&self)?;
         let limits = limits(&self)?;
         let timeouts = timeouts(&self)?;
+        let queue = queue(&self, limits.max_connections)?;
         let edge = transparency_and_proxy(&self)?;
         let moving = forwarding(&self)?;
         let hostname = hostname(self.hostname.clone())?;
@@ -51,6 +52,8 @@ impl Settings {
             ipv6_network_prefix: limits.ipv6_network_prefix,
             max_per_ipv6_network: limits.max_per_ipv6_network,
             reserved_for_allowed: limits.reserved_for_allowed,
+            queue_timeout: queue.timeout,
+            max_queued: queue.max_queued,
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow: limits.allow,
@@ -309,6 +312,38 @@ fn timeouts(s: &Settings) -> Result<Timeouts, Bad> {
         )?,
         greeting,
         drain,
+    })
+}
+
+/// The wait queue.
+struct QueueSettings {
+    timeout: Duration,
+    max_queued: usize,
+}
+
+fn queue(s: &Settings, max_connections: usize) -> Result<QueueSettings, Bad> {
+    let timeout = s.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0);
+    if timeout > MAX_QUEUE_TIMEOUT {
+        return Err(bad(
+            "queue_timeout",
+            format!(
+                "{} is more than {}: a client waits at most 5 minutes for the greeting \
+                 (RFC 5321 section 4.5.3.2)",
+                Dur(timeout),
+                Dur(MAX_QUEUE_TIMEOUT)
+            ),
+        ));
+    }
+    let max_queued = s.max_queued.unwrap_or(max_connections);
+    if max_queued > MAX_CONNECTIONS {
+        return Err(bad(
+            "max_queued",
+            format!("{max_queued} is more than {MAX_CONNECTIONS}"),
+        ));
+    }
+    Ok(QueueSettings {
+        timeout,
+        max_queued,
     })
 }
 

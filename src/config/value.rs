@@ -27,7 +27,7 @@ macro_rules! deserialize_from_str {
     };
 }
 
-/// A duration written as a whole number and a unit: `500ms`, `5s`, `10m`, `1h`.
+/// A duration written as a whole number and a unit: `500ms`, `5s`, `10m`, `1h`; or `0`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
@@ -51,6 +51,8 @@ impl FromStr for Dur {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            // Zero is zero in any unit: `queue_timeout = "0"` turns the queue off.
+            "" if n == 0 => Duration::ZERO,
             "" => {
                 return Err(format!(
                     "invalid duration {s:?}: missing unit (ms, s, m or h)"
@@ -518,6 +520,11 @@ mod tests {
         for bad in ["", "5", "s", "5x", "-5s", "5.5s", "99999999999999999999s"] {
             assert!(bad.parse::<Dur>().is_err(), "{bad:?} must be rejected");
         }
+        // Zero needs no unit (`queue_timeout = "0"`); any other number does.
+        for zero in ["0", "00", "0s", "0ms"] {
+            assert_eq!(zero.parse::<Dur>().unwrap().0, Duration::ZERO, "{zero}");
+        }
+        assert_eq!(Dur(Duration::ZERO).to_string(), "0s");
     }
 
     #[test]

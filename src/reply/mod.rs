@@ -32,7 +32,10 @@ use crate::reason::RejectReason;
 /// The reply templates; `{hostname}` is replaced by the configured host name.
 fn default_template(reason: RejectReason) -> &'static str {
     match reason {
-        RejectReason::GlobalLimit => "421 4.3.2 {hostname} Too many connections, try again later",
+        // A wait in the queue that ends without a slot is the same answer as a full server.
+        RejectReason::GlobalLimit | RejectReason::QueueTimeout | RejectReason::QueueFull => {
+            "421 4.3.2 {hostname} Too many connections, try again later"
+        }
         RejectReason::SourceLimit => {
             "421 4.7.0 {hostname} Too many connections from your address, try again later"
         }
@@ -67,7 +70,9 @@ impl Replies {
             .iter()
             .map(|&r| {
                 let over = match r {
-                    RejectReason::GlobalLimit => &overrides.global_limit,
+                    RejectReason::GlobalLimit
+                    | RejectReason::QueueTimeout
+                    | RejectReason::QueueFull => &overrides.global_limit,
                     RejectReason::SourceLimit => &overrides.source_limit,
                     RejectReason::BackendUnavailable => &overrides.backend_unavailable,
                     RejectReason::RateLimit => &overrides.rate_limit,

@@ -1,6 +1,7 @@
 //! The server's shared state: [`Gate`], which every accept loop and connection task holds, and
 //! [`Live`], the part a reload swaps whole. Admission of a new connection is decided here, in
-//! the accept loop, without I/O ([`Gate::triage`]).
+//! the accept loop, without I/O ([`Gate::triage`]): admitted, refused, or put in the wait
+//! queue, whose slots [`Gate::capacity`] hands out.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,12 +10,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{Admission, Guard};
-use crate::backend::Pool;
+use crate::admission::{Admission, Global, GlobalSlot, Guard};
+use crate::backend::{Lease, NoBackend, Pool};
 use crate::config::Config;
 use crate::forward::{Mode, Traffic};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::queue::{Entered, Queue, Ticket, Waiter, Wake};
 use crate::reason::RejectReason;
 use crate::reply::{Closer, RejectSummary, Replies};
 
@@ -35,14 +37,39 @@ impl Live {
         previous: Option<&Live>,
         clock: crate::policy::PolicyClock,
         metrics: &Metrics,
+        wake: &Arc<Wake>,
     ) -> Live {
         Live {
             policy: Policy::new(&config, previous.map(|p| &p.policy), clock),
             replies: Arc::new(Replies::new(&config.hostname, &config.replies)),
-            pool: Pool::new(&config, previous.map(|p| &p.pool), metrics),
+            pool: Pool::new(&config, previous.map(|p| &p.pool), metrics, wake),
             config,
         }
     }
+
+    /// Whether a client that finds the capacity full waits for a slot. Dry run never queues:
+    /// it admits everyone and only counts. Nor does a limit of 0, which closes the door:
+    /// nobody could ever be served.
+    pub(crate) fn queues(&self) -> bool {
+        !self.config.queue_timeout.is_zero()
+            && !self.policy.dry_run
+            && self.policy.max_connections > 0
+    }
+}
+
+/// What the wait queue hands a waiter: a global slot, and a backend's slot when backends have
+/// caps of their own.
+pub struct Grant {
+    pub(crate) global: GlobalSlot,
+    pub(crate) lease: Option<Lease>,
+}
+
+/// An admitted connection, or one that waits for its slot.
+pub enum Entry {
+    /// Admitted, with its backend's slot when backends have caps.
+    Now(Guard, Option<Lease>),
+    /// In the queue, holding its source's and network's slots already.
+    Wait(Guard, Ticket<Grant>),
 }
 
 /// Everything a connection task needs, shared by all of them.
@@ -61,6 +88,10 @@ pub struct Gate {
     /// Bounds the connections waiting for a trusted upstream's PROXY header, which hold no
     /// slot yet.
     pub(crate) headers: Arc<tokio::sync::Semaphore>,
+    /// Clients waiting for a slot.
+    pub(crate) queue: Arc<Queue<Grant>>,
+    /// Told when a slot may have freed; wakes the queue's dispatcher.
+    pub(crate) wake: Arc<Wake>,
 }
 
 /// How many connections may wait for their PROXY header at once; past it a new one gets the
@@ -93,7 +124,9 @@ pub enum Start {
     /// Admission waits for a trusted upstream's PROXY header, which has to be read first.
     AfterHeader(Arc<Live>, HeaderWait),
     /// Admitted by the accept loop.
-    Admitted(Guard, Arc<Live>),
+    Admitted(Guard, Option<Lease>, Arc<Live>),
+    /// Put in the wait queue by the accept loop.
+    Queued(Guard, Ticket<Grant>, Arc<Live>),
 }
 
 impl Gate {
@@ -116,28 +149,88 @@ impl Gate {
             return Triage::Task(Start::AfterHeader(live, HeaderWait { _slot: slot, gauge }));
         }
         match self.admit(ip, &live) {
-            Ok(guard) => Triage::Task(Start::Admitted(guard, live)),
+            Ok(Entry::Now(guard, lease)) => Triage::Task(Start::Admitted(guard, lease, live)),
+            Ok(Entry::Wait(guard, ticket)) => Triage::Task(Start::Queued(guard, ticket, live)),
             Err(reason) => Triage::Refuse(reason, live),
         }
     }
 
-    /// Admission for `ip`, with the dry run's would-be refusal or the refusal counted under
-    /// the source key admission decided with.
-    pub(crate) fn admit(&self, ip: IpAddr, live: &Live) -> Result<Guard, RejectReason> {
-        match self.admission.admit(&live.policy, ip) {
-            Ok(admitted) => {
-                if let Some(r) = admitted.would_reject {
-                    self.metrics.rejected_dry_run(r).increment(1);
-                    self.summary.record_dry_run(r, admitted.guard.source());
-                }
-                Ok(admitted.guard)
-            }
+    /// Admission for `ip`: the policy first, then the capacity, at once or through the wait
+    /// queue. A dry run's would-be refusal, or a refusal, is counted under the source key
+    /// admission decided with.
+    pub(crate) fn admit(&self, ip: IpAddr, live: &Live) -> Result<Entry, RejectReason> {
+        let queues = live.queues();
+        let global = if queues { Global::Leave } else { Global::Take };
+        let admitted = match self.admission.admit_with(&live.policy, ip, global) {
+            Ok(admitted) => admitted,
             Err(refusal) => {
                 self.metrics.rejected(refusal.reason).increment(1);
                 self.summary.record(refusal.reason, refusal.source);
-                Err(refusal.reason)
+                return Err(refusal.reason);
             }
+        };
+        if let Some(r) = admitted.would_reject {
+            self.metrics.rejected_dry_run(r).increment(1);
+            self.summary.record_dry_run(r, admitted.guard.source());
         }
+        let mut guard = admitted.guard;
+        if !queues {
+            return Ok(Entry::Now(guard, None));
+        }
+        // No slot is ever open to this class (every one reserved for allowed sources): a
+        // wait could only end in the 421, so it comes at once.
+        if crate::admission::global_cap(&live.policy, admitted.allowed) == 0 {
+            let reason = RejectReason::GlobalLimit;
+            self.metrics.rejected(reason).increment(1);
+            self.summary.record(reason, guard.source());
+            return Err(reason);
+        }
+        let waiter = Waiter {
+            ip,
+            allowed: admitted.allowed,
+        };
+        let bounds = (live.config.max_queued, live.config.queue_timeout);
+        let entered = self.queue.enter(guard.source(), waiter, bounds, || {
+            self.capacity(live, &waiter)
+        });
+        let reason = match entered {
+            Entered::Now(grant) => {
+                guard.hold(grant.global);
+                return Ok(Entry::Now(guard, grant.lease));
+            }
+            Entered::Wait(ticket) => return Ok(Entry::Wait(guard, ticket)),
+            Entered::Full => RejectReason::QueueFull,
+            Entered::Closed => RejectReason::Draining,
+        };
+        self.metrics.rejected(reason).increment(1);
+        self.summary.record(reason, guard.source());
+        Err(reason)
+    }
+
+    /// A slot for `waiter`, if one is free: a global slot open to its class and, when
+    /// backends have caps, a backend's slot. Nothing is taken unless both are.
+    pub(crate) fn capacity(&self, live: &Live, waiter: &Waiter) -> Option<Grant> {
+        let family = live.config.transparent.then_some(waiter.ip);
+        let capped = live.pool.capped();
+        if capped && live.pool.full(family) {
+            return None;
+        }
+        let global = self.admission.take_global(&live.policy, waiter.allowed)?;
+        let lease = if capped {
+            match live.pool.select(&[], family) {
+                Ok(lease) => Some(lease),
+                // Filled up since the look: no slot after all, and nobody to wake for it.
+                Err(NoBackend::AllFull) => {
+                    global.give_back();
+                    return None;
+                }
+                // No healthy backend: the session goes on to the backend-unavailable answer.
+                Err(NoBackend::AllDown) => None,
+            }
+        } else {
+            None
+        };
+        Some(Grant { global, lease })
     }
 
     /// Counts a refusal in the metrics and the periodic summary.

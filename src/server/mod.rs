@@ -7,6 +7,9 @@
 //! first), sends refusals to [`crate::reply`], and gives every other connection its own task
 //! ([`crate::session`]).
 //!
+//! One background task, the queue's dispatcher, hands freed slots to clients waiting in
+//! [`crate::queue`].
+//!
 //! A reload swaps the policy, replies, backend and timeouts for new connections at once.
 //! Sessions already forwarding are never cut and keep their slots. Settings that would need new
 //! sockets, threads, a new forwarder or a new security check (listen, metrics, forwarding,
@@ -30,6 +33,7 @@ use crate::forward::{self, Mode, Traffic};
 use crate::listener;
 use crate::metrics::{self, Metrics};
 use crate::policy::{PolicyClock, EVICT_INTERVAL};
+use crate::queue::{Queue, Wake};
 use crate::reply::Closer;
 mod accept;
 pub mod gate;
@@ -66,6 +70,7 @@ pub fn check(config: Config) -> Vec<String> {
         None,
         PolicyClock::default(),
         &Metrics::new(),
+        &Arc::default(),
     ));
     warnings
 }
@@ -144,12 +149,19 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         spliced: metrics.spliced_bytes.clone(),
         splice_fallbacks: metrics.splice_fallbacks.clone(),
     };
-    let live = Live::build(config, None, PolicyClock::default(), &metrics);
+    let wake = Arc::new(Wake::default());
+    let live = Live::build(config, None, PolicyClock::default(), &metrics, &wake);
     set_limit_gauges(&metrics, &live.config);
     let gate = Arc::new(Gate {
         mode: forwarding_mode(&live.config, &metrics),
         live: ArcSwap::from_pointee(live),
-        admission: Admission::new(metrics.clone()),
+        admission: Admission::with_wake(metrics.clone(), wake.clone()),
+        queue: Queue::new(
+            wake.clone(),
+            metrics.queued.clone(),
+            metrics.queue_wait_seconds.clone(),
+        ),
+        wake,
         closer: Closer::default(),
         summary: Arc::default(),
         metrics: metrics.clone(),
@@ -177,6 +189,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     }
     running.spawn_housekeeping();
     running.spawn_health_checks();
+    running.spawn_queue_dispatcher();
     let mut running = running;
     running.accept_on(listeners, listen_addrs).await?;
     Ok(running)
@@ -328,18 +341,33 @@ impl Running {
             Some(&old),
             old.policy.clock().clone(),
             &self.gate.metrics,
+            &self.gate.wake,
         );
         set_limit_gauges(&self.gate.metrics, &live.config);
+        let queues = live.queues();
         self.gate.live.store(Arc::new(live));
+        if !queues {
+            // The queue is off now (queue_timeout 0, max_connections 0, dry run): nobody is
+            // left waiting for a turn that would never come in order.
+            self.gate.queue.expire_all();
+        }
+        // A raised limit admits waiting clients at once.
+        self.gate.wake.kick();
         self.reloads_ok.increment(1);
         tracing::info!("config reloaded");
         true
     }
 
-    /// Stops admitting: from now on new connections get the draining reply. Sessions already
-    /// forwarding go on.
+    /// Stops admitting: from now on new connections get the draining reply, and so does every
+    /// client waiting in the queue. Sessions already forwarding go on.
     pub fn begin_drain(&self) {
         self.gate.draining.store(true, Ordering::Release);
+        self.gate.queue.close();
+    }
+
+    /// Clients waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.gate.queue.len()
     }
 
     /// Stops accepting, lets forwarding sessions finish for up to `drain`, cuts the rest, and
@@ -395,6 +423,26 @@ impl Running {
         });
     }
 
+    /// The wait queue's one dispatcher: whenever a slot may have freed, hands out every slot
+    /// there is, in the queue's order; at the next deadline, ends the waits that reached it.
+    fn spawn_queue_dispatcher(&self) {
+        let (gate, stop) = (self.gate.clone(), self.stop.clone());
+        self.background.spawn(async move {
+            let mut next: Option<std::time::Instant> = None;
+            loop {
+                let deadline = next.map(tokio::time::Instant::from_std);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = gate.wake.notified() => {}
+                    () = sleep_until_some(deadline) => {}
+                }
+                let live = gate.live.load_full();
+                gate.queue.serve(|waiter| gate.capacity(&live, waiter));
+                next = gate.queue.expire(std::time::Instant::now());
+            }
+        });
+    }
+
     fn spawn_housekeeping(&self) {
         let (gate, stop) = (self.gate.clone(), self.stop.clone());
         self.background.spawn(async move {
@@ -427,6 +475,14 @@ impl Drop for Running {
     }
 }
 
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn set_limit_gauges(metrics: &Metrics, config: &Config) {
     metrics
         .limit_max_connections
@@ -434,6 +490,14 @@ fn set_limit_gauges(metrics: &Metrics, config: &Config) {
     metrics
         .limit_max_per_source
         .set(config.max_per_source as f64);
+    // With the queue off, or no slot ever to wait for, nobody may wait.
+    let max_queued =
+        if config.queue_timeout.is_zero() || config.max_connections == 0 || config.dry_run {
+            0
+        } else {
+            config.max_queued
+        };
+    metrics.limit_max_queued.set(max_queued as f64);
 }
 
 /// Puts back, in `new`, every setting a reload cannot change (they would need new sockets,

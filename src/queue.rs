@@ -1,0 +1,598 @@
+//! The wait queue: a client that passes every policy check but finds the server's capacity full
+//! waits here, without a greeting, until a slot frees, instead of getting a `421` at once.
+//!
+//! The queue is fair between sources. Each waiter gets a tag, `max(source's last tag, the
+//! class's clock) + 1`, and the smallest tag is served first, ties by arrival. So sources take
+//! turns, round robin, while each source's own connections stay first come, first served: a
+//! source with a hundred waiters holds tags 1..100, a newcomer source gets tag 1 and is served
+//! in the next round, not after the hundred. Allowed sources form a class of their own that is
+//! always served before the others.
+//!
+//! Nobody jumps the queue: while anyone waits, a newcomer joins it instead of trying for a slot
+//! ([`Queue::enter`]). Slots are handed out by one dispatcher ([`Queue::serve`]), woken through
+//! [`Wake`] whenever a slot may have freed (a session's global slot or backend lease returned,
+//! a backend up again, a reload). The same dispatcher ends the waits that reach their deadline
+//! ([`Queue::expire`]), so a waiter needs no timer of its own: its task sleeps on its one-shot
+//! channel and its client socket, and nothing wakes while nothing happens.
+//!
+//! The queue knows nothing of slots: what a grant is (`T`) and whether one can be had is the
+//! caller's, so this module depends on no other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use metrics::{Gauge, Histogram};
+use std::task::{Context, Poll, Waker};
+use tokio::sync::Notify;
+
+/// The signal that a slot may have freed, shared by everything that holds slots. Cheap when
+/// nobody waits: one atomic load.
+#[derive(Default)]
+pub struct Wake {
+    /// Waiters in the queue now.
+    waiting: AtomicUsize,
+    notify: Notify,
+}
+
+impl Wake {
+    /// A slot was given back: the dispatcher looks again, if anyone waits.
+    pub fn freed(&self) {
+        // SeqCst pairs with the store in `Queue::enter`: either this load sees the new
+        // waiter, or the waiter's own kick sees the freed slot.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Capacity may have grown (a reload): the dispatcher looks again.
+    pub fn kick(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Waiters in the queue now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the dispatcher should look at the queue.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// A waiter's place: its class (allowed sources first), its tag, and its arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    /// 0 for allowed sources, 1 for the others.
+    class: u8,
+    tag: u64,
+    seq: u64,
+}
+
+/// What a waiter carries for the dispatcher's capacity check.
+#[derive(Clone, Copy, Debug)]
+pub struct Waiter {
+    /// The client's address. Only its family is kept while it waits (0.0.0.0 or ::), which
+    /// is all a backend choice needs.
+    pub ip: std::net::IpAddr,
+    /// Allowed sources are served first.
+    pub allowed: bool,
+}
+
+/// A waiter's line in the queue. Kept small: 10,000 of them must cost no more than as many
+/// idle sessions.
+struct Entry {
+    source: IpNet,
+    /// The address family, for transparent mode's backend choice.
+    v4: bool,
+    allowed: bool,
+    deadline: Instant,
+    /// The waiter's task, woken when its outcome is ready.
+    waker: Option<Waker>,
+}
+
+impl Entry {
+    fn waiter(&self) -> Waiter {
+        let ip = if self.v4 {
+            std::net::IpAddr::from([0, 0, 0, 0])
+        } else {
+            std::net::IpAddr::from([0u16; 8])
+        };
+        Waiter {
+            ip,
+            allowed: self.allowed,
+        }
+    }
+}
+
+/// How a wait ended from the queue's side.
+pub enum Outcome<T> {
+    /// A slot, handed over by the dispatcher.
+    Granted(T),
+    /// The wait reached its deadline.
+    TimedOut,
+    /// mxgate is shutting down.
+    Draining,
+}
+
+/// A source's turns in one class.
+struct Turns {
+    /// The tag of its latest waiter.
+    last: u64,
+    /// Its waiters now.
+    waiting: usize,
+}
+
+struct State<T> {
+    lines: BTreeMap<Key, Entry>,
+    /// Every waiter by its deadline.
+    deadlines: BTreeMap<(Instant, u64), Key>,
+    /// Outcomes decided and not yet taken by their waiter, by the waiter's `seq`.
+    decided: HashMap<u64, Outcome<T>>,
+    sources: HashMap<(u8, IpNet), Turns>,
+    /// Each class's clock: the tag it served last.
+    clock: [u64; 2],
+    seq: u64,
+    /// Set by [`Queue::close`]: nobody enters any more.
+    closed: bool,
+}
+
+/// The fair wait queue.
+pub struct Queue<T> {
+    state: Mutex<State<T>>,
+    wake: Arc<Wake>,
+    gauge: Gauge,
+    wait_seconds: Histogram,
+}
+
+/// What [`Queue::enter`] decided.
+pub enum Entered<T> {
+    /// Nobody was waiting and there was room: the slot, at once.
+    Now(T),
+    /// In the queue: wait on the ticket.
+    Wait(Ticket<T>),
+    /// The queue holds `max_queued` already.
+    Full,
+    /// The queue is closed for shutdown.
+    Closed,
+}
+
+/// A waiter's hold on its place. Dropping it leaves the queue (a slot already handed to it is
+/// dropped too, which frees it).
+pub struct Ticket<T> {
+    queue: Arc<Queue<T>>,
+    key: Key,
+    entered: Instant,
+    done: bool,
+}
+
+impl<T> Queue<T> {
+    pub fn new(wake: Arc<Wake>, gauge: Gauge, wait_seconds: Histogram) -> Arc<Queue<T>> {
+        gauge.set(0.0);
+        Arc::new(Queue {
+            state: Mutex::new(State {
+                lines: BTreeMap::new(),
+                deadlines: BTreeMap::new(),
+                decided: HashMap::new(),
+                sources: HashMap::new(),
+                clock: [0; 2],
+                seq: 0,
+                closed: false,
+            }),
+            wake,
+            gauge,
+            wait_seconds,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waiters now.
+    pub fn len(&self) -> usize {
+        self.wake.waiting()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A newcomer from `source`: a slot at once if nobody waits and `try_now` finds one,
+    /// otherwise a place in the queue for at most `timeout`, unless the queue already holds
+    /// `max_queued`.
+    pub fn enter(
+        self: &Arc<Self>,
+        source: IpNet,
+        waiter: Waiter,
+        (max_queued, timeout): (usize, Duration),
+        try_now: impl FnOnce() -> Option<T>,
+    ) -> Entered<T> {
+        // Nobody to jump: nobody waits, or only other sources that an allowed one is served
+        // before anyway (the first in line is not allowed).
+        let first_in_line =
+            self.wake.waiting() == 0 || (waiter.allowed && self.first_class() != Some(0));
+        if first_in_line {
+            if let Some(slot) = try_now() {
+                return Entered::Now(slot);
+            }
+        }
+        let entered = Instant::now();
+        let deadline = entered.checked_add(timeout).unwrap_or(entered);
+        let key = {
+            let mut s = self.lock();
+            if s.closed {
+                return Entered::Closed;
+            }
+            // Allowed sources (a site's own relays) are few, and always have room to wait: a
+            // flood that fills the queue must not lock them out.
+            if s.lines.len() >= max_queued && !waiter.allowed {
+                return Entered::Full;
+            }
+            let class = u8::from(!waiter.allowed);
+            let clock = s.clock[class as usize];
+            let turns = s.sources.entry((class, source)).or_insert(Turns {
+                last: clock,
+                waiting: 0,
+            });
+            let tag = turns.last.max(clock) + 1;
+            turns.last = tag;
+            turns.waiting += 1;
+            s.seq += 1;
+            let key = Key {
+                class,
+                tag,
+                seq: s.seq,
+            };
+            s.lines.insert(
+                key,
+                Entry {
+                    source,
+                    v4: waiter.ip.to_canonical().is_ipv4(),
+                    allowed: waiter.allowed,
+                    deadline,
+                    waker: None,
+                },
+            );
+            s.deadlines.insert((deadline, key.seq), key);
+            self.update(&s);
+            key
+        };
+        // A slot may have freed between `try_now` and the insertion, seen by nobody.
+        self.wake.kick();
+        Entered::Wait(Ticket {
+            queue: self.clone(),
+            key,
+            entered,
+            done: false,
+        })
+    }
+
+    /// Hands slots to waiters in turn while `grant` finds one for the next in line. Called by
+    /// the one dispatcher whenever [`Wake`] says a slot may have freed.
+    pub fn serve(&self, mut grant: impl FnMut(&Waiter) -> Option<T>) {
+        let mut s = self.lock();
+        while let Some(waiter) = s.lines.first_key_value().map(|(_, e)| e.waiter()) {
+            let Some(slot) = grant(&waiter) else { break };
+            let (key, e) = s.lines.pop_first().expect("the first entry was just seen");
+            let clock = &mut s.clock[key.class as usize];
+            *clock = (*clock).max(key.tag);
+            s.decide(key, e, Outcome::Granted(slot));
+        }
+        self.update(&s);
+    }
+
+    /// Ends every wait whose deadline has come; returns the next deadline, if anyone waits.
+    pub fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut s = self.lock();
+        while let Some((&(deadline, _), &key)) = s.deadlines.first_key_value() {
+            if deadline > now {
+                break;
+            }
+            let e = s.lines.remove(&key).expect("every deadline has its entry");
+            s.decide(key, e, Outcome::TimedOut);
+        }
+        self.update(&s);
+        s.deadlines.first_key_value().map(|(&(d, _), _)| d)
+    }
+
+    /// The class of the first in line, if anyone waits.
+    fn first_class(&self) -> Option<u8> {
+        self.lock().lines.first_key_value().map(|(k, _)| k.class)
+    }
+
+    /// Ends every wait at once, as if its deadline had come: for a reload that turns the
+    /// queue off.
+    pub fn expire_all(&self) {
+        let mut s = self.lock();
+        while let Some((key, e)) = s.lines.pop_first() {
+            s.decide(key, e, Outcome::TimedOut);
+        }
+        self.update(&s);
+    }
+
+    /// Closes the queue for shutdown: every waiter is told, and nobody enters any more.
+    pub fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        while let Some((key, e)) = s.lines.pop_first() {
+            s.decide(key, e, Outcome::Draining);
+        }
+        self.update(&s);
+    }
+
+    fn update(&self, s: &State<T>) {
+        self.wake.waiting.store(s.lines.len(), Ordering::SeqCst);
+        self.gauge.set(s.lines.len() as f64);
+    }
+}
+
+impl<T> State<T> {
+    /// Takes a waiter out of line with its outcome, and wakes it to collect it.
+    fn decide(&mut self, key: Key, mut e: Entry, outcome: Outcome<T>) {
+        self.left(key, &e);
+        self.decided.insert(key.seq, outcome);
+        if let Some(w) = e.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Books a waiter out of its source's turns and the deadlines.
+    fn left(&mut self, key: Key, e: &Entry) {
+        self.deadlines.remove(&(e.deadline, key.seq));
+        if let Some(turns) = self.sources.get_mut(&(key.class, e.source)) {
+            turns.waiting -= 1;
+            if turns.waiting == 0 {
+                self.sources.remove(&(key.class, e.source));
+            }
+        }
+    }
+}
+
+impl<T> Ticket<T> {
+    /// When this waiter entered the queue.
+    pub fn entered(&self) -> Instant {
+        self.entered
+    }
+
+    /// Ready when the dispatcher hands over a slot, the wait times out or the queue closes.
+    pub fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
+        let mut s = self.queue.lock();
+        if let Some(outcome) = s.decided.remove(&self.key.seq) {
+            drop(s);
+            self.finish();
+            return Poll::Ready(outcome);
+        }
+        match s.lines.get_mut(&self.key) {
+            Some(e) => {
+                if !e.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    e.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            // Neither waiting nor decided: cannot happen while the ticket lives.
+            None => {
+                drop(s);
+                self.finish();
+                Poll::Ready(Outcome::Draining)
+            }
+        }
+    }
+
+    /// Leaves the queue (the client gave up, or its time is over). `None` if it was still
+    /// waiting; otherwise the outcome already decided for it.
+    pub fn leave(mut self) -> Option<Outcome<T>> {
+        let outcome = self.take();
+        self.finish();
+        outcome
+    }
+
+    /// Takes this waiter out of the queue, or its decided outcome.
+    fn take(&mut self) -> Option<Outcome<T>> {
+        let mut s = self.queue.lock();
+        if let Some(e) = s.lines.remove(&self.key) {
+            s.left(self.key, &e);
+            self.queue.update(&s);
+            return None;
+        }
+        s.decided.remove(&self.key.seq)
+    }
+
+    /// The wait is over: recorded once.
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.queue
+                .wait_seconds
+                .record(self.entered.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl<T> Drop for Ticket<T> {
+    fn drop(&mut self) {
+        if !self.done {
+            // A slot already handed over is dropped here, after the lock, and so freed.
+            let outcome = self.take();
+            self.finish();
+            drop(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    const LONG: Duration = Duration::from_secs(3600);
+
+    fn queue() -> Arc<Queue<u32>> {
+        Queue::new(Arc::default(), Gauge::noop(), Histogram::noop())
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn waiter(allowed: bool) -> Waiter {
+        Waiter {
+            ip: "192.0.2.1".parse().unwrap(),
+            allowed,
+        }
+    }
+
+    /// Puts a waiter of `source` in the queue (nobody gets a slot on entry).
+    fn join(q: &Arc<Queue<u32>>, source: &str, allowed: bool) -> Ticket<u32> {
+        match q.enter(net(source), waiter(allowed), (usize::MAX, LONG), || None) {
+            Entered::Wait(t) => t,
+            _ => panic!("not queued"),
+        }
+    }
+
+    /// Hands out `n` slots, numbered in order, and returns who got which.
+    fn serve(q: &Queue<u32>, n: u32) {
+        let next = Cell::new(0);
+        q.serve(|_| {
+            let i = next.get();
+            (i < n).then(|| {
+                next.set(i + 1);
+                i
+            })
+        });
+    }
+
+    /// The outcome decided for `t`, if any, taken as its task would.
+    fn poll(t: &mut Ticket<u32>) -> Option<Outcome<u32>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match t.poll_outcome(&mut cx) {
+            Poll::Ready(o) => Some(o),
+            Poll::Pending => None,
+        }
+    }
+
+    fn granted(t: &mut Ticket<u32>) -> Option<u32> {
+        match poll(t) {
+            Some(Outcome::Granted(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn sources_take_turns_and_each_keeps_its_order() {
+        let q = queue();
+        let mut greedy: Vec<_> = (0..100).map(|_| join(&q, "10.0.0.1/32", false)).collect();
+        let mut light: Vec<_> = (2..12)
+            .map(|i| join(&q, &format!("10.0.0.{i}/32"), false))
+            .collect();
+        assert_eq!(q.len(), 110);
+        serve(&q, 20);
+        assert_eq!(q.len(), 90);
+        // The greedy source's first, then every light source once, then the greedy again.
+        let light_slots: Vec<_> = light.iter_mut().map(|t| granted(t).unwrap()).collect();
+        assert_eq!(light_slots, (1..=10).collect::<Vec<_>>());
+        let greedy_slots: Vec<_> = greedy.iter_mut().filter_map(granted).collect();
+        assert_eq!(greedy_slots, [0, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn allowed_sources_go_first_and_nobody_jumps_the_queue() {
+        let q = queue();
+        let mut first = join(&q, "10.0.0.1/32", false);
+        let mut allowed = join(&q, "192.0.2.0/24", true);
+        // Someone waits: a newcomer is not offered a slot even if one is free.
+        let offered = Cell::new(false);
+        let entered = q.enter(
+            net("10.0.0.9/32"),
+            waiter(false),
+            (usize::MAX, LONG),
+            || {
+                offered.set(true);
+                Some(99)
+            },
+        );
+        assert!(matches!(entered, Entered::Wait(_)));
+        assert!(!offered.get());
+        serve(&q, 1);
+        assert_eq!(granted(&mut allowed), Some(0));
+        assert_eq!(granted(&mut first), None);
+        serve(&q, 1);
+        assert_eq!(granted(&mut first), Some(0));
+    }
+
+    #[test]
+    fn leaving_frees_the_place_and_bounds_hold() {
+        let q = queue();
+        assert!(matches!(
+            q.enter(net("10.0.0.1/32"), waiter(false), (5, LONG), || Some(7)),
+            Entered::Now(7)
+        ));
+        let held: Vec<_> = (0..2).map(|_| join(&q, "10.0.0.1/32", false)).collect();
+        assert!(matches!(
+            q.enter(net("10.0.0.2/32"), waiter(false), (2, LONG), || None),
+            Entered::Full
+        ));
+        let mut held = held.into_iter();
+        assert!(held.next().unwrap().leave().is_none());
+        assert_eq!(q.len(), 1);
+        drop(held);
+        assert_eq!(q.len(), 0);
+        assert!(q.lock().sources.is_empty());
+        assert!(q.lock().deadlines.is_empty());
+        // A slot sent to a waiter that then leaves comes back with `leave`.
+        let t = join(&q, "10.0.0.3/32", false);
+        serve(&q, 1);
+        assert!(matches!(t.leave(), Some(Outcome::Granted(0))));
+    }
+
+    #[test]
+    fn close_tells_every_waiter_and_shuts_the_door() {
+        let q = queue();
+        let t = join(&q, "10.0.0.1/32", false);
+        let rest: Vec<_> = (0..3).map(|_| join(&q, "10.0.0.2/32", false)).collect();
+        q.close();
+        assert!(matches!(t.rx_state(), Some(Outcome::Draining)));
+        assert!(rest
+            .into_iter()
+            .all(|t| matches!(t.rx_state(), Some(Outcome::Draining))));
+        assert_eq!(q.len(), 0);
+        assert!(matches!(
+            q.enter(net("10.0.0.1/32"), waiter(false), (9, LONG), || None),
+            Entered::Closed
+        ));
+    }
+
+    #[test]
+    fn waits_end_at_their_deadline_in_deadline_order() {
+        let q = queue();
+        let short = |source: &str, timeout| match q.enter(
+            net(source),
+            waiter(false),
+            (usize::MAX, timeout),
+            || None,
+        ) {
+            Entered::Wait(t) => t,
+            _ => panic!("not queued"),
+        };
+        let long = short("10.0.0.1/32", LONG);
+        let soon = short("10.0.0.2/32", Duration::from_millis(10));
+        let now = Instant::now();
+        assert!(q.expire(now).is_some_and(|next| next > now));
+        assert_eq!(q.len(), 2);
+        let next = q.expire(now + Duration::from_secs(1)).unwrap();
+        assert!(next > now + Duration::from_secs(3000));
+        assert!(matches!(soon.rx_state(), Some(Outcome::TimedOut)));
+        assert_eq!(q.len(), 1);
+        drop(long);
+        assert_eq!(q.expire(now), None);
+    }
+
+    impl Ticket<u32> {
+        fn rx_state(mut self) -> Option<Outcome<u32>> {
+            poll(&mut self)
+        }
+    }
+}
