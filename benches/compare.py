@@ -34,7 +34,9 @@ HOLD_SESSIONS = 1000 if QUICK else 5000
 ROUNDS = int(os.environ.get("ROUNDS") or (1 if QUICK else 3))
 TMP = tempfile.mkdtemp(prefix="mxgate-compare-")
 # Every figure of the last run, so the report can be redrawn (`compare.py --report`).
-RAW = os.path.join(ROOT, "docs/benchmarks.json")
+# The report's file names in docs/: REPORT=before-after writes docs/before-after.{md,json,svg}.
+REPORT = os.environ.get("REPORT") or "benchmarks"
+RAW = os.path.join(ROOT, f"docs/{REPORT}.json")
 # Every proxy gets the same number of threads (workers for nginx): one per CPU by default.
 THREADS = int(os.environ.get("THREADS") or os.cpu_count())
 
@@ -376,6 +378,9 @@ def main():
             ("haproxy", lambda: haproxy_target(*ports, True)),
             ("nginx", lambda: nginx_target(*ports, True)),
         ]
+        if MXGATE_BEFORE:
+            reject_builders.append(("mxgate-before", lambda: mxgate_target(
+                "mxgate-before", "splice", *ports, True, binary=MXGATE_BEFORE)))
         for r in range(ROUNDS):
             # A different target goes first each round, so none always runs on a cold machine.
             turn = lambda b: b[r % len(b):] + b[:r % len(b)]
@@ -491,7 +496,7 @@ def write_report(rounds, meta):
     threads = meta["threads"]
     out.append(f"HAProxy {meta['haproxy']} runs in TCP mode with `option splice-auto` and {threads} "
                f"threads; nginx {meta['nginx']} runs `stream` with {threads} workers; mxgate runs "
-               f"{threads} worker threads. Every figure is in `benchmarks.json`.\n")
+               f"{threads} worker threads. Every figure is in `{REPORT}.json`.\n")
     out.append("| measure (median) | " + " | ".join(names) + " |")
     out.append("|---|" + "---|" * len(names))
     for label, key in ROWS:
@@ -558,9 +563,9 @@ def write_report(rounds, meta):
             if rej[nm].get("first_error"):
                 out.append(f"\n{nm}'s first other error: `{rej[nm]['first_error']}`\n")
                 break
-    out.append("\n![ratios to HAProxy](benchmarks.svg)\n")
+    out.append(f"\n![ratios to HAProxy]({REPORT}.svg)\n")
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-    with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
+    with open(os.path.join(ROOT, f"docs/{REPORT}.md"), "w") as f:
         f.write("\n".join(out) + "\n")
     write_svg(spreads)
     print("\n".join(out))
@@ -600,7 +605,7 @@ def write_svg(spreads):
             parts.append(f'<line x1="{lo:.1f}" y1="{y + 14}" x2="{hi:.1f}" y2="{y + 14}" stroke="#222"/>')
         parts.append(f'<text x="{max(left + w, hi) + 6:.1f}" y="{y + 17}">{v:.2f}×</text>')
     parts.append("</svg>")
-    with open(os.path.join(ROOT, "docs/benchmarks.svg"), "w") as f:
+    with open(os.path.join(ROOT, f"docs/{REPORT}.svg"), "w") as f:
         f.write("\n".join(parts) + "\n")
 
 

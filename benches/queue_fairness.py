@@ -130,7 +130,7 @@ def start_haproxy(tmp, port, backend_port):
     cfg = os.path.join(tmp, "haproxy.cfg")
     with open(cfg, "w") as f:
         f.write(f"""global
-    maxconn 10000
+    maxconn 4000
 defaults
     mode tcp
     timeout connect 5s
@@ -259,7 +259,7 @@ def report(rounds, meta):
                "clients started: the greedy source's 200, then the 20 light sources. Behind "
                "HAProxy's FIFO the light sources wait behind the whole flood; behind mxgate they "
                "are served in the next round of freed slots, and the greedy source waits "
-               "about as long as before.\n")
+               "a little longer, by the light sources' turns.\n")
     with open(os.path.join(DOCS, "queue-fairness.md"), "w") as f:
         f.write("\n".join(out) + "\n")
     write_svg(rounds[-1])
@@ -279,8 +279,8 @@ def write_svg(last):
             x = pad + (w - 2 * pad) * i / n
             y = h - pad - (h - 2 * pad) * v / top
             r = 3.5 if kind == "light" else 1.8
-            rows.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colours[name]}"'
-                        f'{"" if kind == "light" else " fill-opacity=\"0.5\""}/>')
+            opacity = "" if kind == "light" else ' fill-opacity="0.5"'
+            rows.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colours[name]}"{opacity}/>')
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',

@@ -437,8 +437,19 @@ impl Running {
                     () = sleep_until_some(deadline) => {}
                 }
                 let live = gate.live.load_full();
-                gate.queue.serve(|waiter| gate.capacity(&live, waiter));
-                next = gate.queue.expire(std::time::Instant::now());
+                // The queue's only dispatcher must outlive a bug in one turn: a panic here
+                // would leave every waiter unserved until its client gave up.
+                let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    gate.queue.serve(|waiter| gate.capacity(&live, waiter));
+                    gate.queue.expire(std::time::Instant::now())
+                }));
+                next = match turn {
+                    Ok(next) => next,
+                    Err(_) => {
+                        tracing::error!("the wait queue's dispatcher panicked; it goes on");
+                        Some(std::time::Instant::now() + std::time::Duration::from_secs(1))
+                    }
+                };
             }
         });
     }
