@@ -693,6 +693,22 @@ max_per_network = 30
     }
 
     #[test]
+    fn a_global_slot_given_back_or_held_leaves_no_reference_behind() {
+        let a = admission();
+        let p = policy("max_connections = 2");
+        let slot = a.take_global(&p, false).unwrap();
+        assert_eq!((a.active(), Arc::strong_count(&a.inner)), (1, 2));
+        slot.give_back();
+        assert_eq!((a.active(), Arc::strong_count(&a.inner)), (0, 1));
+        let mut waiter = a.admit_with(&p, ip("10.0.0.1"), Global::Leave).unwrap();
+        assert_eq!(a.active(), 0);
+        waiter.guard.hold(a.take_global(&p, false).unwrap());
+        assert_eq!((a.active(), Arc::strong_count(&a.inner)), (1, 2));
+        drop(waiter);
+        assert_eq!((a.active(), Arc::strong_count(&a.inner)), (0, 1));
+    }
+
+    #[test]
     fn counts_return_to_zero_under_contention() {
         let a = admission();
         let p = policy("max_connections = 64\nmax_per_source = 4");

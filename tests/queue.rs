@@ -463,6 +463,29 @@ async fn a_reload_that_turns_the_queue_off_ends_every_wait_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_never_queues_and_says_so() {
+    let backend = HoldBackend::start().await;
+    let mut c = queue_config(backend.addr, 1);
+    c.dry_run = true;
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let _a = expect_admitted("127.16.0.1", at).await;
+    // Over the limit, but dry run forwards everyone, at once.
+    let _b = expect_admitted("127.16.0.2", at).await;
+    assert_eq!(mx.queued(), 0);
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    assert_eq!(metric(&m, r#"mxgate_limit{kind="max_queued"}"#), 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"mxgate_connections_rejected_total{reason="global_limit",dry_run="true"}"#
+        ),
+        1.0
+    );
+    mx.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_counts_against_the_source_limit() {
     let backend = HoldBackend::start().await;
     let mut c = queue_config(backend.addr, 1);
