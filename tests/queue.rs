@@ -108,6 +108,13 @@ fn client(
     })
 }
 
+/// Reads exactly the backend's greeting: the client was admitted.
+async fn greeted(s: &mut tokio::net::TcpStream) {
+    let mut line = vec![0u8; GREETING.len()];
+    s.read_exact(&mut line).await.unwrap();
+    assert_eq!(line, GREETING);
+}
+
 async fn queued_is(mx: &mxgate::Running, n: usize) {
     eventually(&format!("{n} waiting"), || mx.queued() == n).await;
 }
@@ -235,9 +242,7 @@ async fn a_client_that_gives_up_leaves_at_once_and_wastes_no_slot() {
     assert_eq!(sample(&mx, "mxgate_connections_queued").await, 1.0);
     // The freed slot goes to the one still waiting, not to either that left.
     drop(held);
-    let mut line = vec![0u8; GREETING.len()];
-    patient.read_exact(&mut line).await.unwrap();
-    assert_eq!(line, GREETING);
+    greeted(&mut patient).await;
     assert_eq!(backend.accepted(), 2);
     assert_eq!(mx.queued(), 0);
     let m = scrape(mx.metrics_addr().unwrap()).await;
@@ -304,9 +309,7 @@ async fn drain_answers_waiting_clients_and_a_raised_limit_admits_them() {
     raised.max_connections = 4;
     assert!(mx.reload(Ok(raised)));
     for s in &mut waiting {
-        let mut line = vec![0u8; GREETING.len()];
-        s.read_exact(&mut line).await.unwrap();
-        assert_eq!(line, GREETING);
+        greeted(s).await;
     }
     assert_eq!(mx.queued(), 0);
     assert_eq!(backend.accepted(), 4);
@@ -375,13 +378,10 @@ async fn allowed_sources_are_served_first_and_a_limit_of_zero_refuses_at_once() 
     queued_is(&mx, 2).await;
     // The allowed relay came second but is served first.
     drop(held);
-    let mut line = vec![0u8; GREETING.len()];
-    relay.read_exact(&mut line).await.unwrap();
-    assert_eq!(line, GREETING);
+    greeted(&mut relay).await;
     assert_eq!(mx.queued(), 1);
     drop(relay);
-    other.read_exact(&mut line).await.unwrap();
-    assert_eq!(line, GREETING);
+    greeted(&mut other).await;
     // A limit of 0 closes the door: nobody could ever be served, so nobody waits.
     let mut closed = c;
     closed.max_connections = 0;
@@ -414,9 +414,7 @@ async fn a_full_queue_does_not_lock_allowed_sources_out_of_their_reserved_slots(
     queued_is(&mx, 2).await;
     // ... and is served first when a slot frees.
     drop(first);
-    let mut line = vec![0u8; GREETING.len()];
-    relay2.read_exact(&mut line).await.unwrap();
-    assert_eq!(line, GREETING);
+    greeted(&mut relay2).await;
     assert_eq!(mx.queued(), 1);
     // With every slot reserved, others could never be served: refused at once.
     let mut all_reserved = c;
@@ -516,9 +514,7 @@ async fn every_backend_at_its_own_cap_means_a_wait_too() {
     // The waiter holds no global slot meanwhile.
     assert_eq!(mx.admission().active(), 1);
     drop(held);
-    let mut line = vec![0u8; GREETING.len()];
-    waiting.read_exact(&mut line).await.unwrap();
-    assert_eq!(line, GREETING);
+    greeted(&mut waiting).await;
     assert_eq!(backend.accepted(), 2);
     mx.shutdown(Duration::ZERO).await;
 }
@@ -735,8 +731,7 @@ async fn idle_session_kib(count: usize) -> f64 {
     let pid = child.0.id();
     let open = |i: usize| async move {
         let mut s = connect_from(&nth_source(i), listen).await.unwrap();
-        let mut line = vec![0u8; GREETING.len()];
-        s.read_exact(&mut line).await.unwrap();
+        greeted(&mut s).await;
         s
     };
     let mut sessions = vec![open(0).await];
@@ -764,8 +759,7 @@ async fn ten_thousand_waiting_clients_cost_one_descriptor_and_no_more_than_idle_
     let (child, listen, metrics) = spawn_mxgate(backend.addr, 1).await;
     let pid = child.0.id();
     let mut held = connect_from("127.13.0.1", listen).await.unwrap();
-    let mut line = vec![0u8; GREETING.len()];
-    held.read_exact(&mut line).await.unwrap();
+    greeted(&mut held).await;
     // One waiter first, so the queue's own tables exist before the baseline.
     let mut clients = vec![connect_from(&nth_source(0), listen).await.unwrap()];
     until_metric(metrics, "mxgate_connections_queued", 1.0).await;
