@@ -115,6 +115,18 @@ async fn greeted(s: &mut tokio::net::TcpStream) {
     assert_eq!(line, GREETING);
 }
 
+/// `n` clients from `net.1`, `net.2`, ..., each left waiting in the queue, which then holds
+/// exactly `n`.
+async fn wait_from(mx: &mxgate::Running, net: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let at = mx.listen_addrs()[0];
+    let mut clients = Vec::new();
+    for i in 1..=n {
+        clients.push(connect_from(&format!("{net}.{i}"), at).await.unwrap());
+    }
+    queued_is(mx, n).await;
+    clients
+}
+
 async fn queued_is(mx: &mxgate::Running, n: usize) {
     eventually(&format!("{n} waiting"), || mx.queued() == n).await;
 }
@@ -295,15 +307,7 @@ async fn drain_answers_waiting_clients_and_a_raised_limit_admits_them() {
     let mx = start(c.clone()).await;
     let at = mx.listen_addrs()[0];
     let _held = expect_admitted("127.7.0.1", at).await;
-    let mut waiting = Vec::new();
-    for i in 0..3 {
-        waiting.push(
-            connect_from(&format!("127.7.1.{}", i + 1), at)
-                .await
-                .unwrap(),
-        );
-    }
-    queued_is(&mx, 3).await;
+    let mut waiting = wait_from(&mx, "127.7.1", 3).await;
     // A reload that raises the limit admits them at once: no slot was freed.
     let mut raised = c.clone();
     raised.max_connections = 4;
@@ -314,15 +318,7 @@ async fn drain_answers_waiting_clients_and_a_raised_limit_admits_them() {
     assert_eq!(mx.queued(), 0);
     assert_eq!(backend.accepted(), 4);
     // Now full again; two more wait, then a drain answers them.
-    let mut late = Vec::new();
-    for i in 0..2 {
-        late.push(
-            connect_from(&format!("127.7.2.{}", i + 1), at)
-                .await
-                .unwrap(),
-        );
-    }
-    queued_is(&mx, 2).await;
+    let mut late = wait_from(&mx, "127.7.2", 2).await;
     mx.begin_drain();
     for s in &mut late {
         assert_eq!(read_to_end(s).await, DRAINING_LINE);
@@ -431,15 +427,7 @@ async fn a_reload_that_turns_the_queue_off_ends_every_wait_at_once() {
     let mx = start(c.clone()).await;
     let at = mx.listen_addrs()[0];
     let _held = expect_admitted("127.15.0.1", at).await;
-    let mut waiting = Vec::new();
-    for i in 0..3 {
-        waiting.push(
-            connect_from(&format!("127.15.1.{}", i + 1), at)
-                .await
-                .unwrap(),
-        );
-    }
-    queued_is(&mx, 3).await;
+    let mut waiting = wait_from(&mx, "127.15.1", 3).await;
     let mut off = c;
     off.queue_timeout = Duration::ZERO;
     assert!(mx.reload(Ok(off)));
