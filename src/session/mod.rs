@@ -18,18 +18,18 @@ use tracing::Instrument;
 
 use crate::admission::Guard;
 use crate::backend::Lease;
-use crate::config::Config;
 use crate::forward;
 use crate::proxy_protocol;
-use crate::queue::{Outcome, Ticket};
+use crate::queue::Outcome;
 use crate::reason::RejectReason;
 use crate::reply::display_source;
 use crate::server::gate::{Entry, Gate, Grant, HeaderWait, Live, Start};
 
-/// How many bytes a client that talks while it waits in the queue may send before mxgate stops
-/// reading (TCP flow control then holds the rest). Every byte is forwarded, in order, once a
-/// slot is free.
-pub const MAX_EARLY_BYTES: usize = 1024;
+mod origin;
+mod wait;
+
+use origin::{upstream_header, Origin};
+use wait::Waiting;
 
 impl Gate {
     /// A connection's task, from where [`Gate::triage`] left it to the end.
@@ -427,155 +427,5 @@ enum Phase {
     Refuse(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
 }
 
-/// A client waiting in the queue: everything its task holds meanwhile.
-struct Waiting {
-    client: TcpStream,
-    guard: Guard,
-    ticket: Ticket<Grant>,
-    origin: Origin,
-    live: Arc<Live>,
-    /// The connection's peer, for its log lines. (A span of its own would hold a slot in the
-    /// log registry for the whole wait.)
-    peer: SocketAddr,
-}
-
-impl Waiting {
-    /// Waits for a slot, until `queue_timeout` or the client gives up (FIN or RST). A client
-    /// that talks meanwhile has its bytes kept, in order, for the backend. No wake-up happens
-    /// while nothing does: the task sleeps on its channel and its socket, and the queue's
-    /// dispatcher keeps the deadline.
-    fn turn(&mut self) -> Turn<'_> {
-        Turn {
-            client: &self.client,
-            ticket: &mut self.ticket,
-            early: &mut self.origin.early,
-        }
-    }
-}
-
-/// A wait in the queue: ready with the queue's outcome, or `None` once the client has closed
-/// or reset its side. Polls the socket's readiness directly, so the wait holds no waiter node
-/// or timer of its own.
-struct Turn<'a> {
-    client: &'a TcpStream,
-    ticket: &'a mut Ticket<Grant>,
-    early: &'a mut Vec<u8>,
-}
-
-impl std::future::Future for Turn<'_> {
-    type Output = Option<Outcome<Grant>>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        use std::task::Poll;
-        let this = &mut *self;
-        if let Poll::Ready(outcome) = this.ticket.poll_outcome(cx) {
-            return Poll::Ready(Some(outcome));
-        }
-        // Past the bound, TCP flow control holds the rest; a close then goes unseen until
-        // the slot comes, which costs nothing but that wait.
-        while this.early.len() < MAX_EARLY_BYTES {
-            match this.client.poll_read_ready(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(())) if read_early(this.client, this.early) => {}
-                Poll::Ready(_) => return Poll::Ready(None),
-            }
-        }
-        Poll::Pending
-    }
-}
-
-/// Reads what a waiting client sent, keeping it for the backend. `false` once the client has
-/// closed or reset its side: it has given up.
-fn read_early(client: &TcpStream, early: &mut Vec<u8>) -> bool {
-    let mut buf = [0u8; MAX_EARLY_BYTES];
-    let room = MAX_EARLY_BYTES - early.len();
-    match client.try_read(&mut buf[..room]) {
-        Ok(0) => false,
-        Ok(n) => {
-            // Exactly what came: a talker's buffer never grows past the bound.
-            early.reserve_exact(n);
-            early.extend_from_slice(&buf[..n]);
-            true
-        }
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-    }
-}
-
-/// Who a connection is from and to: the peer and our address, or what a trusted upstream's
-/// PROXY header says they are.
-struct Origin {
-    client: SocketAddr,
-    /// The address the client connected to, when an upstream header said so.
-    server: Option<SocketAddr>,
-    /// Client bytes that arrived behind the header or while it waited in the queue, to be
-    /// forwarded before anything else.
-    early: Vec<u8>,
-    /// How long it waited in the queue, if it did.
-    waited: Option<std::time::Duration>,
-}
-
-impl Origin {
-    /// A connection that is its own client: no upstream header.
-    fn peer(client: SocketAddr) -> Origin {
-        Origin {
-            client,
-            server: None,
-            early: Vec::new(),
-            waited: None,
-        }
-    }
-}
-
-/// Reads the PROXY header of a connection from a trusted upstream load balancer.
-async fn upstream_header(
-    client: &mut TcpStream,
-    peer: SocketAddr,
-    config: &Config,
-) -> Result<Origin, proxy_protocol::HeaderError> {
-    let ip = peer.ip().to_canonical();
-    if !config.accept_proxy_protocol.iter().any(|n| n.contains(&ip)) {
-        return Err(proxy_protocol::HeaderError::Untrusted);
-    }
-    let (header, early) = proxy_protocol::read_header(client, config.proxy_header_timeout).await?;
-    let (client, server) = match header.addresses {
-        Some((c, s)) => (c, Some(s)),
-        None => (peer, None),
-    };
-    Ok(Origin {
-        client,
-        server,
-        early,
-        waited: None,
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The size of what `f` returns, without calling it.
-    fn returned_size<F, A, B, C, D, R>(_: F) -> usize
-    where
-        F: FnOnce(A, B, C, D) -> R,
-    {
-        std::mem::size_of::<R>()
-    }
-
-    /// A session's task is kept in memory for the session's whole life, most of it idle, so
-    /// its size is what an idle session costs beyond its two sockets. The opening phase is
-    /// boxed and freed before forwarding; this catches a change that inlines it again, or
-    /// keeps something else for the session's life.
-    ///
-    /// The bound matters to the byte: tokio allocates a task as a 128-byte aligned cell of
-    /// about 112 bytes plus the future, so up to 784 bytes of future fit an 896-byte cell,
-    /// and one byte more costs 128 bytes per session (issue 3's target is 2 KiB per idle
-    /// session, two sockets' registrations included).
-    #[test]
-    fn a_session_task_stays_small() {
-        let task = returned_size(Gate::run);
-        assert!(task <= 776, "a session's task is {task} bytes");
-    }
-}
+mod tests;

@@ -1,0 +1,335 @@
+//! The raw settings: one struct that is both the clap flag set and the TOML schema, so every
+//! flag has the same key in the file by construction. Everything here is optional; nothing is
+//! checked until [`Settings::validate`] turns it into a [`Config`](super::Config).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::value::{self, BackendSpec, ByteSize, Cidr, Dur, ListenAddr, MetricsAddr, Rate};
+use super::{Balance, ConfigError, Forwarding, LogFormat, NetworkRule, ReplyOverrides};
+
+/// Every setting, each optional: what one source (flags or file) said.
+#[derive(Clone, Debug, Default, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to accept clients on; repeat for several (IPv4 and IPv6) [default: 0.0.0.0:25]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<ListenAddr>,
+
+    /// The mail server to forward admitted clients to; repeat for several:
+    /// HOST:PORT[,weight=N][,max_connections=N][,backup]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(
+        default,
+        deserialize_with = "value::one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub backend: Vec<BackendSpec>,
+
+    /// Backends as a list of strings or tables (file only); use either this or `backend`
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendSpec>,
+
+    /// How new sessions are spread over several backends [default: least-connections]
+    #[arg(long, value_name = "POLICY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+
+    /// How often each backend's SMTP health is checked (on by default with several backends)
+    /// [default: 5s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<Dur>,
+
+    /// Consecutive failed checks that mark a backend down [default: 3]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+
+    /// Consecutive good checks that mark a backend up again [default: 2]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+
+    /// Cap on concurrent connections from all sources together [default: 1000]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+
+    /// Cap on concurrent connections from one source [default: 20]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_source: Option<usize>,
+
+    /// IPv4 addresses are grouped into sources by this prefix length [default: 32]
+    #[arg(long, value_name = "LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4_prefix: Option<u8>,
+
+    /// IPv6 addresses are grouped into sources by this prefix length [default: 64]
+    #[arg(long, value_name = "LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u8>,
+
+    /// IPv6 sources are also counted together by networks of this prefix length, for
+    /// max_per_ipv6_network [default: 48]
+    #[arg(long, value_name = "LEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_network_prefix: Option<u8>,
+
+    /// Cap on concurrent connections from one IPv6 network of ipv6_network_prefix
+    /// [default: a tenth of max_connections]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_ipv6_network: Option<usize>,
+
+    /// Name mxgate gives in its own replies [default: the system host name]
+    #[arg(long, value_name = "FQDN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+
+    /// Where /metrics is served, or "off" [default: 127.0.0.1:9925]
+    #[arg(long, value_name = "ADDR|off")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsAddr>,
+
+    /// How long to wait for the backend to accept [default: 5s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Dur>,
+
+    /// Close a session in which no byte moved for this long; keep it above the backend's own
+    /// inactivity timeout [default: 10m]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Dur>,
+
+    /// Once the backend has closed its side, close the session if the client sends nothing
+    /// and does not close for this long [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub half_close_timeout: Option<Dur>,
+
+    /// If the backend sends no byte within this time after accepting, answer the client 421
+    /// and close both sides [default: off]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_greeting_timeout: Option<Dur>,
+
+    /// Log line format [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+
+    /// How bytes are moved: auto (splice on Linux), splice or copy [default: auto]
+    #[arg(long, value_name = "MODE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<Forwarding>,
+
+    /// Size asked for each splice pipe, capped at fs.pipe-max-size [default: 1MiB]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipe_size: Option<ByteSize>,
+
+    /// Worker threads that accept and forward, each with its own event loop; 0 means one per
+    /// CPU mxgate may run on [default: 0]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+
+    /// On SIGTERM, how long forwarding sessions may go on before they are closed [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<Dur>,
+
+    /// Connect to the backend from the client's own address (IP_TRANSPARENT; needs
+    /// CAP_NET_ADMIN and policy routing, see the README)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<bool>,
+
+    /// With --transparent, keep the client's source port as well
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent_port: Option<bool>,
+
+    /// Send a PROXY protocol header (v1 or v2) to the backend before any client byte
+    #[arg(long, value_name = "VERSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+
+    /// Networks of upstream load balancers that send a PROXY protocol header; repeatable.
+    /// When set, every connection must come from one of them and carry a header
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_proxy_protocol: Vec<Cidr>,
+
+    /// How long an upstream may take to send its PROXY protocol header [default: 5s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_header_timeout: Option<Dur>,
+
+    /// Connection rate allowed per source, such as 30/min (N/s, N/min, N/h) [default: off]
+    #[arg(long, value_name = "RATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_source: Option<Rate>,
+
+    /// Connections a source may open in a burst before the rate applies [default: the rate's N]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+
+    /// Network exempt from the per-source and rate limits; repeatable
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Cidr>,
+
+    /// Network greeted with 554 and never forwarded; repeatable
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Cidr>,
+
+    /// How long a client that finds the server full may wait, without a greeting, for a slot
+    /// before it gets the 421; 0 turns the queue off [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<Dur>,
+
+    /// How many clients may wait in the queue at once; past it a newcomer gets the 421 at once
+    /// [default: max_connections]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<usize>,
+
+    /// Global slots kept for allowed networks only [default: 0]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_for_allowed: Option<usize>,
+
+    /// Evaluate every limit and count would-be rejections, but forward every connection
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+
+    /// Per-network overrides (file only, `[[network]]`)
+    #[arg(skip)]
+    #[serde(default, rename = "network", skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkRule>,
+
+    /// Reply lines that replace mxgate's own (file only)
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replies: Option<ReplyOverrides>,
+}
+
+impl Settings {
+    /// Reads and parses a TOML file. Unknown keys and ill-typed values are errors naming the key.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let err = |key: String, reason: String| ConfigError {
+            file: Some(path.to_path_buf()),
+            key,
+            reason,
+            line: None,
+            flag: None,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(String::new(), e.to_string()))?;
+        Self::from_toml(&text).map_err(|(key, reason)| err(key, reason))
+    }
+
+    /// Parses TOML text; the error is `(key, reason)`.
+    pub fn from_toml(text: &str) -> Result<Settings, (String, String)> {
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| (String::new(), toml_reason(&e, text)))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            (key, toml_reason(e.inner(), text))
+        })
+    }
+
+    /// Overlays `over` on `self`: every value `over` sets wins.
+    pub fn merge(mut self, over: Settings) -> Settings {
+        if !over.listen.is_empty() {
+            self.listen = over.listen;
+        }
+        if !over.backend.is_empty() {
+            self.backend = over.backend;
+            self.backends.clear();
+        }
+        if !over.allow.is_empty() {
+            self.allow = over.allow;
+        }
+        if !over.deny.is_empty() {
+            self.deny = over.deny;
+        }
+        if !over.networks.is_empty() {
+            self.networks = over.networks;
+        }
+        if !over.accept_proxy_protocol.is_empty() {
+            self.accept_proxy_protocol = over.accept_proxy_protocol;
+        }
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            balance,
+            health_interval,
+            fall,
+            rise,
+            max_connections,
+            max_per_source,
+            ipv4_prefix,
+            ipv6_prefix,
+            ipv6_network_prefix,
+            max_per_ipv6_network,
+            hostname,
+            metrics,
+            connect_timeout,
+            idle_timeout,
+            half_close_timeout,
+            backend_greeting_timeout,
+            log_format,
+            forwarding,
+            pipe_size,
+            threads,
+            drain_timeout,
+            transparent,
+            transparent_port,
+            proxy_protocol,
+            proxy_header_timeout,
+            rate_per_source,
+            rate_burst,
+            reserved_for_allowed,
+            queue_timeout,
+            max_queued,
+            dry_run,
+            replies
+        );
+        self
+    }
+}
+
+impl Settings {
+    /// The top-level keys these settings give a value to (the flags an operator passed).
+    pub(super) fn keys_set(&self) -> Vec<String> {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The toml error's own message plus the line it points at, without its multi-line snippet.
+fn toml_reason(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim_end().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{msg} (line {line})")
+        }
+        None => msg,
+    }
+}

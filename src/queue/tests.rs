@@ -1,0 +1,170 @@
+use super::*;
+use std::cell::Cell;
+
+const LONG: Duration = Duration::from_secs(3600);
+
+fn queue() -> Arc<Queue<u32>> {
+    Queue::new(Arc::default(), Gauge::noop(), Histogram::noop())
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn waiter(allowed: bool) -> Waiter {
+    Waiter {
+        ip: "192.0.2.1".parse().unwrap(),
+        allowed,
+    }
+}
+
+/// Puts a waiter of `source` in the queue (nobody gets a slot on entry).
+fn join(q: &Arc<Queue<u32>>, source: &str, allowed: bool) -> Ticket<u32> {
+    match q.enter(net(source), waiter(allowed), (usize::MAX, LONG), || None) {
+        Entered::Wait(t) => t,
+        _ => panic!("not queued"),
+    }
+}
+
+/// Hands out `n` slots, numbered in order, and returns who got which.
+fn serve(q: &Queue<u32>, n: u32) {
+    let next = Cell::new(0);
+    q.serve(|_| {
+        let i = next.get();
+        (i < n).then(|| {
+            next.set(i + 1);
+            i
+        })
+    });
+}
+
+/// The outcome decided for `t`, if any, taken as its task would.
+fn poll(t: &mut Ticket<u32>) -> Option<Outcome<u32>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match t.poll_outcome(&mut cx) {
+        Poll::Ready(o) => Some(o),
+        Poll::Pending => None,
+    }
+}
+
+fn granted(t: &mut Ticket<u32>) -> Option<u32> {
+    match poll(t) {
+        Some(Outcome::Granted(i)) => Some(i),
+        _ => None,
+    }
+}
+
+#[test]
+fn sources_take_turns_and_each_keeps_its_order() {
+    let q = queue();
+    let mut greedy: Vec<_> = (0..100).map(|_| join(&q, "10.0.0.1/32", false)).collect();
+    let mut light: Vec<_> = (2..12)
+        .map(|i| join(&q, &format!("10.0.0.{i}/32"), false))
+        .collect();
+    assert_eq!(q.len(), 110);
+    serve(&q, 20);
+    assert_eq!(q.len(), 90);
+    // The greedy source's first, then every light source once, then the greedy again.
+    let light_slots: Vec<_> = light.iter_mut().map(|t| granted(t).unwrap()).collect();
+    assert_eq!(light_slots, (1..=10).collect::<Vec<_>>());
+    let greedy_slots: Vec<_> = greedy.iter_mut().filter_map(granted).collect();
+    assert_eq!(greedy_slots, [0, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
+}
+
+#[test]
+fn allowed_sources_go_first_and_nobody_jumps_the_queue() {
+    let q = queue();
+    let mut first = join(&q, "10.0.0.1/32", false);
+    let mut allowed = join(&q, "192.0.2.0/24", true);
+    // Someone waits: a newcomer is not offered a slot even if one is free.
+    let offered = Cell::new(false);
+    let entered = q.enter(
+        net("10.0.0.9/32"),
+        waiter(false),
+        (usize::MAX, LONG),
+        || {
+            offered.set(true);
+            Some(99)
+        },
+    );
+    assert!(matches!(entered, Entered::Wait(_)));
+    assert!(!offered.get());
+    serve(&q, 1);
+    assert_eq!(granted(&mut allowed), Some(0));
+    assert_eq!(granted(&mut first), None);
+    serve(&q, 1);
+    assert_eq!(granted(&mut first), Some(0));
+}
+
+#[test]
+fn leaving_frees_the_place_and_bounds_hold() {
+    let q = queue();
+    assert!(matches!(
+        q.enter(net("10.0.0.1/32"), waiter(false), (5, LONG), || Some(7)),
+        Entered::Now(7)
+    ));
+    let held: Vec<_> = (0..2).map(|_| join(&q, "10.0.0.1/32", false)).collect();
+    assert!(matches!(
+        q.enter(net("10.0.0.2/32"), waiter(false), (2, LONG), || None),
+        Entered::Full
+    ));
+    let mut held = held.into_iter();
+    assert!(held.next().unwrap().leave().is_none());
+    assert_eq!(q.len(), 1);
+    drop(held);
+    assert_eq!(q.len(), 0);
+    assert!(q.lock().sources.is_empty());
+    assert!(q.lock().deadlines.is_empty());
+    // A slot sent to a waiter that then leaves comes back with `leave`.
+    let t = join(&q, "10.0.0.3/32", false);
+    serve(&q, 1);
+    assert!(matches!(t.leave(), Some(Outcome::Granted(0))));
+}
+
+#[test]
+fn close_tells_every_waiter_and_shuts_the_door() {
+    let q = queue();
+    let t = join(&q, "10.0.0.1/32", false);
+    let rest: Vec<_> = (0..3).map(|_| join(&q, "10.0.0.2/32", false)).collect();
+    q.close();
+    assert!(matches!(t.rx_state(), Some(Outcome::Draining)));
+    assert!(rest
+        .into_iter()
+        .all(|t| matches!(t.rx_state(), Some(Outcome::Draining))));
+    assert_eq!(q.len(), 0);
+    assert!(matches!(
+        q.enter(net("10.0.0.1/32"), waiter(false), (9, LONG), || None),
+        Entered::Closed
+    ));
+}
+
+#[test]
+fn waits_end_at_their_deadline_in_deadline_order() {
+    let q = queue();
+    let short = |source: &str, timeout| match q.enter(
+        net(source),
+        waiter(false),
+        (usize::MAX, timeout),
+        || None,
+    ) {
+        Entered::Wait(t) => t,
+        _ => panic!("not queued"),
+    };
+    let long = short("10.0.0.1/32", LONG);
+    let soon = short("10.0.0.2/32", Duration::from_millis(10));
+    let now = Instant::now();
+    assert!(q.expire(now).is_some_and(|next| next > now));
+    assert_eq!(q.len(), 2);
+    let next = q.expire(now + Duration::from_secs(1)).unwrap();
+    assert!(next > now + Duration::from_secs(3000));
+    assert!(matches!(soon.rx_state(), Some(Outcome::TimedOut)));
+    assert_eq!(q.len(), 1);
+    drop(long);
+    assert_eq!(q.expire(now), None);
+}
+
+impl Ticket<u32> {
+    fn rx_state(mut self) -> Option<Outcome<u32>> {
+        poll(&mut self)
+    }
+}
