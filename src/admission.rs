@@ -85,6 +85,15 @@ impl Guard {
         slot.inner = None;
         self.holds_global = true;
     }
+
+    /// Gives back the global slot this guard holds, keeping its source's and network's: for a
+    /// client that goes back to wait in the queue.
+    pub fn release_global(&mut self) {
+        if std::mem::take(&mut self.holds_global) {
+            release_global(&self.inner);
+            self.inner.wake.freed();
+        }
+    }
 }
 
 /// One global slot. Dropping it gives it back and tells the wait queue.

@@ -31,6 +31,10 @@ pub enum Command {
     /// Show the whole job on this machine: a sink, mxgate in front, load from many sources
     /// and from one greedy source, and the resulting counts
     Demo,
+    /// Run the embedded SMTP sink on its own, optionally Exchange-like (a hidden connection
+    /// limit, a greeting delay that grows with load): a backend for trials and benchmarks
+    #[command(hide = true)]
+    Sink(SinkArgs),
     /// Print a man page (roff), generated from these very flags: mxgate(1), or the page of a
     /// subcommand (`run`, `check`)
     #[command(hide = true)]
@@ -72,6 +76,24 @@ pub struct LoadArgs {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SinkArgs {
+    /// Where to listen (loopback)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2525")]
+    pub listen: std::net::SocketAddr,
+    /// Sessions served at once; past it, Exchange's 421 and a close
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Greeting delay per session held, in microseconds
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub delay_per_session_us: u64,
+    /// Past this many sessions, each one more adds --steep-delay-ms to the greeting
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub knee: usize,
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub steep_delay_ms: u64,
 }
 
 /// Writes the man page of the whole command, or of one subcommand (`mxgate-run(1)`), to `out`.

@@ -34,6 +34,10 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Command::Sink(args) => match sink(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Demo => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -62,6 +66,44 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The embedded sink on its own, until interrupted; prints its counts every second.
+fn sink(args: mxgate::cli::SinkArgs) -> anyhow::Result<()> {
+    use mxgate::load::sink::{Behaviour, Sink};
+    if !args.listen.ip().is_loopback() {
+        anyhow::bail!("the sink listens on loopback only, not {}", args.listen);
+    }
+    let behaviour = Behaviour {
+        limit: args.limit,
+        delay_per_session: std::time::Duration::from_micros(args.delay_per_session_us),
+        knee: args.knee,
+        steep_delay: std::time::Duration::from_millis(args.steep_delay_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let sink = Sink::start_with(args.listen, behaviour).await?;
+        println!("sink on {}", sink.addr);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => println!(
+                    "delivered={} busy={} held={} peak={}",
+                    sink.delivered(), sink.busy(), sink.held(), sink.peak()
+                ),
+                r = tokio::signal::ctrl_c() => {
+                    r?;
+                    println!(
+                        "delivered={} busy={} held={} peak={}",
+                        sink.delivered(), sink.busy(), sink.held(), sink.peak()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    })
 }
 
 fn load_config(args: RunArgs) -> anyhow::Result<Config> {

@@ -131,6 +131,21 @@ const HELP: &[(&str, Option<Unit>, &str)] = &[
         "Admissions not rate-checked because the rate limiter was at its key cap.",
     ),
     (
+        "mxgate_backend_limit",
+        None,
+        "Sessions a backend may take: its fixed max_connections, its learned limit (auto), or the global limit when it has no cap of its own.",
+    ),
+    (
+        "mxgate_backend_busy_total",
+        None,
+        "Temporary (4xx) greetings from a backend that mxgate absorbed: the client never saw them.",
+    ),
+    (
+        "mxgate_backend_greeting_seconds",
+        Some(Unit::Seconds),
+        "Time from the backend connect to its greeting.",
+    ),
+    (
         "mxgate_backend_up",
         None,
         "1 when the backend is healthy, 0 when marked down.",
@@ -154,6 +169,9 @@ const HELP: &[(&str, Option<Unit>, &str)] = &[
 
 /// One backend's series, labelled by its configured address (a bounded set).
 pub struct BackendSeries {
+    pub limit: Gauge,
+    pub busy: Counter,
+    pub greeting_seconds: Histogram,
     pub up: Gauge,
     pub active: Gauge,
     pub selected: Counter,
@@ -197,6 +215,11 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("mxgate_backend_connect_seconds".into()),
+                CONNECT_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .set_buckets_for_metric(
+                Matcher::Full("mxgate_backend_greeting_seconds".into()),
                 CONNECT_BUCKETS,
             )
             .expect("non-empty buckets")
@@ -307,6 +330,15 @@ impl Metrics {
             Key::from_parts(name, labels)
         };
         BackendSeries {
+            limit: self
+                .recorder
+                .register_gauge(&key("mxgate_backend_limit", None), &meta),
+            busy: self
+                .recorder
+                .register_counter(&key("mxgate_backend_busy_total", None), &meta),
+            greeting_seconds: self
+                .recorder
+                .register_histogram(&key("mxgate_backend_greeting_seconds", None), &meta),
             up: self
                 .recorder
                 .register_gauge(&key("mxgate_backend_up", None), &meta),

@@ -271,6 +271,64 @@ impl<T> Queue<T> {
         })
     }
 
+    /// Puts back a waiter that was served a slot the backend then turned down (its own
+    /// "busy" greeting): at the head of its class, ahead of every newcomer, keeping the
+    /// deadline of its first entry (`entered` plus `timeout`). It was admitted already, so
+    /// `max_queued` does not apply; it waits even if a slot is free, so that a busy backend is
+    /// not asked again at once.
+    pub fn reenter(
+        self: &Arc<Self>,
+        source: IpNet,
+        waiter: Waiter,
+        entered: Instant,
+        timeout: Duration,
+    ) -> Entered<T> {
+        let deadline = entered.checked_add(timeout).unwrap_or(entered);
+        let key = {
+            let mut s = self.lock();
+            if s.closed {
+                return Entered::Closed;
+            }
+            let class = u8::from(!waiter.allowed);
+            // Every waiting tag is at least the class clock (one served in the same round
+            // as others leaves the clock at their tag): one below it goes first.
+            let tag = s.clock[class as usize].saturating_sub(1);
+            s.sources
+                .entry((class, source))
+                .or_insert(Turns {
+                    last: tag,
+                    waiting: 0,
+                })
+                .waiting += 1;
+            s.seq += 1;
+            let key = Key {
+                class,
+                tag,
+                seq: s.seq,
+            };
+            s.lines.insert(
+                key,
+                Entry {
+                    source,
+                    v4: waiter.ip.to_canonical().is_ipv4(),
+                    allowed: waiter.allowed,
+                    deadline,
+                    waker: None,
+                },
+            );
+            s.deadlines.insert((deadline, key.seq), key);
+            self.update(&s);
+            key
+        };
+        self.wake.kick();
+        Entered::Wait(Ticket {
+            queue: self.clone(),
+            key,
+            entered,
+            done: false,
+        })
+    }
+
     /// Hands slots to waiters in turn while `grant` finds one for the next in line. Called by
     /// the one dispatcher whenever [`Wake`] says a slot may have freed.
     pub fn serve(&self, mut grant: impl FnMut(&Waiter) -> Option<T>) {

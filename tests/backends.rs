@@ -276,11 +276,21 @@ async fn scripted(greeting: &'static [u8]) -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_check_reads_multi_line_greetings_and_fails_a_421() {
+async fn health_check_reads_multi_line_greetings_and_takes_a_421_as_busy_not_down() {
     let multi = scripted(b"220-mx.example.com ESMTP\r\n220-please wait\r\n220 ready\r\n").await;
     assert!(mxgate::backend::check(multi, Duration::from_secs(2)).await);
     let busy = scripted(b"421 4.3.2 busy\r\n").await;
     assert!(!mxgate::backend::check(busy, Duration::from_secs(2)).await);
+    // Busy is not down: the check counts neither way.
+    assert_eq!(
+        mxgate::backend::probe(busy, Duration::from_secs(2)).await,
+        None
+    );
+    let refused = scripted(b"554 5.3.2 not here\r\n").await;
+    assert_eq!(
+        mxgate::backend::probe(refused, Duration::from_secs(2)).await,
+        Some(false)
+    );
     let truncated = scripted(b"220-first line only\r\n").await;
     assert!(!mxgate::backend::check(truncated, Duration::from_millis(300)).await);
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

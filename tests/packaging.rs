@@ -56,7 +56,7 @@ fn grafana_dashboard_parses_and_uses_real_metrics() {
         .stdin(std::fs::File::open(root().join("systemd/grafana-dashboard.json")).unwrap())
         .output()
         .unwrap();
-    assert_eq!(ok(&out).trim(), "6");
+    assert_eq!(ok(&out).trim(), "8");
     for name in [
         "mxgate_connections_active",
         "mxgate_connections_queued",
@@ -66,6 +66,9 @@ fn grafana_dashboard_parses_and_uses_real_metrics() {
         "mxgate_connections_accepted_total",
         "mxgate_connections_rejected_total",
         "mxgate_bytes_total",
+        "mxgate_backend_limit",
+        "mxgate_backend_busy_total",
+        "mxgate_backend_greeting_seconds_bucket",
     ] {
         assert!(text.contains(name), "dashboard uses {name}");
     }

@@ -32,6 +32,17 @@ impl ConnectError {
     pub fn is_backend_fault(&self) -> bool {
         matches!(self, ConnectError::Backend(_))
     }
+
+    /// Whether the backend did not answer the connect in time: for a learned limit, a sign
+    /// that it is over capacity.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            ConnectError::Backend(e) => {
+                e.kind() == io::ErrorKind::TimedOut || e.raw_os_error() == Some(libc::ETIMEDOUT)
+            }
+            ConnectError::Local(_) => false,
+        }
+    }
 }
 
 /// Sorts a `connect(2)` error: the backend's fault only when the network or the backend said

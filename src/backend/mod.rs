@@ -4,15 +4,20 @@
 //! | --- | --- |
 //! | opening one connection (transparent bind, whose fault a failure is) | `connect` |
 //! | choosing a backend, per-backend caps, failover within a deadline | `pool` |
-//! | SMTP health checks | `health` |
+//! | SMTP health checks (a busy backend is not a failed one) | `health` |
+//! | the learned limit for `max_connections = "auto"` | `limit` |
+//! | reading the backend's greeting before the client sees it | `greeting` |
 //!
 //! A session asks the pool once, [`Pool::connect`], for a connected backend before its deadline.
 //! Nothing here is done in the accept loop, and nothing here writes to the client.
 
 mod connect;
+pub mod greeting;
 mod health;
+pub mod limit;
 mod pool;
 
 pub use connect::{connect, set_transparent, transparent_preflight, ConnectError};
+pub use greeting::Greeting;
 pub use health::{check, probe};
 pub use pool::{Lease, Member, NoBackend, Pool};

@@ -13,9 +13,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use metrics::{Counter, Gauge};
+use metrics::{Counter, Gauge, Histogram};
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -24,6 +25,13 @@ use crate::config::{BackendSpec, Balance, Config};
 use crate::metrics::Metrics;
 use crate::queue::Wake;
 use crate::reason::RejectReason;
+
+use super::limit::{Learned, Signal};
+
+/// After a busy (4xx) greeting, a backend takes no more sessions than it held then, for this
+/// long after the last such greeting: a waiting client is not sent to a full server again at
+/// once, and a backend that turns everyone away is asked again only this often.
+pub const BUSY_HOLD: Duration = Duration::from_millis(500);
 
 /// One backend and its live state.
 pub struct Member {
@@ -34,6 +42,14 @@ pub struct Member {
     weight: AtomicU32,
     max_connections: AtomicUsize,
     backup: AtomicBool,
+    /// The learned limit, for `max_connections = "auto"`.
+    learned: Mutex<Option<Learned>>,
+    /// The sessions it may take: `max_connections`, or what the learned limit allows.
+    limit: AtomicUsize,
+    /// Since its last busy greeting, no more than it held then (`usize::MAX`: no ceiling).
+    ceiling: AtomicUsize,
+    /// The busy hold behind `ceiling`, changed only under its lock.
+    busy_hold: Mutex<Hold>,
     /// Sessions on this backend now.
     active: AtomicUsize,
     up: AtomicBool,
@@ -45,12 +61,15 @@ pub struct Member {
     m_selected: Counter,
     m_ok: Counter,
     m_fail: Counter,
+    m_limit: Gauge,
+    m_busy: Counter,
+    m_greeting: Histogram,
     /// Told when a slot of this backend is given back or it comes up, for the wait queue.
     wake: Arc<Wake>,
 }
 
 impl Member {
-    fn new(spec: &BackendSpec, metrics: &Metrics, wake: &Arc<Wake>) -> Member {
+    fn new(spec: &BackendSpec, config: &Config, metrics: &Metrics, wake: &Arc<Wake>) -> Member {
         let label = spec.address.text.clone();
         let series = metrics.backend(&label);
         let m = Member {
@@ -58,6 +77,10 @@ impl Member {
             weight: AtomicU32::new(spec.weight),
             max_connections: AtomicUsize::new(spec.max_connections.unwrap_or(usize::MAX)),
             backup: AtomicBool::new(spec.backup),
+            learned: Mutex::new(None),
+            limit: AtomicUsize::new(usize::MAX),
+            ceiling: AtomicUsize::new(usize::MAX),
+            busy_hold: Mutex::new(Hold::default()),
             active: AtomicUsize::new(0),
             up: AtomicBool::new(true),
             fails: AtomicU32::new(0),
@@ -67,20 +90,175 @@ impl Member {
             m_selected: series.selected,
             m_ok: series.checks_ok,
             m_fail: series.checks_failed,
+            m_limit: series.limit,
+            m_busy: series.busy,
+            m_greeting: series.greeting_seconds,
             wake: wake.clone(),
             label,
         };
         m.m_up.set(1.0);
+        m.update(spec, config);
         m
     }
 
-    fn update(&self, spec: &BackendSpec) {
+    /// Applies a backend's settings, at start and at a reload. A learned limit the backend
+    /// already had is kept, within the new bounds.
+    fn update(&self, spec: &BackendSpec, config: &Config) {
         self.weight.store(spec.weight, Ordering::Relaxed);
         self.max_connections.store(
             spec.max_connections.unwrap_or(usize::MAX),
             Ordering::Relaxed,
         );
         self.backup.store(spec.backup, Ordering::Relaxed);
+        let mut learned = self.learned();
+        let top = config.max_connections;
+        match (&mut *learned, spec.auto) {
+            (Some(l), true) => l.rebound(config.adaptive_min, top),
+            (None, true) => {
+                *learned = Some(Learned::new(
+                    config.adaptive_min,
+                    top,
+                    config.adaptive_initial,
+                ))
+            }
+            (_, false) => *learned = None,
+        }
+        let limit = match &*learned {
+            Some(l) => l.allowed(),
+            None => spec.max_connections.unwrap_or(usize::MAX),
+        };
+        self.limit.store(limit, Ordering::Relaxed);
+        let shown = learned.as_ref().map_or(limit, Learned::limit);
+        drop(learned);
+        // No cap of its own: the global limit is what it may get.
+        self.m_limit.set(shown.min(top) as f64);
+        // A raised limit may let a waiting client in.
+        self.wake.freed();
+    }
+
+    fn learned(&self) -> std::sync::MutexGuard<'_, Option<Learned>> {
+        self.learned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this backend's limit is learned.
+    pub fn is_auto(&self) -> bool {
+        self.learned().is_some()
+    }
+
+    /// The limit in force: fixed, learned, or `None` for no cap of its own.
+    pub fn limit(&self) -> Option<usize> {
+        if let Some(l) = &*self.learned() {
+            return Some(l.limit());
+        }
+        let max = self.max_connections.load(Ordering::Relaxed);
+        (max != usize::MAX).then_some(max)
+    }
+
+    /// The sessions it may take now: its limit, and under a busy ceiling no more than it held.
+    fn cap(&self) -> usize {
+        let ceiling = self.ceiling.load(Ordering::Acquire);
+        self.limit.load(Ordering::Relaxed).min(ceiling)
+    }
+
+    /// Whether new sessions need one of this backend's slots: it has a cap of some kind now.
+    fn is_capped(&self) -> bool {
+        self.cap() != usize::MAX
+    }
+
+    /// A signal for the learned limit; applies it and logs a move past 10 %.
+    fn learn(&self, signal: Signal) {
+        let mut learned = self.learned();
+        let Some(l) = learned.as_mut() else { return };
+        let moved = l.observe(signal);
+        let (limit, allowed) = (l.limit(), l.allowed());
+        // Under the lock, so that concurrent signals leave the last word in force.
+        let before = self.limit.swap(allowed, Ordering::AcqRel);
+        drop(learned);
+        self.m_limit.set(limit as f64);
+        if let Some(m) = moved {
+            tracing::info!(backend = %self.label, from = m.from, to = m.to, reason = m.why.label(), "learned backend limit moved");
+        }
+        if allowed > before {
+            self.wake.freed();
+        }
+    }
+
+    /// The backend greeted a session (with anything but a 4xx) `time` after the connect.
+    pub fn greeted(&self, time: Duration) {
+        self.m_greeting.record(time.as_secs_f64());
+        let held = self.active();
+        self.learn(Signal::Greeted { time, held });
+    }
+
+    /// A connect to this backend timed out: for a learned limit, a sign of overload.
+    fn connect_timed_out(&self) {
+        let held = self.active().saturating_sub(1);
+        self.learn(Signal::ConnectTimeout { held });
+    }
+
+    /// The backend greeted a session with a 4xx: it is full, not down. When the 4xx is about
+    /// the backend (`signal`; not, say, a per-client limit of a backend that sees the client's
+    /// address), it gets no more sessions than it holds besides that one for [`BUSY_HOLD`]
+    /// after the last such greeting, and the learned limit takes the signal.
+    pub fn busy(self: &Arc<Self>, time: Duration, signal: bool) {
+        self.m_busy.increment(1);
+        self.m_greeting.record(time.as_secs_f64());
+        if !signal {
+            return;
+        }
+        let held = self.active().saturating_sub(1);
+        let start_timer = {
+            let mut hold = self.hold();
+            hold.until = since_start() + BUSY_HOLD.as_nanos() as u64;
+            // The tightest a burst of busy greetings showed.
+            hold.ceiling = Some(hold.ceiling.map_or(held, |c| c.min(held)));
+            self.ceiling
+                .store(hold.ceiling.unwrap_or(usize::MAX), Ordering::Release);
+            !std::mem::replace(&mut hold.timer, true)
+        };
+        self.learn(Signal::Busy { held });
+        if start_timer {
+            let member = self.clone();
+            tokio::spawn(async move { member.lift_ceiling().await });
+        }
+    }
+
+    fn hold(&self) -> std::sync::MutexGuard<'_, Hold> {
+        self.busy_hold.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Raises the busy ceiling each [`BUSY_HOLD`] without a busy greeting: doubled while
+    /// sessions press against it (so a backend that recovers is not flooded at once, and one
+    /// that was turning everyone away is back to full use in a few steps), lifted once they
+    /// no longer do.
+    async fn lift_ceiling(&self) {
+        loop {
+            let wait = {
+                let mut hold = self.hold();
+                let now = since_start();
+                if now < hold.until {
+                    hold.until - now
+                } else {
+                    let active = self.active();
+                    hold.ceiling = match hold.ceiling {
+                        Some(c) if active >= c => Some(c.saturating_mul(2).max(c + 1)),
+                        _ => None,
+                    };
+                    self.ceiling
+                        .store(hold.ceiling.unwrap_or(usize::MAX), Ordering::Release);
+                    if hold.ceiling.is_none() {
+                        hold.timer = false;
+                        drop(hold);
+                        self.wake.freed();
+                        return;
+                    }
+                    hold.until = now + BUSY_HOLD.as_nanos() as u64;
+                    BUSY_HOLD.as_nanos() as u64
+                }
+            };
+            self.wake.freed();
+            tokio::time::sleep(Duration::from_nanos(wait)).await;
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -93,7 +271,7 @@ impl Member {
 
     /// Takes one of this backend's slots if it has room.
     fn take(&self) -> bool {
-        let max = self.max_connections.load(Ordering::Relaxed);
+        let max = self.cap();
         self.active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
@@ -103,7 +281,7 @@ impl Member {
 
     /// Whether every slot of this backend is taken.
     fn is_full(&self) -> bool {
-        self.active() >= self.max_connections.load(Ordering::Relaxed)
+        self.active() >= self.cap()
     }
 
     /// Records one health observation and moves the up/down state by `fall`/`rise`.
@@ -131,6 +309,17 @@ impl Member {
             }
         }
     }
+}
+
+/// The state of a backend's busy ceiling.
+#[derive(Default)]
+struct Hold {
+    /// The most sessions it may hold; `None` once lifted.
+    ceiling: Option<usize>,
+    /// When the ceiling next rises, in ns of [`since_start`].
+    until: u64,
+    /// A task is raising it.
+    timer: bool,
 }
 
 /// A session's hold on one backend's slot, released when dropped.
@@ -179,10 +368,10 @@ impl Pool {
                     previous.and_then(|p| p.members.iter().find(|m| m.addr == spec.address.addr));
                 match old {
                     Some(m) => {
-                        m.update(spec);
+                        m.update(spec, config);
                         m.clone()
                     }
-                    None => Arc::new(Member::new(spec, metrics, wake)),
+                    None => Arc::new(Member::new(spec, config, metrics, wake)),
                 }
             })
             .collect();
@@ -196,9 +385,7 @@ impl Pool {
     /// Whether some backend has a cap of its own, so that a session needs one of its slots
     /// before it can be admitted.
     pub fn capped(&self) -> bool {
-        self.members
-            .iter()
-            .any(|m| m.max_connections.load(Ordering::Relaxed) != usize::MAX)
+        self.members.iter().any(|m| m.is_capped())
     }
 
     /// Whether a session would find healthy backends, all at their own caps (for `family`,
@@ -287,19 +474,20 @@ impl Pool {
     /// client yet, so a failure here is still invisible to it. Only the backend's own failures
     /// count against its health; one caused by the client's address or mxgate's own socket
     /// never does. With `source` (transparent mode), only backends of its family are tried.
-    /// `first`, a slot the wait queue already took, is tried first.
+    /// `first`, a slot the wait queue already took, is tried first. `tried` lists the
+    /// backends whose connect failed for this session, across calls.
     pub async fn connect(
         &self,
         config: &Config,
         source: Option<SocketAddr>,
         deadline: Instant,
         mut first: Option<Lease>,
+        tried: &mut Vec<SocketAddr>,
     ) -> Result<(TcpStream, Lease), RejectReason> {
-        let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
             let chosen = match first.take() {
                 Some(l) => Ok(l),
-                None => self.select(&tried, source.map(|s| s.ip())),
+                None => self.select(tried, source.map(|s| s.ip())),
             };
             let lease = match chosen {
                 Ok(l) => l,
@@ -322,9 +510,22 @@ impl Pool {
                     if config.health_checks && source.is_none() && e.is_backend_fault() {
                         lease.member.observe(false, config.fall, config.rise);
                     }
+                    // From the client's own address a timeout may be aimed at that client.
+                    if e.is_timeout() && source.is_none() {
+                        lease.member.connect_timed_out();
+                    }
                     tried.push(addr);
                 }
             }
         }
     }
+}
+
+/// Nanoseconds since the first call: a clock an atomic can hold.
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }

@@ -45,6 +45,8 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest queue_timeout: RFC 5321 §4.5.3.2 gives a client 5 minutes for the greeting,
 /// and a wait past it would only be cut by the client.
 pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The lowest limit a learned backend limit goes to, and where it starts by default.
+pub const DEFAULT_ADAPTIVE_MIN: usize = 5;
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -228,6 +230,9 @@ pub struct Config {
     /// Zero: the queue is off, and a full server refuses at once.
     pub queue_timeout: Duration,
     pub max_queued: usize,
+    /// Bounds and start of a learned backend limit (`max_connections = "auto"`).
+    pub adaptive_min: usize,
+    pub adaptive_initial: usize,
     pub dry_run: bool,
     pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
@@ -298,6 +303,7 @@ impl Config {
                 },
                 weight: 1,
                 max_connections: None,
+                auto: false,
                 backup: false,
             }],
             hostname: Some("mx.test".into()),
@@ -353,6 +359,8 @@ impl Config {
             reserved_for_allowed: Some(self.reserved_for_allowed),
             queue_timeout: Some(Dur(self.queue_timeout)),
             max_queued: Some(self.max_queued),
+            adaptive_min: Some(self.adaptive_min),
+            adaptive_initial: Some(self.adaptive_initial),
             dry_run: Some(self.dry_run),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),

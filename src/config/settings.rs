@@ -204,6 +204,16 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<usize>,
 
+    /// The lowest limit learned for a backend with `max_connections=auto` [default: 5]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_min: Option<usize>,
+
+    /// Where a learned backend limit starts [default: adaptive_min]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_initial: Option<usize>,
+
     /// Global slots kept for allowed networks only [default: 0]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -305,6 +315,8 @@ impl Settings {
             reserved_for_allowed,
             queue_timeout,
             max_queued,
+            adaptive_min,
+            adaptive_initial,
             dry_run,
             replies
         );

@@ -282,3 +282,45 @@ fn the_queue_defaults_to_30s_and_max_connections_and_is_bounded() {
         assert_eq!((e.key.as_str(), e.reason.as_str()), (key, reason), "{toml}");
     }
 }
+
+#[test]
+fn a_learned_backend_limit_is_written_auto_as_flag_and_key_and_bounded() {
+    let flag: BackendSpec = "127.0.0.1:25,max_connections=auto".parse().unwrap();
+    assert!(flag.auto && flag.max_connections.is_none());
+    assert_eq!(flag.to_string(), "127.0.0.1:25,max_connections=auto");
+    let c = Settings::from_toml(
+        r#"
+        max_connections = 200
+        adaptive_min = 8
+        backends = [{ address = "127.0.0.1:25", max_connections = "auto" }]
+        "#,
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    assert!(c.backends[0].auto);
+    // The initial limit defaults to the minimum; both survive `check`'s output.
+    assert_eq!((c.adaptive_min, c.adaptive_initial), (8, 8));
+    let again = Settings::from_toml(&c.to_toml())
+        .unwrap()
+        .validate(None)
+        .unwrap();
+    assert!(again.backends[0].auto);
+    assert_eq!(again.to_toml(), c.to_toml());
+    // A word that is not "auto", and bounds past the global limit, name the key.
+    let (key, reason) =
+        parse_err(r#"backends = [{ address = "127.0.0.1:25", max_connections = "lots" }]"#);
+    assert_eq!(key, "backends[0]");
+    assert!(reason.contains("expected a number or \"auto\""), "{reason}");
+    for (text, key) in [
+        ("max_connections = 10\nadaptive_min = 11", "adaptive_min"),
+        ("adaptive_min = 0", "adaptive_min"),
+        ("adaptive_min = 5\nadaptive_initial = 4", "adaptive_initial"),
+    ] {
+        let err = Settings::from_toml(&format!("backend = \"127.0.0.1:25\"\n{text}"))
+            .unwrap()
+            .validate(None)
+            .expect_err(text);
+        assert_eq!(err.key, key, "{text}");
+    }
+}

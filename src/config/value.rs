@@ -337,9 +337,9 @@ impl fmt::Display for Rate {
 }
 deserialize_from_str!(Rate);
 
-/// One backend: `HOST:PORT[,weight=N][,max_connections=N][,backup]` on the command line, the
-/// same string or a table (`{ address = "...", weight = 2, max_connections = 30, backup = true }`)
-/// in the file.
+/// One backend: `HOST:PORT[,weight=N][,max_connections=N|auto][,backup]` on the command line,
+/// the same string or a table (`{ address = "...", weight = 2, max_connections = 30, backup =
+/// true }`, or `max_connections = "auto"`) in the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub address: HostPort,
@@ -347,6 +347,8 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Cap on this backend's concurrent sessions; a full backend is skipped.
     pub max_connections: Option<usize>,
+    /// `max_connections = "auto"`: the cap is learned from the backend's own signals.
+    pub auto: bool,
     /// Used only when no primary backend is healthy.
     pub backup: bool,
 }
@@ -361,6 +363,7 @@ impl FromStr for BackendSpec {
             address,
             weight: 1,
             max_connections: None,
+            auto: false,
             backup: false,
         };
         for opt in parts {
@@ -373,6 +376,7 @@ impl FromStr for BackendSpec {
                         .filter(|&w| w >= 1)
                         .ok_or_else(|| format!("invalid weight {n:?} in {s:?}: expected an integer of at least 1"))?;
                 }
+                Some(("max_connections", "auto")) => spec.auto = true,
                 Some(("max_connections", n)) => {
                     spec.max_connections = Some(
                         n.parse()
@@ -381,7 +385,7 @@ impl FromStr for BackendSpec {
                 }
                 _ => {
                     return Err(format!(
-                        "invalid backend option {opt:?} in {s:?}: expected weight=N, max_connections=N or backup"
+                        "invalid backend option {opt:?} in {s:?}: expected weight=N, max_connections=N, max_connections=auto or backup"
                     ))
                 }
             }
@@ -398,6 +402,9 @@ impl fmt::Display for BackendSpec {
         }
         if let Some(m) = self.max_connections {
             write!(f, ",max_connections={m}")?;
+        }
+        if self.auto {
+            f.write_str(",max_connections=auto")?;
         }
         if self.backup {
             f.write_str(",backup")?;
@@ -425,7 +432,9 @@ impl<'de> de::Visitor<'de> for BackendVisitor {
     type Value = BackendSpec;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"HOST:PORT[,weight=N][,max_connections=N][,backup]\" or a table with address")
+        f.write_str(
+            "\"HOST:PORT[,weight=N][,max_connections=N|auto][,backup]\" or a table with address",
+        )
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendSpec, E> {
@@ -438,18 +447,36 @@ impl<'de> de::Visitor<'de> for BackendVisitor {
         struct Table {
             address: String,
             weight: Option<u32>,
-            max_connections: Option<usize>,
+            max_connections: Option<Cap>,
             backup: Option<bool>,
+        }
+        /// A number, or "auto".
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Cap {
+            Fixed(usize),
+            Word(String),
         }
         let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
         let weight = t.weight.unwrap_or(1);
         if weight == 0 {
             return Err(de::Error::custom("weight must be at least 1"));
         }
+        let (max_connections, auto) = match t.max_connections {
+            None => (None, false),
+            Some(Cap::Fixed(n)) => (Some(n), false),
+            Some(Cap::Word(w)) if w == "auto" => (None, true),
+            Some(Cap::Word(w)) => {
+                return Err(de::Error::custom(format!(
+                    "invalid max_connections {w:?}: expected a number or \"auto\""
+                )))
+            }
+        };
         Ok(BackendSpec {
             address: t.address.parse().map_err(de::Error::custom)?,
             weight,
-            max_connections: t.max_connections,
+            max_connections,
+            auto,
             backup: t.backup.unwrap_or(false),
         })
     }

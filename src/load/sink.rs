@@ -1,10 +1,15 @@
 //! A minimal SMTP sink: greets, accepts any envelope, swallows DATA, counts what it accepted.
 //! It backs `mxgate demo` and lets tests compare the load tool's counts with what really
 //! arrived. Loopback only, bounded line length, never stores a message.
+//!
+//! In its Exchange-like mode ([`Behaviour`]) it has a hidden concurrency limit, past which it
+//! greets with Exchange's own 421 and closes, and a greeting delay that grows with its load:
+//! a backend whose capacity has to be found, for tests, the demo and the load tool.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -13,11 +18,49 @@ use tokio::task::JoinHandle;
 /// The longest command or data line the sink reads (RFC 5321 allows 1,000 octets).
 const MAX_LINE: usize = 4096;
 
+/// Exchange's reply past its concurrent connection limit (MaxInboundConnection).
+pub const EXCHANGE_BUSY: &[u8] = b"421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel\r\n";
+
+/// How the sink behaves under load. The default is an ideal server: no limit, no delay.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Behaviour {
+    /// Sessions it serves at once; past it, a newcomer gets [`EXCHANGE_BUSY`].
+    pub limit: Option<usize>,
+    /// Greeting delay for each session it holds.
+    pub delay_per_session: Duration,
+    /// Past this many sessions, each one more adds `steep_delay` to the greeting.
+    pub knee: usize,
+    pub steep_delay: Duration,
+}
+
+impl Behaviour {
+    /// An Exchange-like server: turns away the session past `limit`, and greets a little more
+    /// slowly the more it holds.
+    pub fn exchange(limit: usize) -> Behaviour {
+        Behaviour {
+            limit: Some(limit),
+            delay_per_session: Duration::from_micros(20),
+            ..Behaviour::default()
+        }
+    }
+
+    /// The greeting delay with `held` sessions open, this one included.
+    fn delay(&self, held: usize) -> Duration {
+        self.delay_per_session * held as u32
+            + self.steep_delay * held.saturating_sub(self.knee.max(1)) as u32
+    }
+}
+
 /// A running sink.
 pub struct Sink {
     pub addr: SocketAddr,
     /// Messages accepted with `250` after DATA.
     delivered: Arc<AtomicU64>,
+    /// Sessions turned away with the busy greeting.
+    busy: Arc<AtomicU64>,
+    /// Sessions open now, and the most ever open at once (not counting those turned away).
+    held: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -28,21 +71,46 @@ impl Sink {
 
     /// A sink on a given address, for a backend that comes back where it was.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<Sink> {
+        Self::start_with(addr, Behaviour::default()).await
+    }
+
+    /// A sink that behaves as `behaviour` says under load.
+    pub async fn start_with(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<Sink> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let delivered = Arc::new(AtomicU64::new(0));
-        let count = delivered.clone();
+        let busy = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (count, turned, open, top) =
+            (delivered.clone(), busy.clone(), held.clone(), peak.clone());
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
-                let count = count.clone();
+                let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                if behaviour.limit.is_some_and(|l| now > l) {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    turned.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(turn_away(s));
+                    continue;
+                }
+                top.fetch_max(now, Ordering::SeqCst);
+                let (count, open) = (count.clone(), open.clone());
                 tokio::spawn(async move {
+                    let delay = behaviour.delay(now);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     let _ = session(s, &count).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Ok(Sink {
             addr,
             delivered,
+            busy,
+            held,
+            peak,
             task,
         })
     }
@@ -50,11 +118,36 @@ impl Sink {
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::SeqCst)
     }
+
+    /// Sessions turned away with the busy greeting.
+    pub fn busy(&self) -> u64 {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Sessions open now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// The most sessions it ever served at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Sink {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Exchange's answer past its limit: the 421, then, after the client's QUIT or close, the end.
+async fn turn_away(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    if s.write_all(EXCHANGE_BUSY).await.is_ok() {
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        let _ = s.shutdown().await;
     }
 }
 

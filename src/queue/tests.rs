@@ -168,3 +168,41 @@ impl Ticket<u32> {
         poll(&mut self)
     }
 }
+
+#[test]
+fn a_waiter_put_back_goes_first_and_keeps_its_deadline() {
+    let q = queue();
+    let mut a = join(&q, "10.0.0.1/32", false);
+    let mut b = join(&q, "10.0.0.2/32", false);
+    serve(&q, 1);
+    assert_eq!(granted(&mut a), Some(0));
+    // Its backend said busy: back in line, ahead of b and of any newcomer.
+    let first = a.entered();
+    drop(a);
+    let mut c = join(&q, "10.0.0.3/32", false);
+    let Entered::Wait(mut again) = q.reenter(net("10.0.0.1/32"), waiter(false), first, LONG) else {
+        panic!("not put back")
+    };
+    assert_eq!(again.entered(), first);
+    assert_eq!(q.len(), 3);
+    serve(&q, 2);
+    assert_eq!((granted(&mut again), granted(&mut b)), (Some(0), Some(1)));
+    assert_eq!(granted(&mut c), None);
+    // The deadline counts from the first entry: one already past ends at the next expiry.
+    let Entered::Wait(mut late) = q.reenter(
+        net("10.0.0.4/32"),
+        waiter(false),
+        Instant::now() - Duration::from_secs(10),
+        Duration::from_secs(5),
+    ) else {
+        panic!("not put back")
+    };
+    q.expire(Instant::now());
+    assert!(matches!(poll(&mut late), Some(Outcome::TimedOut)));
+    assert_eq!(q.len(), 1);
+    q.close();
+    assert!(matches!(
+        q.reenter(net("10.0.0.1/32"), waiter(false), first, LONG),
+        Entered::Closed
+    ));
+}

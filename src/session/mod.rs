@@ -11,16 +11,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::admission::Guard;
-use crate::backend::Lease;
+use crate::backend::{greeting, Greeting, Lease};
+use crate::config::Config;
 use crate::forward;
+use crate::policy::Listing;
 use crate::proxy_protocol;
-use crate::queue::Outcome;
+use crate::queue::{Entered, Outcome, Waiter};
 use crate::reason::RejectReason;
 use crate::reply::display_source;
 use crate::server::gate::{Entry, Gate, Grant, HeaderWait, Live, Start};
@@ -75,9 +76,24 @@ impl Gate {
         };
         async move {
             // `phase` is the task's one capture, reused by every phase.
-            let opening = loop {
+            let ready = loop {
                 phase = match phase {
-                    Phase::Open(opening) => break opening,
+                    Phase::Open(opening) => match opening.await {
+                        Opened::Ready(ready) => break ready,
+                        Opened::Requeue(waiting) => Phase::Wait(waiting),
+                        Opened::Refuse(client, peer, live) => {
+                            let span = conn_span(peer);
+                            let ip = peer.ip().to_canonical();
+                            Phase::Refuse(self.refusal((
+                                client,
+                                RejectReason::Draining,
+                                ip,
+                                live,
+                                span,
+                            )))
+                        }
+                        Opened::Done => return,
+                    },
                     Phase::Refuse(refusal) => return refusal.await,
                     Phase::Header(header) => {
                         let Some((client, origin, live, entry, peer)) = header.await else {
@@ -110,10 +126,6 @@ impl Gate {
                         }
                     }
                 };
-            };
-            // Consumed here, so its box is freed before forwarding starts.
-            let Some(ready) = opening.await else {
-                return;
             };
             let cancel = std::pin::pin!(self.cut.cancelled());
             let timeouts = {
@@ -288,15 +300,17 @@ impl Gate {
     }
 
     /// Everything between admission and forwarding: choose and connect a backend, send the
-    /// PROXY header and any early client bytes, wait for the greeting if asked. On failure the
-    /// client has been answered and `None` is returned.
+    /// PROXY header and any early client bytes, and read the greeting before the client sees
+    /// it. A busy (4xx) greeting is absorbed: the client tries another backend with room, or
+    /// goes back to the head of the queue, or (with no queue) gets mxgate's own 421. On a
+    /// failure the client has been answered.
     async fn prepare(
         self: Arc<Self>,
         client: TcpStream,
-        (guard, first): (Guard, Option<Lease>),
-        origin: Origin,
+        (mut guard, mut first): (Guard, Option<Lease>),
+        mut origin: Origin,
         live: Arc<Live>,
-    ) -> Option<Ready> {
+    ) -> Opened {
         let started = Instant::now();
         // On Linux the client's socket has TCP_NODELAY from its listener already.
         #[cfg(not(target_os = "linux"))]
@@ -311,76 +325,172 @@ impl Gate {
             };
             SocketAddr::new(ip, port)
         });
-        let deadline = deadline_after(config.connect_timeout);
-        let connected = live.pool.connect(config, source, deadline, first).await;
-        let (mut backend, lease) = match connected {
-            Ok(connected) => connected,
-            Err(reason) => {
-                drop(guard);
-                self.reject(client, reason, ip, &live).await;
-                return None;
+        // Without a greeting timeout of its own, a backend has what RFC 5321 gives it.
+        let greeting_limit = config
+            .backend_greeting_timeout
+            .unwrap_or(crate::config::MAX_QUEUE_TIMEOUT)
+            .min(config.idle_timeout);
+        // A 4xx from a backend that sees the client's own address (transparent mode, a PROXY
+        // header) may be about that client alone; only Exchange's "system capacity" code is
+        // then taken as the whole backend being full.
+        let client_seen = config.transparent || config.proxy_protocol.is_some();
+        let mut tried = Vec::new();
+        let mut absorbed = 0u32;
+        loop {
+            // Each try has its own connect budget: a wait for a busy greeting is not charged
+            // to the next backend's connect.
+            let deadline = deadline_after(config.connect_timeout);
+            let connected = live
+                .pool
+                .connect(config, source, deadline, first.take(), &mut tried)
+                .await;
+            let (backend, lease) = match connected {
+                Ok(connected) => connected,
+                // Every backend with room said busy: back to the queue, if there is one.
+                Err(RejectReason::GlobalLimit) if absorbed > 0 && live.queues() => {
+                    return self.requeue(client, guard, origin, live, started);
+                }
+                Err(reason) => {
+                    let reason = if absorbed > 0 {
+                        RejectReason::BackendUnavailable
+                    } else {
+                        reason
+                    };
+                    drop(guard);
+                    self.reject(client, reason, ip, &live).await;
+                    return Opened::Done;
+                }
+            };
+            let connected_at = Instant::now();
+            self.metrics
+                .backend_connect_seconds
+                .record(connected_at.duration_since(started).as_secs_f64());
+            if !self.opening_bytes(&client, &backend, &origin, config).await {
+                drop((backend, guard, lease));
+                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
+                    .await;
+                return Opened::Done;
             }
-        };
-        self.metrics
-            .backend_connect_seconds
-            .record(started.elapsed().as_secs_f64());
-        // The PROXY header first, then whatever the client sent behind the upstream's header,
-        // then the stream: nothing reaches the backend out of order.
+            let mut kept = std::mem::take(&mut origin.early);
+            let greeting = tokio::select! {
+                g = greeting::read(&backend, &client, &mut kept, greeting_limit) => g,
+                // Shutdown: a greeting still on its way is not waited for past the drain.
+                () = self.cut.cancelled() => Greeting::Silent,
+            };
+            let time = connected_at.elapsed();
+            match greeting {
+                Greeting::Pass(first_words) => {
+                    // A close without a word is no greeting to learn from.
+                    if !first_words.is_empty() {
+                        lease.member.greeted(time);
+                    }
+                    self.traffic.client_to_backend.increment(kept.len() as u64);
+                    if !first_words.is_empty() {
+                        if greeting::write_all(&client, &first_words).await.is_err() {
+                            return Opened::Done;
+                        }
+                        self.traffic
+                            .backend_to_client
+                            .increment(first_words.len() as u64);
+                    }
+                    return Opened::Ready(Ready {
+                        client,
+                        backend,
+                        guard,
+                        lease,
+                        peer: origin.client,
+                        waited_ms: origin
+                            .waited
+                            .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
+                    });
+                }
+                Greeting::Busy(words) => {
+                    tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
+                    let capacity = words.get(4..9) == Some(&b"4.3.2"[..]);
+                    lease.member.busy(time, !client_seen || capacity);
+                    greeting::quit(backend);
+                    drop(lease);
+                    absorbed += 1;
+                    // Whatever the client said goes again, in order, to the next backend.
+                    origin.early = kept;
+                    // Its global slot stays held for the next try; a requeue gives it back.
+                    let _ = &mut guard;
+                }
+                Greeting::Silent | Greeting::Failed => {
+                    tracing::debug!(backend = %lease.member.label, "backend sent no greeting");
+                    drop((backend, guard, lease));
+                    self.reject(client, RejectReason::BackendUnavailable, ip, &live)
+                        .await;
+                    return Opened::Done;
+                }
+                Greeting::ClientGone => return Opened::Done,
+            }
+        }
+    }
+
+    /// The PROXY header, then whatever the client sent before the backend was connected:
+    /// nothing reaches the backend out of order. `false` if the backend closed meanwhile.
+    async fn opening_bytes(
+        &self,
+        client: &TcpStream,
+        backend: &TcpStream,
+        origin: &Origin,
+        config: &Config,
+    ) -> bool {
         if let Some(version) = config.proxy_protocol {
             // Our own address, asked of the kernel only when a header needs it.
             let server = origin
                 .server
                 .unwrap_or_else(|| client.local_addr().unwrap_or(origin.client));
             let header = proxy_protocol::encode(version, origin.client, server);
-            if let Err(e) = backend.write_all(&header).await {
+            if let Err(e) = greeting::write_all(backend, &header).await {
                 tracing::debug!(error = %e, "backend closed before the PROXY header");
-                drop((backend, guard, lease));
-                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
-                    .await;
-                return None;
+                return false;
             }
         }
-        if !origin.early.is_empty() {
-            backend.write_all(&origin.early).await.ok()?;
-            self.traffic
-                .client_to_backend
-                .increment(origin.early.len() as u64);
+        origin.early.is_empty() || greeting::write_all(backend, &origin.early).await.is_ok()
+    }
+
+    /// A client whose backends all said busy waits again, at the head of the queue, with the
+    /// deadline of its first wait; its global slot goes back meanwhile.
+    fn requeue(
+        &self,
+        client: TcpStream,
+        mut guard: Guard,
+        mut origin: Origin,
+        live: Arc<Live>,
+        started: Instant,
+    ) -> Opened {
+        let ip = origin.client.ip().to_canonical();
+        let waiter = Waiter {
+            ip,
+            allowed: live.policy.classify(ip).listing == Some(Listing::Allow),
+        };
+        let started = started.into_std();
+        let waited = origin.waited.take().unwrap_or_default();
+        let entered = started.checked_sub(waited).unwrap_or(started);
+        let entry = self
+            .queue
+            .reenter(guard.source(), waiter, entered, live.config.queue_timeout);
+        guard.release_global();
+        match entry {
+            Entered::Wait(ticket) => Opened::Requeue(Box::new(Waiting {
+                client,
+                guard,
+                ticket,
+                peer: origin.client,
+                origin,
+                live,
+            })),
+            // Shut down meanwhile.
+            _ => Opened::Refuse(client, origin.client, live),
         }
-        if let Some(limit) = config.backend_greeting_timeout {
-            if !backend_speaks(&backend, limit).await {
-                tracing::debug!(backend = %lease.member.label, "backend sent no greeting in time");
-                drop((backend, guard, lease));
-                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
-                    .await;
-                return None;
-            }
-        }
-        Some(Ready {
-            client,
-            backend,
-            guard,
-            lease,
-            peer: origin.client,
-            waited_ms: origin
-                .waited
-                .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
-        })
     }
 }
 
 /// The span that gives a connection's opening log lines their client.
 fn conn_span(peer: SocketAddr) -> tracing::Span {
     tracing::info_span!("conn", src = %peer.ip().to_canonical(), port = peer.port())
-}
-
-/// Whether the backend sends its first byte within `limit`. No byte has reached the client yet,
-/// so a silent backend can still be answered with mxgate's own 421.
-async fn backend_speaks(backend: &TcpStream, limit: std::time::Duration) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(
-        tokio::time::timeout(limit, backend.peek(&mut probe)).await,
-        Ok(Ok(1))
-    )
 }
 
 /// `after` from now, or as far as the clock goes: a deadline never overflows.
@@ -411,7 +521,19 @@ type Unserved = (TcpStream, RejectReason, IpAddr, Arc<Live>, tracing::Span);
 /// through (its log lines' `src`).
 type Admitted = (TcpStream, Origin, Arc<Live>, Entry, SocketAddr);
 
-type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Ready>> + Send>>;
+type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Opened> + Send>>;
+
+/// Where the opening phase leads.
+enum Opened {
+    /// Connected and greeted: forwarding.
+    Ready(Ready),
+    /// Every backend with room said busy: back in the queue.
+    Requeue(Box<Waiting>),
+    /// The queue closed for a drain while it went back: the draining reply.
+    Refuse(TcpStream, SocketAddr, Arc<Live>),
+    /// Answered, or gone.
+    Done,
+}
 
 type BoxedHeader = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Admitted>> + Send>>;
 

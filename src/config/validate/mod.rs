@@ -37,6 +37,7 @@ impl Settings {
         let limits = limits(&self)?;
         let timeouts = timeouts(&self)?;
         let queue = queue(&self, limits.max_connections)?;
+        let adaptive = adaptive(&self, limits.max_connections)?;
         let edge = transparency_and_proxy(&self)?;
         let moving = forwarding(&self)?;
         let hostname = hostname(self.hostname.clone())?;
@@ -58,6 +59,8 @@ impl Settings {
             reserved_for_allowed: limits.reserved_for_allowed,
             queue_timeout: queue.timeout,
             max_queued: queue.max_queued,
+            adaptive_min: adaptive.0,
+            adaptive_initial: adaptive.1,
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow: limits.allow,
@@ -176,6 +179,12 @@ fn backends(s: &Settings) -> Result<Backends, Bad> {
                 ),
             ));
         }
+        if b.auto && b.max_connections.is_some() {
+            return Err(bad(
+                key,
+                format!("{}: max_connections is given twice", b.address),
+            ));
+        }
         if b.max_connections.is_some_and(|n| n > MAX_CONNECTIONS) {
             return Err(bad(
                 key,
@@ -259,6 +268,27 @@ fn queue(s: &Settings, max_connections: usize) -> Result<QueueSettings, Bad> {
         timeout,
         max_queued,
     })
+}
+
+/// The bounds of a learned backend limit: `(adaptive_min, adaptive_initial)`, both within
+/// 1..=max_connections (a learned limit never exceeds the global one).
+fn adaptive(s: &Settings, max_connections: usize) -> Result<(usize, usize), Bad> {
+    let top = max_connections.max(1);
+    let min = s.adaptive_min.unwrap_or(DEFAULT_ADAPTIVE_MIN.min(top));
+    if min == 0 || min > top {
+        return Err(bad(
+            "adaptive_min",
+            format!("{min} is not in 1..={top} (max_connections)"),
+        ));
+    }
+    let initial = s.adaptive_initial.unwrap_or(min);
+    if initial < min || initial > top {
+        return Err(bad(
+            "adaptive_initial",
+            format!("{initial} is not in {min}..={top} (adaptive_min..=max_connections)"),
+        ));
+    }
+    Ok((min, initial))
 }
 
 /// Source transparency and the PROXY protocol, both ways.

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""The original complaint's loop, measured: guessing max_connections in front of a server
+with a hidden limit, against letting mxgate learn it.
+
+The backend is mxgate's embedded sink in its Exchange-like mode (`mxgate sink`): it serves at
+most 37 sessions at once, greets the 38th with Exchange's own `421 4.3.2 The maximum number of
+concurrent server connections has exceeded a limit` and closes, and greets 20 us later for
+each session it holds. In front of it, in turn and in one run:
+
+- mxgate with a static global limit of 20, 37, 60 and 100 (wait queue on, 30 s);
+- mxgate with `max_connections = auto` on the backend;
+- HAProxy in TCP mode with `maxconn 60` on its server (a limit set too high).
+
+Load, the same each time: `mxgate load` at concurrency 100 for 20 s, each session a real SMTP
+transaction, from 127.60.0.0/16. A fresh sink per run counts the 421s it sent; mxgate's
+`mxgate_backend_busy_total` counts those it absorbed, so the client-visible backend 421s are
+the difference, and the proxy's own 421s are the rest of what clients saw refused.
+
+Writes docs/trial-and-error.md, docs/trial-and-error.json and docs/trial-and-error.svg.
+
+    sudo apt-get install -y haproxy
+    cargo build --release --bin mxgate
+    python3 benches/trial_and_error.py                 # 20 s per run, 6 runs
+    DURATION=5 python3 benches/trial_and_error.py      # a smoke test
+"""
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
+DURATION = int(os.environ.get("DURATION") or 20)
+CONCURRENCY = 100
+HIDDEN = 37
+DOCS = os.path.join(ROOT, "docs")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    sys.exit(f"trial_and_error: nothing listens on {port}")
+
+
+def stop(p, sig=signal.SIGKILL):
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    return p.wait()
+
+
+def start_sink(port):
+    p = subprocess.Popen(
+        [MXGATE, "sink", "--listen", f"127.0.0.1:{port}", "--limit", str(HIDDEN),
+         "--delay-per-session-us", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    wait_port(port)
+    return p
+
+
+def sink_counts(p):
+    """Stops the sink and returns its last counts line as a dict."""
+    stop(p, signal.SIGINT)
+    last = {}
+    for line in p.stdout.read().splitlines():
+        if line.startswith("delivered="):
+            last = {k: int(v) for k, v in (kv.split("=") for kv in line.split())}
+    return last
+
+
+def start_mxgate(port, metrics, sink_port, limit):
+    backend = f"127.0.0.1:{sink_port}"
+    flags = ["--max-connections", str(limit)]
+    if limit == "auto":
+        backend += ",max_connections=auto"
+        flags = ["--max-connections", "1000"]
+    p = subprocess.Popen(
+        [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", backend,
+         "--metrics", f"127.0.0.1:{metrics}", "--hostname", "mx.bench",
+         "--max-per-source", "1000", "--max-per-ipv6-network", "1000",
+         "--queue-timeout", "30s", "--max-queued", "1000", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RUST_LOG": "error"})
+    wait_port(port)
+    return p
+
+
+def start_haproxy(tmp, port, sink_port):
+    cfg = os.path.join(tmp, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(f"""global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout queue 30s
+frontend smtp
+    bind 127.0.0.1:{port}
+    default_backend mail
+backend mail
+    server mx 127.0.0.1:{sink_port} maxconn 60
+""")
+    p = subprocess.Popen(["haproxy", "-f", cfg], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_port(port)
+    return p
+
+
+def scrape(metrics, name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def load(port):
+    out = subprocess.run(
+        [MXGATE, "load", "--target", f"127.0.0.1:{port}", "--sources", "127.60.0.0/16",
+         "--concurrency", str(CONCURRENCY), "--duration", f"{DURATION}s",
+         "--message-size", "2048", "--json"],
+        check=True, capture_output=True, text=True, timeout=DURATION + 120)
+    return json.loads(out.stdout)
+
+
+def run_one(tmp, name, limit):
+    sink_port, port, metrics = free_port(), free_port(), free_port()
+    sink = start_sink(sink_port)
+    if name == "haproxy":
+        proxy = start_haproxy(tmp, port, sink_port)
+    else:
+        proxy = start_mxgate(port, metrics, sink_port, limit)
+    stats = load(port)
+    absorbed = learned = 0.0
+    if name != "haproxy":
+        absorbed = scrape(metrics, "mxgate_backend_busy_total")
+        learned = scrape(metrics, "mxgate_backend_limit")
+    stop(proxy)
+    counts = sink_counts(sink)
+    refused = sum(stats["refused"].values()) + stats["refused_later"]
+    backend_visible = max(0, counts.get("busy", 0) - int(absorbed))
+    return {
+        "proxy": name,
+        "limit": limit,
+        "delivered": stats["delivered"],
+        "delivered_per_second": round(stats["delivered"] / DURATION, 1),
+        "client_421_backend": backend_visible,
+        "client_421_proxy": max(0, refused - backend_visible),
+        "timeouts": stats["timeouts"],
+        "connect_errors": stats["connect_errors"],
+        "session_p99_ms": round(stats["latency_us"]["session"]["p99"] / 1000, 1),
+        "backend_busy_sent": counts.get("busy", 0),
+        "backend_busy_absorbed": int(absorbed),
+        "backend_peak": counts.get("peak", 0),
+        "learned_limit_at_end": int(learned) if limit == "auto" else None,
+    }
+
+
+def svg(rows):
+    w, h, left, bar = 640, 40 + 34 * len(rows), 190, 360
+    top = max(r["delivered_per_second"] for r in rows) or 1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<text x="10" y="20" font-size="14">Delivered per second, concurrency {CONCURRENCY}, hidden limit {HIDDEN}</text>']
+    for i, r in enumerate(rows):
+        y = 36 + 34 * i
+        label = "HAProxy maxconn 60" if r["proxy"] == "haproxy" else f"mxgate {r['limit']}"
+        width = bar * r["delivered_per_second"] / top
+        colour = "#c0392b" if r["client_421_backend"] else "#2c7fb8"
+        out.append(f'<text x="10" y="{y + 16}">{label}</text>')
+        out.append(f'<rect x="{left}" y="{y}" width="{width:.1f}" height="22" fill="{colour}"/>')
+        out.append(f'<text x="{left + width + 6:.1f}" y="{y + 16}">{r["delivered_per_second"]}/s, '
+                   f'421s: {r["client_421_backend"]} backend, {r["client_421_proxy"]} proxy</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    if not shutil.which("haproxy"):
+        sys.exit("trial_and_error: haproxy is not installed")
+    if not os.path.exists(MXGATE):
+        sys.exit(f"trial_and_error: build mxgate first ({MXGATE})")
+    runs = [("mxgate", 20), ("mxgate", 37), ("mxgate", 60), ("mxgate", 100),
+            ("mxgate", "auto"), ("haproxy", 60)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, limit in runs:
+            row = run_one(tmp, name, limit)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    static = [r for r in rows if r["proxy"] == "mxgate" and r["limit"] != "auto"]
+    best = max(static, key=lambda r: r["delivered"])
+    auto = next(r for r in rows if r["limit"] == "auto")
+    ratio = auto["delivered"] / best["delivered"] if best["delivered"] else 0
+    verdict = {
+        "auto_vs_best_static": round(ratio, 3),
+        "best_static_limit": best["limit"],
+        "auto_within_10_percent": ratio >= 0.9,
+        "auto_client_421_backend": auto["client_421_backend"],
+    }
+    os.makedirs(DOCS, exist_ok=True)
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "duration_s": DURATION, "concurrency": CONCURRENCY, "hidden_limit": HIDDEN}
+    with open(os.path.join(DOCS, "trial-and-error.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "verdict": verdict}, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(DOCS, "trial-and-error.svg"), "w") as f:
+        f.write(svg(rows))
+    lines = [
+        "# No more trial and error, measured",
+        "",
+        f"`python3 benches/trial_and_error.py`, {meta['date']}, {meta['machine']}. Load: "
+        f"`mxgate load` at concurrency {CONCURRENCY} for {DURATION} s per run, against the "
+        f"Exchange-like sink with a hidden limit of {HIDDEN} (`mxgate sink --limit {HIDDEN}`).",
+        "",
+        "| proxy | limit | delivered/s | client 421s from the backend | mxgate's own 421s | p99 session (ms) | backend 421s absorbed |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        name = "HAProxy" if r["proxy"] == "haproxy" else "mxgate"
+        limit = f"maxconn {r['limit']}" if r["proxy"] == "haproxy" else str(r["limit"])
+        if r["learned_limit_at_end"] is not None:
+            limit += f" (learned {r['learned_limit_at_end']})"
+        own = r["client_421_proxy"]
+        lines.append(f"| {name} | {limit} | {r['delivered_per_second']} | {r['client_421_backend']} | "
+                     f"{own} | {r['session_p99_ms']} | {r['backend_busy_absorbed']} |")
+    lines += [
+        "",
+        f"`auto` delivered {ratio:.3f} × the best static limit ({best['limit']}), with "
+        f"{auto['client_421_backend']} client-visible backend 421s.",
+        "",
+        "![delivered per second](trial-and-error.svg)",
+        "",
+    ]
+    with open(os.path.join(DOCS, "trial-and-error.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(json.dumps(verdict))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+//! The backend's greeting, read before the client sees it: a busy (4xx) greeting is absorbed
+//! and the client served elsewhere or later, a learned limit (`max_connections = "auto"`)
+//! finds the backend's hidden capacity, a busy backend is never marked down, and every
+//! greeting that is passed on reaches the client byte for byte.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use mxgate::config::{BackendSpec, Config};
+use mxgate::load::sink::{Behaviour, Sink, EXCHANGE_BUSY};
+use mxgate::load::{self, Bound, Options};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// mxgate in front of one backend with a learned limit, and a queue of `queue_timeout`.
+fn auto_config(backend: SocketAddr, queue_timeout: Duration) -> Config {
+    let mut c = config(backend);
+    let spec: BackendSpec = format!("{backend},max_connections=auto").parse().unwrap();
+    c.backends = vec![spec];
+    c.max_connections = 1000;
+    c.max_per_source = 1000;
+    c.max_per_ipv6_network = 1000;
+    c.max_queued = 1000;
+    c.queue_timeout = queue_timeout;
+    c
+}
+
+fn opts(target: SocketAddr, sources: &str, concurrency: usize, bound: Bound) -> Options {
+    Options {
+        target,
+        sources: Some(sources.parse().unwrap()),
+        concurrency,
+        bound,
+        message_size: 2048,
+        progress: false,
+    }
+}
+
+/// Samples `series` every 100 ms from `mx` while `stop` is unset, after the first `skip`.
+fn sampler(
+    mx: SocketAddr,
+    series: &'static str,
+    skip: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<f64>> {
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let mut seen = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !stop.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let v = metric(&scrape(mx).await, series);
+            if started.elapsed() >= skip {
+                seen.push(v);
+            }
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backends_421_never_reaches_the_client_and_the_limit_converges() {
+    let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), Behaviour::exchange(37))
+        .await
+        .unwrap();
+    let mx = start(auto_config(sink.addr, Duration::from_secs(30))).await;
+    let metrics = mx.metrics_addr().unwrap();
+    let label = sink.addr.to_string();
+    let limit_series: &'static str =
+        Box::leak(format!("mxgate_backend_limit{{backend=\"{label}\"}}").into_boxed_str());
+    let stop = Arc::new(AtomicBool::new(false));
+    let limits = sampler(metrics, limit_series, Duration::from_secs(10), stop.clone());
+    let stats = load::run(&opts(
+        mx.listen_addrs()[0],
+        "127.18.0.0/24",
+        100,
+        Bound::Duration(Duration::from_secs(20)),
+    ))
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let limits = limits.await.unwrap();
+    let m = scrape(metrics).await;
+    let busy = metric(
+        &m,
+        &format!("mxgate_backend_busy_total{{backend=\"{label}\"}}"),
+    );
+    let selected = metric(
+        &m,
+        &format!("mxgate_backend_selected_total{{backend=\"{label}\"}}"),
+    );
+    // Every session delivered; no client saw a 4xx, from the backend or from mxgate.
+    assert!(stats.delivered > 500, "{}", stats.table());
+    assert_eq!(stats.sessions(), stats.delivered, "{}", stats.table());
+    assert!(stats.refused.is_empty(), "{:?}", stats.refused);
+    assert_eq!(sink.delivered(), stats.delivered);
+    // The backend did say busy, and mxgate absorbed every one of those.
+    assert!(busy > 0.0);
+    assert_eq!(busy as u64, sink.busy());
+    assert!(sink.peak() <= 37);
+    // After the first 10 s the learned limit stays in 26..=37, and the absorbed 4xx
+    // greetings are at most 5 % of the backend connections.
+    assert!(!limits.is_empty());
+    let (lo, hi) = limits
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    assert!(lo >= 26.0 && hi <= 37.0, "learned limit {lo}..={hi}");
+    assert!(
+        busy <= 0.05 * selected,
+        "{busy} busy greetings of {selected} backend connections"
+    );
+    mx.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greeting_time_that_climbs_alone_sets_the_limit() {
+    // No hard limit; flat up to 30 sessions, then 10 ms more for each one past it.
+    let steep = Behaviour {
+        limit: None,
+        delay_per_session: Duration::ZERO,
+        knee: 30,
+        steep_delay: Duration::from_millis(10),
+    };
+    let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), steep)
+        .await
+        .unwrap();
+    let mx = start(auto_config(sink.addr, Duration::from_secs(30))).await;
+    let metrics = mx.metrics_addr().unwrap();
+    let series: &'static str =
+        Box::leak(format!("mxgate_backend_limit{{backend=\"{}\"}}", sink.addr).into_boxed_str());
+    let stop = Arc::new(AtomicBool::new(false));
+    let limits = sampler(metrics, series, Duration::from_secs(10), stop.clone());
+    let stats = load::run(&opts(
+        mx.listen_addrs()[0],
+        "127.18.1.0/24",
+        100,
+        Bound::Duration(Duration::from_secs(20)),
+    ))
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let limits = limits.await.unwrap();
+    assert!(stats.delivered > 100, "{}", stats.table());
+    assert!(stats.refused.is_empty(), "{:?}", stats.refused);
+    assert!(!limits.is_empty());
+    let (lo, hi) = limits
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    assert!(lo >= 20.0 && hi <= 45.0, "learned limit {lo}..={hi}");
+    mx.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A backend that answers every connection with Exchange's 421 until `open` is set, then
+/// greets with 220 and echoes, answering a QUIT (a health check's) with 221. Counts its
+/// connections.
+struct Switchable {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Switchable {
+    async fn start() -> Switchable {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (o, n) = (open.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                let open = o.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if !open {
+                        let _ = s.write_all(EXCHANGE_BUSY).await;
+                        let mut buf = [0u8; 64];
+                        let _ = s.read(&mut buf).await;
+                        return;
+                    }
+                    if s.write_all(GREETING).await.is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        if buf[..n].starts_with(b"QUIT") {
+                            let _ = s.write_all(b"221 2.0.0 Bye\r\n").await;
+                            return;
+                        }
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Switchable {
+            addr,
+            open,
+            connections,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_says_busy_is_never_marked_down_and_serves_again() {
+    let backend = Switchable::start().await;
+    let mut c = auto_config(backend.addr, Duration::from_secs(60));
+    // Checked often, and down after two failures: a 421 counted as one would show at once.
+    c.health_checks = true;
+    c.health_interval = Duration::from_millis(100);
+    c.fall = 2;
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let metrics = mx.metrics_addr().unwrap();
+    let up = format!("mxgate_backend_up{{backend=\"{}\"}}", backend.addr);
+    let checks_failed = format!(
+        "mxgate_backend_health_checks_total{{backend=\"{}\",result=\"failure\"}}",
+        backend.addr
+    );
+    // A client arrives while every connection gets the 421; it waits, greeted by no one.
+    let mut client = connect_from("127.18.2.1", at).await.unwrap();
+    client.write_all(b"EHLO early.test\r\n").await.unwrap();
+    eventually("the busy greeting absorbed", || {
+        backend.connections.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    // For 10 s the backend says busy: health checks run all along, none is a failure.
+    let busy_for = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while busy_for.elapsed() < Duration::from_secs(10) {
+        tick.tick().await;
+        let m = scrape(metrics).await;
+        assert_eq!(metric(&m, &up), 1.0, "marked down for being full");
+        assert_eq!(metric(&m, &checks_failed), 0.0);
+    }
+    assert_eq!(mx.queued(), 1);
+    // Now it serves: the waiting client gets the real greeting, and then the echo of what it
+    // sent early, in order: it reached the backend that greeted it.
+    backend.open.store(true, Ordering::SeqCst);
+    let mut line = vec![0u8; GREETING.len()];
+    client.read_exact(&mut line).await.unwrap();
+    assert_eq!(line, GREETING);
+    let mut echo = vec![0u8; b"EHLO early.test\r\n".len()];
+    client.read_exact(&mut echo).await.unwrap();
+    assert_eq!(echo, b"EHLO early.test\r\n");
+    let m = scrape(metrics).await;
+    assert_eq!(metric(&m, &up), 1.0);
+    assert!(
+        metric(
+            &m,
+            &format!("mxgate_backend_busy_total{{backend=\"{}\"}}", backend.addr)
+        ) >= 1.0
+    );
+    drop(client);
+    mx.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A backend whose every connection sends `greeting` and then echoes.
+async fn greets_with(greeting: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                // Written a few bytes at a time: the judgement must not depend on one read.
+                for part in greeting.chunks(3) {
+                    if s.write_all(part).await.is_err() {
+                        return;
+                    }
+                    let _ = s.flush().await;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_line_and_5xx_greetings_reach_the_client_byte_for_byte() {
+    const MULTI: &[u8] = b"220-mx.example.com ESMTP\r\n220-no UCE\r\n220 ready\r\n";
+    const REFUSED: &[u8] = b"554 5.3.2 mx.example.com no SMTP service here\r\n";
+    for greeting in [MULTI, REFUSED] {
+        let backend = greets_with(greeting).await;
+        let mx = start(auto_config(backend, Duration::from_secs(30))).await;
+        let mut s = connect_from("127.18.3.1", mx.listen_addrs()[0])
+            .await
+            .unwrap();
+        let mut got = vec![0u8; greeting.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, greeting);
+        s.write_all(b"QUIT\r\n").await.unwrap();
+        let mut echo = [0u8; 6];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"QUIT\r\n");
+        let m = scrape(mx.metrics_addr().unwrap()).await;
+        assert_eq!(
+            metric(
+                &m,
+                &format!("mxgate_backend_busy_total{{backend=\"{backend}\"}}")
+            ),
+            0.0
+        );
+        mx.shutdown(Duration::ZERO).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_queue_off_a_busy_greeting_goes_to_another_backend_or_gets_mxgates_own_421() {
+    let busy = greets_with(EXCHANGE_BUSY).await;
+    let good = GreetingBackend::start().await;
+    let mut c = config(busy);
+    c.backends = vec![
+        format!("{busy}").parse().unwrap(),
+        format!("{}", good.addr).parse().unwrap(),
+    ];
+    c.balance = mxgate::config::Balance::First;
+    c.queue_timeout = Duration::ZERO;
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    // The first backend says busy; the client is greeted by the second, early bytes intact.
+    let mut s = connect_from("127.18.4.1", at).await.unwrap();
+    s.write_all(b"EHLO a\r\n").await.unwrap();
+    let mut line = vec![0u8; GREETING.len()];
+    s.read_exact(&mut line).await.unwrap();
+    assert_eq!(line, GREETING);
+    drop(s);
+    mx.shutdown(Duration::ZERO).await;
+    // Alone, the busy backend's 421 is replaced by mxgate's own backend-unavailable line.
+    let mut c = config(busy);
+    c.queue_timeout = Duration::ZERO;
+    let mx = start(c).await;
+    expect_refusal("127.18.4.2", mx.listen_addrs()[0], BACKEND_LINE).await;
+    mx.shutdown(Duration::ZERO).await;
+}
