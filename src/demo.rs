@@ -1,13 +1,16 @@
 //! `mxgate demo`: the whole job on this machine, with nothing else installed. An embedded SMTP
 //! sink on loopback, mxgate in front of it with small limits, and the load simulator driving it
 //! from many sources and from one greedy source at once, then a burst far over the global
-//! limit, absorbed by the wait queue, and the same burst again with the queue off. Prints a
-//! short table and the live `/metrics` excerpt, then stops everything it started.
+//! limit, absorbed by the wait queue, and the same burst again with the queue off. Last, an
+//! Exchange-like server with a hidden connection limit behind a learned limit
+//! (`max_connections = "auto"`): its own 421s are absorbed and its capacity found. Prints short
+//! tables and the live `/metrics` excerpt, then stops everything it started.
 
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::load::{self, sink::Sink, Bound, Options, Stats};
+use crate::load::sink::{Behaviour, Sink};
+use crate::load::{self, Bound, Options, Stats};
 
 const MAX_CONNECTIONS: usize = 12;
 const MAX_PER_SOURCE: usize = 3;
@@ -16,6 +19,10 @@ const SESSIONS: u64 = 300;
 const BURST: u64 = 120;
 /// Room in the queue for the whole burst (the default is max_connections).
 const MAX_QUEUED: usize = 200;
+/// The Exchange-like server's hidden limit, and the load put on it.
+const HIDDEN_LIMIT: usize = 15;
+const LEARNING_CONCURRENCY: usize = 40;
+const LEARNING_TIME: Duration = Duration::from_secs(3);
 
 /// The demo's config: small limits on loopback, validated like an operator's, so every value
 /// derived from them (the IPv6 network tier) follows.
@@ -77,9 +84,73 @@ pub async fn run() -> anyhow::Result<String> {
         unqueued,
         config,
     };
-    let report = report(&sink, at, (&many, &greedy), &burst, &metrics);
+    let mut report = report(&sink, at, (&many, &greedy), &burst, &metrics);
     mx.shutdown(Duration::from_secs(1)).await;
+    report += &learning().await?;
     Ok(report)
+}
+
+/// An Exchange-like server whose limit nobody told mxgate: its 421s never reach a client, and
+/// the limit is learned.
+async fn learning() -> anyhow::Result<String> {
+    let exchange = Sink::start_with(
+        "127.0.0.1:0".parse().expect("literal"),
+        Behaviour::exchange(HIDDEN_LIMIT),
+    )
+    .await?;
+    let backend: crate::config::BackendSpec = format!("{},max_connections=auto", exchange.addr)
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let config = Config::on_loopback(
+        exchange.addr,
+        crate::config::Settings {
+            hostname: Some("mx.demo".into()),
+            backend: vec![backend],
+            max_connections: Some(100),
+            max_per_source: Some(100),
+            max_queued: Some(MAX_QUEUED),
+            ..Default::default()
+        },
+    )?;
+    let mx = crate::start(config).await?;
+    let stats = load::run(&Options {
+        target: mx.listen_addrs()[0],
+        sources: Some("127.66.0.0/16".parse()?),
+        concurrency: LEARNING_CONCURRENCY,
+        bound: Bound::Duration(LEARNING_TIME),
+        message_size: 2048,
+        progress: false,
+    })
+    .await;
+    settle(&mx).await;
+    let metrics = mx.render_metrics();
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let row = |label: &str, v: String| format!("{label:<36}{v:>12}\n");
+    let mut out = format!(
+        "\nan Exchange-like server that takes at most {HIDDEN_LIMIT} sessions and greets the next with its own 421,\n\
+         behind max_connections=auto, {LEARNING_CONCURRENCY} sessions at a time for {}s:\n",
+        LEARNING_TIME.as_secs()
+    );
+    out += &row("delivered", stats.delivered.to_string());
+    out += &row(
+        "refused 421 (seen by clients)",
+        stats.refused_total().to_string(),
+    );
+    out += &row("backend 421s absorbed", exchange.busy().to_string());
+    out += &row("most sessions the server held", exchange.peak().to_string());
+    out += &row(
+        "learned limit",
+        (value("mxgate_backend_limit") as u64).to_string(),
+    );
+    mx.shutdown(Duration::from_secs(1)).await;
+    Ok(out)
 }
 
 /// Lets the last sessions' slots return before the counters are read.

@@ -341,3 +341,82 @@ async fn with_the_queue_off_a_busy_greeting_goes_to_another_backend_or_gets_mxga
     expect_refusal("127.18.4.2", mx.listen_addrs()[0], BACKEND_LINE).await;
     mx.shutdown(Duration::ZERO).await;
 }
+
+/// A backend where the client speaks first: it reads until the client's FIN (or `want`
+/// bytes), then answers with how many bytes it got.
+async fn client_speaks_first(want: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = 0;
+                let mut buf = [0u8; 4096];
+                while got < want {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let _ = s.write_all(format!("got {got}\r\n").as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_speaks_first_is_forwarded_as_before() {
+    // Regression: a half-close, or more than can be replayed, before any greeting stalled
+    // the session until the idle timeout.
+    let half_close = client_speaks_first(usize::MAX).await;
+    let mx = start(auto_config(half_close, Duration::from_secs(30))).await;
+    let mut s = connect_from("127.18.5.1", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_to_end(&mut s))
+        .await
+        .expect("answered before the idle timeout");
+    assert_eq!(reply, b"got 5\r\n");
+    mx.shutdown(Duration::ZERO).await;
+
+    let talker = client_speaks_first(8192).await;
+    let mx = start(auto_config(talker, Duration::from_secs(30))).await;
+    let mut s = connect_from("127.18.5.2", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    s.write_all(&random_bytes(8192, 7)).await.unwrap();
+    let mut line = vec![0u8; b"got 8192\r\n".len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut line))
+        .await
+        .expect("answered before the idle timeout")
+        .unwrap();
+    assert_eq!(line, b"got 8192\r\n");
+    mx.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_does_not_wait_for_a_greeting_that_never_comes() {
+    // Regression: the greeting wait ignored shutdown and held the drain for the idle timeout.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = l.local_addr().unwrap();
+    let (tx, mut accepted) = tokio::sync::mpsc::channel::<tokio::net::TcpStream>(4);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = tx.send(s).await;
+        }
+    });
+    let mx = start(auto_config(silent, Duration::from_secs(30))).await;
+    let _client = connect_from("127.18.6.1", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    let _held = accepted.recv().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        mx.shutdown(Duration::from_millis(200)),
+    )
+    .await
+    .expect("the drain ends at its time");
+}

@@ -200,9 +200,16 @@ fn demo_runs_to_completion_with_deliveries_and_refusals() {
             })
             .collect()
     };
-    let delivered = rows("delivered").concat();
-    assert_eq!(delivered.len(), 4, "{text}");
+    // Three tables: the last is the learned limit in front of an Exchange-like server.
+    let mut delivered = rows("delivered").concat();
+    assert_eq!(delivered.len(), 5, "{text}");
     assert!(delivered.iter().all(|&n| n > 0), "{text}");
+    delivered.pop();
+    // Its own 421s never reached a client; it was never given more than its hidden 15.
+    assert_eq!(row("refused 421 (seen by clients)"), [0], "{text}");
+    assert!(row("most sessions the server held")[0] <= 15, "{text}");
+    let learned = row("learned limit")[0];
+    assert!((5..=15).contains(&learned), "{text}");
     // The burst of 120: absorbed by the queue, refused past the limit without it.
     assert_eq!(delivered[2], 120, "{text}");
     assert_eq!(rows("refused 421  "), [vec![0u64, 108]], "{text}");

@@ -416,6 +416,12 @@ impl Gate {
                     // Its global slot stays held for the next try; a requeue gives it back.
                     let _ = &mut guard;
                 }
+                // No greeting timeout of its own: the idle timeout ended the wait, and the
+                // session ends as an idle one does, with a close.
+                Greeting::Silent if config.backend_greeting_timeout.is_none() => {
+                    tracing::debug!(backend = %lease.member.label, "backend sent no greeting within the idle timeout");
+                    return Opened::Done;
+                }
                 Greeting::Silent | Greeting::Failed => {
                     tracing::debug!(backend = %lease.member.label, "backend sent no greeting");
                     drop((backend, guard, lease));
