@@ -1,0 +1,252 @@
+//! The opening of a session: from its slots to a greeted backend. The backend is connected,
+//! sent the PROXY header and the client's early bytes, and its greeting is read before the
+//! client sees it; a busy (4xx) greeting is absorbed, and the client tries another backend or
+//! goes back to the head of the queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::origin::Origin;
+use super::wait::Waiting;
+use super::{deadline_after, Opened, Ready};
+use crate::admission::Guard;
+use crate::backend::{greeting, Greeting, Lease};
+use crate::config::Config;
+use crate::policy::Listing;
+use crate::proxy_protocol;
+use crate::queue::{Entered, Waiter};
+use crate::reason::RejectReason;
+use crate::server::gate::{Gate, Live};
+
+impl Gate {
+    /// Everything between admission and forwarding: choose and connect a backend, send the
+    /// PROXY header and any early client bytes, and read the greeting before the client sees
+    /// it. A busy (4xx) greeting is absorbed: the client tries another backend with room, or
+    /// goes back to the head of the queue, or (with no queue) gets mxgate's own 421. On a
+    /// failure the client has been answered.
+    pub(super) async fn prepare(
+        self: Arc<Self>,
+        client: TcpStream,
+        (mut guard, mut first): (Guard, Option<Lease>),
+        mut origin: Origin,
+        live: Arc<Live>,
+    ) -> Opened {
+        let started = Instant::now();
+        // On Linux the client's socket has TCP_NODELAY from its listener already.
+        #[cfg(not(target_os = "linux"))]
+        let _ = client.set_nodelay(true);
+        let ip = origin.client.ip().to_canonical();
+        let config = &live.config;
+        let Plan {
+            source,
+            greeting_limit,
+            client_seen,
+        } = Plan::new(config, origin.client);
+        let mut tried = Vec::new();
+        let mut absorbed = 0u32;
+        loop {
+            // Each try has its own connect budget: a wait for a busy greeting is not charged
+            // to the next backend's connect.
+            let deadline = deadline_after(config.connect_timeout);
+            let connected = live
+                .pool
+                .connect(config, source, deadline, first.take(), &mut tried)
+                .await;
+            let (backend, lease) = match connected {
+                Ok(connected) => connected,
+                // Every backend with room said busy: back to the queue, if there is one.
+                Err(RejectReason::GlobalLimit) if absorbed > 0 && live.queues() => {
+                    return self.requeue(client, guard, origin, live, started);
+                }
+                Err(reason) => {
+                    let reason = if absorbed > 0 {
+                        RejectReason::BackendUnavailable
+                    } else {
+                        reason
+                    };
+                    drop(guard);
+                    self.reject(client, reason, ip, &live).await;
+                    return Opened::Done;
+                }
+            };
+            let connected_at = Instant::now();
+            self.metrics
+                .backend_connect_seconds
+                .record(connected_at.duration_since(started).as_secs_f64());
+            if !self.opening_bytes(&client, &backend, &origin, config).await {
+                drop((backend, guard, lease));
+                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
+                    .await;
+                return Opened::Done;
+            }
+            let mut kept = std::mem::take(&mut origin.early);
+            let greeting = tokio::select! {
+                g = greeting::read(&backend, &client, &mut kept, greeting_limit) => g,
+                // Shutdown: a greeting still on its way is not waited for past the drain.
+                () = self.cut.cancelled() => Greeting::Silent,
+            };
+            let time = connected_at.elapsed();
+            match greeting {
+                Greeting::Pass(first_words) => {
+                    let connected = (client, backend, guard, lease);
+                    let said = (first_words, kept.len(), time);
+                    return self.greeted(connected, said, &origin).await;
+                }
+                Greeting::Busy(words) => {
+                    tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
+                    let capacity = words.get(4..9) == Some(&b"4.3.2"[..]);
+                    lease.member.busy(time, !client_seen || capacity);
+                    greeting::quit(backend);
+                    drop(lease);
+                    absorbed += 1;
+                    // Whatever the client said goes again, in order, to the next backend.
+                    origin.early = kept;
+                    // Its global slot stays held for the next try; a requeue gives it back.
+                    let _ = &mut guard;
+                }
+                // No greeting timeout of its own: the idle timeout ended the wait, and the
+                // session ends as an idle one does, with a close.
+                Greeting::Silent if config.backend_greeting_timeout.is_none() => {
+                    tracing::debug!(backend = %lease.member.label, "backend sent no greeting within the idle timeout");
+                    return Opened::Done;
+                }
+                Greeting::Silent | Greeting::Failed => {
+                    tracing::debug!(backend = %lease.member.label, "backend sent no greeting");
+                    drop((backend, guard, lease));
+                    self.reject(client, RejectReason::BackendUnavailable, ip, &live)
+                        .await;
+                    return Opened::Done;
+                }
+                Greeting::ClientGone => return Opened::Done,
+            }
+        }
+    }
+
+    /// The PROXY header, then whatever the client sent before the backend was connected:
+    /// nothing reaches the backend out of order. `false` if the backend closed meanwhile.
+    async fn opening_bytes(
+        &self,
+        client: &TcpStream,
+        backend: &TcpStream,
+        origin: &Origin,
+        config: &Config,
+    ) -> bool {
+        if let Some(version) = config.proxy_protocol {
+            // Our own address, asked of the kernel only when a header needs it.
+            let server = origin
+                .server
+                .unwrap_or_else(|| client.local_addr().unwrap_or(origin.client));
+            let header = proxy_protocol::encode(version, origin.client, server);
+            if let Err(e) = greeting::write_all(backend, &header).await {
+                tracing::debug!(error = %e, "backend closed before the PROXY header");
+                return false;
+            }
+        }
+        origin.early.is_empty() || greeting::write_all(backend, &origin.early).await.is_ok()
+    }
+
+    /// A client whose backends all said busy waits again, at the head of the queue, with the
+    /// deadline of its first wait; its global slot goes back meanwhile.
+    fn requeue(
+        &self,
+        client: TcpStream,
+        mut guard: Guard,
+        mut origin: Origin,
+        live: Arc<Live>,
+        started: Instant,
+    ) -> Opened {
+        let ip = origin.client.ip().to_canonical();
+        let waiter = Waiter {
+            ip,
+            allowed: live.policy.classify(ip).listing == Some(Listing::Allow),
+        };
+        let started = started.into_std();
+        let waited = origin.waited.take().unwrap_or_default();
+        let entered = started.checked_sub(waited).unwrap_or(started);
+        let entry = self
+            .queue
+            .reenter(guard.source(), waiter, entered, live.config.queue_timeout);
+        guard.release_global();
+        match entry {
+            Entered::Wait(ticket) => Opened::Requeue(Box::new(Waiting {
+                client,
+                guard,
+                ticket,
+                peer: origin.client,
+                origin,
+                live,
+            })),
+            // Shut down meanwhile.
+            _ => Opened::Refuse(client, origin.client, live),
+        }
+    }
+    /// A backend greeted (with anything but a 4xx) `time` after the connect: its first words go
+    /// to the client, then forwarding.
+    async fn greeted(
+        &self,
+        (client, backend, guard, lease): (TcpStream, TcpStream, Guard, Lease),
+        (first_words, kept, time): (Vec<u8>, usize, std::time::Duration),
+        origin: &Origin,
+    ) -> Opened {
+        // A close without a word is no greeting to learn from.
+        if !first_words.is_empty() {
+            lease.member.greeted(time);
+        }
+        self.traffic.client_to_backend.increment(kept as u64);
+        if !first_words.is_empty() {
+            if greeting::write_all(&client, &first_words).await.is_err() {
+                return Opened::Done;
+            }
+            self.traffic
+                .backend_to_client
+                .increment(first_words.len() as u64);
+        }
+        Opened::Ready(Ready {
+            client,
+            backend,
+            guard,
+            lease,
+            peer: origin.client,
+            waited_ms: origin
+                .waited
+                .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
+        })
+    }
+}
+
+/// What a session's backend tries share.
+struct Plan {
+    /// The client's own address to connect from, in transparent mode.
+    source: Option<SocketAddr>,
+    /// How long a backend has to greet.
+    greeting_limit: std::time::Duration,
+    /// The backend sees the client's own address (transparent mode, a PROXY header): a 4xx
+    /// may be about that client alone, and only Exchange's "system capacity" code is taken as
+    /// the whole backend being full.
+    client_seen: bool,
+}
+
+impl Plan {
+    fn new(config: &Config, client: SocketAddr) -> Plan {
+        let source = config.transparent.then(|| {
+            let port = if config.transparent_port {
+                client.port()
+            } else {
+                0
+            };
+            SocketAddr::new(client.ip().to_canonical(), port)
+        });
+        Plan {
+            source,
+            // Without a greeting timeout of its own, a backend has what RFC 5321 gives it.
+            greeting_limit: config
+                .backend_greeting_timeout
+                .unwrap_or(crate::config::MAX_QUEUE_TIMEOUT)
+                .min(config.idle_timeout),
+            client_seen: config.transparent || config.proxy_protocol.is_some(),
+        }
+    }
+}
