@@ -241,25 +241,7 @@ impl<T> Queue<T> {
             let tag = turns.last.max(clock) + 1;
             turns.last = tag;
             turns.waiting += 1;
-            s.seq += 1;
-            let key = Key {
-                class,
-                tag,
-                seq: s.seq,
-            };
-            s.lines.insert(
-                key,
-                Entry {
-                    source,
-                    v4: waiter.ip.to_canonical().is_ipv4(),
-                    allowed: waiter.allowed,
-                    deadline,
-                    waker: None,
-                },
-            );
-            s.deadlines.insert((deadline, key.seq), key);
-            self.update(&s);
-            key
+            self.line_up(&mut s, (class, tag), source, waiter, deadline)
         };
         // A slot may have freed between `try_now` and the insertion, seen by nobody.
         self.wake.kick();
@@ -269,6 +251,36 @@ impl<T> Queue<T> {
             entered,
             done: false,
         })
+    }
+
+    /// Puts a waiter in line under `(class, tag)`; its source's turns are booked by the caller.
+    fn line_up(
+        &self,
+        s: &mut State<T>,
+        (class, tag): (u8, u64),
+        source: IpNet,
+        waiter: Waiter,
+        deadline: Instant,
+    ) -> Key {
+        s.seq += 1;
+        let key = Key {
+            class,
+            tag,
+            seq: s.seq,
+        };
+        s.lines.insert(
+            key,
+            Entry {
+                source,
+                v4: waiter.ip.to_canonical().is_ipv4(),
+                allowed: waiter.allowed,
+                deadline,
+                waker: None,
+            },
+        );
+        s.deadlines.insert((deadline, key.seq), key);
+        self.update(s);
+        key
     }
 
     /// Puts back a waiter that was served a slot the backend then turned down (its own
@@ -300,25 +312,7 @@ impl<T> Queue<T> {
                     waiting: 0,
                 })
                 .waiting += 1;
-            s.seq += 1;
-            let key = Key {
-                class,
-                tag,
-                seq: s.seq,
-            };
-            s.lines.insert(
-                key,
-                Entry {
-                    source,
-                    v4: waiter.ip.to_canonical().is_ipv4(),
-                    allowed: waiter.allowed,
-                    deadline,
-                    waker: None,
-                },
-            );
-            s.deadlines.insert((deadline, key.seq), key);
-            self.update(&s);
-            key
+            self.line_up(&mut s, (class, tag), source, waiter, deadline)
         };
         self.wake.kick();
         Entered::Wait(Ticket {

@@ -63,6 +63,13 @@ fn sampler(
     })
 }
 
+/// The lowest and highest of the samples.
+fn span(samples: &[f64]) -> (f64, f64) {
+    samples
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backends_421_never_reaches_the_client_and_the_limit_converges() {
     let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), Behaviour::exchange(37))
@@ -105,9 +112,7 @@ async fn the_backends_421_never_reaches_the_client_and_the_limit_converges() {
     // After the first 10 s the learned limit stays in 26..=37, and the absorbed 4xx
     // greetings are at most 5 % of the backend connections.
     assert!(!limits.is_empty());
-    let (lo, hi) = limits
-        .iter()
-        .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = span(&limits);
     assert!(lo >= 26.0 && hi <= 37.0, "learned limit {lo}..={hi}");
     assert!(
         busy <= 0.05 * selected,
@@ -146,9 +151,7 @@ async fn a_greeting_time_that_climbs_alone_sets_the_limit() {
     assert!(stats.delivered > 100, "{}", stats.table());
     assert!(stats.refused.is_empty(), "{:?}", stats.refused);
     assert!(!limits.is_empty());
-    let (lo, hi) = limits
-        .iter()
-        .fold((f64::MAX, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = span(&limits);
     assert!(lo >= 20.0 && hi <= 45.0, "learned limit {lo}..={hi}");
     mx.shutdown(Duration::from_secs(5)).await;
 }
