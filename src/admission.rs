@@ -50,6 +50,18 @@ struct Inner {
     rate_untracked: Counter,
     /// Told whenever a global slot is given back, for the wait queue.
     wake: Arc<Wake>,
+    /// The most sessions ever open at once since start: a peak that falls between two
+    /// scrapes still shows in `mxgate_connections_active_max`.
+    peak: AtomicUsize,
+}
+
+/// Counts one global slot just taken in the active gauge and the high-water mark.
+fn took_global(inner: &Inner) {
+    inner.metrics.active.increment(1.0);
+    let now = inner.global.load(Ordering::SeqCst);
+    if inner.peak.fetch_max(now, Ordering::Relaxed) < now {
+        inner.metrics.active_max.set(now as f64);
+    }
 }
 
 /// The admission controller. Cheap to clone.
@@ -166,8 +178,28 @@ impl Admission {
                 rate_untracked: metrics.rate_untracked.clone(),
                 metrics,
                 wake,
+                peak: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// The `n` sources holding the most sessions (waiting ones included: they count against
+    /// their source's limit too), most first, ties in address order.
+    pub fn top_sources(&self, n: usize) -> Vec<(IpNet, usize)> {
+        let mut all: Vec<(IpNet, usize)> = self
+            .inner
+            .sources
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// The most sessions open at once since start.
+    pub fn peak(&self) -> usize {
+        self.inner.peak.load(Ordering::Relaxed)
     }
 
     /// Sessions admitted and not yet released.
@@ -207,7 +239,7 @@ impl Admission {
     /// A global slot, if one is open to this class of source under `policy`.
     pub fn take_global(&self, policy: &Policy, allowed: bool) -> Option<GlobalSlot> {
         take_global(&self.inner.global, global_cap(policy, allowed), true).then(|| {
-            self.inner.metrics.active.increment(1.0);
+            took_global(&self.inner);
             GlobalSlot {
                 inner: Some(self.inner.clone()),
             }
@@ -287,7 +319,7 @@ impl Admission {
             let within = take_global(&inner.global, global_cap(policy, allowed), enforce);
             if within || !enforce {
                 guard.holds_global = true;
-                inner.metrics.active.increment(1.0);
+                took_global(inner);
             }
             if !within {
                 fail(RejectReason::GlobalLimit)?;

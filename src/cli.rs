@@ -2,6 +2,7 @@
 //!
 //! The flag set of `run` is [`Settings`] itself, so every flag has its config key by construction.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -25,7 +26,9 @@ pub enum Command {
     /// Accept clients and forward them to the backend
     Run(RunArgs),
     /// Validate a config and print the effective settings; exit non-zero if invalid
-    Check(RunArgs),
+    Check(CheckArgs),
+    /// Show a running instance's live view: sessions, queue, top sources, refusals, backends
+    Status(StatusArgs),
     /// Drive real SMTP sessions at a server to size its limits
     Load(LoadArgs),
     /// Show the whole job on this machine: a sink, mxgate in front, load from many sources
@@ -36,7 +39,7 @@ pub enum Command {
     #[command(hide = true)]
     Sink(SinkArgs),
     /// Print a man page (roff), generated from these very flags: mxgate(1), or the page of a
-    /// subcommand (`run`, `check`)
+    /// subcommand (`run`, `check`, `load`, `demo`, `status`)
     #[command(hide = true)]
     Man { subcommand: Option<String> },
     /// Print shell completions, generated from these very flags
@@ -76,6 +79,28 @@ pub struct LoadArgs {
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print nothing on success but warnings, on stderr (for `ExecReload=`)
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The instance's metrics listener [default: 127.0.0.1:9925, or the `metrics` of --config]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Read the metrics address from this config file
+    #[arg(long, value_name = "FILE", conflicts_with = "metrics")]
+    pub config: Option<PathBuf>,
+    /// Print the raw JSON of `/status`
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,10 +163,13 @@ pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only for a person at a terminal: journald and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let writer = crate::logging::Stderr {
+        priorities: crate::logging::stderr_is_journal(),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

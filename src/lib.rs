@@ -13,8 +13,10 @@
 //! | where bytes move (splice, copy) | [`forward`] |
 //! | the mail servers: connect, pool and failover, health | [`backend`] |
 //! | reading SMTP replies (health checks, load tool) | [`smtp`] |
-//! | Prometheus series and endpoint | [`metrics`] |
+//! | Prometheus series, the process's own included | [`metrics`] |
+//! | the live view: `/status`, the page, `/metrics` endpoint, `mxgate status`, systemd's `STATUS=` | [`status`] |
 //! | listening sockets, accept errors | [`listener`] |
+//! | log lines under systemd: journald priorities | [`logging`] |
 //! | shared state, worker threads, accept loops, reload, shutdown | [`server`] |
 //! | one connection's life | [`session`] |
 //! | PROXY protocol, both ways | [`proxy_protocol`] |
@@ -30,6 +32,7 @@ pub mod demo;
 pub mod forward;
 pub mod listener;
 pub mod load;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;
@@ -40,6 +43,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod smtp;
+pub mod status;
 
 pub use config::Config;
 pub use server::{start, start_with, Running};

@@ -10,9 +10,11 @@ use mxgate::Config;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check(args) => match load_config(args) {
+        Command::Check(args) => match load_config(args.run) {
             Ok(config) => {
-                print!("{}", config.to_toml());
+                if !args.quiet {
+                    print!("{}", config.to_toml());
+                }
                 for warning in mxgate::server::check(config) {
                     eprintln!("mxgate: warning: {warning}");
                 }
@@ -30,6 +32,10 @@ fn main() -> ExitCode {
             mxgate::cli::write_completions(shell, &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Status(args) => match status(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Load(args) => match load(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -104,6 +110,34 @@ fn sink(args: mxgate::cli::SinkArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `mxgate status`: a running instance's live view, as tables or the raw JSON.
+fn status(args: mxgate::cli::StatusArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let addr = match (args.metrics, &args.config) {
+        (Some(a), _) => a,
+        (None, Some(file)) => Config::load(Some(file), Default::default())?
+            .metrics
+            .with_context(|| {
+                format!(
+                    "{}: `metrics` is off, so there is no live view to ask",
+                    file.display()
+                )
+            })?,
+        (None, None) => mxgate::config::DEFAULT_METRICS
+            .parse()
+            .expect("the default metrics address parses"),
+    };
+    if args.json {
+        println!("{}", mxgate::status::client::fetch(addr)?);
+    } else {
+        print!(
+            "{}",
+            mxgate::status::client::render(&mxgate::status::client::snapshot(addr)?)
+        );
+    }
+    Ok(())
 }
 
 fn load_config(args: RunArgs) -> anyhow::Result<Config> {

@@ -8,6 +8,9 @@
 //! - With `WATCHDOG_USEC` set, `WATCHDOG=1` is sent every half period, but only while the
 //!   accept loops' heartbeat moves: a wedged loop lets the watchdog fire.
 //!
+//! - `STATUS=` carries the load at a glance (`412/1000 sessions, 3 waiting, 2/2 backends up`),
+//!   checked every [`STATUS_INTERVAL`] and sent only when it changed.
+//!
 //! Notifications are best-effort: without `NOTIFY_SOCKET` they are no-ops.
 
 use std::os::fd::{FromRawFd, RawFd};
@@ -20,6 +23,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::Running;
+
+/// How often the `STATUS=` line is brought up to date (when it changed).
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Listening sockets passed by systemd (`LISTEN_FDS`, `LISTEN_PID`), if any.
 pub fn inherited_listeners() -> anyhow::Result<Vec<std::net::TcpListener>> {
@@ -62,17 +68,23 @@ pub async fn run(
     let running = if inherited.is_empty() {
         crate::start(config).await?
     } else {
-        tracing::info!(
-            sockets = inherited.len(),
-            "using sockets passed by systemd; `listen` is not used"
-        );
+        if config.listen_set {
+            let listen: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+            tracing::warn!(
+                sockets = inherited.len(),
+                listen = ?listen,
+                "socket-activated: the sockets systemd passed are used, and `listen` in the config is not (set ListenStream= in mxgate.socket instead, or disable the socket unit)"
+            );
+        } else {
+            tracing::info!(sockets = inherited.len(), "using sockets passed by systemd");
+        }
         crate::start_with(inherited, config).await?
     };
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status("accepting connections"),
-    ]);
+    let mut shown = running.status_line();
+    notify(&[NotifyState::Ready, NotifyState::Status(&shown)]);
     let watchdog = tokio::spawn(watchdog(&running));
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+    status_tick.tick().await;
 
     loop {
         tokio::select! {
@@ -83,7 +95,16 @@ pub async fn run(
                 }
                 notify(&states);
                 running.reload(reload());
-                notify(&[NotifyState::Ready, NotifyState::Status("accepting connections")]);
+                shown = running.status_line();
+                notify(&[NotifyState::Ready, NotifyState::Status(&shown)]);
+            }
+            _ = status_tick.tick() => {
+                // Only a change is sent: systemd keeps the last line.
+                let line = running.status_line();
+                if line != shown {
+                    notify(&[NotifyState::Status(&line)]);
+                    shown = line;
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -249,7 +249,7 @@ async fn dry_run_forwards_everyone_and_counts_would_be_rejections() {
     let dry = |r: &str| {
         metric(
             &m,
-            &format!("mxgate_connections_rejected_total{{reason=\"{r}\",dry_run=\"true\"}}"),
+            &format!("mxgate_connections_would_reject_total{{reason=\"{r}\"}}"),
         )
     };
     assert_eq!(dry("source_limit"), 1.0);

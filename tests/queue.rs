@@ -464,7 +464,7 @@ async fn dry_run_never_queues_and_says_so() {
     assert_eq!(
         metric(
             &m,
-            r#"mxgate_connections_rejected_total{reason="global_limit",dry_run="true"}"#
+            r#"mxgate_connections_would_reject_total{reason="global_limit"}"#
         ),
         1.0
     );

@@ -38,8 +38,8 @@ impl Notify {
         Notify { socket, path }
     }
 
-    /// The next message, as its lines.
-    fn next(&self) -> Vec<String> {
+    /// The next message, as its lines, whatever it says.
+    fn any(&self) -> Vec<String> {
         let mut buf = [0u8; 4096];
         let n = self
             .socket
@@ -49,6 +49,34 @@ impl Notify {
             .lines()
             .map(String::from)
             .collect()
+    }
+
+    /// The next message that is not a bare `STATUS=` update (those come whenever the load
+    /// changes).
+    fn next(&self) -> Vec<String> {
+        loop {
+            let m = self.any();
+            if !m.iter().all(|l| l.starts_with("STATUS=")) {
+                return m;
+            }
+        }
+    }
+
+    /// The `STATUS=` text of each message until one equals `want`; panics after 10 s without.
+    fn status_until(&self, want: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            for l in self.any() {
+                if let Some(s) = l.strip_prefix("STATUS=") {
+                    seen.push(s.to_string());
+                    if s == want {
+                        return seen;
+                    }
+                }
+            }
+        }
+        panic!("no STATUS={want:?}; saw {seen:?}");
     }
 }
 
@@ -115,6 +143,46 @@ async fn notify_ready_reloading_stopping() {
 
     s.shutdown().await.unwrap();
     drop(s);
+    signal(&child.0, libc::SIGTERM);
+    let stopping = notify.next();
+    assert!(stopping.contains(&"STOPPING=1".to_string()), "{stopping:?}");
+    assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
+}
+
+/// `systemctl status` shows the load: the `STATUS=` line follows the sessions held, and is
+/// sent again only when it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_line_follows_the_load() {
+    let backend = GreetingBackend::start().await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let notify = Notify::new("status-line");
+    let mut child = KillOnDrop(
+        mxgate_command(
+            backend.addr,
+            listen,
+            &["--max-connections", "10", "--max-per-source", "5"],
+        )
+        .env("NOTIFY_SOCKET", &notify.path)
+        .spawn()
+        .unwrap(),
+    );
+    let ready = notify.any();
+    assert!(ready.contains(&"READY=1".to_string()), "{ready:?}");
+    assert!(
+        ready.contains(&"STATUS=0/10 sessions, 0 waiting, 1/1 backends up".to_string()),
+        "{ready:?}"
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(expect_admitted("127.0.0.2", listen).await);
+    }
+    let seen = notify.status_until("3/10 sessions, 0 waiting, 1/1 backends up");
+    // Only changes are sent: no line repeats the one before it.
+    assert!(seen.windows(2).all(|w| w[0] != w[1]), "{seen:?}");
+    for mut s in held.drain(..) {
+        s.shutdown().await.unwrap();
+    }
+    notify.status_until("0/10 sessions, 0 waiting, 1/1 backends up");
     signal(&child.0, libc::SIGTERM);
     let stopping = notify.next();
     assert!(stopping.contains(&"STOPPING=1".to_string()), "{stopping:?}");

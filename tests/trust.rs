@@ -250,7 +250,7 @@ async fn the_metrics_endpoint_serves_a_bounded_number_of_connections() {
     let backend = GreetingBackend::start().await;
     let mx = start(config_toml(backend.addr, "")).await;
     let metrics = mx.metrics_addr().unwrap();
-    let bound = mxgate::metrics::MAX_METRICS_CONNECTIONS;
+    let bound = mxgate::status::http::MAX_METRICS_CONNECTIONS;
     // Clients that connect and say nothing hold every slot...
     let mut idle = Vec::new();
     for _ in 0..bound {

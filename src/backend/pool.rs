@@ -52,6 +52,8 @@ pub struct Member {
     /// Sessions on this backend now.
     active: AtomicUsize,
     up: AtomicBool,
+    /// The last health check: when, and what it found (for the live view).
+    last_check: Mutex<Option<(Instant, super::Check)>>,
     /// Consecutive failed and successful checks.
     fails: AtomicU32,
     oks: AtomicU32,
@@ -82,6 +84,7 @@ impl Member {
             busy_hold: Mutex::new(Hold::default()),
             active: AtomicUsize::new(0),
             up: AtomicBool::new(true),
+            last_check: Mutex::new(None),
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
             m_up: series.up,
@@ -195,6 +198,21 @@ impl Member {
         self.learn(Signal::ConnectTimeout { held });
     }
 
+    /// Records a health check's result for the live view.
+    pub fn checked(&self, result: super::Check) {
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), result));
+    }
+
+    /// The last health check: how long ago, and what it found.
+    pub fn last_check(&self) -> Option<(Duration, super::Check)> {
+        let last = *self.last_check.lock().unwrap_or_else(|p| p.into_inner());
+        last.map(|(at, c)| (at.elapsed(), c))
+    }
+
+    pub fn is_backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
@@ -276,6 +294,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// The backends, in config order (for the live view).
+    pub fn members(&self) -> &[Arc<Member>] {
+        &self.members
+    }
+
     /// Builds the pool for `config`, keeping the members of `previous` with the same address.
     pub fn new(
         config: &Config,

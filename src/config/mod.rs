@@ -183,6 +183,9 @@ impl fmt::Display for ConfigError {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    /// Whether `listen` was given (file or flag) rather than defaulted: a socket-activated
+    /// start warns that it is not used.
+    pub listen_set: bool,
     /// Never empty; in config order.
     pub backends: Vec<BackendSpec>,
     pub balance: Balance,
@@ -234,6 +237,8 @@ pub struct Config {
     pub adaptive_min: usize,
     pub adaptive_initial: usize,
     pub dry_run: bool,
+    /// Whether the metrics listener serves the live view, which names client addresses.
+    pub status: bool,
     pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
 }
@@ -362,6 +367,7 @@ impl Config {
             adaptive_min: Some(self.adaptive_min),
             adaptive_initial: Some(self.adaptive_initial),
             dry_run: Some(self.dry_run),
+            status: Some(self.status),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
         };

@@ -224,6 +224,12 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
 
+    /// Serve the live view (`/status` and the page at `/`) on the metrics listener; it shows
+    /// client addresses [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<bool>,
+
     /// Per-network overrides (file only, `[[network]]`)
     #[arg(skip)]
     #[serde(default, rename = "network", skip_serializing_if = "Vec::is_empty")]
@@ -318,6 +324,7 @@ impl Settings {
             adaptive_min,
             adaptive_initial,
             dry_run,
+            status,
             replies
         );
         self

@@ -8,6 +8,7 @@
 //! | the graceful close (write, half-close, bounded drain) and the deny dialogue | `close` |
 //! | the accept loop's own lingering set (Linux) | `linger` |
 //! | rejection summaries in the log | `summary` |
+//! | who was refused: per-source counts for the view, and the per-source (fail2ban) lines | `sources` |
 //!
 //! A reply followed at once by `close()` while unread client bytes remain makes the kernel send
 //! RST, and the client may never see the line. So a refused connection is answered with the
@@ -18,12 +19,14 @@ mod close;
 mod door;
 #[cfg(target_os = "linux")]
 pub mod linger;
+mod sources;
 mod summary;
 
 pub use close::{
     Closer, DENY_BYTES, DENY_TIME, LINGER_BYTES, LINGER_TIME, MAX_DENYING, MAX_LINGERING,
 };
 pub use door::Door;
+pub use sources::{Refused, SourceLine, SourceRefusals, LINE_INTERVAL, MAX_SOURCES};
 pub use summary::{display_source, RejectSummary, SummaryLine, SUMMARY_INTERVAL};
 
 use crate::config::ReplyOverrides;

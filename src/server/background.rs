@@ -73,7 +73,11 @@ impl Running {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    _ = summary.tick() => gate.summary.flush(),
+                    _ = summary.tick() => {
+                        gate.summary.flush();
+                        gate.sources.flush();
+                        gate.metrics.sources_refused.set(gate.sources.refused_sources() as f64);
+                    }
                     _ = upkeep.tick() => gate.metrics.upkeep(),
                     _ = evict.tick() => {
                         for limit in gate.live.load().policy.rate_limits() {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Global, GlobalSlot, Guard};
@@ -18,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::queue::{Entered, Queue, Ticket, Waiter, Wake};
 use crate::reason::RejectReason;
-use crate::reply::{Closer, RejectSummary, Replies};
+use crate::reply::{Closer, RejectSummary, Replies, SourceRefusals};
 
 /// What a reload replaces, as one unit, so a connection never sees half of a new config.
 pub struct Live {
@@ -78,6 +79,10 @@ pub struct Gate {
     pub(crate) admission: Admission,
     pub(crate) closer: Closer,
     pub(crate) summary: Arc<RejectSummary>,
+    /// Refusals by source: the live view's "refused now" and the per-source log lines.
+    pub(crate) sources: Arc<SourceRefusals>,
+    /// The last reload's outcome and time, for the live view.
+    pub(crate) reloads: crate::status::Reloads,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mode: Mode,
     pub(crate) traffic: Traffic,
@@ -164,13 +169,12 @@ impl Gate {
         let admitted = match self.admission.admit_with(&live.policy, ip, global) {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                self.metrics.rejected(refusal.reason).increment(1);
-                self.summary.record(refusal.reason, refusal.source);
+                self.refused(refusal.reason, refusal.source);
                 return Err(refusal.reason);
             }
         };
         if let Some(r) = admitted.would_reject {
-            self.metrics.rejected_dry_run(r).increment(1);
+            self.metrics.would_reject(r).increment(1);
             self.summary.record_dry_run(r, admitted.guard.source());
         }
         let mut guard = admitted.guard;
@@ -181,8 +185,7 @@ impl Gate {
         // wait could only end in the 421, so it comes at once.
         if crate::admission::global_cap(&live.policy, admitted.allowed) == 0 {
             let reason = RejectReason::GlobalLimit;
-            self.metrics.rejected(reason).increment(1);
-            self.summary.record(reason, guard.source());
+            self.refused(reason, guard.source());
             return Err(reason);
         }
         let waiter = Waiter {
@@ -202,8 +205,7 @@ impl Gate {
             Entered::Full => RejectReason::QueueFull,
             Entered::Closed => RejectReason::Draining,
         };
-        self.metrics.rejected(reason).increment(1);
-        self.summary.record(reason, guard.source());
+        self.refused(reason, guard.source());
         Err(reason)
     }
 
@@ -233,10 +235,15 @@ impl Gate {
         Some(Grant { global, lease })
     }
 
-    /// Counts a refusal in the metrics and the periodic summary.
+    /// Counts a refusal of `ip` in the metrics, the periodic summary and the per-source view.
     pub(crate) fn count_refusal(&self, reason: RejectReason, ip: IpAddr, live: &Live) {
+        self.refused(reason, live.policy.classify(ip).rule.source_key(ip));
+    }
+
+    /// Counts a refusal of the source key `source`.
+    pub(crate) fn refused(&self, reason: RejectReason, source: IpNet) {
         self.metrics.rejected(reason).increment(1);
-        self.summary
-            .record(reason, live.policy.classify(ip).rule.source_key(ip));
+        self.summary.record(reason, source);
+        self.sources.record(reason, source);
     }
 }

@@ -31,7 +31,7 @@ use crate::admission::Admission;
 use crate::config::{Config, Forwarding};
 use crate::forward::{self, Mode, Traffic};
 use crate::listener;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::PolicyClock;
 use crate::queue::{Queue, Wake};
 use crate::reply::Closer;
@@ -119,7 +119,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     let metrics = Metrics::new();
     let metrics_listener = match config.metrics {
         Some(a) => Some(
-            metrics::bind(a)
+            crate::status::http::bind(a)
                 .await
                 .with_context(|| format!("cannot serve metrics on {a}"))?,
         ),
@@ -165,6 +165,8 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         wake,
         closer: Closer::default(),
         summary: Arc::default(),
+        sources: Arc::default(),
+        reloads: crate::status::Reloads::default(),
         metrics: metrics.clone(),
         traffic,
         draining: AtomicBool::new(false),
@@ -184,9 +186,11 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         workers,
     };
     if let Some(l) = metrics_listener {
-        running
-            .background
-            .spawn(metrics::serve(l, metrics, running.stop.clone()));
+        running.background.spawn(crate::status::http::serve(
+            l,
+            gate.clone(),
+            running.stop.clone(),
+        ));
     }
     running.spawn_housekeeping();
     running.spawn_health_checks();
@@ -295,6 +299,16 @@ impl Running {
             .source_key(ip)
     }
 
+    /// The live view, as `/status` would serve it.
+    pub fn snapshot(&self) -> crate::status::Snapshot {
+        crate::status::Snapshot::take(&self.gate)
+    }
+
+    /// The load at a glance, for systemd's `STATUS=`.
+    pub fn status_line(&self) -> String {
+        self.snapshot().status_line()
+    }
+
     /// The metrics, as `/metrics` would render them.
     pub fn render_metrics(&self) -> String {
         self.gate.metrics.render()
@@ -316,7 +330,7 @@ impl Running {
         let mut new = match loaded {
             Ok(c) => c,
             Err(e) => {
-                self.reloads_failed.increment(1);
+                self.reload_failed();
                 tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
                 return false;
             }
@@ -330,7 +344,7 @@ impl Running {
         }
         // A backend of a family transparent mode has not checked yet is checked now.
         if let Err(e) = preflight(&new) {
-            self.reloads_failed.increment(1);
+            self.reload_failed();
             tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
             return false;
         }
@@ -355,8 +369,16 @@ impl Running {
         // A raised limit admits waiting clients at once.
         self.gate.wake.kick();
         self.reloads_ok.increment(1);
+        self.gate.metrics.reloaded(true);
+        self.gate.reloads.record(true);
         tracing::info!("config reloaded");
         true
+    }
+
+    fn reload_failed(&self) {
+        self.reloads_failed.increment(1);
+        self.gate.metrics.reloaded(false);
+        self.gate.reloads.record(false);
     }
 
     /// Stops admitting: from now on new connections get the draining reply, and so does every
@@ -393,6 +415,7 @@ impl Running {
         self.background.wait().await;
         self.sessions.wait().await;
         self.gate.summary.flush();
+        self.gate.sources.flush();
     }
 
     /// Resolves once no admitted session is open.
@@ -425,6 +448,10 @@ fn set_limit_gauges(metrics: &Metrics, config: &Config) {
             config.max_queued
         };
     metrics.limit_max_queued.set(max_queued as f64);
+    metrics
+        .limit_reserved_for_allowed
+        .set(config.reserved_for_allowed as f64);
+    metrics.dry_run.set(if config.dry_run { 1.0 } else { 0.0 });
 }
 
 /// Puts back, in `new`, every setting a reload cannot change (they would need new sockets,

@@ -286,6 +286,8 @@ impl Gate {
             port = ready.peer.port(),
             source = %display_source(&ready.guard.source()),
             backend = %ready.lease.member.label,
+            // mxgate's end toward the backend: the port the backend's own log shows.
+            local = %ready.backend.local_addr().map_or("-".into(), |a| a.to_string()),
             queued_ms = ready.waited_ms,
             duration_ms = elapsed.as_millis() as u64,
             client_to_backend = report.client_to_backend,

@@ -204,6 +204,15 @@ impl Gate {
                 .backend_to_client
                 .increment(first_words.len() as u64);
         }
+        // Only when asked for: the address costs a system call.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
+                source = %crate::reply::display_source(&guard.source()),
+                backend = %lease.member.label,
+                local = %backend.local_addr().map_or("-".into(), |a| a.to_string()),
+                "session started"
+            );
+        }
         Opened::Ready(Ready {
             client,
             backend,

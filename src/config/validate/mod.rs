@@ -43,6 +43,7 @@ impl Settings {
         let hostname = hostname(self.hostname.clone())?;
         Ok(Config {
             listen,
+            listen_set: !self.listen.is_empty(),
             metrics,
             health_checks: backends.list.len() > 1 || self.health_interval.is_some(),
             backends: backends.list,
@@ -66,6 +67,7 @@ impl Settings {
             allow: limits.allow,
             deny: limits.deny,
             dry_run: self.dry_run.unwrap_or(false),
+            status: self.status.unwrap_or(true),
             networks: self.networks,
             hostname,
             connect_timeout: timeouts.connect,

@@ -5,22 +5,21 @@
 //! registered once at start-up; the hot path only touches atomics. No label ever carries an
 //! address, so the number of series is fixed.
 //!
-//! The endpoint is a deliberately tiny HTTP/1.x responder: it reads one bounded request head,
-//! answers it and closes. Anything it cannot parse gets a 400, never a crash.
+//! The process's own descriptors, memory and CPU (`process_*`, the names every Prometheus
+//! client library uses) are read from `/proc` at each scrape ([`process`]). The endpoint that
+//! serves all this lives with the live view, in `crate::status`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::reason::RejectReason;
+
+mod process;
 
 /// Buckets for the connect-time histogram: loopback connects take tens of µs, a remote backend
 /// under load can take seconds.
@@ -37,15 +36,8 @@ const SESSION_BUCKETS: &[f64] = &[
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
-/// A request head larger than this is not a metrics scrape.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// A scraper that has not sent its request head by then is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often recorded histogram samples are folded into buckets, scraped or not.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// How many metrics connections are served at once; past it new ones wait in the kernel's
-/// backlog, so slow or idle clients of the endpoint cannot pile up tasks.
-pub const MAX_METRICS_CONNECTIONS: usize = 32;
 
 /// Every metric family mxgate exports, with its unit and HELP text.
 const HELP: &[(&str, Option<Unit>, &str)] = &[
@@ -58,6 +50,41 @@ const HELP: &[(&str, Option<Unit>, &str)] = &[
         "mxgate_connections_active",
         None,
         "Admitted client sessions now open.",
+    ),
+    (
+        "mxgate_connections_active_max",
+        None,
+        "The most admitted sessions open at once since start: catches peaks between scrapes.",
+    ),
+    (
+        "mxgate_sources_refused",
+        None,
+        "Distinct sources refused in the last minute, deny-listed ones not counted.",
+    ),
+    (
+        "mxgate_connections_would_reject_total",
+        None,
+        "Dry run: connections that would have been refused, by reason (they were forwarded).",
+    ),
+    (
+        "mxgate_dry_run",
+        None,
+        "1 while dry_run is on: limits are only counted, nobody is refused.",
+    ),
+    (
+        "mxgate_build_info",
+        None,
+        "Always 1; the version label says which mxgate runs.",
+    ),
+    (
+        "mxgate_config_last_reload_successful",
+        None,
+        "1 if the last config reload succeeded (or none was tried), 0 if it failed.",
+    ),
+    (
+        "mxgate_config_last_reload_success_timestamp_seconds",
+        Some(Unit::Seconds),
+        "When the config in force was loaded: the last successful reload, or the start.",
     ),
     (
         "mxgate_sources_active",
@@ -188,13 +215,21 @@ pub struct Metrics {
     pub accepted: Counter,
     pub active: Gauge,
     pub sources_active: Gauge,
+    pub active_max: Gauge,
+    pub sources_refused: Gauge,
     /// Indexed by `RejectReason as usize`.
     rejected: Vec<Counter>,
+    /// Dry run's would-be refusals, indexed like `rejected`.
+    would_reject: Vec<Counter>,
+    pub dry_run: Gauge,
+    pub last_reload_successful: Gauge,
+    pub last_reload_success_timestamp: Gauge,
     pub bytes_client_to_backend: Counter,
     pub bytes_backend_to_client: Counter,
     pub limit_max_connections: Gauge,
     pub limit_max_per_source: Gauge,
     pub limit_max_queued: Gauge,
+    pub limit_reserved_for_allowed: Gauge,
     pub queued: Gauge,
     pub queue_wait_seconds: Histogram,
     /// Connections from a trusted upstream whose PROXY header has not arrived yet.
@@ -267,7 +302,32 @@ impl Metrics {
                 )
             })
             .collect();
+        let would_reject = RejectReason::ALL
+            .iter()
+            .map(|r| {
+                counter(
+                    "mxgate_connections_would_reject_total",
+                    &[("reason", r.label())],
+                )
+            })
+            .collect();
+        gauge(
+            "mxgate_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
+        let last_reload_successful = gauge("mxgate_config_last_reload_successful", &[]);
+        last_reload_successful.set(1.0);
+        let last_reload_success_timestamp =
+            gauge("mxgate_config_last_reload_success_timestamp_seconds", &[]);
+        last_reload_success_timestamp.set(unix_now());
         let m = Metrics {
+            active_max: gauge("mxgate_connections_active_max", &[]),
+            sources_refused: gauge("mxgate_sources_refused", &[]),
+            would_reject,
+            dry_run: gauge("mxgate_dry_run", &[]),
+            last_reload_successful,
+            last_reload_success_timestamp,
             accepted: counter("mxgate_connections_accepted_total", &[]),
             active: gauge("mxgate_connections_active", &[]),
             sources_active: gauge("mxgate_sources_active", &[]),
@@ -283,6 +343,7 @@ impl Metrics {
             limit_max_connections: gauge("mxgate_limit", &[("kind", "max_connections")]),
             limit_max_per_source: gauge("mxgate_limit", &[("kind", "max_per_source")]),
             limit_max_queued: gauge("mxgate_limit", &[("kind", "max_queued")]),
+            limit_reserved_for_allowed: gauge("mxgate_limit", &[("kind", "reserved_for_allowed")]),
             queued: gauge("mxgate_connections_queued", &[]),
             queue_wait_seconds: histogram("mxgate_queue_wait_seconds"),
             proxy_headers_pending: gauge("mxgate_proxy_headers_pending", &[]),
@@ -305,18 +366,17 @@ impl Metrics {
         &self.rejected[reason as usize]
     }
 
-    /// The dry-run twin of [`Metrics::rejected`]: would-be rejections, `dry_run="true"`.
-    /// Registered on first use, so the series exist only where dry run was ever on.
-    pub fn rejected_dry_run(&self, reason: RejectReason) -> Counter {
-        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        let labels = vec![
-            Label::new("reason", reason.label()),
-            Label::new("dry_run", "true"),
-        ];
-        self.recorder.register_counter(
-            &Key::from_parts("mxgate_connections_rejected_total", labels),
-            &meta,
-        )
+    /// The dry-run twin of [`Metrics::rejected`]: a refusal that was only counted.
+    pub fn would_reject(&self, reason: RejectReason) -> &Counter {
+        &self.would_reject[reason as usize]
+    }
+
+    /// Records a reload's outcome in the `mxgate_config_last_reload_*` gauges.
+    pub fn reloaded(&self, ok: bool) {
+        self.last_reload_successful.set(if ok { 1.0 } else { 0.0 });
+        if ok {
+            self.last_reload_success_timestamp.set(unix_now());
+        }
     }
 
     /// The series of the backend configured as `label` (registered on first use, found after).
@@ -366,104 +426,18 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// The text exposition format, as served on `/metrics`.
+    /// The text exposition format, as served on `/metrics`: mxgate's series, then the
+    /// process's own.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        process::render(&mut text);
+        text
     }
 }
 
-/// Serves `/metrics` until `stop` is cancelled. Each request is handled in its own task.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
-    loop {
-        // A slot first: with every slot taken, new connections wait in the kernel's backlog
-        // rather than each getting a task.
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-        };
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics)).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let complete = loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break false;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break true;
-        }
-        if head.len() > MAX_REQUEST_HEAD {
-            break false;
-        }
-    };
-    let (status, body) = if !complete {
-        ("400 Bad Request", String::from("bad request\n"))
-    } else {
-        route(&head, metrics)
-    };
-    let is_head = head.starts_with(b"HEAD ");
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    if !is_head {
-        stream.write_all(body.as_bytes()).await?;
-    }
-    stream.shutdown().await
-}
-
-fn route(head: &[u8], metrics: &Metrics) -> (&'static str, String) {
-    let line_end = head
-        .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .unwrap_or(head.len());
-    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return ("400 Bad Request", "bad request\n".into());
-    };
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return ("400 Bad Request", "bad request\n".into());
-    };
-    if !version.starts_with("HTTP/1.") {
-        return ("400 Bad Request", "bad request\n".into());
-    }
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", "only GET and HEAD\n".into());
-    }
-    let path = target.split('?').next().unwrap_or("");
-    match path {
-        "/metrics" => ("200 OK", metrics.render()),
-        "/" => ("200 OK", "mxgate: metrics at /metrics\n".into()),
-        _ => ("404 Not Found", "not found\n".into()),
-    }
-}
-
-/// Binds the metrics listener, so a busy port is an error at start-up.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// Seconds since the Unix epoch, as Prometheus timestamps are.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -1,0 +1,184 @@
+//! `mxgate status`: asks a running instance's `/status` and prints it as tables for a person,
+//! or the raw JSON. A plain blocking HTTP/1.1 GET with short timeouts: it runs once, by hand.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use super::Snapshot;
+
+/// How long a connect or a read may take before the instance counts as not answering.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// A `/status` answer larger than this is not mxgate's.
+const MAX_ANSWER: u64 = 4 * 1024 * 1024;
+
+/// The raw `/status` JSON of the instance whose metrics listener is `addr`.
+pub fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| {
+        format!("no mxgate answers on {addr} (is it running, with `metrics` set to this address?)")
+    })?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("cannot ask {addr} for /status"))?;
+    let mut answer = Vec::new();
+    s.take(MAX_ANSWER)
+        .read_to_end(&mut answer)
+        .with_context(|| format!("no answer from {addr}"))?;
+    let text = String::from_utf8(answer).context("the answer is not UTF-8")?;
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("{addr} did not answer in HTTP: is it mxgate's metrics listener?");
+    };
+    let status = head.lines().next().unwrap_or("");
+    if status.split(' ').nth(1) == Some("404") {
+        bail!("{addr} does not serve /status: the live view is off (`status = false`) or this is not mxgate");
+    }
+    if status.split(' ').nth(1) != Some("200") {
+        bail!("{addr} answered {status:?}");
+    }
+    Ok(body.to_string())
+}
+
+/// The snapshot of the instance whose metrics listener is `addr`.
+pub fn snapshot(addr: SocketAddr) -> anyhow::Result<Snapshot> {
+    let body = fetch(addr)?;
+    serde_json::from_str(&body)
+        .with_context(|| format!("{addr} answered something other than mxgate's /status"))
+}
+
+fn limit(n: usize) -> String {
+    if n == 0 {
+        "none".into()
+    } else {
+        n.to_string()
+    }
+}
+
+/// Lines of a table, with each column as wide as its widest cell.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: &[String]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str("  ");
+        out.push_str(text.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(
+        out,
+        &header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+    );
+    for r in rows {
+        line(out, r);
+    }
+}
+
+/// The snapshot as a person reads it.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let l = &s.limits;
+    out.push_str(&format!("mxgate {}: {}\n", s.version, s.status_line()));
+    out.push_str(&format!(
+        "sessions: {} active (limit {}, peak {}), {} waiting (max {}), {} sources\n",
+        s.active,
+        limit(l.max_connections),
+        s.active_max,
+        s.queued,
+        if l.max_queued == 0 {
+            "queue off".to_string()
+        } else {
+            format!("{}, timeout {}s", l.max_queued, l.queue_timeout_seconds)
+        },
+        s.sources
+    ));
+    out.push_str(&format!(
+        "limits: max_per_source {}, reserved_for_allowed {}, prefixes /{} (IPv4) /{} (IPv6){}\n",
+        limit(l.max_per_source),
+        l.reserved_for_allowed,
+        l.ipv4_prefix,
+        l.ipv6_prefix,
+        if l.dry_run {
+            ", DRY RUN: nobody is refused"
+        } else {
+            ""
+        }
+    ));
+    out.push_str(&format!(
+        "config: loaded at {} (unix), {} reloads, last {}\n",
+        s.reload.loaded_at.round(),
+        s.reload.reloads,
+        if s.reload.last_successful {
+            "succeeded"
+        } else {
+            "FAILED (the old config is in force)"
+        }
+    ));
+    out.push_str("\nbackends\n");
+    let rows: Vec<Vec<String>> = s
+        .backends
+        .iter()
+        .map(|b| {
+            vec![
+                format!("{}{}", b.address, if b.backup { " (backup)" } else { "" }),
+                if b.up { "up" } else { "DOWN" }.to_string(),
+                b.active.to_string(),
+                match b.limit {
+                    None => "global".to_string(),
+                    Some(n) if b.learned => format!("{n} (learned)"),
+                    Some(n) => n.to_string(),
+                },
+                b.last_check.as_ref().map_or("none yet".into(), |c| {
+                    format!("{}, {:.0}s ago", c.result, c.seconds_ago)
+                }),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["backend", "health", "active", "limit", "last check"],
+        &rows,
+    );
+    out.push_str("\ntop sources by open sessions\n");
+    if s.top_sources.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .top_sources
+            .iter()
+            .map(|t| vec![t.source.clone(), t.sessions.to_string()])
+            .collect();
+        table(&mut out, &["source", "sessions"], &rows);
+    }
+    out.push_str("\ntop sources refused in the last minute\n");
+    if s.top_refused.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .top_refused
+            .iter()
+            .map(|t| {
+                let reasons: Vec<String> = t
+                    .reasons
+                    .iter()
+                    .map(|r| format!("{} {}", r.reason, r.count))
+                    .collect();
+                vec![t.source.clone(), t.refusals.to_string(), reasons.join(", ")]
+            })
+            .collect();
+        table(&mut out, &["source", "refusals", "reasons"], &rows);
+    }
+    out
+}

@@ -1,0 +1,267 @@
+//! The live view: who holds the slots, who is being refused, and how the backends are, right
+//! now. One [`Snapshot`] feeds every form of it:
+//!
+//! | form | module |
+//! | --- | --- |
+//! | `/status` (JSON), `/` (the HTML page) and `/metrics`, on the metrics listener | `http` |
+//! | `mxgate status`, tables for a person or the raw JSON | `client` |
+//! | the systemd `STATUS=` line | [`Snapshot::status_line`] |
+//!
+//! A snapshot is taken only when asked for: nothing on the connection path pays for the view.
+//! It names client addresses, so the `status` key turns `/status` and the page off.
+
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::unix_now;
+use crate::reply::display_source;
+use crate::server::gate::Gate;
+
+pub mod client;
+pub mod http;
+
+/// How many sources each "top" table lists.
+pub const TOP: usize = 20;
+
+/// The last reload's outcome, kept for the view.
+pub struct Reloads {
+    state: Mutex<ReloadState>,
+}
+
+#[derive(Clone, Copy)]
+struct ReloadState {
+    /// When the config in force was loaded: the last successful reload, or the start.
+    loaded: SystemTime,
+    /// Whether the last reload tried succeeded (`true` before any).
+    last_ok: bool,
+    reloads: u64,
+}
+
+impl Default for Reloads {
+    fn default() -> Self {
+        Reloads {
+            state: Mutex::new(ReloadState {
+                loaded: SystemTime::now(),
+                last_ok: true,
+                reloads: 0,
+            }),
+        }
+    }
+}
+
+impl Reloads {
+    pub fn record(&self, ok: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.last_ok = ok;
+        s.reloads += 1;
+        if ok {
+            s.loaded = SystemTime::now();
+        }
+    }
+
+    fn view(&self) -> ReloadView {
+        let s = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        ReloadView {
+            loaded_at: unix_seconds(s.loaded),
+            last_successful: s.last_ok,
+            reloads: s.reloads,
+        }
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Everything the view shows, as `/status` serves it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub version: String,
+    /// Unix seconds when this snapshot was taken.
+    pub time: f64,
+    pub reload: ReloadView,
+    pub limits: Limits,
+    /// Admitted sessions open now.
+    pub active: usize,
+    /// The most open at once since start.
+    pub active_max: usize,
+    /// Clients waiting in the queue, without a greeting yet.
+    pub queued: usize,
+    /// Distinct sources with a session open or waiting.
+    pub sources: usize,
+    /// The sources holding the most sessions (waiting ones included), most first.
+    pub top_sources: Vec<SourceSessions>,
+    /// The sources refused most in the last minute, most first.
+    pub top_refused: Vec<SourceRefused>,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReloadView {
+    /// Unix seconds when the config in force was loaded (the last successful reload, or the
+    /// start).
+    pub loaded_at: f64,
+    /// Whether the last reload tried succeeded; `true` before any.
+    pub last_successful: bool,
+    /// Reloads tried since start.
+    pub reloads: u64,
+}
+
+/// The limits in force. 0 means "no limit" for the counts, as in the config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_per_source: usize,
+    pub reserved_for_allowed: usize,
+    /// The most that may wait; 0 while the queue is off.
+    pub max_queued: usize,
+    pub queue_timeout_seconds: f64,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SourceSessions {
+    pub source: String,
+    pub sessions: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SourceRefused {
+    pub source: String,
+    pub refusals: u64,
+    /// By reason, most first.
+    pub reasons: Vec<ReasonCount>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendView {
+    /// As configured.
+    pub address: String,
+    pub up: bool,
+    pub backup: bool,
+    pub active: usize,
+    /// The sessions it may take: fixed or learned; `None` without a cap of its own.
+    pub limit: Option<usize>,
+    /// Whether `limit` is learned (`max_connections = "auto"`).
+    pub learned: bool,
+    pub last_check: Option<CheckView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckView {
+    /// `passed`, `failed`, `busy` (a 4xx greeting: full, not down) or `not_started`.
+    pub result: String,
+    pub seconds_ago: f64,
+}
+
+impl Snapshot {
+    /// The view of `gate` now.
+    pub fn take(gate: &Gate) -> Snapshot {
+        let live = gate.live.load();
+        let c = &live.config;
+        let queue_on = !c.queue_timeout.is_zero() && c.max_connections != 0 && !c.dry_run;
+        let limits = Limits {
+            max_connections: c.max_connections,
+            max_per_source: c.max_per_source,
+            reserved_for_allowed: c.reserved_for_allowed,
+            max_queued: if queue_on { c.max_queued } else { 0 },
+            queue_timeout_seconds: if queue_on {
+                c.queue_timeout.as_secs_f64()
+            } else {
+                0.0
+            },
+            ipv4_prefix: c.ipv4_prefix,
+            ipv6_prefix: c.ipv6_prefix,
+            dry_run: c.dry_run,
+        };
+        let top_sources = gate
+            .admission
+            .top_sources(TOP)
+            .into_iter()
+            .map(|(s, n)| SourceSessions {
+                source: display_source(&s),
+                sessions: n,
+            })
+            .collect();
+        let top_refused = gate
+            .sources
+            .top(TOP)
+            .into_iter()
+            .map(|r| SourceRefused {
+                source: display_source(&r.source),
+                refusals: r.total,
+                reasons: r
+                    .reasons
+                    .into_iter()
+                    .map(|(reason, count)| ReasonCount {
+                        reason: reason.label().to_string(),
+                        count,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let backends = live
+            .pool
+            .members()
+            .iter()
+            .map(|m| BackendView {
+                address: m.label.clone(),
+                up: m.is_up(),
+                backup: m.is_backup(),
+                active: m.active(),
+                limit: m.limit(),
+                learned: m.is_auto(),
+                last_check: m.last_check().map(|(ago, r)| CheckView {
+                    result: r.label().to_string(),
+                    seconds_ago: ago.as_secs_f64(),
+                }),
+            })
+            .collect();
+        Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            time: unix_now(),
+            reload: gate.reloads.view(),
+            limits,
+            active: gate.admission.active(),
+            active_max: gate.admission.peak(),
+            queued: gate.queue.len(),
+            sources: gate.admission.sources(),
+            top_sources,
+            top_refused,
+            backends,
+        }
+    }
+
+    /// The one-line summary for systemd's `STATUS=`, as `systemctl status` shows it:
+    /// `412/1000 sessions, 3 waiting, 2/2 backends up`.
+    pub fn status_line(&self) -> String {
+        let sessions = match self.limits.max_connections {
+            0 => format!("{} sessions", self.active),
+            max => format!("{}/{max} sessions", self.active),
+        };
+        let up = self.backends.iter().filter(|b| b.up).count();
+        let mut line = format!(
+            "{sessions}, {} waiting, {up}/{} backends up",
+            self.queued,
+            self.backends.len()
+        );
+        if self.limits.dry_run {
+            line.push_str(", dry run");
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests;
