@@ -142,7 +142,11 @@ impl RateLimit {
 
     /// Whether `key` may connect now. Consumes one unit of its quota when it may.
     pub fn check(&self, key: &IpNet) -> RateCheck {
-        if self.decisions.fetch_add(1, Ordering::Relaxed) % FULL_CHECK_EVERY == 0 {
+        if self
+            .decisions
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(FULL_CHECK_EVERY)
+        {
             self.full
                 .store(self.limiter.len() >= MAX_RATE_KEYS, Ordering::Relaxed);
         }

@@ -20,7 +20,7 @@ async fn resets_mid_transfer_leak_no_descriptor() {
         let mut n = 0u32;
         while let Ok((mut s, _)) = l.accept().await {
             n += 1;
-            let reset_it = n % 4 == 0;
+            let reset_it = n.is_multiple_of(4);
             tokio::spawn(async move {
                 let chunk = random_bytes(256 * 1024, n as u64);
                 if reset_it {
