@@ -334,3 +334,34 @@ fn counts_return_to_zero_under_contention() {
     assert!(text.contains("mxgate_connections_active 0\n"), "{text}");
     assert!(text.contains("mxgate_sources_active 0\n"), "{text}");
 }
+
+#[test]
+fn the_top_sources_are_the_busiest_in_order_and_the_peak_stays() {
+    let (a, p) = (
+        admission(),
+        policy("max_connections = 1000\nmax_per_source = 100"),
+    );
+    // Source 10.0.0.i holds i sessions, for 30 sources: more than the 20 listed.
+    let mut held = Vec::new();
+    for i in 1..=30u32 {
+        for _ in 0..i {
+            held.push(a.admit(&p, ip(&format!("10.0.0.{i}"))).unwrap());
+        }
+    }
+    let top = a.top_sources(20);
+    let want: Vec<(IpNet, usize)> = (11..=30u32)
+        .rev()
+        .map(|i| (format!("10.0.0.{i}/32").parse().unwrap(), i as usize))
+        .collect();
+    assert_eq!(top, want);
+    assert_eq!(a.top_sources(0), vec![]);
+    assert_eq!(a.peak(), 465);
+    held.truncate(10);
+    assert_eq!(a.active(), 10);
+    assert_eq!(a.peak(), 465, "the high-water mark does not fall");
+    let text = a.inner.metrics.render();
+    assert!(
+        text.contains("mxgate_connections_active_max 465\n"),
+        "{text}"
+    );
+}

@@ -306,7 +306,7 @@ impl Running {
 
     /// The load at a glance, for systemd's `STATUS=`.
     pub fn status_line(&self) -> String {
-        self.snapshot().status_line()
+        crate::status::Line::take(&self.gate).to_string()
     }
 
     /// The metrics, as `/metrics` would render them.

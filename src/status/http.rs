@@ -28,6 +28,9 @@ const PAGE: &str = include_str!("page.html");
 const TEXT: &str = "text/plain; charset=utf-8";
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// The page may run its own inline script and style and ask its own origin, nothing else.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 /// One answer: status line, content type, body.
 struct Answer {
     status: &'static str,
@@ -97,8 +100,13 @@ async fn answer(mut stream: TcpStream, gate: &Gate) -> std::io::Result<()> {
         Answer::text("400 Bad Request", "bad request\n")
     };
     let is_head = head.starts_with(b"HEAD ");
+    let policy = if a.kind.starts_with("text/html") {
+        format!("Content-Security-Policy: {PAGE_POLICY}\r\n")
+    } else {
+        String::new()
+    };
     let response = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{policy}Connection: close\r\n\r\n",
         a.status,
         a.kind,
         a.body.len()

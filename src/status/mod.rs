@@ -246,20 +246,59 @@ impl Snapshot {
     /// The one-line summary for systemd's `STATUS=`, as `systemctl status` shows it:
     /// `412/1000 sessions, 3 waiting, 2/2 backends up`.
     pub fn status_line(&self) -> String {
-        let sessions = match self.limits.max_connections {
-            0 => format!("{} sessions", self.active),
-            max => format!("{}/{max} sessions", self.active),
-        };
-        let up = self.backends.iter().filter(|b| b.up).count();
-        let mut line = format!(
-            "{sessions}, {} waiting, {up}/{} backends up",
-            self.queued,
-            self.backends.len()
-        );
-        if self.limits.dry_run {
-            line.push_str(", dry run");
+        Line {
+            active: self.active,
+            max: self.limits.max_connections,
+            queued: self.queued,
+            up: self.backends.iter().filter(|b| b.up).count(),
+            backends: self.backends.len(),
+            dry_run: self.limits.dry_run,
         }
-        line
+        .to_string()
+    }
+}
+
+/// What the `STATUS=` line says, taken without a whole snapshot: it is sent every few
+/// seconds, and the top lists need a walk over every source.
+pub struct Line {
+    pub active: usize,
+    pub max: usize,
+    pub queued: usize,
+    pub up: usize,
+    pub backends: usize,
+    pub dry_run: bool,
+}
+
+impl Line {
+    pub fn take(gate: &Gate) -> Line {
+        let live = gate.live.load();
+        let members = live.pool.members();
+        Line {
+            active: gate.admission.active(),
+            max: live.config.max_connections,
+            queued: gate.queue.len(),
+            up: members.iter().filter(|m| m.is_up()).count(),
+            backends: members.len(),
+            dry_run: live.config.dry_run,
+        }
+    }
+}
+
+impl std::fmt::Display for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.max {
+            0 => write!(f, "{} sessions", self.active)?,
+            max => write!(f, "{}/{max} sessions", self.active)?,
+        }
+        write!(
+            f,
+            ", {} waiting, {}/{} backends up",
+            self.queued, self.up, self.backends
+        )?;
+        if self.dry_run {
+            f.write_str(", dry run")?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,201 @@
+//! Log lines as journald and fail2ban read them: priorities, no colour codes, and per-source
+//! refusal lines that the shipped filter matches for the refused sources only.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mxgate-logs-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the real binary with stderr in `log`, through one scene: sessions admitted and
+/// closed, and refusals for a source over its limit (127.0.0.2), a full server (127.0.0.4)
+/// and the deny list (127.0.0.66). `journal` sets `JOURNAL_STREAM` to the log file, as
+/// systemd does when stderr goes to the journal. Returns once mxgate has exited.
+async fn scene(dir: &Path, journal: bool, format: &str) -> String {
+    let backend = GreetingBackend::start().await;
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.join("stderr.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut cmd = mxgate_command(
+        backend.addr,
+        listen,
+        &[
+            "--max-connections",
+            "3",
+            "--max-per-source",
+            "2",
+            "--queue-timeout",
+            "0",
+            "--deny",
+            "127.0.0.66",
+            "--log-format",
+            format,
+        ],
+    );
+    cmd.env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::from(file));
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    } else {
+        cmd.env_remove("JOURNAL_STREAM");
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            break;
+        }
+    }
+
+    let a = expect_admitted("127.0.0.2", listen).await;
+    let b = expect_admitted("127.0.0.2", listen).await;
+    expect_refusal("127.0.0.2", listen, SOURCE_LINE).await;
+    let mut c = expect_admitted("127.0.0.3", listen).await;
+    expect_refusal("127.0.0.4", listen, GLOBAL_LINE).await;
+    let mut denied = connect_from("127.0.0.66", listen).await.unwrap();
+    assert_eq!(
+        read_line(&mut denied).await,
+        b"554 5.7.1 mx.test Access denied\r\n"
+    );
+    denied.write_all(b"QUIT\r\n").await.unwrap();
+    read_to_end(&mut denied).await;
+    c.shutdown().await.unwrap();
+    read_to_end(&mut c).await;
+    drop((a, b));
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "mxgate did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_each_line_carries_its_priority_and_no_colour() {
+    let dir = temp_dir("journal");
+    let text = scene(&dir, true, "text").await;
+    assert!(!text.contains('\x1b'), "escape codes in:\n{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 5, "{text}");
+    for l in &lines {
+        let want = if l.contains(" WARN ") {
+            "<4>"
+        } else if l.contains(" ERROR ") {
+            "<3>"
+        } else if l.contains(" INFO ") {
+            "<6>"
+        } else {
+            "<7>"
+        };
+        assert!(l.starts_with(want), "{want} missing: {l}");
+    }
+    assert!(text.contains(" WARN "), "{text}");
+    assert!(text.contains(" INFO "), "{text}");
+    // The session line names mxgate's own end toward the backend, as the backend logs it.
+    let session = lines
+        .iter()
+        .find(|l| l.contains("session finished") && l.contains("src=127.0.0.3"))
+        .unwrap_or_else(|| panic!("no session line in:\n{text}"));
+    assert!(session.contains(" local=127.0.0.1:"), "{session}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_or_pipe_gets_plain_lines_without_priorities() {
+    let dir = temp_dir("plain");
+    let text = scene(&dir, false, "text").await;
+    assert!(!text.contains('\x1b'), "escape codes in:\n{text}");
+    assert!(!text.lines().any(|l| l.starts_with('<')), "{text}");
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("source refused"))
+        .map(|l| l.split_once("source refused ").unwrap().1)
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            "source=127.0.0.2 reason=source_limit count=1 window_secs=60",
+            "source=127.0.0.4 reason=global_limit count=1 window_secs=60",
+            "source=127.0.0.66 reason=denied count=1 window_secs=60",
+        ],
+        "{text}"
+    );
+}
+
+/// The addresses `fail2ban-regex` finds in `log` with the shipped filter.
+fn banned(log: &Path) -> Vec<String> {
+    let filter =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fail2ban/filter.d/mxgate.conf");
+    let out = Command::new("fail2ban-regex")
+        .args(["-o", "ip"])
+        .arg(log)
+        .arg(&filter)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ips: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    ips.sort();
+    ips
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fail2ban_filter_matches_the_refused_sources_and_only_those() {
+    if !require_tool("fail2ban-regex") {
+        return;
+    }
+    for (format, journal) in [("text", false), ("text", true), ("json", false)] {
+        let dir = temp_dir(&format!("fail2ban-{format}-{journal}"));
+        let text = scene(&dir, journal, format).await;
+        // Every client address is in the log: admitted ones on their session lines, the
+        // full server's refusal on its own line.
+        for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.66"] {
+            assert!(text.contains(ip), "{ip} not logged:\n{text}");
+        }
+        // Only the sources' own doing bans: over their limit, or deny-listed. A full server
+        // (127.0.0.4) is nobody's fault, and an admitted client (127.0.0.3) did nothing.
+        assert_eq!(
+            banned(&dir.join("stderr.log")),
+            vec!["127.0.0.2".to_string(), "127.0.0.66".to_string()],
+            "format {format}, journal {journal}:\n{text}"
+        );
+    }
+}
