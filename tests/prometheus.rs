@@ -50,6 +50,18 @@ async fn query(addr: SocketAddr, q: &str) -> Option<f64> {
     result[0]["value"][1].as_str()?.parse().ok()
 }
 
+/// Connects from `source` and expects the sink's greeting.
+async fn admitted(source: &str, at: SocketAddr) -> TcpStream {
+    let mut s = connect_from(source, at).await.unwrap();
+    let line = read_line(&mut s).await;
+    assert!(
+        line.starts_with(b"220 "),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    s
+}
+
 /// Polls `q` until it equals `want`, for up to `limit`.
 async fn until_value(addr: SocketAddr, q: &str, want: f64, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -70,7 +82,8 @@ async fn a_real_prometheus_stores_what_clients_saw_and_fires_backend_down() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let backend = GreetingBackend::start().await;
+    // A real SMTP dialogue, so the health checks pass until it is killed.
+    let backend = mxgate::load::sink::Sink::start().await.unwrap();
     let mut c = config(backend.addr);
     c.max_per_source = 1;
     c.health_checks = true;
@@ -116,11 +129,12 @@ async fn a_real_prometheus_stores_what_clients_saw_and_fires_backend_down() {
 
     // Known traffic: 5 sessions admitted and closed, one held, 3 refused over the source limit.
     for i in 0..5 {
-        let mut s = expect_admitted(&format!("127.0.1.{}", i + 1), at).await;
-        s.shutdown().await.unwrap();
-        read_to_end(&mut s).await;
+        let mut s = admitted(&format!("127.0.1.{}", i + 1), at).await;
+        s.write_all(b"QUIT\r\n").await.unwrap();
+        let bye = read_to_end(&mut s).await;
+        assert!(bye.starts_with(b"221"), "{}", String::from_utf8_lossy(&bye));
     }
-    let _held = expect_admitted("127.0.2.1", at).await;
+    let _held = admitted("127.0.2.1", at).await;
     for _ in 0..3 {
         expect_refusal("127.0.2.1", at, SOURCE_LINE).await;
     }
