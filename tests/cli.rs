@@ -58,6 +58,36 @@ fn every_example_config_passes_check() {
     }
 }
 
+/// `ExecReload=` runs `check --quiet` first: silent and 0 on a good file, the error and
+/// non-zero on a bad one.
+#[test]
+fn check_quiet_prints_nothing_on_success_and_the_error_on_failure() {
+    let good = write_config(
+        "quiet-good.toml",
+        "backend = \"127.0.0.1:2525\"\nhostname = \"mx.test\"\n",
+    );
+    let out = mxgate(&["check", "--quiet", "--config", good.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let bad = write_config(
+        "quiet-bad.toml",
+        "backend = \"127.0.0.1:2525\"\nhostname = \"mx.test\"\nidle_timeout = \"5x\"\n",
+    );
+    let out = mxgate(&["check", "--quiet", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key `idle_timeout`"), "{err}");
+}
+
 #[test]
 fn check_prints_the_effective_config_with_flags_applied() {
     let p = write_config(

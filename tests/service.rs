@@ -235,7 +235,8 @@ async fn socket_activation_uses_the_inherited_listener() {
             &unused.to_string(),
         ])
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -245,13 +246,22 @@ async fn socket_activation_uses_the_inherited_listener() {
             Ok(())
         });
     }
-    let _child = KillOnDrop(cmd.spawn().unwrap());
+    let mut child = cmd.spawn().unwrap();
     drop(inherited);
     let s = expect_admitted("127.0.0.2", addr).await;
     drop(s);
     assert!(
         std::net::TcpStream::connect(unused).is_err(),
         "--listen was not bound"
+    );
+    // `listen` was set and is not used: the operator is told at start-up.
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), 0);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("socket-activated: the sockets systemd passed are used, and `listen` in the config is not"),
+        "{err}"
     );
 }
 
