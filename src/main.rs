@@ -23,7 +23,12 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Man { subcommand } => {
-            match mxgate::cli::write_man(subcommand.as_deref(), &mut std::io::stdout()) {
+            let mut out = std::io::stdout();
+            let written = match subcommand.as_deref() {
+                Some("mxgate.toml") => mxgate::cli::write_config_man(&mut out),
+                other => mxgate::cli::write_man(other, &mut out),
+            };
+            match written {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e.into()),
             }

@@ -379,3 +379,43 @@ fn an_error_names_the_flag_or_the_file_line_its_value_came_from() {
         "mxgate: command line: flag `--max-connections`: 2000000 is more than 1000000"
     );
 }
+
+/// mxgate.toml(5) is generated from the same definitions as the flags: every key the file
+/// accepts is on the page, and the page renders without a warning.
+#[test]
+fn the_config_man_page_names_every_key() {
+    let out = mxgate(&["man", "mxgate.toml"]);
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    let effective = String::from_utf8(
+        mxgate(&[
+            "check",
+            "--config",
+            write_config(
+                "man-keys.toml",
+                "backend = \"127.0.0.1:2525\"\nhostname = \"mx.test\"\n",
+            )
+            .to_str()
+            .unwrap(),
+        ])
+        .stdout,
+    )
+    .unwrap();
+    // Every top-level key `mxgate check` prints (the effective config) is documented.
+    let keys: Vec<&str> = effective
+        .lines()
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+        .filter(|k| !k.contains('.') && !k.starts_with('['))
+        .collect();
+    assert!(keys.len() >= 30, "{keys:?}");
+    for key in keys {
+        let roff = key.replace('-', "\\-");
+        assert!(
+            page.contains(&format!("\\fB{roff}\\fR")),
+            "{key} missing from mxgate.toml(5)"
+        );
+    }
+    for table in ["backends", "[[network]]", "[replies]"] {
+        assert!(page.contains(&format!("\\fB{table}\\fR")), "{table}");
+    }
+}
