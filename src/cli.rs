@@ -58,27 +58,125 @@ pub struct LoadArgs {
     /// Bind each session to the next address of this network, to appear as many clients
     #[arg(long, value_name = "CIDR")]
     pub sources: Option<crate::config::Cidr>,
-    /// Sessions in flight at once
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// Closed loop: sessions in flight at once, each client starting its next when one ends
+    #[arg(long, value_name = "N", default_value_t = 10, conflicts_with_all = ["rate", "profile"])]
     pub concurrency: usize,
-    /// Stop after this many sessions [default: 1000, or 5s per step with --ramp]
+    /// Open loop: start sessions on a Poisson schedule at this rate (such as 50/s), whatever
+    /// the server does; latency counts from each session's scheduled start
+    #[arg(long, value_name = "N/s", conflicts_with = "profile")]
+    pub rate: Option<Rate>,
+    /// Open loop at the rate of the administrator's numbers, sizes drawn around their mean:
+    /// users=N,per-user-per-hour=N[,peak=F][,size=BYTES]
+    #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "ramp")]
+    pub profile: Option<crate::load::profile::Profile>,
+    /// Stop after this many sessions [default: 1000; a ramp step or a profile runs for a time]
     #[arg(long, value_name = "N", conflicts_with = "duration")]
     pub sessions: Option<u64>,
-    /// Stop after this long (per step with --ramp)
+    /// Stop after this long (per step with --ramp) [default: 5s per step, 60s for --profile]
     #[arg(long, value_name = "DUR")]
     pub duration: Option<crate::config::Dur>,
-    /// Size of each generated message
+    /// Size of each generated message (the mean, with --profile and no size= in it)
     #[arg(long, value_name = "BYTES", default_value = "1024")]
     pub message_size: crate::config::ByteSize,
-    /// Step the concurrency up, START..END[/STEP], stopping at the knee
+    /// Step the load up, stopping at the knee and bisecting: concurrency START..END[/STEP], or
+    /// open-loop rate START/s..END/s[/STEP]
     #[arg(long, value_name = "START..END[/STEP]")]
     pub ramp: Option<crate::load::Ramp>,
+    /// A step is bad past this share of failed sessions (refused, timed out, not connected)
+    #[arg(long, value_name = "PERCENT", default_value = "1%")]
+    pub max_errors: Percent,
+    /// Draw delivered/s and p99 against the load, with the knee, into this SVG file (--ramp)
+    #[arg(long, value_name = "FILE.svg", requires = "ramp")]
+    pub plot: Option<PathBuf>,
+    /// MAIL FROM: for Exchange, an address of one of its accepted domains
+    #[arg(long, value_name = "ADDRESS", default_value = crate::load::smtp::DEFAULT_FROM, value_parser = address)]
+    pub from: String,
+    /// RCPT TO, repeatable, one per session in turn: for Exchange, a mailbox of an accepted
+    /// domain, or a journaling or discard address, never a real user's [default: sink@mxgate.test]
+    #[arg(long, value_name = "ADDRESS", value_parser = address)]
+    pub to: Vec<String>,
+    /// The EHLO name
+    #[arg(long, value_name = "NAME", default_value = crate::load::smtp::DEFAULT_EHLO, value_parser = ehlo_name)]
+    pub ehlo: String,
+    /// Load a server that offers STARTTLS in plain text, without asking for TLS (mxgate load
+    /// does not speak it); without this flag such a server is not loaded
+    #[arg(long)]
+    pub starttls_skip: bool,
+    /// Seeds the arrival schedule and the message sizes, so a run can be repeated
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
     /// Print one JSON object on stdout and nothing else
     #[arg(long)]
     pub json: bool,
     /// Allow a target that is not a loopback address
     #[arg(long)]
     pub allow_remote: bool,
+}
+
+/// An arrival rate: `50/s`, or just `50`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate(pub f64);
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rate, String> {
+        s.strip_suffix("/s")
+            .unwrap_or(s)
+            .parse::<f64>()
+            .ok()
+            .filter(|r| r.is_finite() && *r > 0.0 && *r <= 100_000.0)
+            .map(Rate)
+            .ok_or_else(|| format!("invalid rate {s:?}: expected sessions per second, such as 50/s (at most 100000/s)"))
+    }
+}
+
+/// A share: `1%`, `0.5%`, or a fraction such as `0.01`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Percent(pub f64);
+
+impl std::str::FromStr for Percent {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Percent, String> {
+        let v = match s.strip_suffix('%') {
+            Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+            None => s.parse::<f64>(),
+        };
+        v.ok()
+            .filter(|v| (0.0..=1.0).contains(v))
+            .map(Percent)
+            .ok_or_else(|| format!("invalid share {s:?}: expected a percentage such as 1% or 0.5%"))
+    }
+}
+
+/// An envelope address: `local@domain`, nothing that would break the command line it goes in.
+fn address(s: &str) -> Result<String, String> {
+    let bad = s.is_empty()
+        || s.len() > 254
+        || s.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b"<>".contains(&b))
+        || !s
+            .rsplit_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty());
+    if bad {
+        return Err(format!(
+            "invalid address {s:?}: expected local@domain, without spaces or angle brackets"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// An EHLO name: a domain or an address literal, no spaces.
+fn ehlo_name(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 255
+        || s.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("invalid EHLO name {s:?}: expected a host name"));
+    }
+    Ok(s.to_string())
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +217,13 @@ pub struct SinkArgs {
     pub knee: usize,
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub steep_delay_ms: u64,
+    /// Hold every session this long before its greeting
+    #[arg(long, value_name = "DUR", default_value = "0s")]
+    pub hold: crate::config::Dur,
+    /// Act as Exchange does: recipients outside mxgate.test refused with 550 5.7.54, and
+    /// STARTTLS offered (and refused with 454)
+    #[arg(long)]
+    pub exchange: bool,
 }
 
 /// Writes the man page of the whole command, or of one subcommand (`mxgate-run(1)`), to `out`.

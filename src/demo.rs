@@ -44,14 +44,7 @@ pub async fn run() -> anyhow::Result<String> {
     let sink = Sink::start().await?;
     let mx = crate::start(config(sink.addr)?).await?;
     let at = mx.listen_addrs()[0];
-    let base = Options {
-        target: at,
-        sources: None,
-        concurrency: 8,
-        bound: Bound::Sessions(SESSIONS),
-        message_size: 2048,
-        progress: false,
-    };
+    let base = Options::new(at, 8, Bound::Sessions(SESSIONS));
     let many = Options {
         sources: Some("127.77.0.0/16".parse()?),
         ..base.clone()
@@ -63,7 +56,7 @@ pub async fn run() -> anyhow::Result<String> {
     // A burst of ten times the limit, all at once, each from its own address.
     let burst = Options {
         sources: Some("127.88.0.0/16".parse()?),
-        concurrency: BURST as usize,
+        arrivals: load::Arrivals::Closed(BURST as usize),
         bound: Bound::Sessions(BURST),
         ..many.clone()
     };
@@ -114,12 +107,12 @@ async fn learning() -> anyhow::Result<String> {
     )?;
     let mx = crate::start(config).await?;
     let stats = load::run(&Options {
-        target: mx.listen_addrs()[0],
         sources: Some("127.66.0.0/16".parse()?),
-        concurrency: LEARNING_CONCURRENCY,
-        bound: Bound::Duration(LEARNING_TIME),
-        message_size: 2048,
-        progress: false,
+        ..Options::new(
+            mx.listen_addrs()[0],
+            LEARNING_CONCURRENCY,
+            Bound::Duration(LEARNING_TIME),
+        )
     })
     .await;
     settle(&mx).await;

@@ -85,11 +85,18 @@ fn sink(args: mxgate::cli::SinkArgs) -> anyhow::Result<()> {
     if !args.listen.ip().is_loopback() {
         anyhow::bail!("the sink listens on loopback only, not {}", args.listen);
     }
+    let like = if args.exchange {
+        Behaviour::exchange(0)
+    } else {
+        Behaviour::default()
+    };
     let behaviour = Behaviour {
         limit: args.limit,
         delay_per_session: std::time::Duration::from_micros(args.delay_per_session_us),
         knee: args.knee,
         steep_delay: std::time::Duration::from_millis(args.steep_delay_ms),
+        hold: args.hold.0,
+        ..like
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,40 +165,81 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(mxgate::service::run(config, || load_config(args.clone())))
 }
 
-/// `mxgate load`: one run, or a ramp; a table or one JSON object on stdout.
+/// `mxgate load`: one run, a ramp or a profile; a table or one JSON object on stdout.
 fn load(args: LoadArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
     sim::check_target(args.target.addr, args.allow_remote).map_err(anyhow::Error::msg)?;
-    let bound = match (args.sessions, args.duration, args.ramp) {
-        (Some(n), _, _) => Bound::Sessions(n),
-        (None, Some(d), _) => Bound::Duration(d.0),
-        (None, None, Some(_)) => Bound::Duration(std::time::Duration::from_secs(5)),
-        (None, None, None) => Bound::Sessions(1000),
+    let timed = args.ramp.is_some() || args.profile.is_some();
+    let bound = match (args.sessions, args.duration) {
+        (Some(n), _) => Bound::Sessions(n),
+        (None, Some(d)) => Bound::Duration(d.0),
+        (None, None) if args.profile.is_some() => {
+            Bound::Duration(std::time::Duration::from_secs(60))
+        }
+        (None, None) if timed => sim::ramp::DEFAULT_STEP,
+        (None, None) => Bound::Sessions(1000),
+    };
+    let transaction = sim::Transaction {
+        ehlo: args.ehlo.clone(),
+        from: args.from.clone(),
+        to: if args.to.is_empty() {
+            vec![sim::smtp::DEFAULT_TO.to_string()]
+        } else {
+            args.to.clone()
+        },
     };
     let opts = Options {
-        target: args.target.addr,
         sources: args.sources.map(|c| c.0),
-        concurrency: args.concurrency,
-        bound,
-        message_size: args.message_size.0,
+        arrivals: match args.rate {
+            Some(r) => sim::Arrivals::Open(r.0),
+            None => sim::Arrivals::Closed(args.concurrency),
+        },
+        sizes: sim::Sizes::Fixed(args.message_size.0),
+        transaction: std::sync::Arc::new(transaction),
+        seed: args.seed,
         progress: true,
+        ..Options::new(args.target.addr, args.concurrency, bound)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match args.ramp {
-        None => {
+    let probe = runtime
+        .block_on(sim::smtp::probe(
+            args.target.addr,
+            opts.sources.map(|n| sim::nth_source(n, 0)),
+            &args.ehlo,
+            sim::STEP_TIMEOUT,
+        ))
+        .map_err(anyhow::Error::msg)?;
+    if probe.starttls && !args.starttls_skip {
+        anyhow::bail!(
+            "{} offers STARTTLS, and mxgate load does not speak TLS: pass --starttls-skip to load              it in plain text (the server must accept mail without TLS on this connector; the              figures then leave out the cost of TLS)",
+            args.target.addr
+        );
+    }
+    let max_errors = args.max_errors.0;
+    let out = match (args.profile, args.ramp) {
+        (Some(p), _) => runtime
+            .block_on(sim::profile::profile(&opts, p, max_errors))
+            .render(args.json),
+        (None, Some(ramp)) => {
+            let report = runtime.block_on(sim::ramp::ramp(&opts, ramp, max_errors));
+            if let Some(path) = &args.plot {
+                std::fs::write(path, sim::plot::svg(&report))
+                    .with_context(|| format!("writing the plot to {}", path.display()))?;
+            }
+            report.render(args.json)
+        }
+        (None, None) => {
             let stats = runtime.block_on(sim::run(&opts));
             if args.json {
-                println!("{}", stats.to_json());
+                format!("{}\n", stats.to_json())
             } else {
-                print!("{}", stats.table());
+                stats.table()
             }
         }
-        Some(ramp) => {
-            let report = runtime.block_on(sim::ramp(&opts, ramp));
-            print!("{}", report.render(args.json));
-        }
-    }
+    };
+    print!("{out}");
     Ok(())
 }
 

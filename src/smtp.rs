@@ -32,6 +32,24 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(
     r: &mut R,
     step: Duration,
 ) -> Result<Reply, Failure> {
+    read(r, step, None).await
+}
+
+/// Reads a complete reply and keeps the text of every line, as an EHLO reply's extensions need.
+pub async fn read_reply_lines<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    step: Duration,
+) -> Result<(Reply, Vec<String>), Failure> {
+    let mut lines = Vec::new();
+    let reply = read(r, step, Some(&mut lines)).await?;
+    Ok((reply, lines))
+}
+
+async fn read<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    step: Duration,
+    mut keep: Option<&mut Vec<String>>,
+) -> Result<Reply, Failure> {
     let read = async {
         let mut line = Vec::with_capacity(128);
         for _ in 0..MAX_REPLY_LINES {
@@ -48,10 +66,16 @@ pub async fn read_reply<R: AsyncBufRead + Unpin>(
                 .get(..3)
                 .and_then(|c| c.parse().ok())
                 .ok_or(Failure::Broken)?;
-            match text.as_bytes().get(3) {
-                Some(b'-') => continue,
-                Some(b' ') | None => return Ok(Reply { code, text }),
+            let last = match text.as_bytes().get(3) {
+                Some(b'-') => false,
+                Some(b' ') | None => true,
                 Some(_) => return Err(Failure::Broken),
+            };
+            if let Some(lines) = keep.as_deref_mut() {
+                lines.push(text.clone());
+            }
+            if last {
+                return Ok(Reply { code, text });
             }
         }
         Err(Failure::Broken)
@@ -69,6 +93,17 @@ pub async fn reply_code<R: AsyncBufRead + Unpin>(r: &mut R, step: Duration) -> O
 mod tests {
     use super::*;
     use tokio::io::BufReader;
+
+    #[tokio::test]
+    async fn every_line_is_kept_when_asked() {
+        let mut r = BufReader::new(&b"250-mx\r\n250-STARTTLS\r\n250 SIZE\r\n"[..]);
+        let (reply, lines) = read_reply_lines(&mut r, Duration::from_secs(1))
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(reply.text, "250 SIZE");
+        assert_eq!(lines, ["250-mx", "250-STARTTLS", "250 SIZE"]);
+    }
 
     #[tokio::test]
     async fn multi_line_replies_are_read_whole() {

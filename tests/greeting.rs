@@ -32,12 +32,8 @@ fn auto_config(backend: SocketAddr, queue_timeout: Duration) -> Config {
 
 fn opts(target: SocketAddr, sources: &str, concurrency: usize, bound: Bound) -> Options {
     Options {
-        target,
         sources: Some(sources.parse().unwrap()),
-        concurrency,
-        bound,
-        message_size: 2048,
-        progress: false,
+        ..Options::new(target, concurrency, bound)
     }
 }
 
@@ -129,6 +125,7 @@ async fn a_greeting_time_that_climbs_alone_sets_the_limit() {
         delay_per_session: Duration::ZERO,
         knee: 30,
         steep_delay: Duration::from_millis(10),
+        ..Behaviour::default()
     };
     let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), steep)
         .await

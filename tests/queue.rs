@@ -568,12 +568,9 @@ async fn a_burst_of_200_behind_a_limit_of_20_is_delivered_without_a_421() {
     let at = mx.listen_addrs()[0];
     // 200 sessions, all at once, each from its own source.
     let stats = mxgate::load::run(&mxgate::load::Options {
-        target: at,
         sources: Some("127.11.0.0/16".parse().unwrap()),
-        concurrency: 200,
-        bound: mxgate::load::Bound::Sessions(200),
-        message_size: 1024,
-        progress: false,
+        sizes: mxgate::load::Sizes::Fixed(1024),
+        ..mxgate::load::Options::new(at, 200, mxgate::load::Bound::Sessions(200))
     })
     .await;
     assert_eq!(stats.delivered, 200, "refused: {:?}", stats.refused);

@@ -1,19 +1,28 @@
 //! `mxgate load`: a load simulator that runs real SMTP transactions, so limits can be sized
 //! from measurements instead of from users' complaints.
 //!
-//! Each session binds a source from `--sources` (so per-source limits apply as they would to
-//! many clients), runs greeting → EHLO → MAIL → RCPT → DATA → QUIT, and is counted exactly once:
-//! delivered, refused at the greeting (by code and enhanced code), refused later, connect
-//! error or timeout. Every run stops at its session or duration bound, and targets that are
-//! not loopback are refused unless `--allow-remote` is given.
+//! Sessions arrive either closed loop (`--concurrency N` clients, each starting its next
+//! session when the last ends) or open loop (`--rate R/s`, a Poisson schedule that does not
+//! wait for the server: latency is measured from each session's scheduled start, so a server
+//! that falls behind shows as latency instead of as a slower load). Each session binds a source
+//! from `--sources` (so per-source limits apply as they would to many clients), runs
+//! greeting → EHLO → MAIL → RCPT → DATA → QUIT with the envelope of `--from`/`--to`, and is
+//! counted exactly once: delivered, refused at the greeting (by code and enhanced code),
+//! refused later (by step and code), connect error or timeout (by step). Every run stops at
+//! its session or duration bound, open-loop runs hold at most `max_in_flight` sessions, and
+//! targets that are not loopback are refused unless `--allow-remote` is given.
 
+pub mod plot;
+pub mod profile;
+pub mod ramp;
+pub mod rng;
 pub mod sink;
 pub mod smtp;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,10 +30,20 @@ use hdrhistogram::Histogram;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
-pub use smtp::Outcome;
+pub use ramp::{Ramp, RampReport};
+pub use rng::Sizes;
+pub use smtp::{Outcome, Transaction};
 
 /// How long one SMTP step may take before the session counts as a timeout.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most sessions an open-loop run holds at once; arrivals past it wait for a slot, and the
+/// wait counts in their latency. It bounds the descriptors a stalled server can make the tool
+/// open.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// How often the open-session count is sampled, for the mean that checks Little's law.
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 
 /// When a run ends.
 #[derive(Clone, Copy, Debug)]
@@ -33,36 +52,13 @@ pub enum Bound {
     Duration(Duration),
 }
 
-/// A concurrency ramp: `START..END/STEP`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ramp {
-    pub start: usize,
-    pub end: usize,
-    pub step: usize,
-}
-
-impl std::str::FromStr for Ramp {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Ramp, String> {
-        let bad = || {
-            format!(
-                "invalid ramp {s:?}: expected START..END or START..END/STEP, such as 10..500/10"
-            )
-        };
-        let (range, step) = match s.split_once('/') {
-            Some((r, st)) => (r, st.parse().map_err(|_| bad())?),
-            None => (s, 0),
-        };
-        let (a, b) = range.split_once("..").ok_or_else(bad)?;
-        let (start, end): (usize, usize) =
-            (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-        let step = if step == 0 { start.max(1) } else { step };
-        if start == 0 || end < start {
-            return Err(bad());
-        }
-        Ok(Ramp { start, end, step })
-    }
+/// How sessions arrive.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arrivals {
+    /// This many clients, each starting its next session when the last one ends.
+    Closed(usize),
+    /// Sessions started on a Poisson schedule at this rate per second, whatever the server does.
+    Open(f64),
 }
 
 /// What to run.
@@ -71,11 +67,30 @@ pub struct Options {
     pub target: SocketAddr,
     /// Sources to bind, one address per session in turn; `None` lets the system choose.
     pub sources: Option<IpNet>,
-    pub concurrency: usize,
+    pub arrivals: Arrivals,
     pub bound: Bound,
-    pub message_size: usize,
+    pub sizes: Sizes,
+    pub transaction: Arc<Transaction>,
+    /// Seeds the arrival schedule and the message sizes.
+    pub seed: u64,
     /// Show progress on stderr (a bar on a terminal, plain lines otherwise).
     pub progress: bool,
+}
+
+impl Options {
+    /// A closed-loop run of `concurrency` clients with 2 KiB messages and the default envelope.
+    pub fn new(target: SocketAddr, concurrency: usize, bound: Bound) -> Options {
+        Options {
+            target,
+            sources: None,
+            arrivals: Arrivals::Closed(concurrency),
+            bound,
+            sizes: Sizes::Fixed(2048),
+            transaction: Arc::default(),
+            seed: 1,
+            progress: false,
+        }
+    }
 }
 
 /// Counts and latencies of one run.
@@ -84,12 +99,35 @@ pub struct Stats {
     /// Refused at the greeting, by `CODE ENHANCED`.
     pub refused: BTreeMap<String, u64>,
     pub refused_later: u64,
+    /// Refused after the greeting, by `STEP CODE ENHANCED` (or `STEP closed`).
+    pub refused_later_by: BTreeMap<String, u64>,
     pub connect_errors: u64,
     pub timeouts: u64,
-    /// Connect → greeting, µs.
+    /// Timeouts by the step that ran out of time.
+    pub timeouts_by: BTreeMap<String, u64>,
+    /// Scheduled start → greeting, µs.
     pub greeting: Histogram<u64>,
-    /// Connect → end of session, µs.
+    /// Scheduled start → end of session, µs.
     pub session: Histogram<u64>,
+    /// Seconds the server held sessions, summed: with `elapsed`, the mean concurrency by
+    /// Little's law.
+    pub held_seconds: f64,
+    /// The most sessions open at once.
+    pub peak_concurrency: usize,
+    /// The open-session count, sampled every 5 ms and averaged.
+    pub sampled_concurrency: f64,
+    /// The most sessions one source address had open at once, when `--sources` was given.
+    pub per_source_peak: Option<usize>,
+    /// The open-loop rate asked for.
+    pub offered_rate: Option<f64>,
+    /// Open loop: sessions the schedule started, over how long, and how many were delivered
+    /// within that time (the rest were still under way, or waiting, when the schedule ended).
+    pub arrivals: u64,
+    pub window: Duration,
+    pub delivered_in_window: u64,
+    /// Message bytes sent, over every session that got as far as the message.
+    pub bytes: u64,
+    pub messages: u64,
     pub elapsed: Duration,
 }
 
@@ -100,10 +138,22 @@ impl Stats {
             delivered: 0,
             refused: BTreeMap::new(),
             refused_later: 0,
+            refused_later_by: BTreeMap::new(),
             connect_errors: 0,
             timeouts: 0,
+            timeouts_by: BTreeMap::new(),
             greeting: h(),
             session: h(),
+            held_seconds: 0.0,
+            peak_concurrency: 0,
+            sampled_concurrency: 0.0,
+            per_source_peak: None,
+            offered_rate: None,
+            arrivals: 0,
+            window: Duration::ZERO,
+            delivered_in_window: 0,
+            bytes: 0,
+            messages: 0,
             elapsed: Duration::ZERO,
         }
     }
@@ -112,14 +162,25 @@ impl Stats {
         match &m.outcome {
             Outcome::Delivered => self.delivered += 1,
             Outcome::RefusedAtGreeting(k) => *self.refused.entry(k.clone()).or_default() += 1,
-            Outcome::RefusedLater => self.refused_later += 1,
+            Outcome::RefusedLater(k) => {
+                self.refused_later += 1;
+                *self.refused_later_by.entry(k.clone()).or_default() += 1;
+            }
             Outcome::ConnectError => self.connect_errors += 1,
-            Outcome::Timeout => self.timeouts += 1,
+            Outcome::Timeout(step) => {
+                self.timeouts += 1;
+                *self.timeouts_by.entry(step.to_string()).or_default() += 1;
+            }
         }
         if let Some(g) = m.greeting {
             self.greeting.saturating_record(g.as_micros() as u64);
         }
         self.session.saturating_record(m.session.as_micros() as u64);
+        self.held_seconds += m.held.as_secs_f64();
+        if m.sent > 0 {
+            self.bytes += m.sent;
+            self.messages += 1;
+        }
     }
 
     pub fn sessions(&self) -> u64 {
@@ -134,8 +195,36 @@ impl Stats {
         self.refused.values().sum::<u64>() + self.refused_later
     }
 
+    /// Sessions that did not deliver: refusals, timeouts and connect errors.
+    pub fn errors(&self) -> u64 {
+        self.sessions() - self.delivered
+    }
+
+    /// [`Stats::errors`] as a fraction of the sessions.
+    pub fn error_fraction(&self) -> f64 {
+        self.errors() as f64 / self.sessions().max(1) as f64
+    }
+
     pub fn sessions_per_second(&self) -> f64 {
         self.sessions() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn delivered_per_second(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Open loop: whether the server kept up with the arrivals. Delivered within the schedule's
+    /// window, plus those a server that keeps up still holds at its end (the mean concurrency),
+    /// must come to `share` of the arrivals; a server that falls behind leaves a backlog that
+    /// only drains after the window.
+    pub fn kept_up(&self, share: f64) -> bool {
+        self.delivered_in_window as f64 + self.little_concurrency() >= share * self.arrivals as f64
+    }
+
+    /// The mean concurrency by Little's law: arrival rate × mean time held, which over one run
+    /// is the held time summed over the run's length.
+    pub fn little_concurrency(&self) -> f64 {
+        self.held_seconds / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     /// The `--json` object.
@@ -148,33 +237,71 @@ impl Stats {
                 "max": h.max(),
             })
         };
+        let round = |x: f64| (x * 10.0).round() / 10.0;
         serde_json::json!({
             "delivered": self.delivered,
             "refused": self.refused,
             "refused_later": self.refused_later,
+            "refused_later_by": self.refused_later_by,
             "connect_errors": self.connect_errors,
             "timeouts": self.timeouts,
+            "timeouts_by": self.timeouts_by,
             "latency_us": { "greeting": pct(&self.greeting), "session": pct(&self.session) },
-            "sessions_per_second": (self.sessions_per_second() * 10.0).round() / 10.0,
+            "sessions_per_second": round(self.sessions_per_second()),
+            "delivered_per_second": round(self.delivered_per_second()),
+            "offered_rate": self.offered_rate,
+            "arrivals": self.arrivals,
+            "delivered_in_window": self.delivered_in_window,
+            "concurrency": {
+                "peak": self.peak_concurrency,
+                "mean_sampled": round(self.sampled_concurrency),
+                "mean_little": round(self.little_concurrency()),
+                "per_source_peak": self.per_source_peak,
+            },
+            "mean_message_bytes": self.bytes.checked_div(self.messages),
         })
     }
 
     /// A short human-readable table.
     pub fn table(&self) -> String {
-        let mut out = format!("{:<24}{:>10}\n", "delivered", self.delivered);
+        let mut out = format!("{:<28}{:>10}\n", "delivered", self.delivered);
         for (k, n) in &self.refused {
-            out += &format!("{:<24}{:>10}\n", format!("refused {k}"), n);
+            out += &format!("{:<28}{:>10}\n", format!("refused {k}"), n);
         }
-        out += &format!("{:<24}{:>10}\n", "refused later", self.refused_later);
-        out += &format!("{:<24}{:>10}\n", "connect errors", self.connect_errors);
-        out += &format!("{:<24}{:>10}\n", "timeouts", self.timeouts);
-        out += &format!("{:<24}{:>10.1}\n", "sessions/s", self.sessions_per_second());
+        out += &format!("{:<28}{:>10}\n", "refused later", self.refused_later);
+        for (k, n) in &self.refused_later_by {
+            out += &format!("{:<28}{:>10}\n", format!("  at {k}"), n);
+        }
+        out += &format!("{:<28}{:>10}\n", "connect errors", self.connect_errors);
+        out += &format!("{:<28}{:>10}\n", "timeouts", self.timeouts);
+        for (k, n) in &self.timeouts_by {
+            out += &format!("{:<28}{:>10}\n", format!("  waiting for {k}"), n);
+        }
+        if let Some(rate) = self.offered_rate {
+            out += &format!("{:<28}{:>10.1}\n", "offered sessions/s", rate);
+        }
+        out += &format!("{:<28}{:>10.1}\n", "sessions/s", self.sessions_per_second());
+        out += &format!(
+            "{:<28}{:>10.1}\n",
+            "delivered/s",
+            self.delivered_per_second()
+        );
+        out += &format!(
+            "{:<28}{:>10}  (mean {:.1} sampled, {:.1} by Little's law)\n",
+            "concurrency peak",
+            self.peak_concurrency,
+            self.sampled_concurrency,
+            self.little_concurrency()
+        );
+        if let Some(p) = self.per_source_peak {
+            out += &format!("{:<28}{:>10}\n", "busiest source peak", p);
+        }
         for (name, h) in [
             ("greeting µs", &self.greeting),
             ("session µs", &self.session),
         ] {
             out += &format!(
-                "{:<24}p50 {} p90 {} p99 {} max {}\n",
+                "{:<28}p50 {} p90 {} p99 {} max {}\n",
                 name,
                 h.value_at_quantile(0.5),
                 h.value_at_quantile(0.9),
@@ -182,7 +309,38 @@ impl Stats {
                 h.max()
             );
         }
+        out += &self.explain();
         out
+    }
+
+    /// Plain words for a run in which every session failed the same way at one step: the
+    /// usual cause is the envelope, not the load.
+    pub fn explain(&self) -> String {
+        let sessions = self.sessions();
+        if sessions == 0 || self.delivered > 0 || self.refused_later_by.len() != 1 {
+            return String::new();
+        }
+        let (key, n) = self.refused_later_by.iter().next().expect("one entry");
+        if *n != sessions {
+            return String::new();
+        }
+        let step = key.split(' ').next().unwrap_or_default();
+        let why = match step {
+            "RCPT" => {
+                "the server does not accept the recipient: give --to an address it takes (a \
+                 mailbox of one of its accepted domains, or a journaling or discard address)"
+            }
+            "MAIL" if key.contains(" 530") => {
+                "the server wants STARTTLS before mail, which mxgate load does not speak: \
+                 load a receive connector that accepts mail without TLS"
+            }
+            "MAIL" => "the server does not accept the sender: give --from an address it takes",
+            "EHLO" | "HELO" => {
+                "the server does not accept the greeting name: give --ehlo one it takes"
+            }
+            _ => "the server refuses the transaction at this step",
+        };
+        format!("\nevery session ({n}) was refused at {key}: {why}.\n")
     }
 }
 
@@ -198,7 +356,7 @@ pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<(), String
 }
 
 /// The `i`-th source address of `net`, skipping the network address where there is room.
-fn nth_source(net: IpNet, i: u64) -> IpAddr {
+pub fn nth_source(net: IpNet, i: u64) -> IpAddr {
     match net {
         IpNet::V4(n) => {
             let size = 1u64 << (32 - n.prefix_len());
@@ -222,62 +380,209 @@ fn nth_source(net: IpNet, i: u64) -> IpAddr {
     }
 }
 
-/// Runs one load at a fixed concurrency until its bound.
+/// What a run shares between its sessions.
+struct Shared {
+    opts: Options,
+    bodies: smtp::Bodies,
+    stats: Mutex<Stats>,
+    open: AtomicUsize,
+    peak: AtomicUsize,
+    /// Open sessions per source, when sources are bound.
+    per_source: Option<Mutex<HashMap<IpAddr, usize>>>,
+    per_source_peak: AtomicUsize,
+    done: AtomicU64,
+    /// Set while an open-loop schedule is still starting sessions.
+    scheduling: std::sync::atomic::AtomicBool,
+    delivered_in_window: AtomicU64,
+    /// The open count summed over samples, and the number of samples.
+    sampled_open: AtomicU64,
+    samples: AtomicU64,
+}
+
+impl Shared {
+    fn new(opts: &Options) -> Arc<Shared> {
+        let largest = match opts.sizes {
+            Sizes::Fixed(n) => n,
+            Sizes::LogNormal { mean } => (mean as f64 * rng::LOG_NORMAL_CAP) as usize,
+        };
+        Arc::new(Shared {
+            opts: opts.clone(),
+            bodies: smtp::Bodies::new(largest),
+            stats: Mutex::new(Stats::new()),
+            open: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            per_source: opts.sources.map(|_| Mutex::new(HashMap::new())),
+            per_source_peak: AtomicUsize::new(0),
+            done: AtomicU64::new(0),
+            scheduling: std::sync::atomic::AtomicBool::new(false),
+            delivered_in_window: AtomicU64::new(0),
+            sampled_open: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs the `i`-th session, due at `scheduled`, and records it.
+    async fn session(&self, i: u64, scheduled: Instant) {
+        let o = &self.opts;
+        let source = o.sources.map(|net| nth_source(net, i));
+        let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        self.source_opened(source, 1);
+        let size = o.sizes.size(o.seed, i);
+        let m = smtp::session(smtp::Session {
+            target: o.target,
+            source,
+            transaction: &o.transaction,
+            index: i,
+            body: self.bodies.get(size),
+            scheduled,
+            step: STEP_TIMEOUT,
+        })
+        .await;
+        self.source_opened(source, -1);
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        if m.outcome == Outcome::Delivered && self.scheduling.load(Ordering::SeqCst) {
+            self.delivered_in_window.fetch_add(1, Ordering::SeqCst);
+        }
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&m);
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn source_opened(&self, source: Option<IpAddr>, by: isize) {
+        let (Some(map), Some(ip)) = (&self.per_source, source) else {
+            return;
+        };
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        *n = n.saturating_add_signed(by);
+        self.per_source_peak.fetch_max(*n, Ordering::SeqCst);
+        if *n == 0 {
+            map.remove(&ip);
+        }
+    }
+}
+
+/// Runs one load until its bound: closed or open loop, as `opts.arrivals` says.
 pub async fn run(opts: &Options) -> Stats {
-    let message: Arc<[u8]> = smtp::message(opts.message_size).into();
-    let stats = Arc::new(Mutex::new(Stats::new()));
+    let shared = Shared::new(opts);
     let started = Instant::now();
+    let progress = opts.progress.then(|| spawn_progress(shared.clone()));
+    let sampler = spawn_sampler(shared.clone());
+    match opts.arrivals {
+        Arrivals::Closed(n) => closed_loop(&shared, n, started).await,
+        Arrivals::Open(rate) => open_loop(&shared, rate, started).await,
+    }
+    let elapsed = started.elapsed();
+    for task in [progress, Some(sampler)].into_iter().flatten() {
+        task.abort();
+    }
+    let mut stats = std::mem::replace(
+        &mut *shared.stats.lock().unwrap_or_else(|p| p.into_inner()),
+        Stats::new(),
+    );
+    stats.elapsed = elapsed;
+    stats.peak_concurrency = shared.peak.load(Ordering::SeqCst);
+    stats.per_source_peak = opts
+        .sources
+        .map(|_| shared.per_source_peak.load(Ordering::SeqCst));
+    let samples = shared.samples.load(Ordering::SeqCst);
+    stats.sampled_concurrency = if samples == 0 {
+        0.0
+    } else {
+        shared.sampled_open.load(Ordering::SeqCst) as f64 / samples as f64
+    };
+    if let Arrivals::Open(rate) = opts.arrivals {
+        stats.offered_rate = Some(rate);
+        stats.delivered_in_window = shared.delivered_in_window.load(Ordering::SeqCst);
+    }
+    stats
+}
+
+/// `n` clients in a loop: each starts its next session when its last one ends.
+async fn closed_loop(shared: &Arc<Shared>, n: usize, started: Instant) {
     let issued = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let progress = opts
-        .progress
-        .then(|| spawn_progress(opts.bound, done.clone(), stats.clone()));
-    let mut workers = Vec::with_capacity(opts.concurrency);
-    for _ in 0..opts.concurrency.max(1) {
-        let (message, stats, issued, done) =
-            (message.clone(), stats.clone(), issued.clone(), done.clone());
-        let opts = opts.clone();
+    let mut workers = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let (shared, issued) = (shared.clone(), issued.clone());
         workers.push(tokio::spawn(async move {
             loop {
                 let i = issued.fetch_add(1, Ordering::Relaxed);
-                let more = match opts.bound {
+                let more = match shared.opts.bound {
                     Bound::Sessions(n) => i < n,
                     Bound::Duration(d) => started.elapsed() < d,
                 };
                 if !more {
                     return;
                 }
-                let source = opts.sources.map(|net| nth_source(net, i));
-                let m = smtp::session(opts.target, source, &message, STEP_TIMEOUT).await;
-                stats.lock().unwrap_or_else(|p| p.into_inner()).record(&m);
-                done.fetch_add(1, Ordering::Relaxed);
+                shared.session(i, Instant::now()).await;
             }
         }));
     }
     for w in workers {
         let _ = w.await;
     }
-    if let Some(p) = progress {
-        p.abort();
-        let _ = p.await;
+}
+
+/// Sessions on a Poisson schedule at `rate` per second, started whether or not the server has
+/// finished the earlier ones; past [`MAX_IN_FLIGHT`] open, a session waits for a slot, and its
+/// latency, measured from its scheduled start, shows the wait.
+async fn open_loop(shared: &Arc<Shared>, rate: f64, started: Instant) {
+    let mut gaps = rng::Rng::new(shared.opts.seed);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut due = started;
+    let mut arrivals = 0;
+    shared.scheduling.store(true, Ordering::SeqCst);
+    let window_end = loop {
+        let next = due + gaps.exponential_gap(rate);
+        match shared.opts.bound {
+            Bound::Sessions(n) if arrivals >= n => break due,
+            Bound::Duration(d) if next - started >= d => break started + d,
+            _ => {}
+        }
+        due = next;
+        tokio::time::sleep_until(due).await;
+        while tasks.try_join_next().is_some() {}
+        let (shared, slots, i) = (shared.clone(), slots.clone(), arrivals);
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            shared.session(i, due).await;
+        });
+        arrivals += 1;
+    };
+    tokio::time::sleep_until(window_end).await;
+    shared.scheduling.store(false, Ordering::SeqCst);
+    {
+        let mut stats = shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.arrivals = arrivals;
+        stats.window = window_end - started;
     }
-    let mut stats = Arc::try_unwrap(stats)
-        .ok()
-        .expect("every worker has finished")
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    stats.elapsed = started.elapsed();
-    stats
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Samples the open-session count every [`SAMPLE_EVERY`], for a mean measured independently of
+/// Little's law.
+fn spawn_sampler(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let open = shared.open.load(Ordering::SeqCst) as u64;
+            shared.sampled_open.fetch_add(open, Ordering::SeqCst);
+            shared.samples.fetch_add(1, Ordering::SeqCst);
+        }
+    })
 }
 
 /// Progress on stderr: a bar on a terminal, a plain line every second otherwise.
-fn spawn_progress(
-    bound: Bound,
-    done: Arc<AtomicU64>,
-    stats: Arc<Mutex<Stats>>,
-) -> tokio::task::JoinHandle<()> {
+fn spawn_progress(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started = Instant::now();
+        let bound = shared.opts.bound;
         let total = match bound {
             Bound::Sessions(n) => n,
             Bound::Duration(d) => d.as_secs().max(1),
@@ -294,15 +599,16 @@ fn spawn_progress(
         loop {
             tick.tick().await;
             let (delivered, refused) = {
-                let s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                let s = shared.stats.lock().unwrap_or_else(|p| p.into_inner());
                 (s.delivered, s.refused_total())
             };
-            let n = done.load(Ordering::Relaxed);
+            let n = shared.done.load(Ordering::Relaxed);
+            let open = shared.open.load(Ordering::Relaxed);
             let pos = match bound {
                 Bound::Sessions(_) => n,
                 Bound::Duration(_) => started.elapsed().as_secs(),
             };
-            let msg = format!("delivered {delivered} refused {refused}");
+            let msg = format!("delivered {delivered} refused {refused} open {open}");
             match &bar {
                 Some(b) => {
                     b.set_position(pos.min(total));
@@ -314,158 +620,9 @@ fn spawn_progress(
     })
 }
 
-/// One step of a ramp.
-pub struct Step {
-    pub concurrency: usize,
-    pub stats: Stats,
-}
-
-/// A ramp's steps, where it stopped, and what it recommends.
-pub struct RampReport {
-    pub steps: Vec<Step>,
-    /// The first step where refusals appeared or p99 doubled, if any.
-    pub knee: Option<usize>,
-    pub max_connections: usize,
-    pub max_per_source: usize,
-    pub reasoning: String,
-}
-
-/// Steps the concurrency up and stops at the knee.
-pub async fn ramp(base: &Options, ramp: Ramp) -> RampReport {
-    let mut steps: Vec<Step> = Vec::new();
-    let mut knee = None;
-    let mut c = ramp.start;
-    while c <= ramp.end {
-        let opts = Options {
-            concurrency: c,
-            ..base.clone()
-        };
-        let stats = run(&opts).await;
-        let baseline = steps
-            .first()
-            .map(|s| s.stats.session.value_at_quantile(0.99));
-        let p99 = stats.session.value_at_quantile(0.99);
-        let refused = stats.refused_total() + stats.timeouts + stats.connect_errors > 0;
-        let slow = baseline.is_some_and(|b| p99 > 2 * b.max(1));
-        if base.progress {
-            let rate = stats.delivered as f64 / stats.elapsed.as_secs_f64().max(1e-9);
-            let refused = stats.refused_total();
-            eprintln!(
-                "ramp: concurrency {c}: {rate:.1} delivered/s, {refused} refused, p99 {p99} µs"
-            );
-        }
-        steps.push(Step {
-            concurrency: c,
-            stats,
-        });
-        if refused || slow {
-            knee = Some(c);
-            break;
-        }
-        c += ramp.step;
-    }
-    let good = steps
-        .iter()
-        .rev()
-        .find(|s| Some(s.concurrency) != knee)
-        .map_or(ramp.start, |s| s.concurrency);
-    let sources = base.sources.map_or(1, |n| match n {
-        IpNet::V4(v) => (1u64 << (32 - v.prefix_len())).min(good as u64) as usize,
-        IpNet::V6(_) => good,
-    });
-    let per_source = good.div_ceil(sources.max(1)).max(1);
-    let reasoning = match knee {
-        Some(k) => format!(
-            "Concurrency {good} was the highest step that ran without refusals, timeouts or a doubled \
-             p99 session latency; at {k} the target began to refuse or slow down, so it is the knee. \
-             Set max_connections to {good}, so mxgate answers 421 itself before the server degrades. \
-             The load used {sources} source address(es), so each needed at most {per_source} \
-             concurrent sessions: set max_per_source to {per_source}, and raise it for known bulk \
-             senders with a [[network]] rule rather than for everyone."
-        ),
-        None => format!(
-            "No knee up to concurrency {good}: every step ran without refusals and p99 stayed within \
-             twice the first step's. max_connections = {good} is safe as far as measured; ramp higher \
-             to find the real limit. With {sources} source address(es), max_per_source = {per_source}."
-        ),
-    };
-    RampReport {
-        steps,
-        knee,
-        max_connections: good,
-        max_per_source: per_source,
-        reasoning,
-    }
-}
-
-impl RampReport {
-    /// The ramp as the operator reads it: a table and the recommendation, or one JSON object.
-    pub fn render(&self, json: bool) -> String {
-        if json {
-            let steps: Vec<_> = self
-                .steps
-                .iter()
-                .map(|s| serde_json::json!({"concurrency": s.concurrency, "summary": s.stats.to_json()}))
-                .collect();
-            let out = serde_json::json!({
-                "steps": steps,
-                "knee": self.knee,
-                "recommended": {
-                    "max_connections": self.max_connections,
-                    "max_per_source": self.max_per_source,
-                },
-                "reasoning": self.reasoning,
-            });
-            return format!("{out}\n");
-        }
-        let mut out = format!(
-            "{:>12}{:>16}{:>10}{:>14}\n",
-            "concurrency", "delivered/s", "refused", "p99 µs"
-        );
-        for s in &self.steps {
-            let rate = s.stats.delivered as f64 / s.stats.elapsed.as_secs_f64().max(1e-9);
-            out += &format!(
-                "{:>12}{:>16.1}{:>10}{:>14}\n",
-                s.concurrency,
-                rate,
-                s.stats.refused_total(),
-                s.stats.session.value_at_quantile(0.99)
-            );
-        }
-        out += &format!(
-            "\nrecommended: max_connections = {}, max_per_source = {}\n\n{}\n",
-            self.max_connections, self.max_per_source, self.reasoning
-        );
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ramps_parse() {
-        assert_eq!(
-            "10..500/10".parse::<Ramp>().unwrap(),
-            Ramp {
-                start: 10,
-                end: 500,
-                step: 10
-            }
-        );
-        assert_eq!(
-            "5..20".parse::<Ramp>().unwrap(),
-            Ramp {
-                start: 5,
-                end: 20,
-                step: 5
-            }
-        );
-        for bad in ["", "10", "0..5", "9..3", "a..b/1"] {
-            assert!(bad.parse::<Ramp>().is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn sources_walk_the_network() {
@@ -482,5 +639,20 @@ mod tests {
         assert!(check_target("[::1]:25".parse().unwrap(), false).is_ok());
         assert!(check_target("192.0.2.1:25".parse().unwrap(), false).is_err());
         assert!(check_target("192.0.2.1:25".parse().unwrap(), true).is_ok());
+    }
+
+    #[test]
+    fn a_run_refused_at_one_step_is_explained() {
+        let mut s = Stats::new();
+        s.refused_later = 3;
+        s.refused_later_by.insert("RCPT 550 5.7.54".into(), 3);
+        let text = s.explain();
+        assert!(
+            text.contains("every session (3) was refused at RCPT 550 5.7.54"),
+            "{text}"
+        );
+        assert!(text.contains("--to"), "{text}");
+        s.delivered = 1;
+        assert_eq!(s.explain(), "", "one delivered: the envelope works");
     }
 }

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,7 +31,17 @@ pub struct Behaviour {
     /// Past this many sessions, each one more adds `steep_delay` to the greeting.
     pub knee: usize,
     pub steep_delay: Duration,
+    /// A fixed greeting delay for every session: a server that holds each session this long.
+    pub hold: Duration,
+    /// Recipients outside this domain get Exchange's relay refusal; `None` accepts any.
+    pub accepted_domain: Option<&'static str>,
+    /// The EHLO reply offers STARTTLS (and the command is answered 454: no TLS here).
+    pub offer_starttls: bool,
 }
+
+/// Exchange's reply to a recipient outside its accepted domains.
+pub const EXCHANGE_RELAY_DENIED: &[u8] =
+    b"550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain\r\n";
 
 impl Behaviour {
     /// An Exchange-like server: turns away the session past `limit`, and greets a little more
@@ -40,13 +50,16 @@ impl Behaviour {
         Behaviour {
             limit: Some(limit),
             delay_per_session: Duration::from_micros(20),
+            accepted_domain: Some("mxgate.test"),
+            offer_starttls: true,
             ..Behaviour::default()
         }
     }
 
     /// The greeting delay with `held` sessions open, this one included.
     fn delay(&self, held: usize) -> Duration {
-        self.delay_per_session * held as u32
+        self.hold
+            + self.delay_per_session * held as u32
             + self.steep_delay * held.saturating_sub(self.knee.max(1)) as u32
     }
 }
@@ -61,7 +74,20 @@ pub struct Sink {
     /// Sessions open now, and the most ever open at once (not counting those turned away).
     held: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
+    stall: Stall,
     task: JoinHandle<()>,
+}
+
+/// When the sink stops answering: from, until.
+type Stall = Arc<std::sync::Mutex<Option<(Instant, Instant)>>>;
+
+/// Waits out a stall that covers now.
+async fn stalled(stall: &Stall) {
+    let until = match *stall.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some((from, until)) if (from..until).contains(&Instant::now()) => until,
+        _ => return,
+    };
+    tokio::time::sleep_until(until.into()).await;
 }
 
 impl Sink {
@@ -82,8 +108,14 @@ impl Sink {
         let busy = Arc::new(AtomicU64::new(0));
         let held = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
-        let (count, turned, open, top) =
-            (delivered.clone(), busy.clone(), held.clone(), peak.clone());
+        let stall = Stall::default();
+        let (count, turned, open, top, paused) = (
+            delivered.clone(),
+            busy.clone(),
+            held.clone(),
+            peak.clone(),
+            stall.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let now = open.fetch_add(1, Ordering::SeqCst) + 1;
@@ -94,13 +126,13 @@ impl Sink {
                     continue;
                 }
                 top.fetch_max(now, Ordering::SeqCst);
-                let (count, open) = (count.clone(), open.clone());
+                let (count, open, paused) = (count.clone(), open.clone(), paused.clone());
                 tokio::spawn(async move {
                     let delay = behaviour.delay(now);
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    let _ = session(s, &count).await;
+                    let _ = session(s, &count, &behaviour, &paused).await;
                     open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -111,8 +143,15 @@ impl Sink {
             busy,
             held,
             peak,
+            stall,
             task,
         })
+    }
+
+    /// Stops answering from `from` for `len`: sessions that arrive or are under way then wait,
+    /// as behind a server that stalls (a full disk, a garbage collection, a backup).
+    pub fn stall(&self, from: Instant, len: Duration) {
+        *self.stall.lock().unwrap_or_else(|p| p.into_inner()) = Some((from, from + len));
     }
 
     pub fn delivered(&self) -> u64 {
@@ -151,26 +190,42 @@ async fn turn_away(mut s: TcpStream) {
     }
 }
 
-async fn session(s: TcpStream, delivered: &AtomicU64) -> std::io::Result<()> {
+async fn session(
+    s: TcpStream,
+    delivered: &AtomicU64,
+    behaviour: &Behaviour,
+    stall: &Stall,
+) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
+    stalled(stall).await;
     w.write_all(b"220 sink.mxgate.test ESMTP\r\n").await?;
     let mut line = Vec::with_capacity(128);
     loop {
         if read_line(&mut r, &mut line).await? == 0 {
             return Ok(());
         }
+        stalled(stall).await;
         let verb: Vec<u8> = line
             .iter()
             .take_while(|b| !b.is_ascii_whitespace())
             .map(u8::to_ascii_uppercase)
             .collect();
         match verb.as_slice() {
+            b"EHLO" if behaviour.offer_starttls => {
+                w.write_all(b"250-sink.mxgate.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+                    .await?
+            }
             b"EHLO" => {
                 w.write_all(b"250-sink.mxgate.test\r\n250 PIPELINING\r\n")
                     .await?
             }
+            b"STARTTLS" => {
+                w.write_all(b"454 4.7.0 TLS not available due to temporary reason\r\n")
+                    .await?
+            }
+            b"RCPT" if !accepts(behaviour, &line) => w.write_all(EXCHANGE_RELAY_DENIED).await?,
             b"HELO" | b"MAIL" | b"RCPT" | b"RSET" | b"NOOP" => {
                 w.write_all(b"250 2.0.0 Ok\r\n").await?
             }
@@ -185,6 +240,7 @@ async fn session(s: TcpStream, delivered: &AtomicU64) -> std::io::Result<()> {
                         break;
                     }
                 }
+                stalled(stall).await;
                 delivered.fetch_add(1, Ordering::SeqCst);
                 w.write_all(b"250 2.0.0 Ok: queued\r\n").await?;
             }
@@ -195,6 +251,22 @@ async fn session(s: TcpStream, delivered: &AtomicU64) -> std::io::Result<()> {
             _ => w.write_all(b"502 5.5.2 Command not recognized\r\n").await?,
         }
     }
+}
+
+/// Whether a `RCPT TO:<local@domain>` line names a recipient the sink takes.
+fn accepts(behaviour: &Behaviour, line: &[u8]) -> bool {
+    let Some(domain) = behaviour.accepted_domain else {
+        return true;
+    };
+    let text = String::from_utf8_lossy(line);
+    let address = text
+        .split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map(|(a, _)| a)
+        .unwrap_or_default();
+    address
+        .rsplit_once('@')
+        .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
 }
 
 /// Reads one line (LF-terminated) of at most [`MAX_LINE`] bytes into `line`.

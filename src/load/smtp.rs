@@ -1,6 +1,8 @@
-//! One real SMTP transaction for the load tool: greeting, EHLO, MAIL, RCPT, DATA, QUIT, with
-//! multi-line replies parsed and every step under a timeout. It classifies how the session
-//! ended; it never retries.
+//! One real SMTP transaction for the load tool: greeting, EHLO (HELO if EHLO is refused), MAIL,
+//! RCPT, DATA, QUIT, with multi-line replies parsed and every step under a timeout. It
+//! classifies how the session ended, and at which step; it never retries. STARTTLS is never
+//! asked for: whether a server that offers it may be loaded in plain text is decided once,
+//! before a run, by [`probe`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -9,7 +11,41 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, Instant};
 
-use crate::smtp::{read_reply, Failure, Reply};
+use crate::smtp::{read_reply, read_reply_lines, Failure, Reply};
+
+/// The envelope and greeting name each session uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transaction {
+    /// The EHLO (or HELO) name.
+    pub ehlo: String,
+    /// MAIL FROM.
+    pub from: String,
+    /// RCPT TO, one per session, used in turn; never empty.
+    pub to: Vec<String>,
+}
+
+/// The EHLO name, sender and recipient when none are given: they suit the embedded sink and
+/// Postfix's smtp-sink, and a real server will refuse the recipient (see `--to`).
+pub const DEFAULT_EHLO: &str = "load.mxgate.test";
+pub const DEFAULT_FROM: &str = "load@mxgate.test";
+pub const DEFAULT_TO: &str = "sink@mxgate.test";
+
+impl Default for Transaction {
+    fn default() -> Transaction {
+        Transaction {
+            ehlo: DEFAULT_EHLO.into(),
+            from: DEFAULT_FROM.into(),
+            to: vec![DEFAULT_TO.into()],
+        }
+    }
+}
+
+impl Transaction {
+    /// The recipient of the `i`-th session.
+    pub fn recipient(&self, i: u64) -> &str {
+        &self.to[(i % self.to.len().max(1) as u64) as usize]
+    }
+}
 
 /// How one session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,75 +54,195 @@ pub enum Outcome {
     Delivered,
     /// The greeting was not 2xx; the key is the code and enhanced code, such as `421 4.7.0`.
     RefusedAtGreeting(String),
-    /// A later reply was not what the transaction needed.
-    RefusedLater,
+    /// A later step failed; the key is the step and the reply, such as `RCPT 550 5.7.54`, or
+    /// the step and `closed` when the server hung up.
+    RefusedLater(String),
     ConnectError,
-    Timeout,
+    /// A step took longer than its limit; the key is the step, such as `greeting` or `DATA`.
+    Timeout(&'static str),
 }
 
 /// What one session measured.
 pub struct Measured {
     pub outcome: Outcome,
-    /// Connect to the end of the greeting.
+    /// From the scheduled start to the end of the greeting.
     pub greeting: Option<Duration>,
-    /// Connect to the end of the session.
+    /// From the scheduled start to the end of the session: with open-loop arrivals, the time a
+    /// session waited to start counts, so a server that falls behind shows as latency.
     pub session: Duration,
+    /// From the connect to the end: how long the server held the session.
+    pub held: Duration,
+    /// Message bytes sent.
+    pub sent: u64,
 }
 
-/// Runs one transaction against `target`, from `source` when given.
-pub async fn session(
+/// One session's inputs.
+pub struct Session<'a> {
+    pub target: SocketAddr,
+    pub source: Option<IpAddr>,
+    pub transaction: &'a Transaction,
+    /// Which session of the run this is: picks the recipient and names the message.
+    pub index: u64,
+    /// The message body: CRLF-terminated lines, none starting with a dot; the session sends the
+    /// terminating dot itself.
+    pub body: &'a [u8],
+    /// When the session was due to start.
+    pub scheduled: Instant,
+    pub step: Duration,
+}
+
+/// Runs one transaction.
+pub async fn session(s: Session<'_>) -> Measured {
+    let started = Instant::now();
+    let mut sent = 0;
+    let done = |outcome, greeting: Option<Instant>, sent| Measured {
+        outcome,
+        greeting: greeting.map(|g| g - s.scheduled),
+        session: s.scheduled.elapsed(),
+        held: started.elapsed(),
+        sent,
+    };
+    let stream = match timeout(s.step, connect(s.target, s.source)).await {
+        Err(_) => return done(Outcome::Timeout("connect"), None, 0),
+        Ok(Err(_)) => return done(Outcome::ConnectError, None, 0),
+        Ok(Ok(stream)) => stream,
+    };
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let greeting = match read_reply(&mut r, s.step).await {
+        Ok(g) => g,
+        Err(Failure::Timeout) => return done(Outcome::Timeout("greeting"), None, 0),
+        Err(Failure::Broken) => {
+            return done(Outcome::RefusedLater("greeting closed".into()), None, 0)
+        }
+    };
+    let greeted = Some(Instant::now());
+    if greeting.code / 100 != 2 {
+        return done(Outcome::RefusedAtGreeting(reply_key(&greeting)), greeted, 0);
+    }
+    let t = s.transaction;
+    let ehlo = format!("EHLO {}\r\n", t.ehlo);
+    let helo = format!("HELO {}\r\n", t.ehlo);
+    let mail = format!("MAIL FROM:<{}>\r\n", t.from);
+    let rcpt = format!("RCPT TO:<{}>\r\n", t.recipient(s.index));
+    let headers = headers(t, s.index);
+    let mut steps: Vec<(&str, &[u8], u16)> = vec![
+        ("EHLO", ehlo.as_bytes(), 2),
+        ("MAIL", mail.as_bytes(), 2),
+        ("RCPT", rcpt.as_bytes(), 2),
+        ("DATA", b"DATA\r\n", 3),
+    ];
+    let mut i = 0;
+    while i < steps.len() {
+        let (name, command, class) = steps[i];
+        let outcome = match exchange(&mut r, &mut w, command, s.step).await {
+            Ok(reply) if reply.code / 100 == class => None,
+            // A server that does not know EHLO is asked with HELO, as RFC 5321 §3.2 says.
+            Ok(reply) if name == "EHLO" && reply.code / 100 == 5 => {
+                steps[i] = ("HELO", helo.as_bytes(), 2);
+                continue;
+            }
+            Ok(reply) => Some(Outcome::RefusedLater(format!(
+                "{name} {}",
+                reply_key(&reply)
+            ))),
+            Err(Failure::Broken) => Some(Outcome::RefusedLater(format!("{name} closed"))),
+            Err(Failure::Timeout) => Some(Outcome::Timeout(name)),
+        };
+        if let Some(o) = outcome {
+            return done(o, greeted, sent);
+        }
+        i += 1;
+    }
+    // The message: headers then body, then the reply to the final dot.
+    let write = async {
+        w.write_all(headers.as_bytes()).await?;
+        w.write_all(s.body).await?;
+        w.write_all(b".\r\n").await
+    };
+    let outcome = match timeout(s.step, write).await {
+        Ok(Ok(())) => {
+            sent = (headers.len() + s.body.len() + 3) as u64;
+            match read_reply(&mut r, s.step).await {
+                Ok(reply) if reply.code / 100 == 2 => None,
+                Ok(reply) => Some(Outcome::RefusedLater(format!(
+                    "message {}",
+                    reply_key(&reply)
+                ))),
+                Err(Failure::Broken) => Some(Outcome::RefusedLater("message closed".into())),
+                Err(Failure::Timeout) => Some(Outcome::Timeout("message")),
+            }
+        }
+        Ok(Err(_)) => Some(Outcome::RefusedLater("message closed".into())),
+        Err(_) => Some(Outcome::Timeout("message")),
+    };
+    if let Some(o) = outcome {
+        return done(o, greeted, sent);
+    }
+    // Delivered; QUIT is a courtesy whose answer does not change the outcome.
+    let _ = exchange(&mut r, &mut w, b"QUIT\r\n", s.step).await;
+    done(Outcome::Delivered, greeted, sent)
+}
+
+/// Writes one command and reads its reply, both within `step`.
+async fn exchange(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    command: &[u8],
+    step: Duration,
+) -> Result<Reply, Failure> {
+    match timeout(step, w.write_all(command)).await {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(_)) => return Err(Failure::Broken),
+        Ok(Ok(())) => {}
+    }
+    read_reply(r, step).await
+}
+
+/// What one session learns of a server before a run.
+#[derive(Debug)]
+pub struct Probe {
+    /// The greeting, as `CODE ENHANCED`-keyed text.
+    pub greeting: Reply,
+    /// The server's EHLO reply offers STARTTLS.
+    pub starttls: bool,
+}
+
+/// Connects once, reads the greeting and the EHLO reply, and says QUIT: enough to tell the
+/// operator before a run that the server offers STARTTLS, or cannot be reached at all.
+pub async fn probe(
     target: SocketAddr,
     source: Option<IpAddr>,
-    message: &[u8],
+    ehlo: &str,
     step: Duration,
-) -> Measured {
-    let started = Instant::now();
-    let done = |outcome, greeting| Measured {
-        outcome,
-        greeting,
-        session: started.elapsed(),
-    };
+) -> Result<Probe, String> {
     let stream = match timeout(step, connect(target, source)).await {
-        Err(_) => return done(Outcome::Timeout, None),
-        Ok(Err(_)) => return done(Outcome::ConnectError, None),
+        Err(_) => return Err(format!("connecting to {target} took over {step:?}")),
+        Ok(Err(e)) => return Err(format!("cannot connect to {target}: {e}")),
         Ok(Ok(s)) => s,
     };
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    let greeting = match read_reply(&mut r, step).await {
-        Ok(g) => g,
-        Err(Failure::Timeout) => return done(Outcome::Timeout, None),
-        Err(Failure::Broken) => return done(Outcome::RefusedLater, None),
-    };
-    let greeted = Some(started.elapsed());
-    if greeting.code / 100 != 2 {
-        return done(Outcome::RefusedAtGreeting(reply_key(&greeting)), greeted);
-    }
-    let steps: [(&[u8], u16); 5] = [
-        (b"EHLO load.mxgate.test\r\n", 2),
-        (b"MAIL FROM:<load@mxgate.test>\r\n", 2),
-        (b"RCPT TO:<sink@mxgate.test>\r\n", 2),
-        (b"DATA\r\n", 3),
-        (message, 2),
-    ];
-    for (command, class) in steps {
-        if timeout(step, w.write_all(command))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            return done(Outcome::RefusedLater, greeted);
-        }
-        match read_reply(&mut r, step).await {
-            Ok(reply) if reply.code / 100 == class => {}
-            Ok(_) | Err(Failure::Broken) => return done(Outcome::RefusedLater, greeted),
-            Err(Failure::Timeout) => return done(Outcome::Timeout, greeted),
+    let greeting = read_reply(&mut r, step)
+        .await
+        .map_err(|f| format!("{target} sent no greeting ({f:?})"))?;
+    let mut starttls = false;
+    if greeting.code / 100 == 2 {
+        let command = format!("EHLO {ehlo}\r\n");
+        if let Ok(Ok(())) = timeout(step, w.write_all(command.as_bytes())).await {
+            if let Ok((reply, lines)) = read_reply_lines(&mut r, step).await {
+                starttls = reply.code / 100 == 2
+                    && lines.iter().any(|l| {
+                        l.get(4..)
+                            .is_some_and(|ext| ext.trim().eq_ignore_ascii_case("STARTTLS"))
+                    });
+            }
         }
     }
-    // Delivered; QUIT is a courtesy whose answer does not change the outcome.
     if let Ok(Ok(())) = timeout(step, w.write_all(b"QUIT\r\n")).await {
         let _ = read_reply(&mut r, step).await;
     }
-    done(Outcome::Delivered, greeted)
+    Ok(Probe { greeting, starttls })
 }
 
 async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
@@ -103,7 +259,7 @@ async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<
 }
 
 /// `421 4.7.0` from `421 4.7.0 mx Too many ...`; just `421` without an enhanced code.
-fn reply_key(reply: &Reply) -> String {
+pub fn reply_key(reply: &Reply) -> String {
     let enhanced = reply
         .text
         .get(4..)
@@ -121,18 +277,42 @@ fn reply_key(reply: &Reply) -> String {
     }
 }
 
-/// A message of about `size` bytes: headers, then 76-character lines of text. No line starts
-/// with a dot, so no dot-stuffing is needed; ends with the CRLF.CRLF terminator.
-pub fn message(size: usize) -> Vec<u8> {
-    let mut m =
-        b"From: <load@mxgate.test>\r\nTo: <sink@mxgate.test>\r\nSubject: mxgate load\r\n\r\n"
-            .to_vec();
-    while m.len() + 78 <= size {
-        m.extend_from_slice(&[b'x'; 76]);
-        m.extend_from_slice(b"\r\n");
+/// The header of the `i`-th message: the envelope's addresses, and a Message-ID that names the
+/// session, so a message found in a mailbox can be traced to its run.
+fn headers(t: &Transaction, i: u64) -> String {
+    format!(
+        "From: <{}>\r\nTo: <{}>\r\nSubject: mxgate load {i}\r\nMessage-ID: <load.{i}.{}@{}>\r\n\r\n",
+        t.from,
+        t.recipient(i),
+        std::process::id(),
+        t.ehlo
+    )
+}
+
+/// Message bodies of any size up to a largest one: 76-character lines of text, cut from one
+/// buffer so no session allocates its own. No line starts with a dot, so no dot-stuffing is
+/// needed.
+pub struct Bodies(Vec<u8>);
+
+const LINE: usize = 78;
+
+impl Bodies {
+    pub fn new(largest: usize) -> Bodies {
+        let lines = largest / LINE;
+        let mut b = Vec::with_capacity(lines * LINE);
+        for _ in 0..lines {
+            b.extend_from_slice(&[b'x'; LINE - 2]);
+            b.extend_from_slice(b"\r\n");
+        }
+        Bodies(b)
     }
-    m.extend_from_slice(b".\r\n");
-    m
+
+    /// The body of a message of about `size` bytes with its terminating dot: whole lines, at
+    /// most `size - 3` bytes of them.
+    pub fn get(&self, size: usize) -> &[u8] {
+        let lines = (size.saturating_sub(3) / LINE).min(self.0.len() / LINE);
+        &self.0[..lines * LINE]
+    }
 }
 
 #[cfg(test)]
@@ -154,10 +334,29 @@ mod tests {
     }
 
     #[test]
-    fn message_size_and_terminator() {
-        let m = message(10_000);
-        assert!(m.len() <= 10_003 && m.len() > 9_900);
-        assert!(m.ends_with(b"\r\n.\r\n"));
-        assert!(!m.windows(3).any(|w| w == b"\n.x"));
+    fn bodies_are_whole_lines_within_the_size() {
+        let b = Bodies::new(10_000);
+        let m = b.get(10_000);
+        assert!(m.len() + 3 <= 10_000 && m.len() + 3 > 9_900, "{}", m.len());
+        assert!(m.ends_with(b"x\r\n"));
+        assert!(!m.windows(3).any(|w| w == b"\n.x") && m[0] != b'.');
+        assert!(b.get(0).is_empty() && b.get(80).is_empty() && b.get(81).len() == 78);
+        assert_eq!(b.get(1 << 30).len(), m.len(), "capped at the largest");
+    }
+
+    #[test]
+    fn recipients_are_used_in_turn() {
+        let t = Transaction {
+            to: vec!["a@x".into(), "b@x".into()],
+            ..Transaction::default()
+        };
+        let got: Vec<&str> = (0..4).map(|i| t.recipient(i)).collect();
+        assert_eq!(got, ["a@x", "b@x", "a@x", "b@x"]);
+        let h = headers(&t, 3);
+        assert!(
+            h.starts_with("From: <load@mxgate.test>\r\nTo: <b@x>\r\n"),
+            "{h}"
+        );
+        assert!(h.ends_with("\r\n\r\n"));
     }
 }
