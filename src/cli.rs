@@ -59,18 +59,20 @@ pub struct LoadArgs {
     #[arg(long, value_name = "CIDR")]
     pub sources: Option<crate::config::Cidr>,
     /// Closed loop: sessions in flight at once, each client starting its next when one ends
-    #[arg(long, value_name = "N", default_value_t = 10, conflicts_with_all = ["rate", "profile"])]
-    pub concurrency: usize,
+    #[arg(long, value_name = "N", default_value_t = 10, conflicts_with_all = ["rate", "profile"],
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
     /// Open loop: start sessions on a Poisson schedule at this rate (such as 50/s), whatever
     /// the server does; latency counts from each session's scheduled start
-    #[arg(long, value_name = "N/s", conflicts_with = "profile")]
+    #[arg(long, value_name = "N/s", conflicts_with_all = ["profile", "ramp"])]
     pub rate: Option<Rate>,
     /// Open loop at the rate of the administrator's numbers, sizes drawn around their mean:
     /// users=N,per-user-per-hour=N[,peak=F][,size=BYTES]
     #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "ramp")]
     pub profile: Option<crate::load::profile::Profile>,
     /// Stop after this many sessions [default: 1000; a ramp step or a profile runs for a time]
-    #[arg(long, value_name = "N", conflicts_with = "duration")]
+    #[arg(long, value_name = "N", conflicts_with = "duration",
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub sessions: Option<u64>,
     /// Stop after this long (per step with --ramp) [default: 5s per step, 60s for --profile]
     #[arg(long, value_name = "DUR")]
@@ -125,13 +127,19 @@ impl std::str::FromStr for Rate {
             .unwrap_or(s)
             .parse::<f64>()
             .ok()
-            .filter(|r| r.is_finite() && *r > 0.0 && *r <= 100_000.0)
+            .filter(|r| crate::load::RATES.contains(r))
             .map(Rate)
-            .ok_or_else(|| format!("invalid rate {s:?}: expected sessions per second, such as 50/s (at most 100000/s)"))
+            .ok_or_else(|| {
+                format!(
+                    "invalid rate {s:?}: expected sessions per second, such as 50/s, from {}/s to {}/s",
+                    crate::load::RATES.start(),
+                    crate::load::RATES.end()
+                )
+            })
     }
 }
 
-/// A share: `1%`, `0.5%`, or a fraction such as `0.01`.
+/// A share in percent: `1%`, `0.5%`. The sign is required: a bare `1` could mean either.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Percent(pub f64);
 
@@ -139,11 +147,9 @@ impl std::str::FromStr for Percent {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Percent, String> {
-        let v = match s.strip_suffix('%') {
-            Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
-            None => s.parse::<f64>(),
-        };
-        v.ok()
+        s.strip_suffix('%')
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .map(|v| v / 100.0)
             .filter(|v| (0.0..=1.0).contains(v))
             .map(Percent)
             .ok_or_else(|| format!("invalid share {s:?}: expected a percentage such as 1% or 0.5%"))
@@ -152,31 +158,45 @@ impl std::str::FromStr for Percent {
 
 /// An envelope address: `local@domain`, nothing that would break the command line it goes in.
 fn address(s: &str) -> Result<String, String> {
+    // ASCII only: the tool does not ask for SMTPUTF8.
     let bad = s.is_empty()
         || s.len() > 254
         || s.bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b"<>".contains(&b))
+            .any(|b| !b.is_ascii_graphic() || b"<>()[]\\,;:\"".contains(&b))
         || !s
             .rsplit_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty());
+            .is_some_and(|(l, d)| !l.is_empty() && is_host_name(d));
     if bad {
         return Err(format!(
-            "invalid address {s:?}: expected local@domain, without spaces or angle brackets"
+            "invalid address {s:?}: expected local@domain in ASCII, without spaces, brackets or quotes"
         ));
     }
     Ok(s.to_string())
 }
 
-/// An EHLO name: a domain or an address literal, no spaces.
+/// An EHLO name: a host name (RFC 5321 §4.1.2 also allows an address literal, which a load
+/// generator does not need).
 fn ehlo_name(s: &str) -> Result<String, String> {
-    if s.is_empty()
-        || s.len() > 255
-        || s.bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        return Err(format!("invalid EHLO name {s:?}: expected a host name"));
+    if !is_host_name(s) {
+        return Err(format!(
+            "invalid EHLO name {s:?}: expected a host name (letters, digits, hyphens and dots)"
+        ));
     }
     Ok(s.to_string())
+}
+
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 #[derive(Debug, clap::Args)]

@@ -170,6 +170,17 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     sim::check_target(args.target.addr, args.allow_remote).map_err(anyhow::Error::msg)?;
     let timed = args.ramp.is_some() || args.profile.is_some();
+    let concurrency = args.concurrency as usize;
+    if args.message_size.0 > sim::MAX_MESSAGE
+        || args
+            .profile
+            .is_some_and(|p| p.size.is_some_and(|n| n > sim::MAX_MESSAGE))
+    {
+        anyhow::bail!(
+            "messages of at most {} MiB: a larger size measures the disk, not the limits",
+            sim::MAX_MESSAGE >> 20
+        );
+    }
     let bound = match (args.sessions, args.duration) {
         (Some(n), _) => Bound::Sessions(n),
         (None, Some(d)) => Bound::Duration(d.0),
@@ -192,14 +203,38 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         sources: args.sources.map(|c| c.0),
         arrivals: match args.rate {
             Some(r) => sim::Arrivals::Open(r.0),
-            None => sim::Arrivals::Closed(args.concurrency),
+            None => sim::Arrivals::Closed(concurrency),
         },
         sizes: sim::Sizes::Fixed(args.message_size.0),
         transaction: std::sync::Arc::new(transaction),
         seed: args.seed,
         progress: true,
-        ..Options::new(args.target.addr, args.concurrency, bound)
+        ..Options::new(args.target.addr, concurrency, bound)
     };
+    let mut opts = opts;
+    // Each session is one descriptor: a run the descriptor limit cannot hold would count its
+    // own EMFILE as the server's connect errors.
+    let room = descriptors().saturating_sub(DESCRIPTOR_RESERVE);
+    let closed = match (args.rate, args.profile, args.ramp) {
+        (None, None, Some(r)) => r.max_concurrency(),
+        (None, None, None) => Some(concurrency),
+        _ => None,
+    };
+    match closed {
+        Some(n) if n > room => anyhow::bail!(
+            "concurrency {n} needs {n} descriptors, and only {room} are free under the \
+             descriptor limit (ulimit -n): raise it, or load with fewer"
+        ),
+        Some(_) => {}
+        None if room < sim::MAX_IN_FLIGHT => {
+            eprintln!(
+                "mxgate load: at most {room} sessions open at once (the descriptor limit); \
+                 arrivals past it are counted as not started"
+            );
+            opts.max_in_flight = room.max(1);
+        }
+        None => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -213,7 +248,9 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     if probe.starttls && !args.starttls_skip {
         anyhow::bail!(
-            "{} offers STARTTLS, and mxgate load does not speak TLS: pass --starttls-skip to load              it in plain text (the server must accept mail without TLS on this connector; the              figures then leave out the cost of TLS)",
+            "{} offers STARTTLS, and mxgate load does not speak TLS: pass --starttls-skip to load \
+             it in plain text (the server must accept mail without TLS on this connector; the \
+             figures then leave out the cost of TLS)",
             args.target.addr
         );
     }
@@ -241,6 +278,22 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
     };
     print!("{out}");
     Ok(())
+}
+
+/// Descriptors the load tool keeps for itself: stdio, the runtime, the probe.
+const DESCRIPTOR_RESERVE: usize = 64;
+
+/// The soft descriptor limit, first raised to the hard one.
+fn descriptors() -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if setrlimit(Resource::Nofile, limit).is_err() {
+            limit = getrlimit(Resource::Nofile);
+        }
+    }
+    limit.current.map_or(usize::MAX, |n| n as usize)
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

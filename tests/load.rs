@@ -612,3 +612,86 @@ async fn a_profile_the_server_cannot_keep_up_with_gets_no_recommendation() {
         report.reasoning
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_run_against_a_silent_server_ends_at_its_bound_and_its_cap() {
+    // Accepts every connection and never greets.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            open.push(s);
+        }
+    });
+    let opts = Options {
+        max_in_flight: 5,
+        // Longer than the run: the first five hold their slots through it.
+        step: Duration::from_secs(2),
+        ..open(addr, 200.0, 1)
+    };
+    let started = std::time::Instant::now();
+    let stats = load::run(&opts).await;
+    let took = started.elapsed();
+    held.abort();
+    assert!(stats.arrivals > 100, "{}", stats.table());
+    assert_eq!(
+        stats.sessions(),
+        stats.arrivals,
+        "each arrival counted once"
+    );
+    assert_eq!(stats.not_started, stats.arrivals - 5, "{}", stats.table());
+    assert_eq!(stats.timeouts, 5, "{}", stats.table());
+    assert_eq!(stats.delivered, 0);
+    // The bound (1 s) and one step (2 s), with room for a busy machine, not 30 s per step.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}
+
+#[test]
+fn load_flags_that_cannot_run_well_are_refused_up_front() {
+    for (args, says) in [
+        (&["--sessions", "0"][..], "--sessions"),
+        (&["--concurrency", "0"], "--concurrency"),
+        (&["--max-errors", "1"], "1% or 0.5%"),
+        (&["--rate", "1e-300/s"], "invalid rate"),
+        (&["--rate", "5/s", "--ramp", "1..2"], "cannot be used with"),
+        (&["--ramp", "1/s..1e9/s/1e-9"], "invalid ramp"),
+        (&["--ramp", "1/s..100000/s/0.01"], "steps; at most 1000"),
+        (&["--ramp", "1..18446744073709551615/1"], "invalid ramp"),
+        (&["--profile", "users=1e12,per-user-per-hour=1"], "outside"),
+        (
+            &["--profile", "users=10,per-user-per-hour=10,size=200MiB"],
+            "at most 64 MiB",
+        ),
+        (&["--message-size", "100MiB"], "at most 64 MiB"),
+        (&["--ehlo", "x>y"], "invalid EHLO name"),
+        (&["--to", "é@example.org"], "invalid address"),
+        (&["--from", "a@b>c"], "invalid address"),
+        (&["--plot", "x.svg"], "--ramp"),
+    ] {
+        let mut all = vec!["--target", "127.0.0.1:9"];
+        all.extend_from_slice(args);
+        let out = mxgate_load(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_concurrency_the_descriptor_limit_cannot_hold_is_refused() {
+    let bin = env!("CARGO_BIN_EXE_mxgate");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 128 && exec {bin} load --target 127.0.0.1:9 --concurrency 200"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("concurrency 200 needs 200 descriptors, and only 64 are free"),
+        "{err}"
+    );
+}

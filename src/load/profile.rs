@@ -9,6 +9,8 @@ use super::{rng::Sizes, run, Arrivals, Options, Stats};
 pub const HEADROOM: f64 = 1.5;
 /// Below this share of the offered rate delivered, the server did not keep up.
 pub const KEPT_UP: f64 = 0.95;
+/// Fewer arrivals than this are too few to size from.
+pub const MIN_ARRIVALS: u64 = 20;
 
 /// The administrator's numbers.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -62,12 +64,21 @@ impl std::str::FromStr for Profile {
                 }
             }
         }
-        Ok(Profile {
+        let p = Profile {
             users: users.ok_or("profile: users= is required")?,
             per_user_per_hour: per_user.ok_or("profile: per-user-per-hour= is required")?,
             peak: peak.unwrap_or(1.0),
             size,
-        })
+        };
+        if !super::RATES.contains(&p.rate()) {
+            return Err(format!(
+                "profile: {} is outside {}/s to {}/s",
+                p.formula(),
+                super::RATES.start(),
+                super::RATES.end()
+            ));
+        }
+        Ok(p)
     }
 }
 
@@ -113,7 +124,20 @@ pub async fn profile(base: &Options, p: Profile, max_errors: f64) -> ProfileRepo
     let delivered = stats.delivered_per_second();
     let kept_up = stats.kept_up(KEPT_UP) && stats.error_fraction() <= max_errors;
     let peak = stats.peak_concurrency.max(1);
-    let (max_connections, max_per_source, reasoning) = if kept_up {
+    let (max_connections, max_per_source, reasoning) = if stats.arrivals < MIN_ARRIVALS {
+        (
+            None,
+            None,
+            format!(
+                "Only {} sessions arrived in {:.0} s, too few to size from: lengthen --duration \
+                 (at {:.2} sessions/s, {:.0} s gives about 200).",
+                stats.arrivals,
+                stats.window.as_secs_f64(),
+                p.rate(),
+                (200.0 / p.rate()).ceil()
+            ),
+        )
+    } else if kept_up {
         let limit = (peak as f64 * HEADROOM).ceil() as usize;
         let per_source = stats
             .per_source_peak
@@ -236,6 +260,8 @@ mod tests {
             ("users=1,per-user-per-hour=1,peek=2", "unknown key \"peek\""),
             ("users", "not KEY=VALUE"),
             ("users=1,per-user-per-hour=1,size=big", "size="),
+            ("users=1e-300,per-user-per-hour=1", "outside"),
+            ("users=1e12,per-user-per-hour=1", "outside"),
         ] {
             let e = bad.parse::<Profile>().unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -58,10 +58,10 @@ impl std::str::FromStr for Ramp {
                 Some(_) => return Err(bad()),
                 None => start,
             };
-            if end < start {
+            if end < start || !super::RATES.contains(&end) || !super::RATES.contains(&start) {
                 return Err(bad());
             }
-            return Ok(Ramp::Rate { start, end, step });
+            return Ramp::Rate { start, end, step }.checked(s);
         }
         let (b, step) = match rest.split_once('/') {
             Some((b, st)) => (b, st.parse().map_err(|_| bad())?),
@@ -70,14 +70,40 @@ impl std::str::FromStr for Ramp {
         let (start, end): (usize, usize) =
             (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
         let step = if step == 0 { start.max(1) } else { step };
-        if start == 0 || end < start {
+        if start == 0 || end < start || end > MAX_CONCURRENCY {
             return Err(bad());
         }
-        Ok(Ramp::Concurrency { start, end, step })
+        Ramp::Concurrency { start, end, step }.checked(s)
     }
 }
 
+/// The most steps a ramp may have, and the highest concurrency it may reach.
+pub const MAX_STEPS: f64 = 1000.0;
+pub const MAX_CONCURRENCY: usize = 100_000;
+
 impl Ramp {
+    /// The ramp, if it has at most [`MAX_STEPS`] steps.
+    fn checked(self, text: &str) -> Result<Ramp, String> {
+        let steps = match self {
+            Ramp::Concurrency { start, end, step } => ((end - start) / step + 1) as f64,
+            Ramp::Rate { start, end, step } => (end - start) / step + 1.0,
+        };
+        if steps > MAX_STEPS {
+            return Err(format!(
+                "ramp {text:?} has {steps:.0} steps; at most {MAX_STEPS} (take a larger STEP)"
+            ));
+        }
+        Ok(self)
+    }
+
+    /// The highest concurrency a concurrency ramp reaches.
+    pub fn max_concurrency(&self) -> Option<usize> {
+        match *self {
+            Ramp::Concurrency { end, .. } => Some(end),
+            Ramp::Rate { .. } => None,
+        }
+    }
+
     fn is_rate(&self) -> bool {
         matches!(self, Ramp::Rate { .. })
     }
@@ -122,10 +148,15 @@ pub enum Verdict {
     Errors(f64),
     /// Delivered/s grew less than it had to, or fell: the gain over the last good point.
     Flat(f64),
+    /// No session ran at all.
+    Empty,
 }
 
 /// Judges `stats` at `load` against the last good point.
 pub fn verdict(stats: &Stats, load: f64, last: Option<(f64, &Stats)>, max_errors: f64) -> Verdict {
+    if stats.sessions() == 0 {
+        return Verdict::Empty;
+    }
     let errors = stats.error_fraction();
     if errors > max_errors {
         return Verdict::Errors(errors);
@@ -261,6 +292,7 @@ fn recommend(
         ),
         Verdict::Flat(g) if g < 0.0 => format!("its delivered rate fell ({:+.1} %)", g * 100.0),
         Verdict::Flat(g) => format!("its delivered rate grew only {:+.1} %", g * 100.0),
+        Verdict::Empty => "no session ran in the step (lengthen --duration)".to_string(),
         Verdict::Good => unreachable!("a bad point"),
     });
     let (max_connections, reasoning) = match (good, knee, cause) {
@@ -294,8 +326,7 @@ fn recommend(
             (
                 Some(limit),
                 format!(
-                    "No knee up to {what} {}: every step delivered more than the last, within \
-                     the error tolerance.{from} max_connections = {limit} is safe as far as \
+                    "No knee up to {what} {}: no step failed or stopped growing.{from} max_connections = {limit} is safe as far as \
                      measured; ramp higher to find the real limit.",
                     p.load
                 ),
@@ -351,6 +382,7 @@ impl RampReport {
                             Verdict::Good => "good",
                             Verdict::Errors(_) => "errors",
                             Verdict::Flat(_) => "flat",
+                            Verdict::Empty => "empty",
                         },
                         "summary": p.stats.to_json(),
                     })
@@ -386,6 +418,7 @@ impl RampReport {
                     Verdict::Good => "good",
                     Verdict::Errors(_) => "errors",
                     Verdict::Flat(_) => "flat",
+                    Verdict::Empty => "empty",
                 }
             );
         }
@@ -476,6 +509,7 @@ mod tests {
             verdict(&stats(90, 0, 1.0), 20.0, last, 0.01),
             Verdict::Flat(g) if g < 0.0
         ));
+        assert_eq!(verdict(&Stats::new(), 20.0, last, 0.01), Verdict::Empty);
         // A 4 % step in load needs only a 2 % gain.
         assert_eq!(
             verdict(&stats(103, 0, 1.0), 10.4, last, 0.01),
