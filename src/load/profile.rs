@@ -145,7 +145,7 @@ pub async fn profile(base: &Options, p: Profile, max_errors: f64) -> ProfileRepo
             .map(|k| (k.max(1) as f64 * HEADROOM).ceil() as usize);
         let mut why = format!(
             "At the peak rate of {:.2} sessions/s the server delivered {delivered:.2}/s and \
-             needed at most {peak} sessions at once (mean {:.1}); max_connections = {limit} \
+             held at most {peak} at once (mean {:.1}); max_connections = {limit} \
              leaves {:.0} % above that peak for a busier hour, and past it mxgate queues the \
              rest rather than overloading the server. Check with --ramp that the server still \
              delivers at {limit} at once.",
@@ -155,7 +155,7 @@ pub async fn profile(base: &Options, p: Profile, max_errors: f64) -> ProfileRepo
         );
         if let (Some(k), Some(n)) = (stats.per_source_peak, per_source) {
             why += &format!(
-                " The busiest single source held {k} sessions at once, so max_per_source = {n} \
+                " The busiest single source held {k} at once, so max_per_source = {n} \
                  gives a sender like it room; it measures this run's sources, so compare it \
                  with the senders the server really sees."
             );
