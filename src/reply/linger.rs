@@ -300,6 +300,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_reads_late_still_reads_the_whole_line() {
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (mut c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        // The scenario, not a synchronisation: this client looks at its socket a while after
+        // mxgate has answered it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, LINE);
+        drop(c);
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_quit_after_the_line_gets_no_reset() {
+        // As Postfix does: read the 421, then QUIT, then close.
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        let mut c = tokio::io::BufReader::new(c);
+        let mut line = Vec::new();
+        tokio::io::AsyncBufReadExt::read_until(&mut c, b'\n', &mut line)
+            .await
+            .unwrap();
+        assert_eq!(line, LINE);
+        c.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "end of stream after the line, no reset");
+        drop(c);
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_talks_only_after_its_line_was_sent_can_still_write_and_read() {
+        // Why every refused socket lingers, not only those whose receive queue is already
+        // non-empty when the line is sent: a client that pipelines without waiting for the
+        // greeting may have its bytes in flight at that moment. Were the socket closed then,
+        // its bytes would draw a reset and its writes fail before it reads the reply.
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (mut c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        let mut head = [0u8; 1];
+        c.read_exact(&mut head).await.unwrap();
+        let drive = async {
+            loop {
+                l.turn().await;
+            }
+        };
+        let client = async {
+            // 48 KiB, under the byte cap.
+            for _ in 0..6 {
+                c.write_all(&[b'x'; 8 * 1024]).await.unwrap();
+            }
+            let mut got = head.to_vec();
+            c.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let got = tokio::select! {
+            got = client => got,
+            _ = drive => unreachable!(),
+        };
+        assert_eq!(got, LINE);
+    }
+
+    #[tokio::test]
     async fn bytes_the_client_sends_are_read_so_no_reset_loses_the_line() {
         let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
         let (mut c, s) = pair().await;
