@@ -83,11 +83,25 @@ pub struct Guard {
     network: Option<IpNet>,
     /// Whether a global slot is held (a waiter in the queue has none yet).
     holds_global: bool,
+    /// The session's place in the cluster's counts, once the cluster admitted it.
+    /// (Boxed: most sessions of a clustered instance hold one, an unclustered none, and a
+    /// waiting client's guard stays small.)
+    claim: Option<Box<crate::cluster::Claim>>,
 }
 
 impl Guard {
     pub fn source(&self) -> IpNet {
         self.source
+    }
+
+    /// Whether the cluster has admitted this session already (a requeued client keeps it).
+    pub fn clustered(&self) -> bool {
+        self.claim.is_some()
+    }
+
+    /// Keeps the cluster's place for as long as the session's own slots.
+    pub fn hold_claim(&mut self, claim: crate::cluster::Claim) {
+        self.claim = Some(Box::new(claim));
     }
 
     /// Takes over a global slot handed to this waiter.
@@ -290,6 +304,7 @@ impl Admission {
             holds_source: false,
             network: None,
             holds_global: false,
+            claim: None,
         };
         let per_source = if allowed {
             usize::MAX
@@ -335,6 +350,26 @@ impl Admission {
             would_reject,
             allowed,
         })
+    }
+}
+
+/// What the cluster is asked for a session admitted here: the same keys and limits this
+/// instance decided with.
+pub fn cluster_ask(policy: &Policy, ip: IpAddr, guard: &Guard) -> crate::cluster::Ask {
+    let class = policy.classify(ip);
+    let allowed = class.listing == Some(Listing::Allow);
+    let rule = class.rule;
+    crate::cluster::Ask {
+        source: guard.source,
+        source_cap: (!allowed).then_some(rule.max_per_source),
+        network: if allowed {
+            None
+        } else {
+            rule.network_cap(ip)
+                .map(|(len, cap)| (mask(ip, len, len), cap))
+        },
+        global_cap: global_cap(policy, allowed),
+        enforce: !policy.dry_run,
     }
 }
 

@@ -27,6 +27,7 @@
 pub mod admission;
 pub mod backend;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod forward;

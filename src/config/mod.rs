@@ -19,7 +19,8 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-pub use settings::Settings;
+pub use settings::{ClusterSettings, Settings};
+pub use validate::redact;
 pub use value::{
     BackendSpec, ByteSize, Cidr, Dur, HostPort, ListenAddr, MetricsAddr, Rate, ReplyText,
 };
@@ -48,6 +49,10 @@ pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The lowest limit a learned backend limit goes to, and where it starts by default.
 pub const DEFAULT_ADAPTIVE_MIN: usize = 5;
 pub const DEFAULT_PIPE_SIZE: usize = 1024 * 1024;
+pub const DEFAULT_CLUSTER_NAME: &str = "mxgate";
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_FALLBACK_SHARE: f64 = 0.5;
+pub const DEFAULT_CLUSTER_ADMISSION_TIMEOUT: Duration = Duration::from_millis(50);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most worker threads `threads` may ask for.
@@ -241,6 +246,20 @@ pub struct Config {
     pub status: bool,
     pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
+    /// Limits shared with other instances through Redis; `None` counts alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A validated `[cluster]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    /// The Redis URL, as given (it may carry a password: never logged).
+    pub redis: String,
+    pub name: String,
+    pub instance: String,
+    pub lease_ttl: Duration,
+    pub fallback_share: f64,
+    pub admission_timeout: Duration,
 }
 
 impl Config {
@@ -271,11 +290,15 @@ impl Config {
         base.merge(flags)
             .check()
             .map_err(|validate::Bad(key, reason)| {
-                let root = key.split(['.', '[']).next().unwrap_or("").to_string();
+                let mut root = key.split(['.', '[']).next().unwrap_or("").to_string();
+                // The `[cluster]` table's keys are flags of their own (`--cluster-redis`).
+                if root == "cluster" {
+                    root = key.clone();
+                }
                 if from_flags.contains(&root) || file.is_none() {
                     return ConfigError {
                         file: None,
-                        flag: Some(format!("--{}", root.replace('_', "-"))),
+                        flag: Some(format!("--{}", root.replace(['_', '.'], "-"))),
                         key,
                         reason,
                         line: None,
@@ -370,6 +393,18 @@ impl Config {
             status: Some(self.status),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
+            // The password, if the URL has one, is not printed.
+            cluster: self
+                .cluster
+                .as_ref()
+                .map_or_else(ClusterSettings::default, |c| ClusterSettings {
+                    redis: Some(redact(&c.redis)),
+                    name: Some(c.name.clone()),
+                    instance: Some(c.instance.clone()),
+                    lease_ttl: Some(Dur(c.lease_ttl)),
+                    fallback_share: Some(c.fallback_share),
+                    admission_timeout: Some(Dur(c.admission_timeout)),
+                }),
         };
         toml::to_string(&s).expect("settings serialise")
     }
@@ -378,6 +413,21 @@ impl Config {
 /// The line on which `key` is set in a TOML `text`: a `key =` line, or the `[key]` or
 /// `[[key]]` table header (`network` for `[[network]]`).
 fn line_of(text: &str, key: &str) -> Option<usize> {
+    // A key of a table (`cluster.redis`): its line after the table's header.
+    if let Some((table, inner)) = key.split_once('.') {
+        let header = line_of(text, table)?;
+        return text
+            .lines()
+            .enumerate()
+            .skip(header)
+            .take_while(|(_, l)| !l.trim_start().starts_with('['))
+            .find(|(_, l)| {
+                l.trim_start()
+                    .strip_prefix(inner)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+            .map_or(Some(header), |(i, _)| Some(i + 1));
+    }
     let table = if key == "networks" { "network" } else { key };
     text.lines()
         .position(|l| {

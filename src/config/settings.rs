@@ -230,6 +230,11 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<bool>,
 
+    /// Shared limits across several mxgate hosts (`[cluster]`)
+    #[command(flatten)]
+    #[serde(default, skip_serializing_if = "ClusterSettings::is_empty")]
+    pub cluster: ClusterSettings,
+
     /// Per-network overrides (file only, `[[network]]`)
     #[arg(skip)]
     #[serde(default, rename = "network", skip_serializing_if = "Vec::is_empty")]
@@ -239,6 +244,64 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replies: Option<ReplyOverrides>,
+}
+
+/// The `[cluster]` table: with `redis` set, the global, per-source and per-network limits hold
+/// across every instance that shares the store and `name`.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Share the limits with other instances through this Redis: redis://HOST:PORT/DB
+    #[arg(long = "cluster-redis", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+
+    /// Namespaces the cluster's keys: instances with the same name share limits [default: mxgate]
+    #[arg(long = "cluster-name", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+
+    /// This instance's name in the cluster; unique per host [default: the system host name]
+    #[arg(long = "cluster-instance", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+
+    /// How long a dead instance's slots stay counted before they return [default: 10s]
+    #[arg(long = "cluster-lease-ttl", value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ttl: Option<Dur>,
+
+    /// The fraction of each limit this instance enforces alone while Redis is unreachable
+    /// [default: 0.5]
+    #[arg(long = "cluster-fallback-share", value_name = "FRACTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_share: Option<f64>,
+
+    /// How long one admission waits for Redis before the fallback share decides [default: 50ms]
+    #[arg(long = "cluster-admission-timeout", value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission_timeout: Option<Dur>,
+}
+
+impl ClusterSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == ClusterSettings::default()
+    }
+
+    /// Overlays `over`: every value it sets wins.
+    fn merge(&mut self, over: ClusterSettings) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            redis,
+            name,
+            instance,
+            lease_ttl,
+            fallback_share,
+            admission_timeout
+        );
+    }
 }
 
 impl Settings {
@@ -287,6 +350,7 @@ impl Settings {
         if !over.accept_proxy_protocol.is_empty() {
             self.accept_proxy_protocol = over.accept_proxy_protocol;
         }
+        self.cluster.merge(over.cluster);
         macro_rules! take {
             ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
         }
@@ -334,10 +398,20 @@ impl Settings {
 impl Settings {
     /// The top-level keys these settings give a value to (the flags an operator passed).
     pub(super) fn keys_set(&self) -> Vec<String> {
-        match toml::Value::try_from(self) {
-            Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
-            _ => Vec::new(),
+        let Ok(toml::Value::Table(t)) = toml::Value::try_from(self) else {
+            return Vec::new();
+        };
+        let mut keys = Vec::new();
+        for (key, value) in t {
+            // A table's keys are named with it (`cluster.redis`), as the errors name them.
+            match (key.as_str(), value) {
+                ("cluster", toml::Value::Table(inner)) => {
+                    keys.extend(inner.keys().map(|k| format!("cluster.{k}")))
+                }
+                _ => keys.push(key),
+            }
         }
+        keys
     }
 }
 

@@ -324,3 +324,114 @@ fn a_learned_backend_limit_is_written_auto_as_flag_and_key_and_bounded() {
         assert_eq!(err.key, key, "{text}");
     }
 }
+
+#[test]
+fn the_cluster_table_is_checked_and_named_by_flag_or_file_line() {
+    let c = Settings::from_toml(
+        "backend = \"127.0.0.1:25\"\nhostname = \"mx1.example\"\n[cluster]\nredis = \"redis://:s3cret@127.0.0.1:6379/0\"\n",
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    let cluster = c.cluster.clone().unwrap();
+    // The instance defaults to the host name; the rest to the documented defaults.
+    assert_eq!(cluster.instance, "mx1.example");
+    assert_eq!(cluster.name, "mxgate");
+    assert_eq!(cluster.lease_ttl, Duration::from_secs(10));
+    assert_eq!(cluster.fallback_share, 0.5);
+    assert_eq!(cluster.admission_timeout, Duration::from_millis(50));
+    // `mxgate check` prints the table without the password.
+    let printed = c.to_toml();
+    assert!(printed.contains("[cluster]"), "{printed}");
+    assert!(
+        printed.contains("redis://***@127.0.0.1:6379/0"),
+        "{printed}"
+    );
+    assert!(!printed.contains("s3cret"), "{printed}");
+    // No table, no cluster.
+    let alone = Settings::from_toml("backend = \"127.0.0.1:25\"")
+        .unwrap()
+        .validate(None)
+        .unwrap();
+    assert!(alone.cluster.is_none());
+
+    for (table, key, reason) in [
+        ("name = \"x\"", "cluster.redis", "needs redis"),
+        ("redis = \"http://x\"", "cluster.redis", "not a redis://"),
+        (
+            "redis = \"redis://h\"\nfallback_share = 0.0",
+            "cluster.fallback_share",
+            "above 0",
+        ),
+        (
+            "redis = \"redis://h\"\nfallback_share = 1.5",
+            "cluster.fallback_share",
+            "at most 1",
+        ),
+        (
+            "redis = \"redis://h\"\nlease_ttl = \"500ms\"",
+            "cluster.lease_ttl",
+            "at least 1s",
+        ),
+        (
+            "redis = \"redis://h\"\nname = \"a:b\"",
+            "cluster.name",
+            "characters",
+        ),
+        (
+            "redis = \"redis://h\"\ninstance = \"\"",
+            "cluster.instance",
+            "characters",
+        ),
+        (
+            "redis = \"redis://h\"\nadmission_timeout = \"6s\"",
+            "cluster.admission_timeout",
+            "at most 5s",
+        ),
+        (
+            "redis = \"redis://h\"\nleases = 3",
+            "cluster.leases",
+            "unknown field",
+        ),
+    ] {
+        let text = format!("backend = \"127.0.0.1:25\"\n[cluster]\n{table}\n");
+        let e = match Settings::from_toml(&text) {
+            Ok(s) => s.validate(None).unwrap_err(),
+            Err((key, reason)) => ConfigError {
+                file: None,
+                key,
+                reason,
+                line: None,
+                flag: None,
+            },
+        };
+        assert_eq!(e.key, key, "{table}");
+        assert!(e.reason.contains(reason), "{table}: {}", e.reason);
+    }
+
+    // From the file: the file and the line of the key inside the table.
+    let dir = std::env::temp_dir().join(format!("mxgate-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mxgate.toml");
+    std::fs::write(
+        &path,
+        "backend = \"127.0.0.1:25\"\n\n[cluster]\nredis = \"redis://h\"\nfallback_share = 2\n",
+    )
+    .unwrap();
+    let e = Config::load(Some(&path), Settings::default()).unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), e.line, e.flag.as_deref()),
+        ("cluster.fallback_share", Some(5), None)
+    );
+    // From a flag: the flag's own name.
+    let flags = Settings {
+        cluster: crate::config::ClusterSettings {
+            fallback_share: Some(0.0),
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    let e = Config::load(Some(&path), flags).unwrap_err();
+    assert_eq!(e.flag.as_deref(), Some("--cluster-fallback-share"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -42,6 +42,31 @@ pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Every metric family mxgate exports, with its unit and HELP text.
 const HELP: &[(&str, Option<Unit>, &str)] = &[
     (
+        "mxgate_cluster_connected",
+        None,
+        "1 while the cluster's Redis decides admissions, 0 while the fallback share does.",
+    ),
+    (
+        "mxgate_cluster_admission_seconds",
+        Some(Unit::Seconds),
+        "Time of each clustered admission's round trip to Redis, answered or timed out.",
+    ),
+    (
+        "mxgate_cluster_fallback_admissions_total",
+        None,
+        "Admissions decided alone, under the fallback share, because Redis was unreachable.",
+    ),
+    (
+        "mxgate_cluster_connections",
+        None,
+        "Sessions open across the whole cluster, as Redis counted them at the last lease refresh.",
+    ),
+    (
+        "mxgate_cluster_instances",
+        None,
+        "Instances holding a live lease in the cluster, this one included.",
+    ),
+    (
         "mxgate_connections_accepted_total",
         None,
         "Client connections accepted by the listeners, admitted or not.",
@@ -194,6 +219,16 @@ const HELP: &[(&str, Option<Unit>, &str)] = &[
     ),
 ];
 
+/// The cluster's series, registered only when a cluster is configured (an instance that counts
+/// alone shows none, so no alert fires on a 0 that means nothing).
+pub struct ClusterSeries {
+    pub connected: Gauge,
+    pub admission_seconds: Histogram,
+    pub fallback_admissions: Counter,
+    pub connections: Gauge,
+    pub instances: Gauge,
+}
+
 /// One backend's series, labelled by its configured address (a bounded set).
 pub struct BackendSeries {
     pub limit: Gauge,
@@ -255,6 +290,11 @@ impl Metrics {
             .expect("non-empty buckets")
             .set_buckets_for_metric(
                 Matcher::Full("mxgate_backend_greeting_seconds".into()),
+                CONNECT_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .set_buckets_for_metric(
+                Matcher::Full("mxgate_cluster_admission_seconds".into()),
                 CONNECT_BUCKETS,
             )
             .expect("non-empty buckets")
@@ -380,6 +420,21 @@ impl Metrics {
     }
 
     /// The series of the backend configured as `label` (registered on first use, found after).
+    pub fn cluster(&self) -> ClusterSeries {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let key = |name: &'static str| Key::from_name(name);
+        let r = &self.recorder;
+        ClusterSeries {
+            connected: r.register_gauge(&key("mxgate_cluster_connected"), &meta),
+            admission_seconds: r
+                .register_histogram(&key("mxgate_cluster_admission_seconds"), &meta),
+            fallback_admissions: r
+                .register_counter(&key("mxgate_cluster_fallback_admissions_total"), &meta),
+            connections: r.register_gauge(&key("mxgate_cluster_connections"), &meta),
+            instances: r.register_gauge(&key("mxgate_cluster_instances"), &meta),
+        }
+    }
+
     pub fn backend(&self, label: &str) -> BackendSeries {
         let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
         let key = |name: &'static str, result: Option<&'static str>| {

@@ -97,6 +97,8 @@ pub struct Gate {
     pub(crate) queue: Arc<Queue<Grant>>,
     /// Told when a slot may have freed; wakes the queue's dispatcher.
     pub(crate) wake: Arc<Wake>,
+    /// The limits shared with other instances, when a `[cluster]` is configured.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// How many connections may wait for their PROXY header at once; past it a new one gets the

@@ -151,6 +151,10 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         splice_fallbacks: metrics.splice_fallbacks.clone(),
     };
     let wake = Arc::new(Wake::default());
+    let cluster = config
+        .cluster
+        .clone()
+        .map(|c| crate::cluster::Cluster::start(c, &metrics));
     let live = Live::build(config, None, PolicyClock::default(), &metrics, &wake);
     set_limit_gauges(&metrics, &live.config);
     let gate = Arc::new(Gate {
@@ -172,6 +176,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         draining: AtomicBool::new(false),
         cut: CancellationToken::new(),
         headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
+        cluster,
     });
     let running = Running {
         reloads_ok: metrics.reloads_ok.clone(),
@@ -414,6 +419,10 @@ impl Running {
         self.sessions.close();
         self.background.wait().await;
         self.sessions.wait().await;
+        // Every session has ended: the cluster gets this instance's slots back at once.
+        if let Some(cluster) = &self.gate.cluster {
+            cluster.leave().await;
+        }
         self.gate.summary.flush();
         self.gate.sources.flush();
     }
@@ -430,6 +439,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.stop.cancel();
         self.gate.cut.cancel();
+        if let Some(cluster) = &self.gate.cluster {
+            cluster.abandon();
+        }
     }
 }
 
@@ -474,7 +486,8 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         threads,
         log_format,
         transparent,
-        transparent_port
+        transparent_port,
+        cluster
     );
     kept
 }

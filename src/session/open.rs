@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::origin::Origin;
-use super::wait::Waiting;
+use super::wait::{pause_watching, Waiting};
 use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
 use crate::backend::{greeting, Greeting, Lease};
@@ -20,6 +20,11 @@ use crate::proxy_protocol;
 use crate::queue::{Entered, Waiter};
 use crate::reason::RejectReason;
 use crate::server::gate::{Gate, Live};
+
+/// A client that finds the whole cluster full asks again after this, then after twice as
+/// long each time, up to the most.
+const CLUSTER_WAIT_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
+const CLUSTER_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Gate {
     /// Everything between admission and forwarding: choose and connect a backend, send the
@@ -45,6 +50,16 @@ impl Gate {
             greeting_limit,
             client_seen,
         } = Plan::new(config, origin.client);
+        if let Err(refused) = self
+            .clustered(&client, &mut guard, &mut origin, &live, started)
+            .await
+        {
+            drop((guard, first));
+            if let Some(reason) = refused {
+                self.reject(client, reason, ip, &live).await;
+            }
+            return Opened::Done;
+        }
         let mut tried = Vec::new();
         let mut absorbed = 0u32;
         loop {
@@ -121,6 +136,61 @@ impl Gate {
                     return Opened::Done;
                 }
                 Greeting::ClientGone => return Opened::Done,
+            }
+        }
+    }
+
+    /// The cluster's admission, when limits are shared: in the connection's task, never the
+    /// accept loop. A cluster that is full while this instance's queue is on is waited for,
+    /// asked again at growing intervals, until the queue's deadline; the client's early bytes
+    /// are kept meanwhile. `Err(Some(reason))` is the refusal to answer, `Err(None)` a client
+    /// that gave up.
+    async fn clustered(
+        &self,
+        client: &TcpStream,
+        guard: &mut Guard,
+        origin: &mut Origin,
+        live: &Live,
+        started: Instant,
+    ) -> Result<(), Option<RejectReason>> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        if guard.clustered() {
+            return Ok(());
+        }
+        let ip = origin.client.ip().to_canonical();
+        let ask = crate::admission::cluster_ask(&live.policy, ip, guard);
+        let entered = started
+            .checked_sub(origin.waited.unwrap_or_default())
+            .unwrap_or(started);
+        let deadline = entered + live.config.queue_timeout;
+        let mut pause = CLUSTER_WAIT_FIRST;
+        loop {
+            if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(Some(RejectReason::Draining));
+            }
+            match cluster.admit(&ask).await {
+                crate::cluster::Verdict::Admitted(claim, would_reject) => {
+                    if let Some(r) = would_reject {
+                        self.metrics.would_reject(r).increment(1);
+                        self.summary.record_dry_run(r, guard.source());
+                    }
+                    guard.hold_claim(claim);
+                    return Ok(());
+                }
+                crate::cluster::Verdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(Some(RejectReason::QueueTimeout));
+                    }
+                    let wait = pause.min(deadline - now);
+                    if !pause_watching(client, &mut origin.early, wait).await {
+                        return Err(None);
+                    }
+                    pause = (pause * 2).min(CLUSTER_WAIT_MAX);
+                }
+                crate::cluster::Verdict::Refused(reason) => return Err(Some(reason)),
             }
         }
     }

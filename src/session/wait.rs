@@ -76,9 +76,34 @@ impl std::future::Future for Turn<'_> {
     }
 }
 
+/// Waits up to `pause`, keeping what the client sends meanwhile; `false` once the client has
+/// closed or reset its side. (Past the early-bytes bound, flow control holds the rest.)
+pub(super) async fn pause_watching(
+    client: &TcpStream,
+    early: &mut Vec<u8>,
+    pause: std::time::Duration,
+) -> bool {
+    let sleep = tokio::time::sleep(pause);
+    tokio::pin!(sleep);
+    loop {
+        if early.len() >= MAX_EARLY_BYTES {
+            sleep.await;
+            return true;
+        }
+        tokio::select! {
+            () = &mut sleep => return true,
+            ready = client.readable() => {
+                if ready.is_err() || !read_early(client, early) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// Reads what a waiting client sent, keeping it for the backend. `false` once the client has
 /// closed or reset its side: it has given up.
-fn read_early(client: &TcpStream, early: &mut Vec<u8>) -> bool {
+pub(super) fn read_early(client: &TcpStream, early: &mut Vec<u8>) -> bool {
     let mut buf = [0u8; MAX_EARLY_BYTES];
     let room = MAX_EARLY_BYTES - early.len();
     match client.try_read(&mut buf[..room]) {

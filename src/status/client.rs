@@ -126,6 +126,21 @@ pub fn render(s: &Snapshot) -> String {
             "FAILED (the old config is in force)"
         }
     ));
+    if let Some(c) = &s.cluster {
+        out.push_str(&format!(
+            "cluster {} (instance {}): {}; {} sessions here, {} across {} instances (as Redis counted them)\n",
+            c.name,
+            c.instance,
+            if c.connected {
+                "limits shared".to_string()
+            } else {
+                format!("REDIS UNREACHABLE, enforcing {} of each limit alone", c.fallback_share)
+            },
+            c.local_sessions,
+            c.cluster_sessions,
+            c.instances
+        ));
+    }
     out.push_str("\nbackends\n");
     let rows: Vec<Vec<String>> = s
         .backends

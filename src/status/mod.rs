@@ -97,6 +97,25 @@ pub struct Snapshot {
     /// The sources refused most in the last minute, most first.
     pub top_refused: Vec<SourceRefused>,
     pub backends: Vec<BackendView>,
+    /// The shared limits, when this instance is in a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// This instance's membership in a cluster, and the counts as Redis sees them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterView {
+    pub name: String,
+    pub instance: String,
+    /// Whether Redis decides admissions now (false: the fallback share does).
+    pub connected: bool,
+    pub fallback_share: f64,
+    /// This instance's sessions, as counted for the cluster.
+    pub local_sessions: usize,
+    /// Sessions across the cluster, as Redis counted them at the last lease refresh.
+    pub cluster_sessions: u64,
+    /// Instances with a live lease.
+    pub instances: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -240,6 +259,18 @@ impl Snapshot {
             top_sources,
             top_refused,
             backends,
+            cluster: gate.cluster.as_ref().map(|c| {
+                let seen = c.seen();
+                ClusterView {
+                    name: c.config().name.clone(),
+                    instance: c.config().instance.clone(),
+                    connected: c.connected(),
+                    fallback_share: c.config().fallback_share,
+                    local_sessions: c.local_sessions(),
+                    cluster_sessions: seen.connections,
+                    instances: seen.instances,
+                }
+            }),
         }
     }
 

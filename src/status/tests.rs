@@ -64,6 +64,7 @@ fn snapshot() -> Snapshot {
                 last_check: None,
             },
         ],
+        cluster: None,
     }
 }
 

@@ -41,6 +41,7 @@ impl Settings {
         let edge = transparency_and_proxy(&self)?;
         let moving = forwarding(&self)?;
         let hostname = hostname(self.hostname.clone())?;
+        let cluster = cluster(&self.cluster, &hostname)?;
         Ok(Config {
             listen,
             listen_set: !self.listen.is_empty(),
@@ -85,6 +86,7 @@ impl Settings {
             threads: moving.threads,
             log_format: self.log_format.unwrap_or_default(),
             replies: self.replies.unwrap_or_default(),
+            cluster,
         })
     }
 }
@@ -384,4 +386,97 @@ fn bounded(d: Duration) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// The `[cluster]` table: nothing unless `redis` is set, and then every key checked.
+fn cluster(c: &ClusterSettings, hostname: &str) -> Result<Option<ClusterConfig>, Bad> {
+    let Some(redis) = &c.redis else {
+        if !c.is_empty() {
+            return Err(bad(
+                "cluster.redis",
+                "the [cluster] table needs redis (redis://HOST:PORT/DB)",
+            ));
+        }
+        return Ok(None);
+    };
+    if !(redis.starts_with("redis://") || redis.starts_with("unix://")) {
+        return Err(bad(
+            "cluster.redis",
+            format!("{:?} is not a redis:// or unix:// URL", redact(redis)),
+        ));
+    }
+    if let Err(e) = redis::Client::open(redis.as_str()) {
+        return Err(bad("cluster.redis", format!("{:?}: {e}", redact(redis))));
+    }
+    let name = c
+        .name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.into());
+    key_part("cluster.name", &name)?;
+    // The host name mxgate names itself with; without one set, the system's.
+    let instance = c.instance.clone().unwrap_or_else(|| hostname.to_string());
+    key_part("cluster.instance", &instance)?;
+    let lease_ttl = positive("cluster.lease_ttl", c.lease_ttl, DEFAULT_LEASE_TTL)?;
+    if lease_ttl < Duration::from_secs(1) {
+        return Err(bad(
+            "cluster.lease_ttl",
+            "must be at least 1s: the lease is refreshed every third of it",
+        ));
+    }
+    let fallback_share = c.fallback_share.unwrap_or(DEFAULT_FALLBACK_SHARE);
+    if !(fallback_share > 0.0 && fallback_share <= 1.0) {
+        return Err(bad(
+            "cluster.fallback_share",
+            format!(
+                "{fallback_share} is not a fraction above 0 and at most 1: with 0, every \
+                 client would be refused while Redis is down"
+            ),
+        ));
+    }
+    let admission_timeout = positive(
+        "cluster.admission_timeout",
+        c.admission_timeout,
+        DEFAULT_CLUSTER_ADMISSION_TIMEOUT,
+    )?;
+    if admission_timeout > Duration::from_secs(5) {
+        return Err(bad(
+            "cluster.admission_timeout",
+            "must be at most 5s: every clustered client waits for it before its greeting",
+        ));
+    }
+    Ok(Some(ClusterConfig {
+        redis: redis.clone(),
+        name,
+        instance,
+        lease_ttl,
+        fallback_share,
+        admission_timeout,
+    }))
+}
+
+/// A name that goes into Redis keys: printable, no separator, not empty.
+fn key_part(key: &str, value: &str) -> Result<(), Bad> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            key,
+            format!("{value:?} must be 1 to 128 of the characters A-Z a-z 0-9 - _ ."),
+        ))
+    }
+}
+
+/// A Redis URL with any password replaced, for error messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
 }

@@ -1,0 +1,691 @@
+//! Limits shared by several mxgate instances through Redis: the global, per-source and
+//! per-network counts hold across every instance with the same `[cluster]` name.
+//!
+//! Local admission (`crate::admission`) still runs first, in the accept loop, with the same
+//! limits: an instance never holds more than the cluster does, so its own counts can only refuse
+//! what the cluster would. A client that passes it is then admitted by the cluster in its own
+//! task ([`Cluster::admit`]), in one round trip to a server-side script ([`script`]), so two
+//! instances deciding at once can never both take the last slot. The accept loop never waits on
+//! Redis.
+//!
+//! Each instance keeps the truth about its own sessions here ([`State`]), and Redis a copy under
+//! a lease the instance refreshes. A lease that ends (the instance died) takes its counts with
+//! it, at the next script any instance runs. While Redis is unreachable or slower than
+//! `admission_timeout`, the instance decides alone, under `fallback_share` of each limit; once
+//! Redis answers again, it registers its live sessions whole, and shares again.
+//!
+//! What can drift, and which way: an admission in flight while the instance registers is in the
+//! snapshot and may be counted once more by its script. Such drift only ever over-counts (the
+//! cluster refuses early, never admits past a limit), and the next lease refresh registers
+//! again to remove it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{redact, ClusterConfig};
+use crate::metrics::{ClusterSeries, Metrics};
+use crate::reason::RejectReason;
+
+mod script;
+
+use script::Scripts;
+
+/// The longest a lease refresh, a registration or a batch of releases waits for Redis before
+/// the instance counts it as unreachable.
+const UPKEEP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Waits between reconnection tries: from the first to the longest.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Registrations tried in a row while clients keep being admitted alone meanwhile.
+const REGISTER_ROUNDS: u32 = 3;
+/// Releases sent in one script call at most.
+const RELEASE_BATCH: usize = 512;
+
+/// What one clustered admission asks for: the keys admission decided with and their limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask {
+    pub source: IpNet,
+    /// `None` for an allowed source, which has no per-source limit (it is still counted).
+    pub source_cap: Option<usize>,
+    /// The network block and its cap, when the source's rule caps blocks.
+    pub network: Option<(IpNet, usize)>,
+    pub global_cap: usize,
+    /// False in a dry run: counted whatever the outcome, the first failure reported.
+    pub enforce: bool,
+}
+
+/// The cluster's answer.
+pub enum Verdict {
+    /// Admitted, with what a dry run would have refused.
+    Admitted(Claim, Option<RejectReason>),
+    Refused(RejectReason),
+}
+
+/// The full Redis names of one session's count keys.
+#[derive(Clone, Debug)]
+struct Keys {
+    global: Arc<str>,
+    source: Arc<str>,
+    network: Option<Arc<str>>,
+}
+
+impl Keys {
+    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        [
+            Some(&self.global),
+            Some(&self.source),
+            self.network.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// One session's place in the cluster's counts. Dropping it gives the place back, in the
+/// background: the client is never delayed by its release.
+#[must_use = "dropping the claim gives the session's place back at once"]
+pub struct Claim {
+    cluster: Arc<Cluster>,
+    keys: Keys,
+    /// Whether Redis counted it at admission (not a fallback admission).
+    in_redis: bool,
+    /// The registration it was admitted under: a later one counted it in Redis too.
+    epoch: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut state = self.cluster.lock();
+        state.remove(&self.keys);
+        if self.in_redis || self.epoch != state.epoch {
+            // Sent under the lock, so it is ordered with the registrations.
+            let _ = self
+                .cluster
+                .writes
+                .send(Write::Release(self.keys.iter().cloned().collect()));
+        }
+    }
+}
+
+/// This instance's own sessions: the truth that Redis holds a copy of.
+#[derive(Default)]
+struct State {
+    /// Sessions per full count key, admissions still in flight included.
+    counts: HashMap<Arc<str>, u64>,
+    /// Bumped at each registration.
+    epoch: u64,
+    /// Whether Redis decides admissions now.
+    connected: bool,
+    /// Admissions waiting for Redis's answer.
+    pending: usize,
+    /// Fallback admissions since the last registration's snapshot: they are not in Redis.
+    fallback_since_snapshot: usize,
+    /// The copy in Redis may over-count: register again at the next refresh.
+    dirty: bool,
+}
+
+impl State {
+    fn add(&mut self, keys: &Keys) {
+        for k in keys.iter() {
+            *self.counts.entry(k.clone()).or_insert(0) += 1;
+        }
+    }
+
+    fn remove(&mut self, keys: &Keys) {
+        for k in keys.iter() {
+            if let Some(n) = self.counts.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(k);
+                }
+            }
+        }
+    }
+
+    fn count(&self, key: &Arc<str>) -> usize {
+        self.counts.get(key).copied().unwrap_or(0) as usize
+    }
+}
+
+/// Writes that must reach Redis in the order they were decided.
+enum Write {
+    Release(Vec<Arc<str>>),
+    /// This instance's counts, whole; the answer says whether Redis took them.
+    Register(Vec<(Arc<str>, u64)>, oneshot::Sender<bool>),
+}
+
+/// The cluster-wide figures Redis gave at the last refresh, for `mxgate status`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Seen {
+    pub connections: u64,
+    pub instances: u64,
+}
+
+/// One instance's membership in a cluster.
+pub struct Cluster {
+    config: ClusterConfig,
+    prefix: String,
+    client: redis::Client,
+    scripts: Scripts,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    /// Mirrors `State::connected`, read without the lock on the admission path.
+    connected: AtomicBool,
+    state: Mutex<State>,
+    writes: mpsc::UnboundedSender<Write>,
+    /// Wakes the supervisor: Redis went away, or the instance stops.
+    kick: Notify,
+    stop: CancellationToken,
+    series: ClusterSeries,
+    seen: Mutex<Seen>,
+}
+
+impl Cluster {
+    /// Joins the cluster in the background: admissions use the fallback share until Redis
+    /// has taken this instance's registration. Must run inside the tokio runtime.
+    pub fn start(config: ClusterConfig, metrics: &Metrics) -> Arc<Cluster> {
+        let client = redis::Client::open(config.redis.as_str())
+            .expect("the URL was checked when the config was validated");
+        let (writes, rx) = mpsc::unbounded_channel();
+        let series = metrics.cluster();
+        series.connected.set(0.0);
+        let cluster = Arc::new(Cluster {
+            prefix: format!("mxgate:{}:", config.name),
+            config,
+            client,
+            scripts: Scripts::new(),
+            conn: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            writes,
+            kick: Notify::new(),
+            stop: CancellationToken::new(),
+            series,
+            seen: Mutex::new(Seen::default()),
+        });
+        tokio::spawn(cluster.clone().writer(rx));
+        tokio::spawn(cluster.clone().supervise());
+        cluster
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Whether Redis decides admissions now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// The cluster-wide figures as Redis gave them at the last refresh.
+    pub fn seen(&self) -> Seen {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This instance's own sessions, as it counts them for the cluster.
+    pub fn local_sessions(&self) -> usize {
+        let global = self.global_key();
+        self.lock().count(&global)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn global_key(&self) -> Arc<str> {
+        format!("{}g", self.prefix).into()
+    }
+
+    fn keys(&self, ask: &Ask) -> Keys {
+        Keys {
+            global: self.global_key(),
+            source: format!("{}s:{}", self.prefix, ask.source).into(),
+            network: ask
+                .network
+                .map(|(block, _)| format!("{}n:{block}", self.prefix).into()),
+        }
+    }
+
+    /// Admits one session across the cluster, or refuses it with the limit it hit. Redis
+    /// decides while it answers within `admission_timeout`; otherwise this instance does,
+    /// under its fallback share. Never refuses because Redis is down.
+    pub async fn admit(self: &Arc<Self>, ask: &Ask) -> Verdict {
+        let keys = self.keys(ask);
+        let conn = if self.connected() {
+            self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        } else {
+            None
+        };
+        // Counted here first, so a registration meanwhile includes it: drift over-counts.
+        let epoch = {
+            let mut state = self.lock();
+            state.add(&keys);
+            if conn.is_some() {
+                state.pending += 1;
+            }
+            state.epoch
+        };
+        let Some(mut conn) = conn else {
+            return self.alone(keys, ask, epoch);
+        };
+        let started = Instant::now();
+        let mut call = self.scripts.admit.prepare_invoke();
+        call.arg(&self.prefix)
+            .arg(&self.config.instance)
+            .arg(ask.source.to_string())
+            .arg(ask.source_cap.map_or(-1, |c| c as i64))
+            .arg(ask.network.map_or(String::new(), |(b, _)| b.to_string()))
+            .arg(ask.network.map_or(0, |(_, c)| c as i64))
+            .arg(ask.global_cap as i64)
+            .arg(if ask.enforce { 1 } else { 0 });
+        let answer = tokio::time::timeout(
+            self.config.admission_timeout,
+            call.invoke_async::<(i64, i64)>(&mut conn),
+        )
+        .await;
+        self.series
+            .admission_seconds
+            .record(started.elapsed().as_secs_f64());
+        self.lock().pending -= 1;
+        let code = match answer {
+            Ok(Ok((code, _total))) if code >= 0 => code,
+            Ok(Ok(_)) => {
+                self.down("this instance's lease had ended; registering again");
+                return self.alone(keys, ask, epoch);
+            }
+            Ok(Err(e)) => {
+                self.down(&format!("admission failed: {e}"));
+                return self.alone(keys, ask, epoch);
+            }
+            Err(_) => {
+                self.down(&format!(
+                    "no answer to an admission within {} ms",
+                    self.config.admission_timeout.as_millis()
+                ));
+                return self.alone(keys, ask, epoch);
+            }
+        };
+        let reason = match code {
+            1 => Some(RejectReason::SourceLimit),
+            2 => Some(RejectReason::NetworkLimit),
+            3 => Some(RejectReason::GlobalLimit),
+            _ => None,
+        };
+        match reason {
+            Some(reason) if ask.enforce => {
+                self.unclaim(&keys, epoch);
+                Verdict::Refused(reason)
+            }
+            would_reject => Verdict::Admitted(
+                Claim {
+                    cluster: self.clone(),
+                    keys,
+                    in_redis: true,
+                    epoch,
+                },
+                would_reject,
+            ),
+        }
+    }
+
+    /// Takes back a session counted here but refused by Redis. A registration since it was
+    /// counted put it in Redis too, so Redis is told.
+    fn unclaim(&self, keys: &Keys, epoch: u64) {
+        let mut state = self.lock();
+        state.remove(keys);
+        if state.epoch != epoch {
+            let _ = self
+                .writes
+                .send(Write::Release(keys.iter().cloned().collect()));
+        }
+    }
+
+    /// The decision without Redis: this instance's own sessions (this one already counted)
+    /// against `fallback_share` of each limit.
+    fn alone(self: &Arc<Self>, keys: Keys, ask: &Ask, epoch: u64) -> Verdict {
+        let share = |limit: usize| fallback_cap(limit, self.config.fallback_share);
+        let mut state = self.lock();
+        let over = if ask
+            .source_cap
+            .is_some_and(|cap| state.count(&keys.source) > share(cap))
+        {
+            Some(RejectReason::SourceLimit)
+        } else if let (Some((_, cap)), Some(key)) = (ask.network, &keys.network) {
+            (state.count(key) > share(cap)).then_some(RejectReason::NetworkLimit)
+        } else {
+            None
+        }
+        .or_else(|| {
+            (state.count(&keys.global) > share(ask.global_cap)).then_some(RejectReason::GlobalLimit)
+        });
+        if let (Some(reason), true) = (over, ask.enforce) {
+            state.remove(&keys);
+            if state.epoch != epoch {
+                let _ = self
+                    .writes
+                    .send(Write::Release(keys.iter().cloned().collect()));
+            }
+            return Verdict::Refused(reason);
+        }
+        state.fallback_since_snapshot += 1;
+        if state.connected {
+            // Redis came back while this was decided alone: it is missing from the copy.
+            state.dirty = true;
+        }
+        drop(state);
+        self.series.fallback_admissions.increment(1);
+        Verdict::Admitted(
+            Claim {
+                cluster: self.clone(),
+                keys,
+                in_redis: false,
+                epoch,
+            },
+            over,
+        )
+    }
+
+    /// Redis is unreachable, slow, or lost this instance's lease: decide alone until the
+    /// supervisor has registered again. Logged once per outage.
+    fn down(&self, why: &str) {
+        let was = {
+            let mut state = self.lock();
+            std::mem::replace(&mut state.connected, false)
+        };
+        self.connected.store(false, Ordering::Release);
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if was {
+            self.series.connected.set(0.0);
+            tracing::warn!(
+                redis = %redact(&self.config.redis),
+                reason = why,
+                fallback_share = self.config.fallback_share,
+                "cluster: Redis unreachable; enforcing the fallback share of each limit alone"
+            );
+        }
+        self.kick.notify_one();
+    }
+
+    /// Keeps the membership: connects, registers, refreshes the lease, and starts over
+    /// whenever Redis goes away.
+    async fn supervise(self: Arc<Self>) {
+        let mut wait = RECONNECT_FIRST;
+        let mut logged_unreachable = false;
+        while !self.stop.is_cancelled() {
+            if !self.connected() {
+                match self.connect().await {
+                    Ok(()) => {
+                        wait = RECONNECT_FIRST;
+                        logged_unreachable = false;
+                        continue;
+                    }
+                    Err(e) => {
+                        if !logged_unreachable {
+                            tracing::warn!(
+                                redis = %redact(&self.config.redis),
+                                error = %e,
+                                "cluster: cannot reach Redis; enforcing the fallback share of each limit alone, retrying"
+                            );
+                            logged_unreachable = true;
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = self.stop.cancelled() => return,
+                        }
+                        wait = (wait * 2).min(RECONNECT_MAX);
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.lease_ttl / 3) => {}
+                () = self.kick.notified() => continue,
+                () = self.stop.cancelled() => return,
+            }
+            if self.connected() {
+                self.refresh().await;
+            }
+        }
+    }
+
+    /// Connects, loads the scripts and registers this instance's live sessions; shared counts
+    /// resume once Redis has them all.
+    async fn connect(&self) -> Result<(), String> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(UPKEEP_TIMEOUT))
+            .set_response_timeout(None);
+        let mut conn = tokio::time::timeout(
+            UPKEEP_TIMEOUT,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        // Loaded now, so an admission is one round trip from the first.
+        for s in [
+            &self.scripts.admit,
+            &self.scripts.release,
+            &self.scripts.refresh,
+            &self.scripts.register,
+            &self.scripts.leave,
+        ] {
+            tokio::time::timeout(UPKEEP_TIMEOUT, s.prepare_invoke().load_async(&mut conn))
+                .await
+                .map_err(|_| "loading the scripts timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        for round in 1.. {
+            if !self.register().await {
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return Err("registration failed".into());
+            }
+            let mut state = self.lock();
+            // Sessions admitted alone while the registration was on its way are not in it:
+            // register again. Under a steady stream of clients that may never end, so after a
+            // few rounds the few missing ones go in at the next refresh.
+            let missing = state.fallback_since_snapshot > 0;
+            if !missing || round == REGISTER_ROUNDS {
+                state.dirty |= missing;
+                state.connected = true;
+                self.connected.store(true, Ordering::Release);
+                drop(state);
+                self.series.connected.set(1.0);
+                tracing::info!(
+                    redis = %redact(&self.config.redis),
+                    instance = %self.config.instance,
+                    "cluster: connected; limits are shared"
+                );
+                return Ok(());
+            }
+        }
+        unreachable!("the rounds end with a connection")
+    }
+
+    /// Sends this instance's counts whole, in order with the releases; true once Redis took
+    /// them.
+    async fn register(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            state.epoch += 1;
+            state.fallback_since_snapshot = 0;
+            // An admission in flight is in the snapshot and may be counted once more.
+            state.dirty = state.pending > 0;
+            let counts = state.counts.iter().map(|(k, n)| (k.clone(), *n)).collect();
+            if self.writes.send(Write::Register(counts, tx)).is_err() {
+                return false;
+            }
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Renews the lease and reads the cluster's figures; registers again if the copy in Redis
+    /// may have drifted.
+    async fn refresh(&self) {
+        let Some(mut conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let mut call = self.scripts.refresh.prepare_invoke();
+        call.arg(&self.prefix)
+            .arg(&self.config.instance)
+            .arg(self.config.lease_ttl.as_millis() as u64);
+        let answer = tokio::time::timeout(
+            UPKEEP_TIMEOUT,
+            call.invoke_async::<(i64, u64, u64)>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok((1, connections, instances))) => self.saw(connections, instances),
+            Ok(Ok(_)) => return self.down("this instance's lease had ended; registering again"),
+            Ok(Err(e)) => return self.down(&format!("lease refresh failed: {e}")),
+            Err(_) => return self.down("no answer to a lease refresh"),
+        }
+        let dirty = std::mem::take(&mut self.lock().dirty);
+        if dirty && !self.register().await {
+            self.down("registration failed");
+        }
+    }
+
+    fn saw(&self, connections: u64, instances: u64) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen {
+            connections,
+            instances,
+        };
+        self.series.connections.set(connections as f64);
+        self.series.instances.set(instances as f64);
+    }
+
+    /// Applies the ordered writes: releases in batches, registrations whole. With no
+    /// connection, a release is dropped: the next registration sends the truth anyway.
+    async fn writer(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Write>) {
+        let mut next = None;
+        loop {
+            let write = match next.take() {
+                Some(w) => w,
+                None => tokio::select! {
+                    w = rx.recv() => match w {
+                        Some(w) => w,
+                        None => return,
+                    },
+                    () = self.stop.cancelled() => return,
+                },
+            };
+            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match write {
+                Write::Release(mut keys) => {
+                    while keys.len() < RELEASE_BATCH {
+                        match rx.try_recv() {
+                            Ok(Write::Release(more)) => keys.extend(more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let Some(mut conn) = conn else { continue };
+                    let mut call = self.scripts.release.prepare_invoke();
+                    call.arg(&self.prefix).arg(&self.config.instance);
+                    for k in &keys {
+                        call.arg(&**k);
+                    }
+                    let done =
+                        tokio::time::timeout(UPKEEP_TIMEOUT, call.invoke_async::<i64>(&mut conn))
+                            .await;
+                    match done {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => self.down(&format!("release failed: {e}")),
+                        Err(_) => self.down("no answer to a release"),
+                    }
+                }
+                Write::Register(counts, answer) => {
+                    let Some(mut conn) = conn else {
+                        let _ = answer.send(false);
+                        continue;
+                    };
+                    let mut call = self.scripts.register.prepare_invoke();
+                    call.arg(&self.prefix)
+                        .arg(&self.config.instance)
+                        .arg(self.config.lease_ttl.as_millis() as u64);
+                    for (k, n) in &counts {
+                        call.arg(&**k).arg(*n);
+                    }
+                    let done = tokio::time::timeout(
+                        UPKEEP_TIMEOUT,
+                        call.invoke_async::<(u64, u64)>(&mut conn),
+                    )
+                    .await;
+                    match done {
+                        Ok(Ok((connections, instances))) => {
+                            self.saw(connections, instances);
+                            let _ = answer.send(true);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "cluster: registration failed");
+                            let _ = answer.send(false);
+                        }
+                        Err(_) => {
+                            let _ = answer.send(false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the background work without giving the slots back: they return when the lease
+    /// ends, as after a crash.
+    pub fn abandon(&self) {
+        self.stop.cancel();
+    }
+
+    /// A clean stop: this instance's counts are given back at once, and its lease ended.
+    pub async fn leave(&self) {
+        self.stop.cancel();
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(mut conn) = conn else {
+            return;
+        };
+        let mut call = self.scripts.leave.prepare_invoke();
+        call.arg(&self.prefix).arg(&self.config.instance);
+        match tokio::time::timeout(UPKEEP_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => tracing::info!("cluster: left; this instance's slots are free"),
+            _ => tracing::warn!(
+                "cluster: could not give this instance's slots back; they return when its lease ends"
+            ),
+        }
+        self.series.connected.set(0.0);
+    }
+}
+
+/// What an instance enforces alone of `limit`: its share, rounded down, but at least one slot
+/// of any limit above zero (a share must never refuse everyone).
+pub fn fallback_cap(limit: usize, share: f64) -> usize {
+    if limit == 0 {
+        return 0;
+    }
+    ((limit as f64 * share).floor() as usize).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fallback_share_rounds_down_but_keeps_a_slot() {
+        assert_eq!(fallback_cap(10, 0.5), 5);
+        assert_eq!(fallback_cap(3, 0.5), 1);
+        assert_eq!(fallback_cap(1, 0.1), 1);
+        assert_eq!(fallback_cap(0, 1.0), 0);
+        assert_eq!(fallback_cap(1000, 1.0), 1000);
+    }
+}

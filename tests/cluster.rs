@@ -1,0 +1,444 @@
+//! Shared limits across mxgate processes through a real `redis-server`, which each test starts
+//! on its own loopback port with persistence off.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// A `redis-server` on loopback with no persistence, killed on drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// `None` when redis-server is not installed (outside CI).
+    async fn start() -> Option<Redis> {
+        if !require_tool("redis-server") {
+            return None;
+        }
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.up().await;
+        Some(r)
+    }
+
+    async fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let url = self.url();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ping = redis::Client::open(url.as_str())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if ping.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// A count as the cluster sees it: the sum of every instance's field.
+    fn count(&self, cluster: &str, key: &str) -> i64 {
+        let vals: Vec<i64> = redis::cmd("HVALS")
+            .arg(format!("mxgate:{cluster}:{key}"))
+            .query(&mut self.conn())
+            .unwrap();
+        vals.iter().sum()
+    }
+
+    /// This instance's field in a count.
+    fn field(&self, cluster: &str, key: &str, instance: &str) -> i64 {
+        let v: Option<i64> = redis::cmd("HGET")
+            .arg(format!("mxgate:{cluster}:{key}"))
+            .arg(instance)
+            .query(&mut self.conn())
+            .unwrap();
+        v.unwrap_or(0)
+    }
+
+    fn leases(&self, cluster: &str) -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(format!("mxgate:{cluster}:leases"))
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.conn())
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// One mxgate process in a cluster, killed on drop.
+struct Instance {
+    child: Child,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Instance {
+    /// Starts the real binary and waits until Redis has its registration.
+    async fn start(
+        backend: SocketAddr,
+        redis: &Redis,
+        cluster: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Instance {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+            .args(["run", "--hostname", HOST])
+            .args(["--backend", &backend.to_string()])
+            .args(["--listen", &listen.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .args(["--cluster-redis", &redis.url()])
+            .args(["--cluster-name", cluster, "--cluster-instance", name])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mxgate starts");
+        let i = Instance {
+            child,
+            listen,
+            metrics,
+        };
+        i.wait_connected(true).await;
+        i
+    }
+
+    /// `mxgate_cluster_connected`, or `None` while the metrics listener is not up.
+    async fn connected(&self) -> Option<f64> {
+        let mut s = TcpStream::connect(self.metrics).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("mxgate_cluster_connected "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    async fn wait_connected(&self, want: bool) {
+        let want = if want { 1.0 } else { 0.0 };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.connected().await != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "mxgate_cluster_connected never became {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "mxgate exits cleanly on SIGTERM: {status}"
+        );
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Holds a session: the greeting came, and the session echoes.
+async fn hold(source: &str, to: SocketAddr) -> TcpStream {
+    let mut s = expect_admitted(source, to).await;
+    s.write_all(b"NOOP\r\n").await.unwrap();
+    assert_eq!(read_line(&mut s).await, b"NOOP\r\n");
+    s
+}
+
+const LIMITS: &[&str] = &[
+    "--max-connections",
+    "10",
+    "--max-per-source",
+    "3",
+    "--queue-timeout",
+    "0",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_exactly_across_two_instances() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let a = Instance::start(backend.addr, &redis, "exact", "a", LIMITS).await;
+    let b = Instance::start(backend.addr, &redis, "exact", "b", LIMITS).await;
+    assert_eq!(redis.leases("exact"), ["a", "b"]);
+
+    // A source holding 3 on one host is refused on the other.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(hold("127.0.0.2", a.listen).await);
+    }
+    expect_refusal("127.0.0.2", b.listen, SOURCE_LINE).await;
+    expect_refusal("127.0.0.2", a.listen, SOURCE_LINE).await;
+    assert_eq!(redis.count("exact", "s:127.0.0.2/32"), 3);
+
+    // 10 in all, split 6 / 4; the 11th is refused on either host.
+    for i in 3..6 {
+        held.push(hold(&format!("127.0.0.{i}"), a.listen).await);
+    }
+    for i in 6..10 {
+        held.push(hold(&format!("127.0.0.{i}"), b.listen).await);
+    }
+    assert_eq!(redis.count("exact", "g"), 10);
+    assert_eq!(redis.field("exact", "g", "a"), 6);
+    assert_eq!(redis.field("exact", "g", "b"), 4);
+    expect_refusal("127.0.0.20", a.listen, GLOBAL_LINE).await;
+    expect_refusal("127.0.0.21", b.listen, GLOBAL_LINE).await;
+    assert_eq!(redis.count("exact", "g"), 10, "refusals take nothing");
+
+    // Every session closed: every count returns to zero, and the keys go.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.count("exact", "g") != 0 {
+        assert!(Instant::now() < deadline, "the counts never returned to 0");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(redis.count("exact", "s:127.0.0.2/32"), 0);
+    // The slots are usable again, on either host.
+    let again = hold("127.0.0.2", b.listen).await;
+    assert_eq!(redis.count("exact", "g"), 1);
+    drop((again, a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_bursts_against_both_hosts_never_overshoot() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let limits = [
+        "--max-connections",
+        "10",
+        "--max-per-source",
+        "100",
+        "--queue-timeout",
+        "0",
+    ];
+    let a = Instance::start(backend.addr, &redis, "burst", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "burst", "b", &limits).await;
+    for round in 0..3u8 {
+        // 60 clients at once, 30 at each host, each from its own source.
+        let mut tasks = Vec::new();
+        for i in 0..60u8 {
+            let to = if i % 2 == 0 { a.listen } else { b.listen };
+            let source = format!("127.1.{round}.{}", i + 1);
+            tasks.push(tokio::spawn(async move {
+                let mut s = connect_from(&source, to).await.unwrap();
+                let line = read_line(&mut s).await;
+                (line, s)
+            }));
+        }
+        let mut admitted = Vec::new();
+        let mut refused = 0;
+        for t in tasks {
+            let (line, s) = t.await.unwrap();
+            if line == GREETING {
+                admitted.push(s);
+            } else {
+                assert_eq!(
+                    String::from_utf8_lossy(&line),
+                    String::from_utf8_lossy(GLOBAL_LINE)
+                );
+                refused += 1;
+            }
+        }
+        // Every admitted session is still open: exactly the limit, no more.
+        assert_eq!(admitted.len(), 10, "round {round}");
+        assert_eq!(refused, 50);
+        assert_eq!(redis.count("burst", "g"), 10, "the peak in Redis");
+        drop(admitted);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.count("burst", "g") != 0 {
+            assert!(Instant::now() < deadline, "the counts never returned to 0");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_gives_its_slots_back_within_the_lease() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let mut limits = LIMITS.to_vec();
+    limits.extend(["--cluster-lease-ttl", "2s"]);
+    let mut a = Instance::start(backend.addr, &redis, "crash", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "crash", "b", &limits).await;
+    let mut on_a = Vec::new();
+    for i in 0..6 {
+        on_a.push(hold(&format!("127.0.2.{}", i + 1), a.listen).await);
+    }
+    let mut on_b = Vec::new();
+    for i in 0..4 {
+        on_b.push(hold(&format!("127.0.3.{}", i + 1), b.listen).await);
+    }
+    expect_refusal("127.0.3.100", b.listen, GLOBAL_LINE).await;
+
+    a.kill9();
+    let killed = Instant::now();
+    // Within lease_ttl plus a second, b can use all six slots a held.
+    while on_b.len() < 10 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "only {} of 10 slots usable {:?} after the kill",
+            on_b.len(),
+            killed.elapsed()
+        );
+        let source = format!("127.0.3.{}", on_b.len() + 1);
+        let mut s = connect_from(&source, b.listen).await.unwrap();
+        if read_line(&mut s).await == GREETING {
+            on_b.push(s);
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(redis.count("crash", "g"), 10);
+    assert_eq!(redis.field("crash", "g", "a"), 0);
+    assert_eq!(redis.leases("crash"), ["b"]);
+    expect_refusal("127.0.3.101", b.listen, GLOBAL_LINE).await;
+    drop(on_a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_gives_the_slots_back_at_once() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let mut limits = LIMITS.to_vec();
+    limits.extend(["--drain-timeout", "1s"]);
+    let mut a = Instance::start(backend.addr, &redis, "stop", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "stop", "b", &limits).await;
+    let held: Vec<_> = futures_hold(a.listen, "127.0.4", 5).await;
+    assert_eq!(redis.field("stop", "g", "a"), 5);
+    a.terminate();
+    // Gone from Redis when the process has exited: no lease to wait for.
+    assert_eq!(redis.count("stop", "g"), 0);
+    assert_eq!(redis.leases("stop"), ["b"]);
+    drop(held);
+    let mut on_b = futures_hold(b.listen, "127.0.5", 10).await;
+    expect_refusal("127.0.5.200", b.listen, GLOBAL_LINE).await;
+    on_b.clear();
+}
+
+/// Holds `n` sessions from `prefix.1` .. `prefix.n`.
+async fn futures_hold(to: SocketAddr, prefix: &str, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for i in 1..=n {
+        held.push(hold(&format!("{prefix}.{i}"), to).await);
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_falls_back_to_the_share_and_back_registers_the_live_sessions() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let mut limits = LIMITS.to_vec();
+    limits.extend([
+        "--cluster-lease-ttl",
+        "3s",
+        "--cluster-fallback-share",
+        "0.5",
+    ]);
+    let a = Instance::start(backend.addr, &redis, "down", "a", &limits).await;
+    let mut held = futures_hold(a.listen, "127.0.6", 2).await;
+    assert_eq!(redis.count("down", "g"), 2);
+
+    redis.down();
+    // The first admission after the loss is still served, alone.
+    held.push(hold("127.0.6.3", a.listen).await);
+    a.wait_connected(false).await;
+    // Up to half of each limit: 5 of 10 in all (and 1 of 3 per source).
+    held.push(hold("127.0.6.4", a.listen).await);
+    held.push(hold("127.0.6.5", a.listen).await);
+    expect_refusal("127.0.6.6", a.listen, GLOBAL_LINE).await;
+    // Nothing held was dropped: every session still echoes.
+    for s in &mut held {
+        s.write_all(b"RSET\r\n").await.unwrap();
+        assert_eq!(read_line(s).await, b"RSET\r\n");
+    }
+
+    // Back: Redis gets the live sessions whole (it restarted empty), and limits are shared.
+    redis.up().await;
+    a.wait_connected(true).await;
+    assert_eq!(redis.count("down", "g"), 5);
+    assert_eq!(redis.field("down", "s:127.0.6.1/32", "a"), 1);
+    assert_eq!(redis.leases("down"), ["a"]);
+    // Shared again: the whole limit of 10, not the share.
+    for i in 6..=10 {
+        held.push(hold(&format!("127.0.6.{i}"), a.listen).await);
+    }
+    expect_refusal("127.0.6.11", a.listen, GLOBAL_LINE).await;
+    assert_eq!(redis.count("down", "g"), 10);
+    held.truncate(4);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.count("down", "g") != 4 {
+        assert!(Instant::now() < deadline, "releases never reached Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
