@@ -442,3 +442,53 @@ async fn redis_down_falls_back_to_the_share_and_back_registers_the_live_sessions
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_costs_an_admission_its_timeout_not_its_session() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let mut limits = LIMITS.to_vec();
+    limits.extend([
+        "--cluster-admission-timeout",
+        "50ms",
+        "--cluster-lease-ttl",
+        "3s",
+    ]);
+    let a = Instance::start(backend.addr, &redis, "slow", "a", &limits).await;
+    let mut held = futures_hold(a.listen, "127.0.7", 2).await;
+    // Redis still holds the connection open but answers nothing.
+    let pid = redis.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    held.push(hold("127.0.7.3", a.listen).await);
+    // Served alone once the admission's 50 ms ran out, not after a TCP timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    a.wait_connected(false).await;
+    held.push(hold("127.0.7.4", a.listen).await);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    a.wait_connected(true).await;
+    // What Redis counts is the live sessions, the two admitted alone included.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.count("slow", "g") != 4 {
+        assert!(
+            Instant::now() < deadline,
+            "Redis counts {} sessions, 4 are open",
+            redis.count("slow", "g")
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(held);
+    while redis.count("slow", "g") != 0 {
+        assert!(Instant::now() < deadline, "releases never reached Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    redis.down();
+}

@@ -17,7 +17,9 @@
 //! What can drift, and which way: an admission in flight while the instance registers is in the
 //! snapshot and may be counted once more by its script. Such drift only ever over-counts (the
 //! cluster refuses early, never admits past a limit), and the next lease refresh registers
-//! again to remove it.
+//! again to remove it. A script that went unanswered (Redis stalled) may still run late, after
+//! the registration that follows; the refresh after that registration replaces the copy again,
+//! so such drift lasts at most a third of `lease_ttl`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,8 +130,11 @@ struct State {
     pending: usize,
     /// Fallback admissions since the last registration's snapshot: they are not in Redis.
     fallback_since_snapshot: usize,
-    /// The copy in Redis may over-count: register again at the next refresh.
+    /// The copy in Redis may have drifted: register again at the next refresh.
     dirty: bool,
+    /// A script went unanswered since the last registration: Redis may still run it late,
+    /// on the old connection, after the next registration; the refresh after it corrects that.
+    unanswered: bool,
 }
 
 impl State {
@@ -305,6 +310,7 @@ impl Cluster {
                 return self.alone(keys, ask, epoch);
             }
             Err(_) => {
+                self.lock().unanswered = true;
                 self.down(&format!(
                     "no answer to an admission within {} ms",
                     self.config.admission_timeout.as_millis()
@@ -494,7 +500,7 @@ impl Cluster {
             // few rounds the few missing ones go in at the next refresh.
             let missing = state.fallback_since_snapshot > 0;
             if !missing || round == REGISTER_ROUNDS {
-                state.dirty |= missing;
+                state.dirty |= missing || std::mem::take(&mut state.unanswered);
                 state.connected = true;
                 self.connected.store(true, Ordering::Release);
                 drop(state);
@@ -604,7 +610,10 @@ impl Cluster {
                     match done {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => self.down(&format!("release failed: {e}")),
-                        Err(_) => self.down("no answer to a release"),
+                        Err(_) => {
+                            self.lock().unanswered = true;
+                            self.down("no answer to a release");
+                        }
                     }
                 }
                 Write::Register(counts, answer) => {
