@@ -98,6 +98,7 @@ def main():
                  "mx.test", "--max-per-source", "1000"] + extra,
                 env=dict(os.environ, RUST_LOG="error")))
             wait_port(port)
+            wait_port(mport)
             modes[name] = (port, mport)
         # The cluster instance registers in the background: wait for it.
         end = time.time() + 10
