@@ -99,6 +99,12 @@ impl Guard {
         self.claim.is_some()
     }
 
+    /// Gives the cluster's place back: for a client that goes back to wait in the queue, which
+    /// is this host's alone.
+    pub fn release_claim(&mut self) {
+        self.claim = None;
+    }
+
     /// Keeps the cluster's place for as long as the session's own slots.
     pub fn hold_claim(&mut self, claim: crate::cluster::Claim) {
         self.claim = Some(Box::new(claim));
@@ -463,6 +469,9 @@ fn release_slot(map: &DashMap<IpNet, usize>, key: IpNet) -> bool {
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // The cluster's place goes first, so its release is on its way before a local slot
+        // frees for the next client.
+        drop(self.claim.take());
         let inner = &self.inner;
         if self.holds_source && release_slot(&inner.sources, self.source) {
             inner.metrics.sources_active.decrement(1.0);

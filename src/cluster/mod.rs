@@ -14,12 +14,13 @@
 //! `admission_timeout`, the instance decides alone, under `fallback_share` of each limit; once
 //! Redis answers again, it registers its live sessions whole, and shares again.
 //!
-//! What can drift, and which way: an admission in flight while the instance registers is in the
-//! snapshot and may be counted once more by its script. Such drift only ever over-counts (the
-//! cluster refuses early, never admits past a limit), and the next lease refresh registers
-//! again to remove it. A script that went unanswered (Redis stalled) may still run late, after
-//! the registration that follows; the refresh after that registration replaces the copy again,
-//! so such drift lasts at most a third of `lease_ttl`.
+//! Registration and admissions race: a registration's snapshot goes through the ordered writer,
+//! admissions straight to Redis. Each admission carries the epoch (registration) it was counted
+//! under, so the scripts keep the copy exact whichever arrives first (see `script::ADMIT`).
+//! What can still drift: a script that went unanswered (Redis stalled) may run late, after the
+//! registration that follows, and sessions admitted alone while a registration was on its way
+//! are missing from it. Both set a flag, and the next lease refresh registers again, so such
+//! drift lasts at most a third of `lease_ttl`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,7 +165,7 @@ impl State {
 enum Write {
     Release(Vec<Arc<str>>),
     /// This instance's counts, whole; the answer says whether Redis took them.
-    Register(Vec<(Arc<str>, u64)>, oneshot::Sender<bool>),
+    Register(u64, Vec<(Arc<str>, u64)>, oneshot::Sender<bool>),
 }
 
 /// The cluster-wide figures Redis gave at the last refresh, for `mxgate status`.
@@ -177,6 +178,8 @@ pub struct Seen {
 /// One instance's membership in a cluster.
 pub struct Cluster {
     config: ClusterConfig,
+    /// Tells this process from another one given the same instance name.
+    token: String,
     prefix: String,
     client: redis::Client,
     scripts: Scripts,
@@ -202,6 +205,7 @@ impl Cluster {
         let series = metrics.cluster();
         series.connected.set(0.0);
         let cluster = Arc::new(Cluster {
+            token: process_token(),
             prefix: format!("mxgate:{}:", config.name),
             config,
             client,
@@ -289,7 +293,9 @@ impl Cluster {
             .arg(ask.network.map_or(String::new(), |(b, _)| b.to_string()))
             .arg(ask.network.map_or(0, |(_, c)| c as i64))
             .arg(ask.global_cap as i64)
-            .arg(if ask.enforce { 1 } else { 0 });
+            .arg(if ask.enforce { 1 } else { 0 })
+            .arg(&self.token)
+            .arg(epoch);
         let answer = tokio::time::timeout(
             self.config.admission_timeout,
             call.invoke_async::<(i64, i64)>(&mut conn),
@@ -524,10 +530,13 @@ impl Cluster {
             let mut state = self.lock();
             state.epoch += 1;
             state.fallback_since_snapshot = 0;
-            // An admission in flight is in the snapshot and may be counted once more.
-            state.dirty = state.pending > 0;
+            state.dirty = false;
             let counts = state.counts.iter().map(|(k, n)| (k.clone(), *n)).collect();
-            if self.writes.send(Write::Register(counts, tx)).is_err() {
+            if self
+                .writes
+                .send(Write::Register(state.epoch, counts, tx))
+                .is_err()
+            {
                 return false;
             }
         }
@@ -543,7 +552,8 @@ impl Cluster {
         let mut call = self.scripts.refresh.prepare_invoke();
         call.arg(&self.prefix)
             .arg(&self.config.instance)
-            .arg(self.config.lease_ttl.as_millis() as u64);
+            .arg(self.config.lease_ttl.as_millis() as u64)
+            .arg(&self.token);
         let answer = tokio::time::timeout(
             UPKEEP_TIMEOUT,
             call.invoke_async::<(i64, u64, u64)>(&mut conn),
@@ -578,11 +588,12 @@ impl Cluster {
             let write = match next.take() {
                 Some(w) => w,
                 None => tokio::select! {
+                    biased;
+                    () = self.stop.cancelled() => return,
                     w = rx.recv() => match w {
                         Some(w) => w,
                         None => return,
                     },
-                    () = self.stop.cancelled() => return,
                 },
             };
             let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -616,7 +627,7 @@ impl Cluster {
                         }
                     }
                 }
-                Write::Register(counts, answer) => {
+                Write::Register(epoch, counts, answer) => {
                     let Some(mut conn) = conn else {
                         let _ = answer.send(false);
                         continue;
@@ -624,25 +635,40 @@ impl Cluster {
                     let mut call = self.scripts.register.prepare_invoke();
                     call.arg(&self.prefix)
                         .arg(&self.config.instance)
-                        .arg(self.config.lease_ttl.as_millis() as u64);
+                        .arg(self.config.lease_ttl.as_millis() as u64)
+                        .arg(&self.token)
+                        .arg(epoch);
                     for (k, n) in &counts {
                         call.arg(&**k).arg(*n);
                     }
                     let done = tokio::time::timeout(
                         UPKEEP_TIMEOUT,
-                        call.invoke_async::<(u64, u64)>(&mut conn),
+                        call.invoke_async::<(i64, u64, u64)>(&mut conn),
                     )
                     .await;
                     match done {
-                        Ok(Ok((connections, instances))) => {
+                        Ok(Ok((0, connections, instances))) => {
                             self.saw(connections, instances);
                             let _ = answer.send(true);
+                        }
+                        Ok(Ok((-1, _, _))) => {
+                            tracing::error!(
+                                instance = %self.config.instance,
+                                "cluster: another process holds a live lease under this instance name; \
+                                 give every host its own cluster.instance. Deciding alone until it ends"
+                            );
+                            let _ = answer.send(false);
+                        }
+                        Ok(Ok(_)) => {
+                            let _ = answer.send(false);
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "cluster: registration failed");
                             let _ = answer.send(false);
                         }
                         Err(_) => {
+                            // It may still be applied late; the epoch makes Redis drop it then.
+                            self.lock().unanswered = true;
                             let _ = answer.send(false);
                         }
                     }
@@ -665,7 +691,9 @@ impl Cluster {
             return;
         };
         let mut call = self.scripts.leave.prepare_invoke();
-        call.arg(&self.prefix).arg(&self.config.instance);
+        call.arg(&self.prefix)
+            .arg(&self.config.instance)
+            .arg(&self.token);
         match tokio::time::timeout(UPKEEP_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
             Ok(Ok(_)) => tracing::info!("cluster: left; this instance's slots are free"),
             _ => tracing::warn!(
@@ -674,6 +702,21 @@ impl Cluster {
         }
         self.series.connected.set(0.0);
     }
+}
+
+/// A token for this process: its id, the time and an address from the heap, enough to tell
+/// two processes apart (it is no secret).
+fn process_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let heap = Box::new(0u8);
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        &*heap as *const u8 as usize
+    )
 }
 
 /// What an instance enforces alone of `limit`: its share, rounded down, but at least one slot

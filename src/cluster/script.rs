@@ -6,7 +6,10 @@
 //! - `leases`: a sorted set, instance → the Redis clock (ms) at which its lease ends;
 //! - `g`, `s:{source}`, `n:{block}`: one hash per count, instance → that instance's sessions;
 //! - `k:{instance}`: the set of count keys the instance holds a field in, so its counts can be
-//!   taken back whole (a clean stop, a re-registration, an expired lease).
+//!   taken back whole (a clean stop, a re-registration, an expired lease);
+//! - `token`, `epoch`: per instance, the process that holds the name (a random token, so two
+//!   hosts given one name are caught) and the last registration Redis applied;
+//! - `x:{instance}`: admissions that reached Redis before the registration they came after.
 //!
 //! A count is the sum of its hash's fields. Every script first takes back the counts of each
 //! instance whose lease has ended, so a field only ever belongs to a live instance. Time is
@@ -25,7 +28,9 @@ local function reap(inst)
   for _, key in ipairs(redis.call('SMEMBERS', held)) do
     redis.call('HDEL', key, inst)
   end
-  redis.call('DEL', held)
+  redis.call('DEL', held, prefix .. 'x:' .. inst)
+  redis.call('HDEL', prefix .. 'epoch', inst)
+  redis.call('HDEL', prefix .. 'token', inst)
   redis.call('ZREM', leases, inst)
 end
 for _, inst in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
@@ -39,13 +44,22 @@ end
 "#;
 
 /// Admission. ARGV: prefix, instance, source key, source cap (-1: none), network key ('' for
-/// none), network cap, global cap, enforce (1, or 0 for a dry run).
+/// none), network cap, global cap, enforce (1, or 0 for a dry run), token, epoch.
+///
+/// The epoch is the registration the instance had made when it counted this session itself.
+/// One older than the registration Redis holds was in that registration's snapshot already:
+/// it is decided but not counted again. One newer than it came after a snapshot that has not
+/// arrived yet: it is counted, and also noted in `x:{instance}`, so the registration adds it
+/// back on top of its snapshot instead of wiping it.
 ///
 /// Returns `{code, total}`: code 0 admitted, 1 source limit, 2 network limit, 3 global limit
 /// (in a dry run the session is counted anyway), -1 this instance has no lease (it must
 /// register again); total is the cluster's sessions after the decision.
 const ADMIT: &str = r#"
 if not redis.call('ZSCORE', leases, me) then return {-1, 0} end
+if redis.call('HGET', prefix .. 'token', me) ~= ARGV[9] then return {-1, 0} end
+local epoch = tonumber(ARGV[10])
+local registered = tonumber(redis.call('HGET', prefix .. 'epoch', me) or '0')
 local g = prefix .. 'g'
 local s = prefix .. 's:' .. ARGV[3]
 local reason = 0
@@ -59,12 +73,16 @@ end
 local total = count(g)
 if reason == 0 and total >= tonumber(ARGV[7]) then reason = 3 end
 if reason ~= 0 and ARGV[8] == '1' then return {reason, total} end
+if epoch < registered then return {reason, total} end
 local held = prefix .. 'k:' .. me
 local keys = {g, s}
 if n then keys[3] = n end
 for _, key in ipairs(keys) do
   redis.call('HINCRBY', key, me, 1)
   redis.call('SADD', held, key)
+  if epoch > registered then
+    redis.call('HINCRBY', prefix .. 'x:' .. me, epoch .. '|' .. key, 1)
+  end
 end
 return {reason, total + 1}
 "#;
@@ -83,31 +101,57 @@ end
 return 0
 "#;
 
-/// Lease refresh. ARGV: prefix, instance, ttl (ms). Returns `{held, total, instances}`: held is
-/// 0 when the lease had already ended (the instance must register again; it is not renewed).
+/// Lease refresh. ARGV: prefix, instance, ttl (ms), token. Returns `{held, total, instances}`:
+/// held is 0 when the lease had already ended, or belongs to another process with the same
+/// instance name (the instance must register again; it is not renewed).
 const REFRESH: &str = r#"
 local held = redis.call('ZSCORE', leases, me)
+if redis.call('HGET', prefix .. 'token', me) ~= ARGV[4] then held = false end
 if held then redis.call('ZADD', leases, now + tonumber(ARGV[3]), me) end
 return {held and 1 or 0, count(prefix .. 'g'), redis.call('ZCARD', leases)}
 "#;
 
 /// Registration: this instance's counts replaced whole by its live sessions, under a new
-/// lease. ARGV: prefix, instance, ttl (ms), then pairs of full count key and count.
+/// lease. ARGV: prefix, instance, ttl (ms), token, epoch, then pairs of full count key and
+/// count. Admissions counted after the snapshot that reached Redis first (`x:{instance}`,
+/// this epoch) are added back on top. Returns `{0, total, instances}`; `{-1, ..}` when a live
+/// lease of the same name belongs to another process (two hosts with one instance name), and
+/// `{-2, ..}` for a registration older than the one Redis holds (it arrived late).
 const REGISTER: &str = r#"
+local token = ARGV[4]
+local epoch = tonumber(ARGV[5])
+local owner = redis.call('HGET', prefix .. 'token', me)
+if owner and owner ~= token and redis.call('ZSCORE', leases, me) then
+  return {-1, 0, 0}
+end
+if owner == token and epoch <= tonumber(redis.call('HGET', prefix .. 'epoch', me) or '0') then
+  return {-2, 0, 0}
+end
+local early = redis.call('HGETALL', prefix .. 'x:' .. me)
 reap(me)
 local held = prefix .. 'k:' .. me
-for i = 4, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('HSET', ARGV[i], me, ARGV[i + 1])
   redis.call('SADD', held, ARGV[i])
 end
+local mine = epoch .. '|'
+for i = 1, #early, 2 do
+  if string.sub(early[i], 1, #mine) == mine then
+    local key = string.sub(early[i], #mine + 1)
+    redis.call('HINCRBY', key, me, tonumber(early[i + 1]))
+    redis.call('SADD', held, key)
+  end
+end
+redis.call('HSET', prefix .. 'token', me, token)
+redis.call('HSET', prefix .. 'epoch', me, epoch)
 redis.call('ZADD', leases, now + tonumber(ARGV[3]), me)
-return {count(prefix .. 'g'), redis.call('ZCARD', leases)}
+return {0, count(prefix .. 'g'), redis.call('ZCARD', leases)}
 "#;
 
 /// A clean stop: every count of this instance given back, its lease ended. ARGV: prefix,
-/// instance.
+/// instance, token (another process's counts under the same name are left alone).
 const LEAVE: &str = r#"
-reap(me)
+if redis.call('HGET', prefix .. 'token', me) == ARGV[3] then reap(me) end
 return 0
 "#;
 
@@ -136,5 +180,141 @@ impl Scripts {
 impl Default for Scripts {
     fn default() -> Self {
         Scripts::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scripts against a real `redis-server`, in orders the instances can produce.
+
+    use super::*;
+
+    struct Server(std::process::Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn server() -> Option<(Server, redis::Connection)> {
+        let found = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is required in CI"
+            );
+            eprintln!("SKIP: redis-server is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server(child);
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(c) = client.get_connection() {
+                return Some((server, c));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    const P: &str = "mxgate:t:";
+
+    fn register(c: &mut redis::Connection, token: &str, epoch: u64, counts: &[(&str, u64)]) -> i64 {
+        let s = Scripts::new();
+        let mut call = s.register.prepare_invoke();
+        call.arg(P).arg("a").arg(10_000).arg(token).arg(epoch);
+        for (k, n) in counts {
+            call.arg(format!("{P}{k}")).arg(*n);
+        }
+        call.invoke::<(i64, u64, u64)>(c).unwrap().0
+    }
+
+    fn admit(c: &mut redis::Connection, token: &str, epoch: u64, source: &str) -> i64 {
+        let s = Scripts::new();
+        let mut call = s.admit.prepare_invoke();
+        call.arg(P)
+            .arg("a")
+            .arg(source)
+            .arg(3)
+            .arg("")
+            .arg(0)
+            .arg(10)
+            .arg(1)
+            .arg(token)
+            .arg(epoch);
+        call.invoke::<(i64, i64)>(c).unwrap().0
+    }
+
+    fn global(c: &mut redis::Connection) -> i64 {
+        let v: Vec<i64> = redis::cmd("HVALS").arg(format!("{P}g")).query(c).unwrap();
+        v.iter().sum()
+    }
+
+    #[test]
+    fn an_admission_that_overtakes_its_registration_is_kept() {
+        let Some((_server, mut c)) = server() else {
+            return;
+        };
+        assert_eq!(register(&mut c, "t1", 1, &[]), 0);
+        assert_eq!(admit(&mut c, "t1", 1, "192.0.2.1/32"), 0);
+        // The instance snapshots (1 session) for registration 2; a new admission, counted
+        // after that snapshot, reaches Redis before the registration does.
+        assert_eq!(admit(&mut c, "t1", 2, "192.0.2.2/32"), 0);
+        assert_eq!(
+            register(&mut c, "t1", 2, &[("g", 1), ("s:192.0.2.1/32", 1)]),
+            0
+        );
+        assert_eq!(global(&mut c), 2, "the overtaking admission survives");
+        // One counted before the snapshot, arriving after the registration: already in it.
+        assert_eq!(
+            register(
+                &mut c,
+                "t1",
+                3,
+                &[
+                    ("g", 3),
+                    ("s:192.0.2.1/32", 1),
+                    ("s:192.0.2.2/32", 1),
+                    ("s:192.0.2.3/32", 1)
+                ]
+            ),
+            0
+        );
+        assert_eq!(admit(&mut c, "t1", 2, "192.0.2.3/32"), 0);
+        assert_eq!(global(&mut c), 3, "not counted twice");
+        // A registration that arrives late, after a newer one, is dropped.
+        assert_eq!(register(&mut c, "t1", 2, &[]), -2);
+        assert_eq!(global(&mut c), 3);
+    }
+
+    #[test]
+    fn a_second_process_under_the_same_name_cannot_take_its_counts() {
+        let Some((_server, mut c)) = server() else {
+            return;
+        };
+        assert_eq!(register(&mut c, "first", 1, &[("g", 4)]), 0);
+        assert_eq!(register(&mut c, "second", 1, &[]), -1);
+        assert_eq!(admit(&mut c, "second", 1, "192.0.2.9/32"), -1);
+        assert_eq!(global(&mut c), 4);
     }
 }

@@ -440,7 +440,7 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 }
 
 /// The kernel's host name, from uname(2): no /proc, which systemd's ProcSubset=pid hides.
-fn system_hostname() -> Result<String, String> {
+pub(crate) fn system_hostname() -> Result<String, String> {
     let name = rustix::system::uname();
     let name = name
         .nodename()

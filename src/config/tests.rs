@@ -334,8 +334,10 @@ fn the_cluster_table_is_checked_and_named_by_flag_or_file_line() {
     .validate(None)
     .unwrap();
     let cluster = c.cluster.clone().unwrap();
-    // The instance defaults to the host name; the rest to the documented defaults.
-    assert_eq!(cluster.instance, "mx1.example");
+    // The instance defaults to the system's host name, not the name in mxgate's replies
+    // (hosts behind one MX often share that); the rest to the documented defaults.
+    assert_eq!(cluster.instance, super::system_hostname().unwrap());
+    assert_ne!(cluster.instance, "mx1.example");
     assert_eq!(cluster.name, "mxgate");
     assert_eq!(cluster.lease_ttl, Duration::from_secs(10));
     assert_eq!(cluster.fallback_share, 0.5);
@@ -348,6 +350,15 @@ fn the_cluster_table_is_checked_and_named_by_flag_or_file_line() {
         "{printed}"
     );
     assert!(!printed.contains("s3cret"), "{printed}");
+    // A unix socket's password is a query value.
+    assert_eq!(
+        crate::config::redact("unix:///run/redis.sock?db=1&pass=hunter2"),
+        "unix:///run/redis.sock?db=1&pass=***"
+    );
+    assert_eq!(
+        crate::config::redact("redis://u:pw@h:1/0"),
+        "redis://***@h:1/0"
+    );
     // No table, no cluster.
     let alone = Settings::from_toml("backend = \"127.0.0.1:25\"")
         .unwrap()
@@ -369,9 +380,14 @@ fn the_cluster_table_is_checked_and_named_by_flag_or_file_line() {
             "at most 1",
         ),
         (
-            "redis = \"redis://h\"\nlease_ttl = \"500ms\"",
+            "redis = \"redis://h\"\nlease_ttl = \"2s\"",
             "cluster.lease_ttl",
-            "at least 1s",
+            "at least 3s",
+        ),
+        (
+            "redis = \"redis://h\"\nadmission_timeout = \"1ms\"",
+            "cluster.admission_timeout",
+            "at least 5ms",
         ),
         (
             "redis = \"redis://h\"\nname = \"a:b\"",

@@ -240,6 +240,8 @@ impl Gate {
             .queue
             .reenter(guard.source(), waiter, entered, live.config.queue_timeout);
         guard.release_global();
+        // The queue is this host's own: the cluster is asked again once a slot is granted.
+        guard.release_claim();
         match entry {
             Entered::Wait(ticket) => Opened::Requeue(Box::new(Waiting {
                 client,

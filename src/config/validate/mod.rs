@@ -41,7 +41,7 @@ impl Settings {
         let edge = transparency_and_proxy(&self)?;
         let moving = forwarding(&self)?;
         let hostname = hostname(self.hostname.clone())?;
-        let cluster = cluster(&self.cluster, &hostname)?;
+        let cluster = cluster(&self.cluster)?;
         Ok(Config {
             listen,
             listen_set: !self.listen.is_empty(),
@@ -389,7 +389,7 @@ fn bounded(d: Duration) -> Result<Duration, String> {
 }
 
 /// The `[cluster]` table: nothing unless `redis` is set, and then every key checked.
-fn cluster(c: &ClusterSettings, hostname: &str) -> Result<Option<ClusterConfig>, Bad> {
+fn cluster(c: &ClusterSettings) -> Result<Option<ClusterConfig>, Bad> {
     let Some(redis) = &c.redis else {
         if !c.is_empty() {
             return Err(bad(
@@ -413,14 +413,24 @@ fn cluster(c: &ClusterSettings, hostname: &str) -> Result<Option<ClusterConfig>,
         .clone()
         .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.into());
     key_part("cluster.name", &name)?;
-    // The host name mxgate names itself with; without one set, the system's.
-    let instance = c.instance.clone().unwrap_or_else(|| hostname.to_string());
+    // The system's host name, not the one in mxgate's replies: hosts behind one MX name often
+    // share that, and two instances with one name are refused by Redis.
+    let instance = match &c.instance {
+        Some(i) => i.clone(),
+        None => system_hostname().map_err(|e| {
+            bad(
+                "cluster.instance",
+                format!("not set, and the system host name is unusable: {e}"),
+            )
+        })?,
+    };
     key_part("cluster.instance", &instance)?;
     let lease_ttl = positive("cluster.lease_ttl", c.lease_ttl, DEFAULT_LEASE_TTL)?;
-    if lease_ttl < Duration::from_secs(1) {
+    if lease_ttl < Duration::from_secs(3) {
         return Err(bad(
             "cluster.lease_ttl",
-            "must be at least 1s: the lease is refreshed every third of it",
+            "must be at least 3s: the lease is refreshed every third of it, and each refresh \
+             may wait a second for Redis",
         ));
     }
     let fallback_share = c.fallback_share.unwrap_or(DEFAULT_FALLBACK_SHARE);
@@ -438,6 +448,12 @@ fn cluster(c: &ClusterSettings, hostname: &str) -> Result<Option<ClusterConfig>,
         c.admission_timeout,
         DEFAULT_CLUSTER_ADMISSION_TIMEOUT,
     )?;
+    if admission_timeout < Duration::from_millis(5) {
+        return Err(bad(
+            "cluster.admission_timeout",
+            "must be at least 5ms: below a loopback round trip, every admission would fall back",
+        ));
+    }
     if admission_timeout > Duration::from_secs(5) {
         return Err(bad(
             "cluster.admission_timeout",
@@ -471,12 +487,29 @@ fn key_part(key: &str, value: &str) -> Result<(), Bad> {
     }
 }
 
-/// A Redis URL with any password replaced, for error messages and logs.
+/// A Redis URL with any password replaced, for error messages and logs: the user part
+/// (`redis://:pw@host`) and a `pass=` or `password=` query value (`unix://...?pass=pw`).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_string(),
+    };
+    if let Some(q) = query {
+        let parts: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&parts.join("&"));
     }
+    out
 }
