@@ -117,13 +117,29 @@ struct Instance {
 }
 
 impl Instance {
-    /// Starts the real binary and waits until Redis has its registration.
+    /// Starts the real binary and waits until Redis has its registration and the warm-up of
+    /// a new copy of the counts is over (limits are then shared whole).
     async fn start(
         backend: SocketAddr,
         redis: &Redis,
         cluster: &str,
         name: &str,
         extra: &[&str],
+    ) -> Instance {
+        let i = Instance::spawn(backend, redis, cluster, name, extra, Stdio::inherit());
+        i.wait_connected(true).await;
+        i.wait_gauge("mxgate_cluster_warming", 0.0).await;
+        i
+    }
+
+    /// Starts the real binary, its log (at `warn`) to `log`, without waiting for anything.
+    fn spawn(
+        backend: SocketAddr,
+        redis: &Redis,
+        cluster: &str,
+        name: &str,
+        extra: &[&str],
+        log: Stdio,
     ) -> Instance {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -137,20 +153,18 @@ impl Instance {
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("mxgate starts");
-        let i = Instance {
+        Instance {
             child,
             listen,
             metrics,
-        };
-        i.wait_connected(true).await;
-        i
+        }
     }
 
-    /// `mxgate_cluster_connected`, or `None` while the metrics listener is not up.
-    async fn connected(&self) -> Option<f64> {
+    /// A gauge's value, or `None` while the metrics listener is not up.
+    async fn gauge(&self, name: &str) -> Option<f64> {
         let mut s = TcpStream::connect(self.metrics).await.ok()?;
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -158,20 +172,21 @@ impl Instance {
         let mut body = String::new();
         s.read_to_string(&mut body).await.ok()?;
         body.lines()
-            .find_map(|l| l.strip_prefix("mxgate_cluster_connected "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     }
 
-    async fn wait_connected(&self, want: bool) {
-        let want = if want { 1.0 } else { 0.0 };
+    async fn wait_gauge(&self, name: &str, want: f64) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while self.connected().await != Some(want) {
-            assert!(
-                Instant::now() < deadline,
-                "mxgate_cluster_connected never became {want}"
-            );
+        while self.gauge(name).await != Some(want) {
+            assert!(Instant::now() < deadline, "{name} never became {want}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    async fn wait_connected(&self, want: bool) {
+        self.wait_gauge("mxgate_cluster_connected", if want { 1.0 } else { 0.0 })
+            .await;
     }
 
     fn kill9(&mut self) {
@@ -205,6 +220,8 @@ async fn hold(source: &str, to: SocketAddr) -> TcpStream {
     s
 }
 
+/// The limits of most tests, with a short lease (the warm-up of a new copy of the counts in
+/// Redis lasts one lease).
 const LIMITS: &[&str] = &[
     "--max-connections",
     "10",
@@ -212,6 +229,8 @@ const LIMITS: &[&str] = &[
     "3",
     "--queue-timeout",
     "0",
+    "--cluster-lease-ttl",
+    "3s",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,6 +293,8 @@ async fn concurrent_bursts_against_both_hosts_never_overshoot() {
         "100",
         "--queue-timeout",
         "0",
+        "--cluster-lease-ttl",
+        "3s",
     ];
     let a = Instance::start(backend.addr, &redis, "burst", "a", &limits).await;
     let b = Instance::start(backend.addr, &redis, "burst", "b", &limits).await;
@@ -322,8 +343,7 @@ async fn a_killed_instance_gives_its_slots_back_within_the_lease() {
         return;
     };
     let backend = GreetingBackend::start().await;
-    let mut limits = LIMITS.to_vec();
-    limits.extend(["--cluster-lease-ttl", "3s"]);
+    let limits = LIMITS.to_vec();
     let mut a = Instance::start(backend.addr, &redis, "crash", "a", &limits).await;
     let b = Instance::start(backend.addr, &redis, "crash", "b", &limits).await;
     let mut on_a = Vec::new();
@@ -399,12 +419,7 @@ async fn redis_down_falls_back_to_the_share_and_back_registers_the_live_sessions
     };
     let backend = GreetingBackend::start().await;
     let mut limits = LIMITS.to_vec();
-    limits.extend([
-        "--cluster-lease-ttl",
-        "3s",
-        "--cluster-fallback-share",
-        "0.5",
-    ]);
+    limits.extend(["--cluster-fallback-share", "0.5"]);
     let a = Instance::start(backend.addr, &redis, "down", "a", &limits).await;
     let mut held = futures_hold(a.listen, "127.0.6", 2).await;
     assert_eq!(redis.count("down", "g"), 2);
@@ -423,12 +438,14 @@ async fn redis_down_falls_back_to_the_share_and_back_registers_the_live_sessions
         assert_eq!(read_line(s).await, b"RSET\r\n");
     }
 
-    // Back: Redis gets the live sessions whole (it restarted empty), and limits are shared.
+    // Back: Redis gets the live sessions whole (it restarted empty), and limits are shared
+    // once the new copy's warm-up is over.
     redis.up().await;
     a.wait_connected(true).await;
     assert_eq!(redis.count("down", "g"), 5);
     assert_eq!(redis.field("down", "s:127.0.6.1/32", "a"), 1);
     assert_eq!(redis.leases("down"), ["a"]);
+    a.wait_gauge("mxgate_cluster_warming", 0.0).await;
     // Shared again: the whole limit of 10, not the share.
     for i in 6..=10 {
         held.push(hold(&format!("127.0.6.{i}"), a.listen).await);
@@ -450,12 +467,7 @@ async fn a_redis_that_stops_answering_costs_an_admission_its_timeout_not_its_ses
     };
     let backend = GreetingBackend::start().await;
     let mut limits = LIMITS.to_vec();
-    limits.extend([
-        "--cluster-admission-timeout",
-        "50ms",
-        "--cluster-lease-ttl",
-        "3s",
-    ]);
+    limits.extend(["--cluster-admission-timeout", "50ms"]);
     let a = Instance::start(backend.addr, &redis, "slow", "a", &limits).await;
     let mut held = futures_hold(a.listen, "127.0.7", 2).await;
     // Redis still holds the connection open but answers nothing.
@@ -499,31 +511,11 @@ async fn a_second_host_given_the_same_instance_name_cannot_wipe_the_first_ones_c
         return;
     };
     let backend = GreetingBackend::start().await;
-    let mut limits = LIMITS.to_vec();
-    limits.extend(["--cluster-lease-ttl", "3s"]);
+    let limits = LIMITS.to_vec();
     let mut a = Instance::start(backend.addr, &redis, "dup", "same", &limits).await;
     let on_a = futures_hold(a.listen, "127.0.8", 3).await;
     // The copy-pasted config: b is given a's name. It is refused by Redis and decides alone.
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-        .args(["run", "--hostname", HOST])
-        .args(["--backend", &backend.addr.to_string()])
-        .args(["--listen", &listen.to_string()])
-        .args(["--metrics", &metrics.to_string()])
-        .args(["--cluster-redis", &redis.url()])
-        .args(["--cluster-name", "dup", "--cluster-instance", "same"])
-        .args(&limits)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let b = Instance {
-        child,
-        listen,
-        metrics,
-    };
+    let b = Instance::spawn(backend.addr, &redis, "dup", "same", &limits, Stdio::null());
     b.wait_connected(false).await;
     let on_b = hold("127.0.9.1", b.listen).await;
     assert_eq!(redis.count("dup", "g"), 3, "a's counts are intact");
@@ -534,4 +526,110 @@ async fn a_second_host_given_the_same_instance_name_cannot_wipe_the_first_ones_c
     b.wait_connected(true).await;
     assert_eq!(redis.count("dup", "g"), 1);
     drop(on_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_holds_each_host_to_its_share_until_every_host_registered() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let mut limits = LIMITS.to_vec();
+    limits.extend(["--cluster-fallback-share", "0.5"]);
+    let a = Instance::start(backend.addr, &redis, "empty", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "empty", "b", &limits).await;
+    let mut on_b = futures_hold(b.listen, "127.0.10", 8).await;
+    assert_eq!(redis.count("empty", "g"), 8);
+
+    // b cannot run (it stays silent as a slow host would), and Redis comes back empty.
+    let b_pid = b.child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    redis.down();
+    redis.up().await;
+    // a's next refresh finds no lease; it registers into the new, empty copy.
+    a.wait_gauge("mxgate_cluster_warming", 1.0).await;
+    a.wait_connected(true).await;
+    assert_eq!(redis.leases("empty"), ["a"], "b has not registered yet");
+    // Redis sees 10 free slots, but b's 8 are still open: a holds to its share, 5.
+    let on_a = futures_hold(a.listen, "127.0.11", 5).await;
+    expect_refusal("127.0.11.6", a.listen, GLOBAL_LINE).await;
+    assert_eq!(
+        a.gauge("mxgate_cluster_warming").await,
+        Some(1.0),
+        "still warming: the refusal was the share's"
+    );
+    assert_eq!(redis.count("empty", "g"), 5, "the refusal took nothing");
+
+    // b runs again, finds its lease gone and registers its 8.
+    // SAFETY: as above.
+    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.count("empty", "g") != 13 {
+        assert!(
+            Instant::now() < deadline,
+            "Redis counts {}, 13 are open",
+            redis.count("empty", "g")
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Past the warm-up, the shared limit holds: over it, nothing more on either host...
+    a.wait_gauge("mxgate_cluster_warming", 0.0).await;
+    expect_refusal("127.0.11.7", a.listen, GLOBAL_LINE).await;
+    expect_refusal("127.0.10.9", b.listen, GLOBAL_LINE).await;
+    // ... and once b is down to 3, a may take exactly the 2 left.
+    on_b.truncate(3);
+    while redis.count("empty", "g") != 8 {
+        assert!(Instant::now() < deadline, "releases never reached Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let more = futures_hold(a.listen, "127.0.12", 2).await;
+    expect_refusal("127.0.12.3", a.listen, GLOBAL_LINE).await;
+    assert_eq!(redis.count("empty", "g"), 10);
+    drop((on_a, on_b, more));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_redis_backs_off_and_logs_one_line_not_one_per_drop() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let log_path = std::env::temp_dir().join(format!("mxgate-flap-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let a = Instance::spawn(backend.addr, &redis, "flap", "a", LIMITS, log.into());
+    a.wait_connected(true).await;
+    let mut held = Vec::new();
+    let mut reconnect = Vec::new();
+    for drop_no in 1..=5u8 {
+        // Redis drops the connection; the next admission finds out, and is served alone.
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+            .query::<i64>(&mut redis.conn())
+            .unwrap();
+        held.push(hold(&format!("127.0.13.{drop_no}"), a.listen).await);
+        let dropped = Instant::now();
+        a.wait_connected(true).await;
+        reconnect.push(dropped.elapsed());
+    }
+    // Each drop came soon after the connection was made: each wait is twice the one before,
+    // from 100 ms (the fourth is at least 800 ms).
+    assert!(
+        reconnect[3] >= Duration::from_millis(800),
+        "reconnected after {reconnect:?}"
+    );
+    assert_eq!(a.gauge("mxgate_cluster_disconnects_total").await, Some(5.0));
+    assert_eq!(
+        redis.count("flap", "g"),
+        5,
+        "the sessions admitted alone are registered"
+    );
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert_eq!(
+        text.matches("Redis unreachable").count(),
+        1,
+        "one line for the outage, the drops after it counted quietly:\n{text}"
+    );
+    drop(held);
 }

@@ -40,7 +40,7 @@ fn alert_rules_pass_promtool() {
         "promtool",
         &["check", "rules", rules.to_str().unwrap()],
     ));
-    assert!(text.contains("SUCCESS: 12 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 13 rules found"), "{text}");
 }
 
 #[test]

@@ -23,7 +23,7 @@
 //! drift lasts at most a third of `lease_ttl`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,14 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 const REGISTER_ROUNDS: u32 = 3;
 /// Releases sent in one script call at most.
 const RELEASE_BATCH: usize = 512;
+/// A connection that ends sooner than this after it was made is a flap: the next try waits,
+/// longer each time up to `FLAP_MAX`, so a Redis slower than `admission_timeout` costs a few
+/// tries a minute rather than one per admission.
+const STABLE: Duration = Duration::from_secs(30);
+const FLAP_MAX: Duration = Duration::from_secs(30);
+/// Outage and recovery lines are logged at most once in this long; the drops in between are
+/// counted in the next line.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What one clustered admission asks for: the keys admission decided with and their limits.
 #[derive(Clone, Copy, Debug)]
@@ -127,8 +135,6 @@ struct State {
     epoch: u64,
     /// Whether Redis decides admissions now.
     connected: bool,
-    /// Admissions waiting for Redis's answer.
-    pending: usize,
     /// Fallback admissions since the last registration's snapshot: they are not in Redis.
     fallback_since_snapshot: usize,
     /// The copy in Redis may have drifted: register again at the next refresh.
@@ -175,6 +181,23 @@ pub struct Seen {
     pub instances: u64,
 }
 
+/// One connection to Redis. The generation tells a failure on it from one on an older
+/// connection, which must not take the newer one down.
+#[derive(Clone)]
+struct Link {
+    generation: u64,
+    conn: MultiplexedConnection,
+}
+
+/// What the outage log has said, so a flapping Redis cannot flood it.
+#[derive(Default)]
+struct Outages {
+    /// When the last outage line was logged.
+    logged: Option<Instant>,
+    /// Drops since then that were not logged.
+    quiet: u64,
+}
+
 /// One instance's membership in a cluster.
 pub struct Cluster {
     config: ClusterConfig,
@@ -183,9 +206,17 @@ pub struct Cluster {
     prefix: String,
     client: redis::Client,
     scripts: Scripts,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<Link>>,
+    /// The generation the next connection gets.
+    generations: AtomicU64,
     /// Mirrors `State::connected`, read without the lock on the admission path.
     connected: AtomicBool,
+    /// Whether Redis's copy is younger than one lease (see `script::REGISTER`): admissions
+    /// then also hold to the fallback share.
+    warming: AtomicBool,
+    /// What was left of the warm-up at the last answer that said.
+    warm_left: Mutex<Duration>,
+    outages: Mutex<Outages>,
     state: Mutex<State>,
     writes: mpsc::UnboundedSender<Write>,
     /// Wakes the supervisor: Redis went away, or the instance stops.
@@ -204,6 +235,7 @@ impl Cluster {
         let (writes, rx) = mpsc::unbounded_channel();
         let series = metrics.cluster();
         series.connected.set(0.0);
+        series.warming.set(0.0);
         let cluster = Arc::new(Cluster {
             token: process_token(),
             prefix: format!("mxgate:{}:", config.name),
@@ -211,7 +243,11 @@ impl Cluster {
             client,
             scripts: Scripts::new(),
             conn: Mutex::new(None),
+            generations: AtomicU64::new(1),
             connected: AtomicBool::new(false),
+            warming: AtomicBool::new(false),
+            warm_left: Mutex::new(Duration::ZERO),
+            outages: Mutex::new(Outages::default()),
             state: Mutex::new(State::default()),
             writes,
             kick: Notify::new(),
@@ -231,6 +267,30 @@ impl Cluster {
     /// Whether Redis decides admissions now.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// Whether the cluster's copy of the counts is younger than one lease, so this instance
+    /// also holds to its fallback share.
+    pub fn warming(&self) -> bool {
+        self.warming.load(Ordering::Acquire)
+    }
+
+    fn set_warming(&self, warming: bool) {
+        if self.warming.swap(warming, Ordering::AcqRel) != warming {
+            self.series.warming.set(if warming { 1.0 } else { 0.0 });
+            if warming {
+                tracing::info!(
+                    fallback_share = self.config.fallback_share,
+                    "cluster: Redis's counts are new (first start, or it restarted empty); \
+                     for one lease, until every live instance has registered, this one also \
+                     holds to its fallback share"
+                );
+            }
+        }
+    }
+
+    fn link(&self) -> Option<Link> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The cluster-wide figures as Redis gave them at the last refresh.
@@ -267,21 +327,18 @@ impl Cluster {
     /// under its fallback share. Never refuses because Redis is down.
     pub async fn admit(self: &Arc<Self>, ask: &Ask) -> Verdict {
         let keys = self.keys(ask);
-        let conn = if self.connected() {
-            self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
-        } else {
-            None
-        };
+        let link = if self.connected() { self.link() } else { None };
         // Counted here first, so a registration meanwhile includes it: drift over-counts.
         let epoch = {
             let mut state = self.lock();
             state.add(&keys);
-            if conn.is_some() {
-                state.pending += 1;
-            }
             state.epoch
         };
-        let Some(mut conn) = conn else {
+        let Some(Link {
+            generation,
+            mut conn,
+        }) = link
+        else {
             return self.alone(keys, ask, epoch);
         };
         let started = Instant::now();
@@ -298,52 +355,66 @@ impl Cluster {
             .arg(epoch);
         let answer = tokio::time::timeout(
             self.config.admission_timeout,
-            call.invoke_async::<(i64, i64)>(&mut conn),
+            call.invoke_async::<(i64, i64, i64)>(&mut conn),
         )
         .await;
         self.series
             .admission_seconds
             .record(started.elapsed().as_secs_f64());
-        self.lock().pending -= 1;
-        let code = match answer {
-            Ok(Ok((code, _total))) if code >= 0 => code,
+        let (code, warming) = match answer {
+            Ok(Ok((code, _total, warming))) if code >= 0 => (code, warming == 1),
             Ok(Ok(_)) => {
-                self.down("this instance's lease had ended; registering again");
+                self.down(
+                    generation,
+                    "this instance's lease had ended; registering again",
+                );
                 return self.alone(keys, ask, epoch);
             }
             Ok(Err(e)) => {
-                self.down(&format!("admission failed: {e}"));
+                self.down(generation, &format!("admission failed: {e}"));
                 return self.alone(keys, ask, epoch);
             }
             Err(_) => {
                 self.lock().unanswered = true;
-                self.down(&format!(
-                    "no answer to an admission within {} ms",
-                    self.config.admission_timeout.as_millis()
-                ));
+                self.down(
+                    generation,
+                    &format!(
+                        "no answer to an admission within {} ms",
+                        self.config.admission_timeout.as_millis()
+                    ),
+                );
                 return self.alone(keys, ask, epoch);
             }
         };
+        self.set_warming(warming);
         let reason = match code {
             1 => Some(RejectReason::SourceLimit),
             2 => Some(RejectReason::NetworkLimit),
             3 => Some(RejectReason::GlobalLimit),
             _ => None,
         };
-        match reason {
-            Some(reason) if ask.enforce => {
-                self.unclaim(&keys, epoch);
-                Verdict::Refused(reason)
+        if let (Some(reason), true) = (reason, ask.enforce) {
+            self.unclaim(&keys, epoch);
+            return Verdict::Refused(reason);
+        }
+        let claim = Claim {
+            cluster: self.clone(),
+            keys,
+            in_redis: true,
+            epoch,
+        };
+        // Redis's counts may still miss instances that have not registered since it began:
+        // the share holds too.
+        let over = warming
+            .then(|| self.over_share(&self.lock(), &claim.keys, ask))
+            .flatten();
+        match over {
+            Some(over) if ask.enforce => {
+                // Counted in Redis: the claim's drop gives it back there too.
+                drop(claim);
+                Verdict::Refused(over)
             }
-            would_reject => Verdict::Admitted(
-                Claim {
-                    cluster: self.clone(),
-                    keys,
-                    in_redis: true,
-                    epoch,
-                },
-                would_reject,
-            ),
+            over => Verdict::Admitted(claim, reason.or(over)),
         }
     }
 
@@ -359,12 +430,11 @@ impl Cluster {
         }
     }
 
-    /// The decision without Redis: this instance's own sessions (this one already counted)
-    /// against `fallback_share` of each limit.
-    fn alone(self: &Arc<Self>, keys: Keys, ask: &Ask, epoch: u64) -> Verdict {
+    /// The limit this instance's own sessions (the asking one already counted) exceed under
+    /// `fallback_share` of each limit, if any.
+    fn over_share(&self, state: &State, keys: &Keys, ask: &Ask) -> Option<RejectReason> {
         let share = |limit: usize| fallback_cap(limit, self.config.fallback_share);
-        let mut state = self.lock();
-        let over = if ask
+        if ask
             .source_cap
             .is_some_and(|cap| state.count(&keys.source) > share(cap))
         {
@@ -376,7 +446,14 @@ impl Cluster {
         }
         .or_else(|| {
             (state.count(&keys.global) > share(ask.global_cap)).then_some(RejectReason::GlobalLimit)
-        });
+        })
+    }
+
+    /// The decision without Redis: this instance's own sessions against `fallback_share` of
+    /// each limit.
+    fn alone(self: &Arc<Self>, keys: Keys, ask: &Ask, epoch: u64) -> Verdict {
+        let mut state = self.lock();
+        let over = self.over_share(&state, &keys, ask);
         if let (Some(reason), true) = (over, ask.enforce) {
             state.remove(&keys);
             if state.epoch != epoch {
@@ -404,23 +481,41 @@ impl Cluster {
         )
     }
 
-    /// Redis is unreachable, slow, or lost this instance's lease: decide alone until the
-    /// supervisor has registered again. Logged once per outage.
-    fn down(&self, why: &str) {
+    /// Redis is unreachable, slow, or lost this instance's lease on connection `generation`:
+    /// decide alone until the supervisor has registered again. A failure on an older
+    /// connection than the current one changes nothing. Logged once per outage, and at most
+    /// once a `LOG_EVERY`.
+    fn down(&self, generation: u64, why: &str) {
+        {
+            let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            match &*conn {
+                Some(link) if link.generation == generation => *conn = None,
+                _ => return,
+            }
+        }
         let was = {
             let mut state = self.lock();
             std::mem::replace(&mut state.connected, false)
         };
         self.connected.store(false, Ordering::Release);
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if was {
             self.series.connected.set(0.0);
-            tracing::warn!(
-                redis = %redact(&self.config.redis),
-                reason = why,
-                fallback_share = self.config.fallback_share,
-                "cluster: Redis unreachable; enforcing the fallback share of each limit alone"
-            );
+            self.series.disconnects.increment(1);
+            let mut outages = self.outages.lock().unwrap_or_else(|e| e.into_inner());
+            if outages.logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                tracing::warn!(
+                    redis = %redact(&self.config.redis),
+                    reason = why,
+                    fallback_share = self.config.fallback_share,
+                    drops_not_logged = outages.quiet,
+                    "cluster: Redis unreachable; enforcing the fallback share of each limit alone"
+                );
+                outages.logged = Some(Instant::now());
+                outages.quiet = 0;
+            } else {
+                outages.quiet += 1;
+                tracing::debug!(reason = why, "cluster: Redis dropped again");
+            }
         }
         self.kick.notify_one();
     }
@@ -429,13 +524,28 @@ impl Cluster {
     /// whenever Redis goes away.
     async fn supervise(self: Arc<Self>) {
         let mut wait = RECONNECT_FIRST;
+        let mut flap_wait = RECONNECT_FIRST;
+        let mut up_since: Option<Instant> = None;
         let mut logged_unreachable = false;
         while !self.stop.is_cancelled() {
             if !self.connected() {
+                if let Some(since) = up_since.take() {
+                    if since.elapsed() < STABLE {
+                        // It did not last: wait, longer each time, on the fallback share.
+                        tokio::select! {
+                            () = tokio::time::sleep(flap_wait) => {}
+                            () = self.stop.cancelled() => return,
+                        }
+                        flap_wait = (flap_wait * 2).min(FLAP_MAX);
+                    } else {
+                        flap_wait = RECONNECT_FIRST;
+                    }
+                }
                 match self.connect().await {
                     Ok(()) => {
                         wait = RECONNECT_FIRST;
                         logged_unreachable = false;
+                        up_since = Some(Instant::now());
                         continue;
                     }
                     Err(e) => {
@@ -456,8 +566,13 @@ impl Cluster {
                     }
                 }
             }
+            // Refreshed early when the warm-up ends, so status and metrics show it then.
+            let mut next = self.config.lease_ttl / 3;
+            if self.warming() {
+                next = next.min(*self.warm_left.lock().unwrap_or_else(|e| e.into_inner()));
+            }
             tokio::select! {
-                () = tokio::time::sleep(self.config.lease_ttl / 3) => {}
+                () = tokio::time::sleep(next) => {}
                 () = self.kick.notified() => continue,
                 () = self.stop.cancelled() => return,
             }
@@ -494,10 +609,14 @@ impl Cluster {
                 .map_err(|_| "loading the scripts timed out".to_string())?
                 .map_err(|e| e.to_string())?;
         }
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Link { generation, conn });
         for round in 1.. {
             if !self.register().await {
-                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+                if conn.as_ref().is_some_and(|l| l.generation == generation) {
+                    *conn = None;
+                }
                 return Err("registration failed".into());
             }
             let mut state = self.lock();
@@ -511,11 +630,17 @@ impl Cluster {
                 self.connected.store(true, Ordering::Release);
                 drop(state);
                 self.series.connected.set(1.0);
-                tracing::info!(
-                    redis = %redact(&self.config.redis),
-                    instance = %self.config.instance,
-                    "cluster: connected; limits are shared"
-                );
+                // While drops go unlogged, so do the recoveries between them: the last line
+                // logged stays true of a flapping Redis.
+                if self.outages.lock().unwrap_or_else(|e| e.into_inner()).quiet == 0 {
+                    tracing::info!(
+                        redis = %redact(&self.config.redis),
+                        instance = %self.config.instance,
+                        "cluster: connected; limits are shared"
+                    );
+                } else {
+                    tracing::debug!("cluster: connected again");
+                }
                 return Ok(());
             }
         }
@@ -546,7 +671,11 @@ impl Cluster {
     /// Renews the lease and reads the cluster's figures; registers again if the copy in Redis
     /// may have drifted.
     async fn refresh(&self) {
-        let Some(mut conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        let Some(Link {
+            generation,
+            mut conn,
+        }) = self.link()
+        else {
             return;
         };
         let mut call = self.scripts.refresh.prepare_invoke();
@@ -556,22 +685,31 @@ impl Cluster {
             .arg(&self.token);
         let answer = tokio::time::timeout(
             UPKEEP_TIMEOUT,
-            call.invoke_async::<(i64, u64, u64)>(&mut conn),
+            call.invoke_async::<(i64, u64, u64, u64)>(&mut conn),
         )
         .await;
         match answer {
-            Ok(Ok((1, connections, instances))) => self.saw(connections, instances),
-            Ok(Ok(_)) => return self.down("this instance's lease had ended; registering again"),
-            Ok(Err(e)) => return self.down(&format!("lease refresh failed: {e}")),
-            Err(_) => return self.down("no answer to a lease refresh"),
+            Ok(Ok((1, connections, instances, warm))) => self.saw(connections, instances, warm),
+            Ok(Ok(_)) => {
+                return self.down(
+                    generation,
+                    "this instance's lease had ended; registering again",
+                )
+            }
+            Ok(Err(e)) => return self.down(generation, &format!("lease refresh failed: {e}")),
+            Err(_) => return self.down(generation, "no answer to a lease refresh"),
         }
         let dirty = std::mem::take(&mut self.lock().dirty);
         if dirty && !self.register().await {
-            self.down("registration failed");
+            self.down(generation, "registration failed");
         }
     }
 
-    fn saw(&self, connections: u64, instances: u64) {
+    /// The figures an upkeep script answered with; `warm` is what is left of the warm-up, in
+    /// ms.
+    fn saw(&self, connections: u64, instances: u64, warm: u64) {
+        *self.warm_left.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(warm);
+        self.set_warming(warm > 0);
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen {
             connections,
             instances,
@@ -596,7 +734,7 @@ impl Cluster {
                     },
                 },
             };
-            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let link = self.link();
             match write {
                 Write::Release(mut keys) => {
                     while keys.len() < RELEASE_BATCH {
@@ -609,7 +747,13 @@ impl Cluster {
                             Err(_) => break,
                         }
                     }
-                    let Some(mut conn) = conn else { continue };
+                    let Some(Link {
+                        generation,
+                        mut conn,
+                    }) = link
+                    else {
+                        continue;
+                    };
                     let mut call = self.scripts.release.prepare_invoke();
                     call.arg(&self.prefix).arg(&self.config.instance);
                     for k in &keys {
@@ -620,15 +764,15 @@ impl Cluster {
                             .await;
                     match done {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => self.down(&format!("release failed: {e}")),
+                        Ok(Err(e)) => self.down(generation, &format!("release failed: {e}")),
                         Err(_) => {
                             self.lock().unanswered = true;
-                            self.down("no answer to a release");
+                            self.down(generation, "no answer to a release");
                         }
                     }
                 }
                 Write::Register(epoch, counts, answer) => {
-                    let Some(mut conn) = conn else {
+                    let Some(Link { mut conn, .. }) = link else {
                         let _ = answer.send(false);
                         continue;
                     };
@@ -643,15 +787,15 @@ impl Cluster {
                     }
                     let done = tokio::time::timeout(
                         UPKEEP_TIMEOUT,
-                        call.invoke_async::<(i64, u64, u64)>(&mut conn),
+                        call.invoke_async::<(i64, u64, u64, u64)>(&mut conn),
                     )
                     .await;
                     match done {
-                        Ok(Ok((0, connections, instances))) => {
-                            self.saw(connections, instances);
+                        Ok(Ok((0, connections, instances, warm))) => {
+                            self.saw(connections, instances, warm);
                             let _ = answer.send(true);
                         }
-                        Ok(Ok((-1, _, _))) => {
+                        Ok(Ok((-1, ..))) => {
                             tracing::error!(
                                 instance = %self.config.instance,
                                 "cluster: another process holds a live lease under this instance name; \
@@ -686,8 +830,7 @@ impl Cluster {
     /// A clean stop: this instance's counts are given back at once, and its lease ended.
     pub async fn leave(&self) {
         self.stop.cancel();
-        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(mut conn) = conn else {
+        let Some(Link { mut conn, .. }) = self.link() else {
             return;
         };
         let mut call = self.scripts.leave.prepare_invoke();
@@ -731,6 +874,43 @@ pub fn fallback_cap(limit: usize, share: f64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn until(what: &str, ok: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "never {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_on_an_older_connection_leaves_the_newer_one_up() {
+        let Some((_server, url)) = script::tests::server_url() else {
+            return;
+        };
+        let config = ClusterConfig {
+            redis: url,
+            name: "gen".into(),
+            instance: "a".into(),
+            lease_ttl: Duration::from_secs(3),
+            fallback_share: 0.5,
+            admission_timeout: Duration::from_millis(50),
+        };
+        let cluster = Cluster::start(config, &Metrics::new());
+        until("connected", || cluster.connected()).await;
+        let first = cluster.link().unwrap().generation;
+        cluster.down(first, "the first connection failed");
+        assert!(!cluster.connected());
+        until("connected again", || cluster.connected()).await;
+        let second = cluster.link().unwrap().generation;
+        assert_ne!(first, second);
+        // An admission that was in flight on the first connection reports its failure late:
+        // the second connection stands.
+        cluster.down(first, "late news from the first connection");
+        assert!(cluster.connected());
+        assert_eq!(cluster.link().unwrap().generation, second);
+        cluster.abandon();
+    }
 
     #[test]
     fn a_fallback_share_rounds_down_but_keeps_a_slot() {

@@ -9,7 +9,9 @@
 //!   taken back whole (a clean stop, a re-registration, an expired lease);
 //! - `token`, `epoch`: per instance, the process that holds the name (a random token, so two
 //!   hosts given one name are caught) and the last registration Redis applied;
-//! - `x:{instance}`: admissions that reached Redis before the registration they came after.
+//! - `x:{instance}`: admissions that reached Redis before the registration they came after;
+//! - `era`: when this Redis's copy of the counts began (the first registration it saw), and
+//!   `warm`: present, with a time to live of one lease, from then on (see `REGISTER`).
 //!
 //! A count is the sum of its hash's fields. Every script first takes back the counts of each
 //! instance whose lease has ended, so a field only ever belongs to a live instance. Time is
@@ -41,6 +43,11 @@ local function count(key)
   for _, c in ipairs(redis.call('HVALS', key)) do n = n + tonumber(c) end
   return n
 end
+local function warm_left()
+  local left = redis.call('PTTL', prefix .. 'warm')
+  if left < 0 then return 0 end
+  return left
+end
 "#;
 
 /// Admission. ARGV: prefix, instance, source key, source cap (-1: none), network key ('' for
@@ -52,12 +59,14 @@ end
 /// arrived yet: it is counted, and also noted in `x:{instance}`, so the registration adds it
 /// back on top of its snapshot instead of wiping it.
 ///
-/// Returns `{code, total}`: code 0 admitted, 1 source limit, 2 network limit, 3 global limit
-/// (in a dry run the session is counted anyway), -1 this instance has no lease (it must
-/// register again); total is the cluster's sessions after the decision.
+/// Returns `{code, total, warming}`: code 0 admitted, 1 source limit, 2 network limit, 3
+/// global limit (in a dry run the session is counted anyway), -1 this instance has no lease
+/// (it must register again); total is the cluster's sessions after the decision; warming is 1
+/// while the copy is younger than one lease (the instance must then also hold to its share).
 const ADMIT: &str = r#"
-if not redis.call('ZSCORE', leases, me) then return {-1, 0} end
-if redis.call('HGET', prefix .. 'token', me) ~= ARGV[9] then return {-1, 0} end
+if not redis.call('ZSCORE', leases, me) then return {-1, 0, 0} end
+if redis.call('HGET', prefix .. 'token', me) ~= ARGV[9] then return {-1, 0, 0} end
+local warming = redis.call('EXISTS', prefix .. 'warm')
 local epoch = tonumber(ARGV[10])
 local registered = tonumber(redis.call('HGET', prefix .. 'epoch', me) or '0')
 local g = prefix .. 'g'
@@ -72,8 +81,8 @@ if ARGV[5] ~= '' then
 end
 local total = count(g)
 if reason == 0 and total >= tonumber(ARGV[7]) then reason = 3 end
-if reason ~= 0 and ARGV[8] == '1' then return {reason, total} end
-if epoch < registered then return {reason, total} end
+if reason ~= 0 and ARGV[8] == '1' then return {reason, total, warming} end
+if epoch < registered then return {reason, total, warming} end
 local held = prefix .. 'k:' .. me
 local keys = {g, s}
 if n then keys[3] = n end
@@ -84,7 +93,7 @@ for _, key in ipairs(keys) do
     redis.call('HINCRBY', prefix .. 'x:' .. me, epoch .. '|' .. key, 1)
   end
 end
-return {reason, total + 1}
+return {reason, total + 1, warming}
 "#;
 
 /// Release. ARGV: prefix, instance, then the full names of the count keys to take one from
@@ -101,31 +110,42 @@ end
 return 0
 "#;
 
-/// Lease refresh. ARGV: prefix, instance, ttl (ms), token. Returns `{held, total, instances}`:
-/// held is 0 when the lease had already ended, or belongs to another process with the same
-/// instance name (the instance must register again; it is not renewed).
+/// Lease refresh. ARGV: prefix, instance, ttl (ms), token. Returns `{held, total, instances,
+/// warm}`: held is 0 when the lease had already ended, or belongs to another process with the
+/// same instance name (the instance must register again; it is not renewed); warm is what is
+/// left of the warm-up, in ms (0 when over).
 const REFRESH: &str = r#"
 local held = redis.call('ZSCORE', leases, me)
 if redis.call('HGET', prefix .. 'token', me) ~= ARGV[4] then held = false end
 if held then redis.call('ZADD', leases, now + tonumber(ARGV[3]), me) end
-return {held and 1 or 0, count(prefix .. 'g'), redis.call('ZCARD', leases)}
+return {held and 1 or 0, count(prefix .. 'g'), redis.call('ZCARD', leases), warm_left()}
 "#;
 
 /// Registration: this instance's counts replaced whole by its live sessions, under a new
 /// lease. ARGV: prefix, instance, ttl (ms), token, epoch, then pairs of full count key and
 /// count. Admissions counted after the snapshot that reached Redis first (`x:{instance}`,
-/// this epoch) are added back on top. Returns `{0, total, instances}`; `{-1, ..}` when a live
-/// lease of the same name belongs to another process (two hosts with one instance name), and
-/// `{-2, ..}` for a registration older than the one Redis holds (it arrived late).
+/// this epoch) are added back on top. Returns `{0, total, instances, warm}` (warm as in
+/// `REFRESH`); `{-1, ..}` when a live lease of the same name belongs to another process (two
+/// hosts with one instance name), and `{-2, ..}` for a registration older than the one Redis
+/// holds (it arrived late).
+///
+/// The warm-up: a Redis that has no `era` has never seen this cluster, or lost its copy (it
+/// restarted without persistence, or was flushed). Either way it cannot know the sessions of
+/// instances that have not registered yet, and each live one does within one lease (its next
+/// refresh finds no lease, and it registers whole). Until then, Redis's counts may be short,
+/// so for one lease every instance also holds to its fallback share (`ADMIT`'s warming).
 const REGISTER: &str = r#"
 local token = ARGV[4]
 local epoch = tonumber(ARGV[5])
 local owner = redis.call('HGET', prefix .. 'token', me)
 if owner and owner ~= token and redis.call('ZSCORE', leases, me) then
-  return {-1, 0, 0}
+  return {-1, 0, 0, 0}
 end
 if owner == token and epoch <= tonumber(redis.call('HGET', prefix .. 'epoch', me) or '0') then
-  return {-2, 0, 0}
+  return {-2, 0, 0, 0}
+end
+if redis.call('SETNX', prefix .. 'era', now) == 1 then
+  redis.call('SET', prefix .. 'warm', now, 'PX', tonumber(ARGV[3]))
 end
 local early = redis.call('HGETALL', prefix .. 'x:' .. me)
 reap(me)
@@ -145,7 +165,7 @@ end
 redis.call('HSET', prefix .. 'token', me, token)
 redis.call('HSET', prefix .. 'epoch', me, epoch)
 redis.call('ZADD', leases, now + tonumber(ARGV[3]), me)
-return {0, count(prefix .. 'g'), redis.call('ZCARD', leases)}
+return {0, count(prefix .. 'g'), redis.call('ZCARD', leases), warm_left()}
 "#;
 
 /// A clean stop: every count of this instance given back, its lease ended. ARGV: prefix,
@@ -184,12 +204,12 @@ impl Default for Scripts {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     //! The scripts against a real `redis-server`, in orders the instances can produce.
 
     use super::*;
 
-    struct Server(std::process::Child);
+    pub(in crate::cluster) struct Server(std::process::Child);
 
     impl Drop for Server {
         fn drop(&mut self) {
@@ -199,6 +219,24 @@ mod tests {
     }
 
     fn server() -> Option<(Server, redis::Connection)> {
+        let (server, url) = server_url()?;
+        let client = redis::Client::open(url).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(c) = client.get_connection() {
+                return Some((server, c));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// A fresh `redis-server` on a loopback port and its URL; `None` when it is not installed
+    /// (outside CI). It may still be starting.
+    pub(in crate::cluster) fn server_url() -> Option<(Server, String)> {
         let found = std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -222,19 +260,7 @@ mod tests {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let server = Server(child);
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Ok(c) = client.get_connection() {
-                return Some((server, c));
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        Some((Server(child), format!("redis://127.0.0.1:{port}/0")))
     }
 
     const P: &str = "mxgate:t:";
@@ -246,10 +272,20 @@ mod tests {
         for (k, n) in counts {
             call.arg(format!("{P}{k}")).arg(*n);
         }
-        call.invoke::<(i64, u64, u64)>(c).unwrap().0
+        call.invoke::<(i64, u64, u64, u64)>(c).unwrap().0
     }
 
     fn admit(c: &mut redis::Connection, token: &str, epoch: u64, source: &str) -> i64 {
+        admit_warming(c, token, epoch, source).0
+    }
+
+    /// The code and whether the copy is warming up.
+    fn admit_warming(
+        c: &mut redis::Connection,
+        token: &str,
+        epoch: u64,
+        source: &str,
+    ) -> (i64, bool) {
         let s = Scripts::new();
         let mut call = s.admit.prepare_invoke();
         call.arg(P)
@@ -262,7 +298,8 @@ mod tests {
             .arg(1)
             .arg(token)
             .arg(epoch);
-        call.invoke::<(i64, i64)>(c).unwrap().0
+        let (code, _, warming) = call.invoke::<(i64, i64, i64)>(c).unwrap();
+        (code, warming == 1)
     }
 
     fn global(c: &mut redis::Connection) -> i64 {
@@ -316,5 +353,47 @@ mod tests {
         assert_eq!(register(&mut c, "second", 1, &[]), -1);
         assert_eq!(admit(&mut c, "second", 1, "192.0.2.9/32"), -1);
         assert_eq!(global(&mut c), 4);
+    }
+
+    #[test]
+    fn a_copy_that_begins_empty_warms_up_for_one_lease_and_only_then() {
+        let Some((_server, mut c)) = server() else {
+            return;
+        };
+        // The first registration into a Redis with no copy starts the warm-up.
+        assert_eq!(register(&mut c, "t1", 1, &[]), 0);
+        let left: i64 = redis::cmd("PTTL")
+            .arg(format!("{P}warm"))
+            .query(&mut c)
+            .unwrap();
+        assert!(
+            left > 9_000 && left <= 10_000,
+            "one lease of 10 s: {left} ms"
+        );
+        assert_eq!(admit_warming(&mut c, "t1", 1, "192.0.2.1/32"), (0, true));
+        // A later registration (another instance, or this one again) does not extend it.
+        redis::cmd("PEXPIRE")
+            .arg(format!("{P}warm"))
+            .arg(1)
+            .query::<i64>(&mut c)
+            .unwrap();
+        while redis::cmd("EXISTS")
+            .arg(format!("{P}warm"))
+            .query::<i64>(&mut c)
+            .unwrap()
+            == 1
+        {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            register(&mut c, "t1", 2, &[("g", 1), ("s:192.0.2.1/32", 1)]),
+            0
+        );
+        assert_eq!(admit_warming(&mut c, "t1", 2, "192.0.2.2/32"), (0, false));
+        // The copy is lost (a restart without persistence): the next registration warms again.
+        redis::cmd("FLUSHDB").query::<()>(&mut c).unwrap();
+        assert_eq!(register(&mut c, "t1", 3, &[("g", 2)]), 0);
+        assert_eq!(admit_warming(&mut c, "t1", 3, "192.0.2.3/32"), (0, true));
+        assert_eq!(global(&mut c), 3);
     }
 }

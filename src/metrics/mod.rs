@@ -67,6 +67,16 @@ const HELP: &[(&str, Option<Unit>, &str)] = &[
         "Instances holding a live lease in the cluster, this one included.",
     ),
     (
+        "mxgate_cluster_warming",
+        None,
+        "1 for one lease after the cluster's Redis began its counts empty (first start, or a restart without persistence): admissions then also hold to the fallback share.",
+    ),
+    (
+        "mxgate_cluster_disconnects_total",
+        None,
+        "Times this instance lost Redis and fell back to deciding alone under its share.",
+    ),
+    (
         "mxgate_connections_accepted_total",
         None,
         "Client connections accepted by the listeners, admitted or not.",
@@ -227,6 +237,8 @@ pub struct ClusterSeries {
     pub fallback_admissions: Counter,
     pub connections: Gauge,
     pub instances: Gauge,
+    pub warming: Gauge,
+    pub disconnects: Counter,
 }
 
 /// One backend's series, labelled by its configured address (a bounded set).
@@ -432,6 +444,8 @@ impl Metrics {
                 .register_counter(&key("mxgate_cluster_fallback_admissions_total"), &meta),
             connections: r.register_gauge(&key("mxgate_cluster_connections"), &meta),
             instances: r.register_gauge(&key("mxgate_cluster_instances"), &meta),
+            warming: r.register_gauge(&key("mxgate_cluster_warming"), &meta),
+            disconnects: r.register_counter(&key("mxgate_cluster_disconnects_total"), &meta),
         }
     }
 

@@ -131,7 +131,12 @@ pub fn render(s: &Snapshot) -> String {
             "cluster {} (instance {}): {}; {} sessions here, {} across {} instances (as Redis counted them)\n",
             c.name,
             c.instance,
-            if c.connected {
+            if c.connected && c.warming {
+                format!(
+                    "limits shared, and {} of each held here too while Redis's new counts warm up",
+                    c.fallback_share
+                )
+            } else if c.connected {
                 "limits shared".to_string()
             } else {
                 format!("REDIS UNREACHABLE, enforcing {} of each limit alone", c.fallback_share)

@@ -109,6 +109,10 @@ pub struct ClusterView {
     pub instance: String,
     /// Whether Redis decides admissions now (false: the fallback share does).
     pub connected: bool,
+    /// Whether Redis's counts are younger than one lease, so this instance also holds to its
+    /// fallback share.
+    #[serde(default)]
+    pub warming: bool,
     pub fallback_share: f64,
     /// This instance's sessions, as counted for the cluster.
     pub local_sessions: usize,
@@ -265,6 +269,7 @@ impl Snapshot {
                     name: c.config().name.clone(),
                     instance: c.config().instance.clone(),
                     connected: c.connected(),
+                    warming: c.warming(),
                     fallback_share: c.config().fallback_share,
                     local_sessions: c.local_sessions(),
                     cluster_sessions: seen.connections,
