@@ -56,7 +56,7 @@ fn grafana_dashboard_parses_and_uses_real_metrics() {
         .stdin(std::fs::File::open(root().join("systemd/grafana-dashboard.json")).unwrap())
         .output()
         .unwrap();
-    assert_eq!(ok(&out).trim(), "13");
+    assert_eq!(ok(&out).trim(), "16");
     // Nothing is summed across instances, and the dry-run label is gone.
     assert!(!text.contains("dry_run"), "a dry_run selector is left");
     for sum in text.match_indices("sum by (") {
@@ -83,8 +83,28 @@ fn grafana_dashboard_parses_and_uses_real_metrics() {
         "mxgate_config_reloads_total",
         "mxgate_connections_active_max",
         "mxgate_sources_refused",
+        "mxgate_cluster_connections",
+        "mxgate_cluster_instances",
+        "mxgate_cluster_connected",
+        "mxgate_cluster_warming",
+        "mxgate_cluster_disconnects_total",
+        "mxgate_cluster_admission_seconds_bucket",
+        "mxgate_cluster_fallback_admissions_total",
     ] {
         assert!(text.contains(name), "dashboard uses {name}");
+    }
+    // And every series it queries is one mxgate exports (a histogram through its buckets).
+    let exported = std::fs::read_to_string(root().join("src/metrics/mod.rs")).unwrap();
+    for (at, _) in text.match_indices("mxgate_") {
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let family = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            exported.contains(&format!("\"{family}\"")),
+            "the dashboard queries {name}, which mxgate does not export"
+        );
     }
 }
 

@@ -118,10 +118,7 @@ impl Drop for Claim {
         state.remove(&self.keys);
         if self.in_redis || self.epoch != state.epoch {
             // Sent under the lock, so it is ordered with the registrations.
-            let _ = self
-                .cluster
-                .writes
-                .send(Write::Release(self.keys.iter().cloned().collect()));
+            self.cluster.send_release(&self.keys);
         }
     }
 }
@@ -219,6 +216,11 @@ pub struct Cluster {
     outages: Mutex<Outages>,
     state: Mutex<State>,
     writes: mpsc::UnboundedSender<Write>,
+    /// Releases queued for the writer, and those it has dealt with (sent, or dropped with no
+    /// connection); `flushed` wakes admissions waiting for them.
+    releases_sent: AtomicU64,
+    releases_done: AtomicU64,
+    flushed: Notify,
     /// Wakes the supervisor: Redis went away, or the instance stops.
     kick: Notify,
     stop: CancellationToken,
@@ -250,6 +252,9 @@ impl Cluster {
             outages: Mutex::new(Outages::default()),
             state: Mutex::new(State::default()),
             writes,
+            releases_sent: AtomicU64::new(0),
+            releases_done: AtomicU64::new(0),
+            flushed: Notify::new(),
             kick: Notify::new(),
             stop: CancellationToken::new(),
             series,
@@ -291,6 +296,31 @@ impl Cluster {
 
     fn link(&self) -> Option<Link> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Queues one session's release; the writer sends it in order with registrations.
+    fn send_release(&self, keys: &Keys) {
+        self.releases_sent.fetch_add(1, Ordering::AcqRel);
+        let _ = self
+            .writes
+            .send(Write::Release(keys.iter().cloned().collect()));
+    }
+
+    /// Waits, at most `admission_timeout`, until the writer has dealt with the first
+    /// `sent` releases; true once it has.
+    async fn releases_landed(&self, sent: u64) -> bool {
+        let wait = async {
+            loop {
+                let flushed = self.flushed.notified();
+                if self.releases_done.load(Ordering::Acquire) >= sent {
+                    return;
+                }
+                flushed.await;
+            }
+        };
+        tokio::time::timeout(self.config.admission_timeout, wait)
+            .await
+            .is_ok()
     }
 
     /// The cluster-wide figures as Redis gave them at the last refresh.
@@ -341,50 +371,71 @@ impl Cluster {
         else {
             return self.alone(keys, ask, epoch);
         };
-        let started = Instant::now();
-        let mut call = self.scripts.admit.prepare_invoke();
-        call.arg(&self.prefix)
-            .arg(&self.config.instance)
-            .arg(ask.source.to_string())
-            .arg(ask.source_cap.map_or(-1, |c| c as i64))
-            .arg(ask.network.map_or(String::new(), |(b, _)| b.to_string()))
-            .arg(ask.network.map_or(0, |(_, c)| c as i64))
-            .arg(ask.global_cap as i64)
-            .arg(if ask.enforce { 1 } else { 0 })
-            .arg(&self.token)
-            .arg(epoch);
-        let answer = tokio::time::timeout(
-            self.config.admission_timeout,
-            call.invoke_async::<(i64, i64, i64)>(&mut conn),
-        )
-        .await;
-        self.series
-            .admission_seconds
-            .record(started.elapsed().as_secs_f64());
-        let (code, warming) = match answer {
-            Ok(Ok((code, _total, warming))) if code >= 0 => (code, warming == 1),
-            Ok(Ok(_)) => {
-                self.down(
-                    generation,
-                    "this instance's lease had ended; registering again",
-                );
-                return self.alone(keys, ask, epoch);
+        // Releases this host sent before the client came: Redis may not have applied them yet.
+        let released = self.releases_sent.load(Ordering::Acquire);
+        let mut retried = false;
+        let (code, warming) = loop {
+            // Whether some were still pending as this admission was sent.
+            let overtaking = self.releases_done.load(Ordering::Acquire) < released;
+            let started = Instant::now();
+            let mut call = self.scripts.admit.prepare_invoke();
+            call.arg(&self.prefix)
+                .arg(&self.config.instance)
+                .arg(ask.source.to_string())
+                .arg(ask.source_cap.map_or(-1, |c| c as i64))
+                .arg(ask.network.map_or(String::new(), |(b, _)| b.to_string()))
+                .arg(ask.network.map_or(0, |(_, c)| c as i64))
+                .arg(ask.global_cap as i64)
+                .arg(if ask.enforce { 1 } else { 0 })
+                .arg(&self.token)
+                .arg(epoch);
+            let answer = tokio::time::timeout(
+                self.config.admission_timeout,
+                call.invoke_async::<(i64, i64, i64)>(&mut conn),
+            )
+            .await;
+            self.series
+                .admission_seconds
+                .record(started.elapsed().as_secs_f64());
+            let (code, warming) = match answer {
+                Ok(Ok((code, _total, warming))) if code >= 0 => (code, warming == 1),
+                Ok(Ok(_)) => {
+                    self.down(
+                        generation,
+                        "this instance's lease had ended; registering again",
+                    );
+                    return self.alone(keys, ask, epoch);
+                }
+                Ok(Err(e)) => {
+                    self.down(generation, &format!("admission failed: {e}"));
+                    return self.alone(keys, ask, epoch);
+                }
+                Err(_) => {
+                    self.lock().unanswered = true;
+                    self.down(
+                        generation,
+                        &format!(
+                            "no answer to an admission within {} ms",
+                            self.config.admission_timeout.as_millis()
+                        ),
+                    );
+                    return self.alone(keys, ask, epoch);
+                }
+            };
+            // Refused while a release from this host was still on its way: the admission
+            // overtook it (releases go through the writer, admissions straight to Redis).
+            // Ask once more after it has landed, so a slot freed here before the client came
+            // is not refused to it.
+            if code > 0
+                && ask.enforce
+                && overtaking
+                && !retried
+                && self.releases_landed(released).await
+            {
+                retried = true;
+                continue;
             }
-            Ok(Err(e)) => {
-                self.down(generation, &format!("admission failed: {e}"));
-                return self.alone(keys, ask, epoch);
-            }
-            Err(_) => {
-                self.lock().unanswered = true;
-                self.down(
-                    generation,
-                    &format!(
-                        "no answer to an admission within {} ms",
-                        self.config.admission_timeout.as_millis()
-                    ),
-                );
-                return self.alone(keys, ask, epoch);
-            }
+            break (code, warming);
         };
         self.set_warming(warming);
         let reason = match code {
@@ -424,9 +475,7 @@ impl Cluster {
         let mut state = self.lock();
         state.remove(keys);
         if state.epoch != epoch {
-            let _ = self
-                .writes
-                .send(Write::Release(keys.iter().cloned().collect()));
+            self.send_release(keys);
         }
     }
 
@@ -457,9 +506,7 @@ impl Cluster {
         if let (Some(reason), true) = (over, ask.enforce) {
             state.remove(&keys);
             if state.epoch != epoch {
-                let _ = self
-                    .writes
-                    .send(Write::Release(keys.iter().cloned().collect()));
+                self.send_release(&keys);
             }
             return Verdict::Refused(reason);
         }
@@ -718,6 +765,28 @@ impl Cluster {
         self.series.instances.set(instances as f64);
     }
 
+    /// Sends one batch of releases.
+    async fn release(&self, link: Link, keys: &[Arc<str>]) {
+        let Link {
+            generation,
+            mut conn,
+        } = link;
+        let mut call = self.scripts.release.prepare_invoke();
+        call.arg(&self.prefix).arg(&self.config.instance);
+        for k in keys {
+            call.arg(&**k);
+        }
+        let done = tokio::time::timeout(UPKEEP_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await;
+        match done {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => self.down(generation, &format!("release failed: {e}")),
+            Err(_) => {
+                self.lock().unanswered = true;
+                self.down(generation, "no answer to a release");
+            }
+        }
+    }
+
     /// Applies the ordered writes: releases in batches, registrations whole. With no
     /// connection, a release is dropped: the next registration sends the truth anyway.
     async fn writer(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Write>) {
@@ -737,9 +806,13 @@ impl Cluster {
             let link = self.link();
             match write {
                 Write::Release(mut keys) => {
+                    let mut sessions = 1;
                     while keys.len() < RELEASE_BATCH {
                         match rx.try_recv() {
-                            Ok(Write::Release(more)) => keys.extend(more),
+                            Ok(Write::Release(more)) => {
+                                keys.extend(more);
+                                sessions += 1;
+                            }
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -747,29 +820,11 @@ impl Cluster {
                             Err(_) => break,
                         }
                     }
-                    let Some(Link {
-                        generation,
-                        mut conn,
-                    }) = link
-                    else {
-                        continue;
-                    };
-                    let mut call = self.scripts.release.prepare_invoke();
-                    call.arg(&self.prefix).arg(&self.config.instance);
-                    for k in &keys {
-                        call.arg(&**k);
+                    if let Some(link) = link {
+                        self.release(link, &keys).await;
                     }
-                    let done =
-                        tokio::time::timeout(UPKEEP_TIMEOUT, call.invoke_async::<i64>(&mut conn))
-                            .await;
-                    match done {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => self.down(generation, &format!("release failed: {e}")),
-                        Err(_) => {
-                            self.lock().unanswered = true;
-                            self.down(generation, "no answer to a release");
-                        }
-                    }
+                    self.releases_done.fetch_add(sessions, Ordering::AcqRel);
+                    self.flushed.notify_waiters();
                 }
                 Write::Register(epoch, counts, answer) => {
                     let Some(Link { mut conn, .. }) = link else {
@@ -881,6 +936,51 @@ mod tests {
             assert!(Instant::now() < deadline, "never {what}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    // One thread: the writer cannot run between a claim's drop and the next admission, so
+    // the admission reaches Redis before the release, every round.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slot_freed_here_is_not_refused_to_the_next_client_by_its_release_on_the_way() {
+        let Some((_server, url)) = script::tests::server_url() else {
+            return;
+        };
+        let config = ClusterConfig {
+            redis: url,
+            name: "order".into(),
+            instance: "a".into(),
+            lease_ttl: Duration::from_secs(3),
+            fallback_share: 1.0,
+            admission_timeout: Duration::from_millis(500),
+        };
+        let cluster = Cluster::start(config, &Metrics::new());
+        until("connected", || cluster.connected()).await;
+        let ask = Ask {
+            source: "192.0.2.1/32".parse().unwrap(),
+            source_cap: None,
+            network: None,
+            global_cap: 3,
+            enforce: true,
+        };
+        let mut held = Vec::new();
+        for round in 0..23 {
+            if held.len() == 3 {
+                // The session ends; the next client comes at once.
+                held.pop();
+            }
+            match cluster.admit(&ask).await {
+                Verdict::Admitted(claim, None) => held.push(claim),
+                Verdict::Admitted(_, Some(r)) | Verdict::Refused(r) => {
+                    panic!("round {round}: {r:?} with {} held", held.len())
+                }
+            }
+        }
+        assert!(matches!(
+            cluster.admit(&ask).await,
+            Verdict::Refused(RejectReason::GlobalLimit)
+        ));
+        assert_eq!(cluster.local_sessions(), 3);
+        cluster.abandon();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
