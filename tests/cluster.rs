@@ -633,3 +633,64 @@ async fn a_flapping_redis_backs_off_and_logs_one_line_not_one_per_drop() {
     );
     drop(held);
 }
+
+/// A backend that answers every connection with Exchange's 421; counts them.
+async fn always_busy() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = s.write_all(mxgate::load::sink::EXCHANGE_BUSY).await;
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sent_back_to_the_queue_by_a_busy_backend_holds_no_cluster_slot_while_it_waits() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let (busy, tries) = always_busy().await;
+    let backend = GreetingBackend::start().await;
+    let limits = [
+        "--max-connections",
+        "1",
+        "--queue-timeout",
+        "20s",
+        "--cluster-lease-ttl",
+        "3s",
+        "--cluster-fallback-share",
+        "1",
+    ];
+    // One slot in the whole cluster. a's backend is full, and says so.
+    let a = Instance::start(busy, &redis, "requeue", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "requeue", "b", &limits).await;
+    let mut waiting = connect_from("127.0.14.1", a.listen).await.unwrap();
+    waiting.write_all(b"EHLO waits.test\r\n").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tries.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "a's client was never sent back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Waiting on a, it leaves the slot to a client of b, which reaches its backend.
+    let on_b = hold("127.0.14.2", b.listen).await;
+    assert_eq!(redis.field("requeue", "g", "b"), 1);
+    // a's client still waits for its own backend, greeted by no one.
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), waiting.read(&mut byte))
+            .await
+            .is_err(),
+        "a's client is still waiting"
+    );
+    drop((on_b, waiting));
+}
