@@ -348,9 +348,9 @@ def main():
             raise SystemExit(f"ADMIT does not admit under mxgate's lease: {answer}")
         # A busy cluster's global count: releases below never take it to zero.
         r.call("HINCRBY", PREFIX + "g", INSTANCE, HUGE)
-        release1 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE,
+        release1 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE, token,
                     PREFIX + "s:10.__rand_int__/32", PREFIX + "g"]
-        release16 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE] \
+        release16 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE, token] \
             + [PREFIX + "s:10.__rand_int__/32", PREFIX + "g"] * 16
         r.call("CONFIG", "SET", "slowlog-log-slower-than", "1000")
         r.call("SLOWLOG", "RESET")

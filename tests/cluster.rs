@@ -148,7 +148,12 @@ impl Instance {
             .args(["--backend", &backend.to_string()])
             .args(["--listen", &listen.to_string()])
             .args(["--metrics", &metrics.to_string()])
-            .args(["--cluster-redis", &redis.url()])
+            .args(
+                (!extra.contains(&"--cluster-redis"))
+                    .then(|| ["--cluster-redis".to_string(), redis.url()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--cluster-name", cluster, "--cluster-instance", name])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -613,11 +618,12 @@ async fn a_flapping_redis_backs_off_and_logs_one_line_not_one_per_drop() {
         reconnect.push(dropped.elapsed());
     }
     // Each drop came soon after the connection was made: each wait is twice the one before,
-    // from 100 ms (the fourth is at least 800 ms).
+    // from 100 ms, up to a quarter of the 3 s lease (750 ms), never more.
     assert!(
-        reconnect[3] >= Duration::from_millis(800),
+        reconnect[3] >= Duration::from_millis(750) && reconnect[4] >= Duration::from_millis(750),
         "reconnected after {reconnect:?}"
     );
+    assert_eq!(redis.leases("flap"), ["a"]);
     assert_eq!(a.gauge("mxgate_cluster_disconnects_total").await, Some(5.0));
     assert_eq!(
         redis.count("flap", "g"),
@@ -693,4 +699,46 @@ async fn a_client_sent_back_to_the_queue_by_a_busy_backend_holds_no_cluster_slot
         "a's client is still waiting"
     );
     drop((on_b, waiting));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_redis_connection_keeps_dropping_never_loses_its_counts_to_another() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    // a reaches Redis as its own user, so its connections alone can be cut.
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "flappy", "on", ">pw", "~*", "&*", "+@all"][..])
+        .query::<String>(&mut redis.conn())
+        .unwrap();
+    let a_url = redis.url().replace("redis://", "redis://flappy:pw@");
+    let mut a_limits = LIMITS.to_vec();
+    a_limits.extend(["--cluster-redis", &a_url]);
+    let a = Instance::start(backend.addr, &redis, "lapse", "a", &a_limits).await;
+    let b = Instance::start(backend.addr, &redis, "lapse", "b", LIMITS).await;
+    let on_a = futures_hold(a.listen, "127.0.15", 5).await;
+    let on_b = futures_hold(b.listen, "127.0.16", 5).await;
+    for cut in 0..8 {
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "USER", "flappy"][..])
+            .query::<i64>(&mut redis.conn())
+            .unwrap();
+        // a finds out at its next refresh, and waits longer each time before it reconnects;
+        // never so long that its 3 s lease ends and Redis (at b's next refresh) takes its 5
+        // slots back while its sessions live.
+        a.wait_gauge("mxgate_cluster_disconnects_total", f64::from(cut + 1))
+            .await;
+        while a.gauge("mxgate_cluster_connected").await != Some(1.0) {
+            assert_eq!(
+                redis.field("lapse", "g", "a"),
+                5,
+                "cut {cut}: a's lease ended"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(redis.field("lapse", "g", "a"), 5, "cut {cut}");
+        expect_refusal(&format!("127.0.17.{}", cut + 1), b.listen, GLOBAL_LINE).await;
+    }
+    drop((on_a, on_b));
 }

@@ -52,10 +52,11 @@ const REGISTER_ROUNDS: u32 = 3;
 /// Releases sent in one script call at most.
 const RELEASE_BATCH: usize = 512;
 /// A connection that ends sooner than this after it was made is a flap: the next try waits,
-/// longer each time up to `FLAP_MAX`, so a Redis slower than `admission_timeout` costs a few
-/// tries a minute rather than one per admission.
+/// longer each time up to a quarter of `lease_ttl`, so a Redis slower than
+/// `admission_timeout` costs a few tries a lease rather than one per admission. Never longer:
+/// an instance that waited past its lease would have its counts taken back while its
+/// sessions live.
 const STABLE: Duration = Duration::from_secs(30);
-const FLAP_MAX: Duration = Duration::from_secs(30);
 /// Outage and recovery lines are logged at most once in this long; the drops in between are
 /// counted in the next line.
 const LOG_EVERY: Duration = Duration::from_secs(60);
@@ -193,6 +194,20 @@ struct Outages {
     logged: Option<Instant>,
     /// Drops since then that were not logged.
     quiet: u64,
+    /// Whether the last line logged said Redis was lost (so the recovery is logged too).
+    said_down: bool,
+}
+
+impl Outages {
+    /// Whether an outage line may be logged now; if so, it is counted as logged.
+    fn may_log_down(&mut self) -> bool {
+        if self.logged.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+            return false;
+        }
+        self.logged = Some(Instant::now());
+        self.said_down = true;
+        true
+    }
 }
 
 /// One instance's membership in a cluster.
@@ -548,8 +563,10 @@ impl Cluster {
         if was {
             self.series.connected.set(0.0);
             self.series.disconnects.increment(1);
+            // Alone, the share holds anyway; a new warm-up is learned at the next registration.
+            self.set_warming(false);
             let mut outages = self.outages.lock().unwrap_or_else(|e| e.into_inner());
-            if outages.logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+            if outages.may_log_down() {
                 tracing::warn!(
                     redis = %redact(&self.config.redis),
                     reason = why,
@@ -557,7 +574,6 @@ impl Cluster {
                     drops_not_logged = outages.quiet,
                     "cluster: Redis unreachable; enforcing the fallback share of each limit alone"
                 );
-                outages.logged = Some(Instant::now());
                 outages.quiet = 0;
             } else {
                 outages.quiet += 1;
@@ -570,6 +586,7 @@ impl Cluster {
     /// Keeps the membership: connects, registers, refreshes the lease, and starts over
     /// whenever Redis goes away.
     async fn supervise(self: Arc<Self>) {
+        let longest = (self.config.lease_ttl / 4).max(RECONNECT_FIRST);
         let mut wait = RECONNECT_FIRST;
         let mut flap_wait = RECONNECT_FIRST;
         let mut up_since: Option<Instant> = None;
@@ -583,7 +600,7 @@ impl Cluster {
                             () = tokio::time::sleep(flap_wait) => {}
                             () = self.stop.cancelled() => return,
                         }
-                        flap_wait = (flap_wait * 2).min(FLAP_MAX);
+                        flap_wait = (flap_wait * 2).min(longest);
                     } else {
                         flap_wait = RECONNECT_FIRST;
                     }
@@ -596,19 +613,31 @@ impl Cluster {
                         continue;
                     }
                     Err(e) => {
-                        if !logged_unreachable {
+                        // Logged once an outage, unless a line saying so was the last one.
+                        let log = !logged_unreachable && {
+                            let mut outages =
+                                self.outages.lock().unwrap_or_else(|e| e.into_inner());
+                            if outages.said_down {
+                                outages.may_log_down()
+                            } else {
+                                outages.logged = Some(Instant::now());
+                                outages.said_down = true;
+                                true
+                            }
+                        };
+                        if log {
                             tracing::warn!(
                                 redis = %redact(&self.config.redis),
                                 error = %e,
                                 "cluster: cannot reach Redis; enforcing the fallback share of each limit alone, retrying"
                             );
-                            logged_unreachable = true;
                         }
+                        logged_unreachable = true;
                         tokio::select! {
                             () = tokio::time::sleep(wait) => {}
                             () = self.stop.cancelled() => return,
                         }
-                        wait = (wait * 2).min(RECONNECT_MAX);
+                        wait = (wait * 2).min(RECONNECT_MAX).min(longest);
                         continue;
                     }
                 }
@@ -671,15 +700,31 @@ impl Cluster {
             // register again. Under a steady stream of clients that may never end, so after a
             // few rounds the few missing ones go in at the next refresh.
             let missing = state.fallback_since_snapshot > 0;
+            let current = self
+                .conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|l| l.generation == generation);
+            if !current {
+                // A release on it failed meanwhile: it is gone.
+                return Err("the connection failed while registering".into());
+            }
             if !missing || round == REGISTER_ROUNDS {
                 state.dirty |= missing || std::mem::take(&mut state.unanswered);
                 state.connected = true;
                 self.connected.store(true, Ordering::Release);
                 drop(state);
                 self.series.connected.set(1.0);
-                // While drops go unlogged, so do the recoveries between them: the last line
-                // logged stays true of a flapping Redis.
-                if self.outages.lock().unwrap_or_else(|e| e.into_inner()).quiet == 0 {
+                // A recovery is logged when the last line said Redis was lost: the last line
+                // logged stays true, and a flapping Redis logs two lines a minute at most.
+                if std::mem::take(
+                    &mut self
+                        .outages
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .said_down,
+                ) {
                     tracing::info!(
                         redis = %redact(&self.config.redis),
                         instance = %self.config.instance,
@@ -772,7 +817,9 @@ impl Cluster {
             mut conn,
         } = link;
         let mut call = self.scripts.release.prepare_invoke();
-        call.arg(&self.prefix).arg(&self.config.instance);
+        call.arg(&self.prefix)
+            .arg(&self.config.instance)
+            .arg(&self.token);
         for k in keys {
             call.arg(&**k);
         }

@@ -10,8 +10,8 @@
 //! - `token`, `epoch`: per instance, the process that holds the name (a random token, so two
 //!   hosts given one name are caught) and the last registration Redis applied;
 //! - `x:{instance}`: admissions that reached Redis before the registration they came after;
-//! - `era`: when this Redis's copy of the counts began (the first registration it saw), and
-//!   `warm`: present, with a time to live of one lease, from then on (see `REGISTER`).
+//! - `warm`: present, with a time to live of one lease, after a registration that found no
+//!   live lease at all (see `REGISTER`).
 //!
 //! A count is the sum of its hash's fields. Every script first takes back the counts of each
 //! instance whose lease has ended, so a field only ever belongs to a live instance. Time is
@@ -45,6 +45,10 @@ local function count(key)
 end
 local function warm_left()
   local left = redis.call('PTTL', prefix .. 'warm')
+  if left == -1 then
+    -- Made to last (an operator's PERSIST): a warm-up never ends that way. It is over.
+    redis.call('DEL', prefix .. 'warm')
+  end
   if left < 0 then return 0 end
   return left
 end
@@ -66,7 +70,8 @@ end
 const ADMIT: &str = r#"
 if not redis.call('ZSCORE', leases, me) then return {-1, 0, 0} end
 if redis.call('HGET', prefix .. 'token', me) ~= ARGV[9] then return {-1, 0, 0} end
-local warming = redis.call('EXISTS', prefix .. 'warm')
+local warming = 0
+if warm_left() > 0 then warming = 1 end
 local epoch = tonumber(ARGV[10])
 local registered = tonumber(redis.call('HGET', prefix .. 'epoch', me) or '0')
 local g = prefix .. 'g'
@@ -96,11 +101,13 @@ end
 return {reason, total + 1, warming}
 "#;
 
-/// Release. ARGV: prefix, instance, then the full names of the count keys to take one from
-/// (a key may repeat, once per session).
+/// Release. ARGV: prefix, instance, token, then the full names of the count keys to take one
+/// from (a key may repeat, once per session). A process whose token does not hold the name
+/// (a second host given the same instance name) takes nothing from the holder's counts.
 const RELEASE: &str = r#"
+if redis.call('HGET', prefix .. 'token', me) ~= ARGV[3] then return 0 end
 local held = prefix .. 'k:' .. me
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local key = ARGV[i]
   if redis.call('HINCRBY', key, me, -1) <= 0 then
     redis.call('HDEL', key, me)
@@ -129,11 +136,13 @@ return {held and 1 or 0, count(prefix .. 'g'), redis.call('ZCARD', leases), warm
 /// hosts with one instance name), and `{-2, ..}` for a registration older than the one Redis
 /// holds (it arrived late).
 ///
-/// The warm-up: a Redis that has no `era` has never seen this cluster, or lost its copy (it
-/// restarted without persistence, or was flushed). Either way it cannot know the sessions of
-/// instances that have not registered yet, and each live one does within one lease (its next
-/// refresh finds no lease, and it registers whole). Until then, Redis's counts may be short,
-/// so for one lease every instance also holds to its fallback share (`ADMIT`'s warming).
+/// The warm-up: a registration that finds no live lease at all (this instance's own
+/// included) comes to a Redis that has never seen this cluster, lost its copy (it restarted
+/// without persistence, or was flushed), or was away or stalled so long that every lease
+/// ended (even with persistence). Either way it cannot know the sessions of instances that
+/// have not registered yet, and each live one does within one lease (its next refresh finds
+/// no lease, and it registers whole). Until then, Redis's counts may be short, so for one
+/// lease every instance also holds to its fallback share (`ADMIT`'s warming).
 const REGISTER: &str = r#"
 local token = ARGV[4]
 local epoch = tonumber(ARGV[5])
@@ -144,8 +153,8 @@ end
 if owner == token and epoch <= tonumber(redis.call('HGET', prefix .. 'epoch', me) or '0') then
   return {-2, 0, 0, 0}
 end
-if redis.call('SETNX', prefix .. 'era', now) == 1 then
-  redis.call('SET', prefix .. 'warm', now, 'PX', tonumber(ARGV[3]))
+if redis.call('ZCARD', leases) == 0 then
+  redis.call('SET', prefix .. 'warm', now, 'PX', tonumber(ARGV[3]), 'NX')
 end
 local early = redis.call('HGETALL', prefix .. 'x:' .. me)
 reap(me)
@@ -353,6 +362,13 @@ pub(super) mod tests {
         assert_eq!(register(&mut c, "second", 1, &[]), -1);
         assert_eq!(admit(&mut c, "second", 1, "192.0.2.9/32"), -1);
         assert_eq!(global(&mut c), 4);
+        // Nor can its releases (of sessions it admitted alone) take from the first's counts.
+        let s = Scripts::new();
+        let mut call = s.release.prepare_invoke();
+        call.arg(P).arg("a").arg("second");
+        call.arg(format!("{P}g")).arg(format!("{P}g"));
+        call.invoke::<i64>(&mut c).unwrap();
+        assert_eq!(global(&mut c), 4);
     }
 
     #[test]
@@ -390,10 +406,26 @@ pub(super) mod tests {
             0
         );
         assert_eq!(admit_warming(&mut c, "t1", 2, "192.0.2.2/32"), (0, false));
-        // The copy is lost (a restart without persistence): the next registration warms again.
-        redis::cmd("FLUSHDB").query::<()>(&mut c).unwrap();
+        // Every lease ended while the copy stayed (Redis stalled, or away with persistence):
+        // warms again.
+        redis::cmd("ZADD")
+            .arg(format!("{P}leases"))
+            .arg(0)
+            .arg("a")
+            .query::<i64>(&mut c)
+            .unwrap();
         assert_eq!(register(&mut c, "t1", 3, &[("g", 2)]), 0);
         assert_eq!(admit_warming(&mut c, "t1", 3, "192.0.2.3/32"), (0, true));
+        // A warm-up made to last by hand ends at the next script.
+        redis::cmd("PERSIST")
+            .arg(format!("{P}warm"))
+            .query::<i64>(&mut c)
+            .unwrap();
+        assert_eq!(admit_warming(&mut c, "t1", 3, "192.0.2.4/32"), (0, false));
+        // The copy is lost (a restart without persistence): the next registration warms again.
+        redis::cmd("FLUSHDB").query::<()>(&mut c).unwrap();
+        assert_eq!(register(&mut c, "t1", 4, &[("g", 2)]), 0);
+        assert_eq!(admit_warming(&mut c, "t1", 4, "192.0.2.5/32"), (0, true));
         assert_eq!(global(&mut c), 3);
     }
 }
