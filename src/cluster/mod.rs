@@ -985,23 +985,32 @@ mod tests {
         }
     }
 
+    /// A fresh redis-server and one instance connected to it, with a 3 s lease.
+    async fn joined(
+        fallback_share: f64,
+        admission_timeout: Duration,
+    ) -> Option<(script::tests::Server, Arc<Cluster>)> {
+        let (server, url) = script::tests::server_url()?;
+        let config = ClusterConfig {
+            redis: url,
+            name: "t".into(),
+            instance: "a".into(),
+            lease_ttl: Duration::from_secs(3),
+            fallback_share,
+            admission_timeout,
+        };
+        let cluster = Cluster::start(config, &Metrics::new());
+        until("connected", || cluster.connected()).await;
+        Some((server, cluster))
+    }
+
     // One thread: the writer cannot run between a claim's drop and the next admission, so
     // the admission reaches Redis before the release, every round.
     #[tokio::test(flavor = "current_thread")]
     async fn a_slot_freed_here_is_not_refused_to_the_next_client_by_its_release_on_the_way() {
-        let Some((_server, url)) = script::tests::server_url() else {
+        let Some((_server, cluster)) = joined(1.0, Duration::from_millis(500)).await else {
             return;
         };
-        let config = ClusterConfig {
-            redis: url,
-            name: "order".into(),
-            instance: "a".into(),
-            lease_ttl: Duration::from_secs(3),
-            fallback_share: 1.0,
-            admission_timeout: Duration::from_millis(500),
-        };
-        let cluster = Cluster::start(config, &Metrics::new());
-        until("connected", || cluster.connected()).await;
         let ask = Ask {
             source: "192.0.2.1/32".parse().unwrap(),
             source_cap: None,
@@ -1032,19 +1041,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failure_on_an_older_connection_leaves_the_newer_one_up() {
-        let Some((_server, url)) = script::tests::server_url() else {
+        let Some((_server, cluster)) = joined(0.5, Duration::from_millis(50)).await else {
             return;
         };
-        let config = ClusterConfig {
-            redis: url,
-            name: "gen".into(),
-            instance: "a".into(),
-            lease_ttl: Duration::from_secs(3),
-            fallback_share: 0.5,
-            admission_timeout: Duration::from_millis(50),
-        };
-        let cluster = Cluster::start(config, &Metrics::new());
-        until("connected", || cluster.connected()).await;
         let first = cluster.link().unwrap().generation;
         cluster.down(first, "the first connection failed");
         assert!(!cluster.connected());
