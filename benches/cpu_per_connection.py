@@ -13,6 +13,9 @@ each proxy made per connection, side by side. strace slows the proxies down, so 
 reports no rates, only counts.
 
     python3 benches/cpu_per_connection.py smtp --syscalls
+
+MXBIN_BEFORE=/path/to/older/mxgate adds that build as a third target, "mxgate-before", in the
+same run, for a change's before and after.
 """
 
 import os
@@ -43,16 +46,11 @@ def switches(pids):
     return vol, invol
 
 
-def turned_away(r):
-    """Every connection a netload reject run made, whatever answer it got."""
-    return sum(r[k] for k in ("complete_421", "silent_close", "reset", "refused_at_connect", "errors"))
-
-
 def run_load(t, what):
     """Runs one load against `t`; returns how many connections it made, and per second."""
     if what == "reject":
         r = C.netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS)
-        return turned_away(r), r["per_second"]
+        return C.turned_away(r), r["per_second"]
     t0 = time.monotonic()
     subprocess.run(["smtp-source", "-s", "20", "-m", str(MESSAGES), "-l", "1000",
                     f"127.0.0.1:{t.smtp_port}"], check=True,
@@ -136,6 +134,9 @@ def main():
         "mxgate-splice": lambda: C.mxgate_target("mxgate-splice", "splice", sink_port, 1, 1, reject),
         "haproxy": lambda: C.haproxy_target(sink_port, 1, 1, reject),
     }
+    if C.MXGATE_BEFORE:
+        builders["mxgate-before"] = lambda: C.mxgate_target(
+            "mxgate-before", "splice", sink_port, 1, 1, reject, binary=C.MXGATE_BEFORE)
     try:
         if count_syscalls:
             syscalls_side_by_side(what, builders)

@@ -2,10 +2,21 @@
 //!
 //! Most refused connections need nothing but their one reply line and a clean close, and a
 //! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
-//! hands the socket to its [`Lingerer`]: a small level-triggered epoll set of its own, in which
-//! the socket waits for the client's FIN, read and discarded for at most [`LINGER_TIME`](super::LINGER_TIME) and
-//! [`LINGER_BYTES`](super::LINGER_BYTES), with the same drain step as a task's close (`close::discard`). Closing the socket removes it from the set; a
-//! refusal costs accept, send, shutdown, one `epoll_ctl`, one read and the close.
+//! hands the socket to its [`Lingerer`], which waits for the client's FIN, reading and
+//! discarding what the client sends, for at most [`LINGER_TIME`](super::LINGER_TIME) and
+//! [`LINGER_BYTES`](super::LINGER_BYTES), with the same drain step as a task's close
+//! (`close::discard`).
+//!
+//! The wait has two steps:
+//! 1. The first look, [`FIRST_LOOK`] after the reply: one non-blocking read, taken with every
+//!    other look then due, by a busy accept loop between its accepts or by one timer. A client
+//!    on the same host or network has read its line and closed by then, so its socket is
+//!    closed at that look, and its FIN woke no thread: the refusal cost accept, send, shutdown,
+//!    one read and the close.
+//! 2. A client whose FIN has not come by then (a farther one, or one that reads late) is
+//!    watched in a small level-triggered epoll set of the lingerer's own and closed when its
+//!    FIN is read, so its descriptor and its share of the lingering bound are held about one
+//!    round trip, not until some later look. Closing the socket takes it out of the set.
 //!
 //! The line is sent with `MSG_MORE` and the half-close follows at once, so the kernel puts the
 //! FIN in the same segment as the line: the client reads the reply and the end of the stream
@@ -34,8 +45,19 @@ use super::LINGER_TIME;
 /// Events taken from the set per `epoll_wait`.
 const EVENTS: usize = 64;
 
+/// How long after its reply a refused socket is first looked at. A few round trips on a LAN,
+/// and long enough that a loopback or LAN client has read its line and sent its FIN; short
+/// enough that the sockets waiting for it stay few (a flood of 20,000 refusals a second holds
+/// about 40 of them).
+pub const FIRST_LOOK: Duration = Duration::from_millis(2);
+
 /// The sockets one accept loop is lingering on.
 pub struct Lingerer {
+    /// Sockets waiting for their first look, oldest first.
+    fresh: VecDeque<Fresh>,
+    /// Looks that found the client's end already.
+    #[cfg(test)]
+    closed_at_first_look: u64,
     epoll: AsyncFd<OwnedFd>,
     /// Open sockets by descriptor. A descriptor is only reused by the kernel once its socket
     /// has been closed, which happens only by removal from here.
@@ -52,6 +74,15 @@ pub struct Lingerer {
     linger_time: Duration,
 }
 
+/// A socket waiting for its first look.
+struct Fresh {
+    socket: TcpStream,
+    /// When the reply was sent.
+    since: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A socket watched in the epoll set.
 struct Entry {
     socket: TcpStream,
     /// Bytes read and discarded so far.
@@ -82,6 +113,9 @@ impl Lingerer {
         // which happens only with the AsyncFd.
         let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }?;
         Ok(Lingerer {
+            fresh: VecDeque::new(),
+            #[cfg(test)]
+            closed_at_first_look: 0,
             epoll,
             open: HashMap::new(),
             deadlines: VecDeque::new(),
@@ -95,7 +129,7 @@ impl Lingerer {
 
     /// Sockets lingering now.
     pub fn lingering(&self) -> usize {
-        self.open.len()
+        self.fresh.len() + self.open.len()
     }
 
     /// Answers a refused client with `line`, half-closes, and lingers on the socket (or closes
@@ -117,28 +151,59 @@ impl Lingerer {
         let Ok(permit) = self.bound.clone().try_acquire_owned() else {
             return Refusal::Done;
         };
-        let fd = socket.as_raw_fd();
+        self.fresh.push_back(Fresh {
+            socket,
+            since: Instant::now(),
+            _permit: permit,
+        });
+        Refusal::Done
+    }
+
+    /// Takes the first looks due by `now`: closes the sockets whose client has finished, and
+    /// watches the others in the epoll set until their FIN or their time.
+    fn first_looks(&mut self, now: Instant) {
+        while let Some(f) = self.fresh.front() {
+            if f.since + FIRST_LOOK > now {
+                break;
+            }
+            let f = self.fresh.pop_front().expect("a front entry");
+            let mut seen = 0;
+            let socket = &f.socket;
+            if discard(|buf| (&*socket).read(buf), &mut seen) == Drained::Done {
+                #[cfg(test)]
+                {
+                    self.closed_at_first_look += 1;
+                }
+                continue;
+            }
+            self.watch(f, seen);
+        }
+    }
+
+    /// Adds a socket past its first look to the epoll set; closes it if it cannot be added.
+    fn watch(&mut self, f: Fresh, seen: usize) {
+        let fd = f.socket.as_raw_fd();
         let added = epoll::add(
             self.epoll.get_ref(),
-            &socket,
+            &f.socket,
             epoll::EventData::new_u64(fd as u64),
             epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
         );
         if added.is_err() {
-            return Refusal::Done;
+            return;
         }
         self.generation += 1;
         self.open.insert(
             fd,
             Entry {
-                socket,
-                seen: 0,
+                socket: f.socket,
+                seen,
                 generation: self.generation,
-                _permit: permit,
+                _permit: f._permit,
             },
         );
         self.deadlines
-            .push_back((Instant::now() + self.linger_time, fd, self.generation));
+            .push_back((f.since + self.linger_time, fd, self.generation));
         // Entries that closed early leave their deadline behind; drop those now and then so
         // the queue stays proportional to what is open.
         if self.deadlines.len() > 4 * self.open.len() + 1024 {
@@ -146,24 +211,30 @@ impl Lingerer {
             self.deadlines
                 .retain(|&(_, fd, g)| open.get(&fd).is_some_and(|e| e.generation == g));
         }
-        Refusal::Done
     }
 
-    /// Waits for the next thing to do (a client's bytes or FIN, or a deadline) and does it.
-    /// Cancel-safe: it can lose a `select!` at any point without losing anything.
+    /// Waits for the next thing to do (a first look, a watched client's bytes or FIN, or a
+    /// deadline) and does it. Cancel-safe: it can lose a `select!` at any point without losing
+    /// anything.
     pub async fn turn(&mut self) {
-        if self.open.is_empty() {
+        if self.lingering() == 0 {
             return std::future::pending().await;
         }
-        let next = self.deadlines.front().map(|d| d.0);
+        let look = self.fresh.front().map(|f| f.since + FIRST_LOOK);
+        let deadline = self.deadlines.front().map(|d| d.0);
+        let next = match (look, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Some(at) = next {
             if self.armed != Some(at) {
                 self.timer.as_mut().reset(at);
                 self.armed = Some(at);
             }
         }
+        let watching = !self.open.is_empty();
         let fired = tokio::select! {
-            ready = self.epoll.readable() => match ready {
+            ready = self.epoll.readable(), if watching => match ready {
                 Ok(mut guard) => {
                     let fired = wait_events(guard.get_inner());
                     // Fewer events than asked for: the set is empty of events now.
@@ -176,7 +247,9 @@ impl Lingerer {
             },
             () = self.timer.as_mut(), if next.is_some() => {
                 self.armed = None;
-                self.expire();
+                let now = Instant::now();
+                self.first_looks(now);
+                self.expire(now);
                 Vec::new()
             }
         };
@@ -186,11 +259,13 @@ impl Lingerer {
     /// Handles what is ready now, without waiting: called by the accept loop between batches,
     /// since under a flood it may not come back to [`Lingerer::turn`] for a while.
     pub fn reap(&mut self) {
+        let now = Instant::now();
+        self.first_looks(now);
         if self.open.is_empty() {
             return;
         }
         while self.take(wait_events(self.epoll.get_ref())) {}
-        self.expire();
+        self.expire(now);
     }
 
     /// Handles the sockets `fired` names; returns whether there may be more (a full batch).
@@ -214,9 +289,8 @@ impl Lingerer {
         }
     }
 
-    /// Closes the sockets whose time is up.
-    fn expire(&mut self) {
-        let now = Instant::now();
+    /// Closes the watched sockets whose time is up by `now`.
+    fn expire(&mut self, now: Instant) {
         while let Some(&(at, fd, generation)) = self.deadlines.front() {
             if at > now {
                 break;
@@ -297,6 +371,57 @@ mod tests {
         assert_eq!(got, LINE);
         drop(c);
         drive_until(&mut l, |l| l.lingering() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_has_closed_by_the_first_look_is_closed_there_and_never_watched() {
+        let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
+        let (mut c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, LINE);
+        drop(c);
+        // Until the FIN has reached the server's socket (the kernel may defer delivering it),
+        // without taking the first look.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        while !matches!(
+            rustix::net::recv(&l.fresh[0].socket, &mut [0u8; 1], peek),
+            Ok((0, _))
+        ) {
+            assert!(std::time::Instant::now() < deadline, "the FIN arrived");
+            tokio::task::yield_now().await;
+        }
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+        assert_eq!(l.closed_at_first_look, 1);
+        assert_eq!(l.generation, 0, "nothing was added to the epoll set");
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_fin_comes_after_the_first_look_is_closed_on_its_fin() {
+        // A farther client: its FIN comes well after the first look. It must give its share of
+        // the lingering bound back when that FIN arrives, not at some later look or at its time
+        // (here 30 s).
+        let mut l =
+            Lingerer::with_time(Arc::new(Semaphore::new(8)), Duration::from_secs(30)).unwrap();
+        let (mut c, s) = pair().await;
+        assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+        drive_until(&mut l, |l| l.open.len() == 1).await;
+        assert_eq!(l.closed_at_first_look, 0);
+        // The scenario: this client closes a while after its first look.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, LINE);
+        drop(c);
+        let fin = Instant::now();
+        drive_until(&mut l, |l| l.lingering() == 0).await;
+        assert!(
+            fin.elapsed() < Duration::from_secs(3),
+            "closed on the FIN, not at a later look: {:?}",
+            fin.elapsed()
+        );
     }
 
     #[tokio::test]
