@@ -196,60 +196,68 @@ pub struct RampReport {
 
 /// Steps the load up to the knee, then bisects.
 pub async fn ramp(base: &Options, ramp: Ramp, max_errors: f64) -> RampReport {
-    let mut points: Vec<Point> = Vec::new();
-    let mut good: Option<usize> = None;
-    let mut bad: Option<usize> = None;
-    let measure = |load: f64| {
-        let opts = Options {
-            arrivals: ramp.arrivals(load),
-            ..base.clone()
-        };
-        async move { run(&opts).await }
-    };
-    let judge = |points: &[Point], good: Option<usize>, stats: &Stats, load: f64| {
-        let last = good.map(|g| (points[g].load, &points[g].stats));
-        verdict(stats, load, last, max_errors)
+    let mut search = Search {
+        base,
+        ramp,
+        max_errors,
+        points: Vec::new(),
+        good: None,
+        bad: None,
     };
     for load in ramp.loads() {
-        let stats = measure(load).await;
-        let v = judge(&points, good, &stats, load);
-        progress(base, ramp, load, false, &stats, &v);
+        if !search.try_load(load, false).await {
+            break;
+        }
+    }
+    if search.good.is_some() && search.bad.is_some() {
+        for _ in 0..BISECT_ROUNDS {
+            let g = search.points[search.good.unwrap()].load;
+            let b = search.points[search.bad.unwrap()].load;
+            let Some(mid) = ramp.between(g, b) else { break };
+            search.try_load(mid, true).await;
+        }
+    }
+    recommend(ramp, search.points, search.good, search.bad, max_errors)
+}
+
+/// A ramp under way: every point measured, and the best good and first bad among them.
+struct Search<'a> {
+    base: &'a Options,
+    ramp: Ramp,
+    max_errors: f64,
+    points: Vec<Point>,
+    good: Option<usize>,
+    bad: Option<usize>,
+}
+
+impl Search<'_> {
+    /// Measures one load (a step, or a bisection between the good and the bad), judges it
+    /// against the last good point, and records it; says whether it was good.
+    async fn try_load(&mut self, load: f64, bisect: bool) -> bool {
+        let opts = Options {
+            arrivals: self.ramp.arrivals(load),
+            ..self.base.clone()
+        };
+        let stats = run(&opts).await;
+        let last = self
+            .good
+            .map(|g| (self.points[g].load, &self.points[g].stats));
+        let v = verdict(&stats, load, last, self.max_errors);
+        progress(self.base, self.ramp, load, bisect, &stats, &v);
         let ok = v == Verdict::Good;
-        points.push(Point {
+        self.points.push(Point {
             load,
-            bisect: false,
+            bisect,
             verdict: v,
             stats,
         });
         if ok {
-            good = Some(points.len() - 1);
+            self.good = Some(self.points.len() - 1);
         } else {
-            bad = Some(points.len() - 1);
-            break;
+            self.bad = Some(self.points.len() - 1);
         }
+        ok
     }
-    if let (Some(_), Some(_)) = (good, bad) {
-        for _ in 0..BISECT_ROUNDS {
-            let (g, b) = (points[good.unwrap()].load, points[bad.unwrap()].load);
-            let Some(mid) = ramp.between(g, b) else { break };
-            let stats = measure(mid).await;
-            let v = judge(&points, good, &stats, mid);
-            progress(base, ramp, mid, true, &stats, &v);
-            let ok = v == Verdict::Good;
-            points.push(Point {
-                load: mid,
-                bisect: true,
-                verdict: v,
-                stats,
-            });
-            if ok {
-                good = Some(points.len() - 1);
-            } else {
-                bad = Some(points.len() - 1);
-            }
-        }
-    }
-    recommend(ramp, points, good, bad, max_errors)
 }
 
 fn progress(base: &Options, ramp: Ramp, load: f64, bisect: bool, stats: &Stats, v: &Verdict) {
