@@ -31,6 +31,9 @@ import compare as C  # noqa: E402
 
 MESSAGES = int(os.environ.get("MESSAGES", "10000"))
 REJECT_SECONDS = 3
+# With RATE, the reject load is paced at that many connections a second, the same for every
+# proxy, instead of 32 clients each reconnecting as fast as it is answered.
+RATE = os.environ.get("RATE")
 
 
 def switches(pids):
@@ -49,7 +52,7 @@ def switches(pids):
 def run_load(t, what):
     """Runs one load against `t`; returns how many connections it made, and per second."""
     if what == "reject":
-        r = C.netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS)
+        r = C.netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS, *([RATE] if RATE else []))
         return C.turned_away(r), r["per_second"]
     t0 = time.monotonic()
     subprocess.run(["smtp-source", "-s", "20", "-m", str(MESSAGES), "-l", "1000",

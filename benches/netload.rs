@@ -4,8 +4,11 @@
 //! - `latency TARGET[,TARGET...] COUNT`: sequential connect → first line, p50/p99 in µs, COUNT
 //!   samples per target. Several targets are taken in turn, one connection each, so every one
 //!   of them sees the same moments of a noisy machine.
-//! - `reject TARGET CONCURRENCY SECONDS`: connections per second turned away; for each it reads
-//!   to EOF and counts complete 421 lines, silent closes and resets.
+//! - `reject TARGET CONCURRENCY SECONDS [RATE]`: connections per second turned away; for each it
+//!   reads to EOF and counts complete 421 lines, silent closes and resets. With RATE, the
+//!   clients open RATE connections a second between them, evenly paced, instead of each one
+//!   opening its next as soon as its last has ended: every proxy then sees the same load, so
+//!   its CPU time per connection compares like with like.
 //! - `hold TARGET COUNT`: opens COUNT sessions, reads each greeting, prints `ready`, and holds
 //!   them until stdin closes.
 //! - `greet LISTEN`: a backend that greets every connection with a 220 line and then reads and
@@ -74,7 +77,7 @@ async fn latency(targets: &[SocketAddr], count: usize) {
     println!("{{\"targets\":[{}]}}", results.join(","));
 }
 
-async fn reject(target: SocketAddr, concurrency: usize, seconds: u64) {
+async fn reject(target: SocketAddr, concurrency: usize, seconds: u64, rate: Option<f64>) {
     use std::io::ErrorKind;
     #[derive(Default)]
     struct Count {
@@ -93,10 +96,18 @@ async fn reject(target: SocketAddr, concurrency: usize, seconds: u64) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..concurrency {
+    // Each client's gap between its connections at RATE, and its first one's offset.
+    let pace = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+    for i in 0..concurrency {
         workers.push(tokio::spawn(async move {
             let mut c = Count::default();
+            let mut next = tokio::time::Instant::now()
+                + pace.unwrap_or_default() * i as u32 / concurrency as u32;
             while Instant::now() < deadline {
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until(next).await;
+                    next += pace;
+                }
                 let mut s = match TcpStream::connect(target).await {
                     Ok(s) => s,
                     Err(e)
@@ -225,7 +236,12 @@ async fn main() {
     let num = |i: usize| -> u64 { args.get(i).expect(usage).parse().expect(usage) };
     match args[0].as_str() {
         "latency" => latency(&targets, num(2) as usize).await,
-        "reject" => reject(target, num(2) as usize, num(3)).await,
+        "reject" => {
+            let rate = args
+                .get(4)
+                .map(|r| r.parse().expect("RATE is connections a second"));
+            reject(target, num(2) as usize, num(3), rate).await
+        }
         "hold" => hold(target, num(2) as usize).await,
         "greet" => greet(target).await,
         _ => panic!("{usage}"),

@@ -1,7 +1,7 @@
 //! The graceful close, in a task: the reply line, the half-close, a drain bounded in time and
 //! bytes, then the close; and RFC 5321's dialogue for a client that will never be accepted.
-//! The accept loop's lingering set (`linger`) runs the same drain step, [`discard`], from its
-//! own epoll set.
+//! The accept loop's lingering set (`linger`) runs the same drain step, [`discard`], at its
+//! first look and then from its own epoll set.
 
 use std::io;
 use std::sync::Arc;
@@ -165,9 +165,9 @@ pub(crate) enum Drained {
     Done,
 }
 
-/// The drain step both closers run when a refused socket is readable: read and discard what
-/// is there, counting it in `seen`, and say whether the socket can be closed. `read` is a
-/// non-blocking read.
+/// The drain step both closers run when they look at a refused socket (it is readable, or its
+/// first look is due): read and discard what is there, counting it in `seen`, and say whether
+/// the socket can be closed. `read` is a non-blocking read.
 pub(crate) fn discard(
     mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
     seen: &mut usize,
