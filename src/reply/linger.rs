@@ -222,10 +222,7 @@ impl Lingerer {
         }
         let look = self.fresh.front().map(|f| f.since + FIRST_LOOK);
         let deadline = self.deadlines.front().map(|d| d.0);
-        let next = match (look, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = look.into_iter().chain(deadline).min();
         if let Some(at) = next {
             if self.armed != Some(at) {
                 self.timer.as_mut().reset(at);
@@ -259,6 +256,9 @@ impl Lingerer {
     /// Handles what is ready now, without waiting: called by a busy accept loop every few
     /// accepts, since under a flood it may not come back to [`Lingerer::turn`] for a while.
     pub fn reap(&mut self) {
+        if self.lingering() == 0 {
+            return;
+        }
         let now = Instant::now();
         self.first_looks(now);
         if self.open.is_empty() {
