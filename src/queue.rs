@@ -18,15 +18,18 @@
 //! The queue knows nothing of slots: what a grant is (`T`) and whether one can be had is the
 //! caller's, so this module depends on no other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use metrics::{Gauge, Histogram};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use tokio::sync::Notify;
+
+mod lines;
+use lines::{Lines, Place, Turn};
 
 /// The signal that a slot may have freed, shared by everything that holds slots. Cheap when
 /// nobody waits: one atomic load.
@@ -63,15 +66,6 @@ impl Wake {
     }
 }
 
-/// A waiter's place: its class (allowed sources first), its tag, and its arrival.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Key {
-    /// 0 for allowed sources, 1 for the others.
-    class: u8,
-    tag: u64,
-    seq: u64,
-}
-
 /// What a waiter carries for the dispatcher's capacity check.
 #[derive(Clone, Copy, Debug)]
 pub struct Waiter {
@@ -80,32 +74,6 @@ pub struct Waiter {
     pub ip: std::net::IpAddr,
     /// Allowed sources are served first.
     pub allowed: bool,
-}
-
-/// A waiter's line in the queue. Kept small: 10,000 of them must cost no more than as many
-/// idle sessions.
-struct Entry {
-    source: IpNet,
-    /// The address family, for transparent mode's backend choice.
-    v4: bool,
-    allowed: bool,
-    deadline: Instant,
-    /// The waiter's task, woken when its outcome is ready.
-    waker: Option<Waker>,
-}
-
-impl Entry {
-    fn waiter(&self) -> Waiter {
-        let ip = if self.v4 {
-            std::net::IpAddr::from([0, 0, 0, 0])
-        } else {
-            std::net::IpAddr::from([0u16; 8])
-        };
-        Waiter {
-            ip,
-            allowed: self.allowed,
-        }
-    }
 }
 
 /// How a wait ended from the queue's side.
@@ -118,24 +86,10 @@ pub enum Outcome<T> {
     Draining,
 }
 
-/// A source's turns in one class.
-struct Turns {
-    /// The tag of its latest waiter.
-    last: u64,
-    /// Its waiters now.
-    waiting: usize,
-}
-
 struct State<T> {
-    lines: BTreeMap<Key, Entry>,
-    /// Every waiter by its deadline.
-    deadlines: BTreeMap<(Instant, u64), Key>,
-    /// Outcomes decided and not yet taken by their waiter, by the waiter's `seq`.
-    decided: HashMap<u64, Outcome<T>>,
-    sources: HashMap<(u8, IpNet), Turns>,
-    /// Each class's clock: the tag it served last.
-    clock: [u64; 2],
-    seq: u64,
+    lines: Lines,
+    /// Outcomes decided and not yet taken by their waiter.
+    decided: HashMap<Place, Outcome<T>>,
     /// Set by [`Queue::close`]: nobody enters any more.
     closed: bool,
 }
@@ -164,7 +118,7 @@ pub enum Entered<T> {
 /// dropped too, which frees it).
 pub struct Ticket<T> {
     queue: Arc<Queue<T>>,
-    key: Key,
+    place: Place,
     entered: Instant,
     done: bool,
 }
@@ -174,12 +128,8 @@ impl<T> Queue<T> {
         gauge.set(0.0);
         Arc::new(Queue {
             state: Mutex::new(State {
-                lines: BTreeMap::new(),
-                deadlines: BTreeMap::new(),
+                lines: Lines::new(),
                 decided: HashMap::new(),
-                sources: HashMap::new(),
-                clock: [0; 2],
-                seq: 0,
                 closed: false,
             }),
             wake,
@@ -222,7 +172,7 @@ impl<T> Queue<T> {
         }
         let entered = Instant::now();
         let deadline = entered.checked_add(timeout).unwrap_or(entered);
-        let key = {
+        let place = {
             let mut s = self.lock();
             if s.closed {
                 return Entered::Closed;
@@ -232,55 +182,30 @@ impl<T> Queue<T> {
             if s.lines.len() >= max_queued && !waiter.allowed {
                 return Entered::Full;
             }
-            let class = u8::from(!waiter.allowed);
-            let clock = s.clock[class as usize];
-            let turns = s.sources.entry((class, source)).or_insert(Turns {
-                last: clock,
-                waiting: 0,
-            });
-            let tag = turns.last.max(clock) + 1;
-            turns.last = tag;
-            turns.waiting += 1;
-            self.line_up(&mut s, (class, tag), source, waiter, deadline)
+            self.line_up(&mut s, source, waiter, Turn::Next, deadline)
         };
         // A slot may have freed between `try_now` and the insertion, seen by nobody.
         self.wake.kick();
         Entered::Wait(Ticket {
             queue: self.clone(),
-            key,
+            place,
             entered,
             done: false,
         })
     }
 
-    /// Puts a waiter in line under `(class, tag)`; its source's turns are booked by the caller.
     fn line_up(
         &self,
         s: &mut State<T>,
-        (class, tag): (u8, u64),
         source: IpNet,
         waiter: Waiter,
+        turn: Turn,
         deadline: Instant,
-    ) -> Key {
-        s.seq += 1;
-        let key = Key {
-            class,
-            tag,
-            seq: s.seq,
-        };
-        s.lines.insert(
-            key,
-            Entry {
-                source,
-                v4: waiter.ip.to_canonical().is_ipv4(),
-                allowed: waiter.allowed,
-                deadline,
-                waker: None,
-            },
-        );
-        s.deadlines.insert((deadline, key.seq), key);
+    ) -> Place {
+        let family = (waiter.ip.to_canonical().is_ipv4(), waiter.allowed);
+        let place = s.lines.push(source, family, turn, deadline);
         self.update(s);
-        key
+        place
     }
 
     /// Puts back a waiter that was served a slot the backend then turned down (its own
@@ -296,28 +221,17 @@ impl<T> Queue<T> {
         timeout: Duration,
     ) -> Entered<T> {
         let deadline = entered.checked_add(timeout).unwrap_or(entered);
-        let key = {
+        let place = {
             let mut s = self.lock();
             if s.closed {
                 return Entered::Closed;
             }
-            let class = u8::from(!waiter.allowed);
-            // Every waiting tag is at least the class clock (one served in the same round
-            // as others leaves the clock at their tag): one below it goes first.
-            let tag = s.clock[class as usize].saturating_sub(1);
-            s.sources
-                .entry((class, source))
-                .or_insert(Turns {
-                    last: tag,
-                    waiting: 0,
-                })
-                .waiting += 1;
-            self.line_up(&mut s, (class, tag), source, waiter, deadline)
+            self.line_up(&mut s, source, waiter, Turn::First, deadline)
         };
         self.wake.kick();
         Entered::Wait(Ticket {
             queue: self.clone(),
-            key,
+            place,
             entered,
             done: false,
         })
@@ -327,12 +241,19 @@ impl<T> Queue<T> {
     /// the one dispatcher whenever [`Wake`] says a slot may have freed.
     pub fn serve(&self, mut grant: impl FnMut(&Waiter) -> Option<T>) {
         let mut s = self.lock();
-        while let Some(waiter) = s.lines.first_key_value().map(|(_, e)| e.waiter()) {
+        while let Some(place) = s.lines.first() {
+            let seen = s.lines.seen(place);
+            let ip = if seen.v4 {
+                std::net::IpAddr::from([0, 0, 0, 0])
+            } else {
+                std::net::IpAddr::from([0u16; 8])
+            };
+            let waiter = Waiter {
+                ip,
+                allowed: seen.allowed,
+            };
             let Some(slot) = grant(&waiter) else { break };
-            let (key, e) = s.lines.pop_first().expect("the first entry was just seen");
-            let clock = &mut s.clock[key.class as usize];
-            *clock = (*clock).max(key.tag);
-            s.decide(key, e, Outcome::Granted(slot));
+            s.decide(place, true, Outcome::Granted(slot));
         }
         self.update(&s);
     }
@@ -340,28 +261,24 @@ impl<T> Queue<T> {
     /// Ends every wait whose deadline has come; returns the next deadline, if anyone waits.
     pub fn expire(&self, now: Instant) -> Option<Instant> {
         let mut s = self.lock();
-        while let Some((&(deadline, _), &key)) = s.deadlines.first_key_value() {
-            if deadline > now {
-                break;
-            }
-            let e = s.lines.remove(&key).expect("every deadline has its entry");
-            s.decide(key, e, Outcome::TimedOut);
+        while let Some(place) = s.lines.due(now) {
+            s.decide(place, false, Outcome::TimedOut);
         }
         self.update(&s);
-        s.deadlines.first_key_value().map(|(&(d, _), _)| d)
+        s.lines.soonest()
     }
 
     /// The class of the first in line, if anyone waits.
     fn first_class(&self) -> Option<u8> {
-        self.lock().lines.first_key_value().map(|(k, _)| k.class)
+        self.lock().lines.first_class()
     }
 
     /// Ends every wait at once, as if its deadline had come: for a reload that turns the
     /// queue off.
     pub fn expire_all(&self) {
         let mut s = self.lock();
-        while let Some((key, e)) = s.lines.pop_first() {
-            s.decide(key, e, Outcome::TimedOut);
+        while let Some(place) = s.lines.first() {
+            s.decide(place, false, Outcome::TimedOut);
         }
         self.update(&s);
     }
@@ -370,8 +287,8 @@ impl<T> Queue<T> {
     pub fn close(&self) {
         let mut s = self.lock();
         s.closed = true;
-        while let Some((key, e)) = s.lines.pop_first() {
-            s.decide(key, e, Outcome::Draining);
+        while let Some(place) = s.lines.first() {
+            s.decide(place, false, Outcome::Draining);
         }
         self.update(&s);
     }
@@ -383,23 +300,13 @@ impl<T> Queue<T> {
 }
 
 impl<T> State<T> {
-    /// Takes a waiter out of line with its outcome, and wakes it to collect it.
-    fn decide(&mut self, key: Key, mut e: Entry, outcome: Outcome<T>) {
-        self.left(key, &e);
-        self.decided.insert(key.seq, outcome);
-        if let Some(w) = e.waker.take() {
+    /// Takes a waiter out of line with its outcome, and wakes it to collect it. `served`: it
+    /// had its turn, so its class's round moves on to its tag.
+    fn decide(&mut self, place: Place, served: bool, outcome: Outcome<T>) {
+        let waker = self.lines.decide(place, served);
+        self.decided.insert(place, outcome);
+        if let Some(w) = waker {
             w.wake();
-        }
-    }
-
-    /// Books a waiter out of its source's turns and the deadlines.
-    fn left(&mut self, key: Key, e: &Entry) {
-        self.deadlines.remove(&(e.deadline, key.seq));
-        if let Some(turns) = self.sources.get_mut(&(key.class, e.source)) {
-            turns.waiting -= 1;
-            if turns.waiting == 0 {
-                self.sources.remove(&(key.class, e.source));
-            }
         }
     }
 }
@@ -413,25 +320,16 @@ impl<T> Ticket<T> {
     /// Ready when the dispatcher hands over a slot, the wait times out or the queue closes.
     pub fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
         let mut s = self.queue.lock();
-        if let Some(outcome) = s.decided.remove(&self.key.seq) {
-            drop(s);
-            self.finish();
-            return Poll::Ready(outcome);
+        if s.lines.waiting(self.place) {
+            s.lines.set_waker(self.place, cx.waker());
+            return Poll::Pending;
         }
-        match s.lines.get_mut(&self.key) {
-            Some(e) => {
-                if !e.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    e.waker = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            // Neither waiting nor decided: cannot happen while the ticket lives.
-            None => {
-                drop(s);
-                self.finish();
-                Poll::Ready(Outcome::Draining)
-            }
-        }
+        // Decided, or (which cannot happen while the ticket lives) neither.
+        let outcome = s.decided.remove(&self.place);
+        s.lines.release(self.place);
+        drop(s);
+        self.finish();
+        Poll::Ready(outcome.unwrap_or(Outcome::Draining))
     }
 
     /// Leaves the queue (the client gave up, or its time is over). `None` if it was still
@@ -445,12 +343,14 @@ impl<T> Ticket<T> {
     /// Takes this waiter out of the queue, or its decided outcome.
     fn take(&mut self) -> Option<Outcome<T>> {
         let mut s = self.queue.lock();
-        if let Some(e) = s.lines.remove(&self.key) {
-            s.left(self.key, &e);
-            self.queue.update(&s);
-            return None;
-        }
-        s.decided.remove(&self.key.seq)
+        let outcome = if s.lines.decided(self.place) {
+            s.decided.remove(&self.place)
+        } else {
+            None
+        };
+        s.lines.release(self.place);
+        self.queue.update(&s);
+        outcome
     }
 
     /// The wait is over: recorded once.

@@ -1,5 +1,6 @@
 use super::*;
 use std::cell::Cell;
+use std::task::Waker;
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -113,8 +114,8 @@ fn leaving_frees_the_place_and_bounds_hold() {
     assert_eq!(q.len(), 1);
     drop(held);
     assert_eq!(q.len(), 0);
-    assert!(q.lock().sources.is_empty());
-    assert!(q.lock().deadlines.is_empty());
+    assert!(q.lock().lines.holds_nothing());
+    assert!(q.lock().decided.is_empty());
     // A slot sent to a waiter that then leaves comes back with `leave`.
     let t = join(&q, "10.0.0.3/32", false);
     serve(&q, 1);
