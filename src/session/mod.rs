@@ -116,7 +116,13 @@ impl Gate {
                         }
                     }
                     Phase::Wait(waiting) => {
-                        let mut waiting = *waiting;
+                        // Moved out of its box, which is freed here: a box moved out of
+                        // lives until the end of its binding's scope, which here would be
+                        // after the wait, and each waiter would keep its own dead copy.
+                        let mut waiting = {
+                            let boxed = waiting;
+                            *boxed
+                        };
                         let outcome = waiting.turn().await;
                         match self.after_wait(waiting, outcome) {
                             Some(next) => next,
