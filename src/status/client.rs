@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::Snapshot;
+use super::{BackendView, ClusterView, Snapshot, SourceRefused, SourceSessions};
 
 /// How long a connect or a read may take before the instance counts as not answering.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +89,18 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
 /// The snapshot as a person reads it.
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
+    summary(&mut out, s);
+    if let Some(c) = &s.cluster {
+        cluster(&mut out, c);
+    }
+    backends(&mut out, &s.backends);
+    top_sources(&mut out, &s.top_sources);
+    top_refused(&mut out, &s.top_refused);
+    out
+}
+
+/// The heading lines: version and load, sessions, limits, config.
+fn summary(out: &mut String, s: &Snapshot) {
     let l = &s.limits;
     out.push_str(&format!("mxgate {}: {}\n", s.version, s.status_line()));
     out.push_str(&format!(
@@ -126,29 +138,34 @@ pub fn render(s: &Snapshot) -> String {
             "FAILED (the old config is in force)"
         }
     ));
-    if let Some(c) = &s.cluster {
-        out.push_str(&format!(
-            "cluster {} (instance {}): {}; {} sessions here, {} across {} instances (as Redis counted them)\n",
-            c.name,
-            c.instance,
-            if c.connected && c.warming {
-                format!(
-                    "limits shared, and {} of each held here too while Redis's new counts warm up",
-                    c.fallback_share
-                )
-            } else if c.connected {
-                "limits shared".to_string()
-            } else {
-                format!("REDIS UNREACHABLE, enforcing {} of each limit alone", c.fallback_share)
-            },
-            c.local_sessions,
-            c.cluster_sessions,
-            c.instances
-        ));
-    }
+}
+
+/// The cluster line, for an instance in a cluster.
+fn cluster(out: &mut String, c: &ClusterView) {
+    out.push_str(&format!(
+        "cluster {} (instance {}): {}; {} sessions here, {} across {} instances (as Redis counted them)\n",
+        c.name,
+        c.instance,
+        if c.connected && c.warming {
+            format!(
+                "limits shared, and {} of each held here too while Redis's new counts warm up",
+                c.fallback_share
+            )
+        } else if c.connected {
+            "limits shared".to_string()
+        } else {
+            format!("REDIS UNREACHABLE, enforcing {} of each limit alone", c.fallback_share)
+        },
+        c.local_sessions,
+        c.cluster_sessions,
+        c.instances
+    ));
+}
+
+/// The backends table.
+fn backends(out: &mut String, backends: &[BackendView]) {
     out.push_str("\nbackends\n");
-    let rows: Vec<Vec<String>> = s
-        .backends
+    let rows: Vec<Vec<String>> = backends
         .iter()
         .map(|b| {
             vec![
@@ -167,27 +184,33 @@ pub fn render(s: &Snapshot) -> String {
         })
         .collect();
     table(
-        &mut out,
+        out,
         &["backend", "health", "active", "limit", "last check"],
         &rows,
     );
+}
+
+/// The sources holding the most sessions.
+fn top_sources(out: &mut String, top: &[SourceSessions]) {
     out.push_str("\ntop sources by open sessions\n");
-    if s.top_sources.is_empty() {
+    if top.is_empty() {
         out.push_str("  (none)\n");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .top_sources
+        let rows: Vec<Vec<String>> = top
             .iter()
             .map(|t| vec![t.source.clone(), t.sessions.to_string()])
             .collect();
-        table(&mut out, &["source", "sessions"], &rows);
+        table(out, &["source", "sessions"], &rows);
     }
+}
+
+/// The sources refused most in the last minute, with their reasons.
+fn top_refused(out: &mut String, top: &[SourceRefused]) {
     out.push_str("\ntop sources refused in the last minute\n");
-    if s.top_refused.is_empty() {
+    if top.is_empty() {
         out.push_str("  (none)\n");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .top_refused
+        let rows: Vec<Vec<String>> = top
             .iter()
             .map(|t| {
                 let reasons: Vec<String> = t
@@ -198,7 +221,6 @@ pub fn render(s: &Snapshot) -> String {
                 vec![t.source.clone(), t.refusals.to_string(), reasons.join(", ")]
             })
             .collect();
-        table(&mut out, &["source", "refusals", "reasons"], &rows);
+        table(out, &["source", "refusals", "reasons"], &rows);
     }
-    out
 }

@@ -15,6 +15,9 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Member;
+use crate::cluster::Cluster;
+use crate::config::Config;
 use crate::metrics::unix_now;
 use crate::reply::display_source;
 use crate::server::gate::Gate;
@@ -192,64 +195,14 @@ impl Snapshot {
     /// The view of `gate` now.
     pub fn take(gate: &Gate) -> Snapshot {
         let live = gate.live.load();
-        let c = &live.config;
-        let queue_on = !c.queue_timeout.is_zero() && c.max_connections != 0 && !c.dry_run;
-        let limits = Limits {
-            max_connections: c.max_connections,
-            max_per_source: c.max_per_source,
-            reserved_for_allowed: c.reserved_for_allowed,
-            max_queued: if queue_on { c.max_queued } else { 0 },
-            queue_timeout_seconds: if queue_on {
-                c.queue_timeout.as_secs_f64()
-            } else {
-                0.0
-            },
-            ipv4_prefix: c.ipv4_prefix,
-            ipv6_prefix: c.ipv6_prefix,
-            dry_run: c.dry_run,
-        };
-        let top_sources = gate
-            .admission
-            .top_sources(TOP)
-            .into_iter()
-            .map(|(s, n)| SourceSessions {
-                source: display_source(&s),
-                sessions: n,
-            })
-            .collect();
-        let top_refused = gate
-            .sources
-            .top(TOP)
-            .into_iter()
-            .map(|r| SourceRefused {
-                source: display_source(&r.source),
-                refusals: r.total,
-                reasons: r
-                    .reasons
-                    .into_iter()
-                    .map(|(reason, count)| ReasonCount {
-                        reason: reason.label().to_string(),
-                        count,
-                    })
-                    .collect(),
-            })
-            .collect();
+        let limits = Limits::of(&live.config);
+        let top_sources = top_sources(gate);
+        let top_refused = top_refused(gate);
         let backends = live
             .pool
             .members()
             .iter()
-            .map(|m| BackendView {
-                address: m.label.clone(),
-                up: m.is_up(),
-                backup: m.is_backup(),
-                active: m.active(),
-                limit: m.limit(),
-                learned: m.is_auto(),
-                last_check: m.last_check().map(|(ago, r)| CheckView {
-                    result: r.label().to_string(),
-                    seconds_ago: ago.as_secs_f64(),
-                }),
-            })
+            .map(|m| BackendView::of(m))
             .collect();
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -263,19 +216,7 @@ impl Snapshot {
             top_sources,
             top_refused,
             backends,
-            cluster: gate.cluster.as_ref().map(|c| {
-                let seen = c.seen();
-                ClusterView {
-                    name: c.config().name.clone(),
-                    instance: c.config().instance.clone(),
-                    connected: c.connected(),
-                    warming: c.warming(),
-                    fallback_share: c.config().fallback_share,
-                    local_sessions: c.local_sessions(),
-                    cluster_sessions: seen.connections,
-                    instances: seen.instances,
-                }
-            }),
+            cluster: gate.cluster.as_ref().map(|c| ClusterView::of(c)),
         }
     }
 
@@ -291,6 +232,92 @@ impl Snapshot {
             dry_run: self.limits.dry_run,
         }
         .to_string()
+    }
+}
+
+/// The sources holding the most sessions, most first.
+fn top_sources(gate: &Gate) -> Vec<SourceSessions> {
+    gate.admission
+        .top_sources(TOP)
+        .into_iter()
+        .map(|(s, n)| SourceSessions {
+            source: display_source(&s),
+            sessions: n,
+        })
+        .collect()
+}
+
+/// The sources refused most in the last minute, most first.
+fn top_refused(gate: &Gate) -> Vec<SourceRefused> {
+    gate.sources
+        .top(TOP)
+        .into_iter()
+        .map(|r| SourceRefused {
+            source: display_source(&r.source),
+            refusals: r.total,
+            reasons: r
+                .reasons
+                .into_iter()
+                .map(|(reason, count)| ReasonCount {
+                    reason: reason.label().to_string(),
+                    count,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+impl Limits {
+    /// The limits `c` puts in force; the queue's count as 0 while it is off.
+    fn of(c: &Config) -> Limits {
+        let queue_on = !c.queue_timeout.is_zero() && c.max_connections != 0 && !c.dry_run;
+        Limits {
+            max_connections: c.max_connections,
+            max_per_source: c.max_per_source,
+            reserved_for_allowed: c.reserved_for_allowed,
+            max_queued: if queue_on { c.max_queued } else { 0 },
+            queue_timeout_seconds: if queue_on {
+                c.queue_timeout.as_secs_f64()
+            } else {
+                0.0
+            },
+            ipv4_prefix: c.ipv4_prefix,
+            ipv6_prefix: c.ipv6_prefix,
+            dry_run: c.dry_run,
+        }
+    }
+}
+
+impl BackendView {
+    fn of(m: &Member) -> BackendView {
+        BackendView {
+            address: m.label.clone(),
+            up: m.is_up(),
+            backup: m.is_backup(),
+            active: m.active(),
+            limit: m.limit(),
+            learned: m.is_auto(),
+            last_check: m.last_check().map(|(ago, r)| CheckView {
+                result: r.label().to_string(),
+                seconds_ago: ago.as_secs_f64(),
+            }),
+        }
+    }
+}
+
+impl ClusterView {
+    fn of(c: &Cluster) -> ClusterView {
+        let seen = c.seen();
+        ClusterView {
+            name: c.config().name.clone(),
+            instance: c.config().instance.clone(),
+            connected: c.connected(),
+            warming: c.warming(),
+            fallback_share: c.config().fallback_share,
+            local_sessions: c.local_sessions(),
+            cluster_sessions: seen.connections,
+            instances: seen.instances,
+        }
     }
 }
 
