@@ -10,11 +10,11 @@
 //! The background tasks (`background`): health checks, housekeeping, and the queue's
 //! dispatcher, which hands freed slots to clients waiting in [`crate::queue`].
 //!
-//! A reload swaps the policy, replies, backend and timeouts for new connections at once.
-//! Sessions already forwarding are never cut and keep their slots. Settings that would need new
-//! sockets, threads, a new forwarder or a new security check (listen, metrics, forwarding,
-//! pipe_size, threads, log_format, transparent, transparent_port) keep their old values in
-//! force, with a warning naming each.
+//! A reload (`reload`) swaps the policy, replies, backend and timeouts for new connections at
+//! once. Sessions already forwarding are never cut and keep their slots. Settings that would
+//! need new sockets, threads, a new forwarder or a new security check (listen, metrics,
+//! forwarding, pipe_size, threads, log_format, transparent, transparent_port) keep their old
+//! values in force, with a warning naming each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,10 +38,13 @@ use crate::reply::Closer;
 mod accept;
 mod background;
 pub mod gate;
+mod reload;
 
 use accept::{worker_count, AcceptLoop, Workers};
 
 use gate::{Gate, Live};
+pub use reload::keep_restart_only;
+use reload::set_limit_gauges;
 
 /// A running mxgate instance.
 pub struct Running {
@@ -125,16 +128,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         ),
         None => None,
     };
-    for l in &listeners {
-        l.set_nonblocking(true)?;
-        // Replies and commands are small writes that must go out at once. Set here, on the
-        // listening socket, Linux gives it to every accepted connection: no call per session.
-        socket2::SockRef::from(l).set_tcp_nodelay(true)?;
-    }
-    let listen_addrs = listeners
-        .iter()
-        .map(std::net::TcpListener::local_addr)
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let listen_addrs = prepare_listeners(&listeners)?;
     for warning in crate::config::warnings(&config, &listen_addrs) {
         tracing::warn!("{warning}");
     }
@@ -143,41 +137,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-
-    let traffic = Traffic {
-        client_to_backend: metrics.bytes_client_to_backend.clone(),
-        backend_to_client: metrics.bytes_backend_to_client.clone(),
-        spliced: metrics.spliced_bytes.clone(),
-        splice_fallbacks: metrics.splice_fallbacks.clone(),
-    };
-    let wake = Arc::new(Wake::default());
-    let cluster = config
-        .cluster
-        .clone()
-        .map(|c| crate::cluster::Cluster::start(c, &metrics));
-    let live = Live::build(config, None, PolicyClock::default(), &metrics, &wake);
-    set_limit_gauges(&metrics, &live.config);
-    let gate = Arc::new(Gate {
-        mode: forwarding_mode(&live.config, &metrics),
-        live: ArcSwap::from_pointee(live),
-        admission: Admission::with_wake(metrics.clone(), wake.clone()),
-        queue: Queue::new(
-            wake.clone(),
-            metrics.queued.clone(),
-            metrics.queue_wait_seconds.clone(),
-        ),
-        wake,
-        closer: Closer::default(),
-        summary: Arc::default(),
-        sources: Arc::default(),
-        reloads: crate::status::Reloads::default(),
-        metrics: metrics.clone(),
-        traffic,
-        draining: AtomicBool::new(false),
-        cut: CancellationToken::new(),
-        headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
-        cluster,
-    });
+    let gate = build_gate(config, &metrics);
     let running = Running {
         reloads_ok: metrics.reloads_ok.clone(),
         reloads_failed: metrics.reloads_failed.clone(),
@@ -203,6 +163,59 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     let mut running = running;
     running.accept_on(listeners, listen_addrs).await?;
     Ok(running)
+}
+
+/// Readies the listening sockets for the workers' event loops, and returns their addresses.
+fn prepare_listeners(listeners: &[std::net::TcpListener]) -> std::io::Result<Vec<SocketAddr>> {
+    for l in listeners {
+        l.set_nonblocking(true)?;
+        // Replies and commands are small writes that must go out at once. Set here, on the
+        // listening socket, Linux gives it to every accepted connection: no call per session.
+        socket2::SockRef::from(l).set_tcp_nodelay(true)?;
+    }
+    listeners
+        .iter()
+        .map(std::net::TcpListener::local_addr)
+        .collect()
+}
+
+/// The state every accept loop and connection task shares, built for `config`; joins the
+/// cluster when one is configured.
+fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
+    let traffic = Traffic {
+        client_to_backend: metrics.bytes_client_to_backend.clone(),
+        backend_to_client: metrics.bytes_backend_to_client.clone(),
+        spliced: metrics.spliced_bytes.clone(),
+        splice_fallbacks: metrics.splice_fallbacks.clone(),
+    };
+    let wake = Arc::new(Wake::default());
+    let cluster = config
+        .cluster
+        .clone()
+        .map(|c| crate::cluster::Cluster::start(c, metrics));
+    let live = Live::build(config, None, PolicyClock::default(), metrics, &wake);
+    set_limit_gauges(metrics, &live.config);
+    Arc::new(Gate {
+        mode: forwarding_mode(&live.config, metrics),
+        live: ArcSwap::from_pointee(live),
+        admission: Admission::with_wake(metrics.clone(), wake.clone()),
+        queue: Queue::new(
+            wake.clone(),
+            metrics.queued.clone(),
+            metrics.queue_wait_seconds.clone(),
+        ),
+        wake,
+        closer: Closer::default(),
+        summary: Arc::default(),
+        sources: Arc::default(),
+        reloads: crate::status::Reloads::default(),
+        metrics: metrics.clone(),
+        traffic,
+        draining: AtomicBool::new(false),
+        cut: CancellationToken::new(),
+        headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
+        cluster,
+    })
 }
 
 impl Running {
@@ -329,63 +342,6 @@ impl Running {
         self.heartbeats.clone()
     }
 
-    /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed
-    /// reload leaves the old config in force. Returns whether the new config was applied.
-    pub fn reload(&self, loaded: anyhow::Result<Config>) -> bool {
-        let mut new = match loaded {
-            Ok(c) => c,
-            Err(e) => {
-                self.reload_failed();
-                tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
-                return false;
-            }
-        };
-        let old = self.gate.live.load_full();
-        for key in keep_restart_only(&old.config, &mut new) {
-            tracing::warn!(
-                key,
-                "reload cannot change this setting; the old value stays in force until a restart"
-            );
-        }
-        // A backend of a family transparent mode has not checked yet is checked now.
-        if let Err(e) = preflight(&new) {
-            self.reload_failed();
-            tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
-            return false;
-        }
-        for warning in crate::config::warnings(&new, &self.listen_addrs) {
-            tracing::warn!("{warning}");
-        }
-        let live = Live::build(
-            new,
-            Some(&old),
-            old.policy.clock().clone(),
-            &self.gate.metrics,
-            &self.gate.wake,
-        );
-        set_limit_gauges(&self.gate.metrics, &live.config);
-        let queues = live.queues();
-        self.gate.live.store(Arc::new(live));
-        if !queues {
-            // The queue is off now (queue_timeout 0, max_connections 0, dry run): nobody is
-            // left waiting for a turn that would never come in order.
-            self.gate.queue.expire_all();
-        }
-        // A raised limit admits waiting clients at once.
-        self.gate.wake.kick();
-        self.reloads_ok.increment(1);
-        self.gate.metrics.reloaded(true);
-        self.gate.reloads.record(true);
-        tracing::info!("config reloaded");
-        true
-    }
-
-    fn reload_failed(&self) {
-        self.reloads_failed.increment(1);
-        self.gate.metrics.reloaded(false);
-        self.gate.reloads.record(false);
-    }
-
     /// Stops admitting: from now on new connections get the draining reply, and so does every
     /// client waiting in the queue. Sessions already forwarding go on.
     pub fn begin_drain(&self) {
@@ -443,53 +399,6 @@ impl Drop for Running {
             cluster.abandon();
         }
     }
-}
-
-fn set_limit_gauges(metrics: &Metrics, config: &Config) {
-    metrics
-        .limit_max_connections
-        .set(config.max_connections as f64);
-    metrics
-        .limit_max_per_source
-        .set(config.max_per_source as f64);
-    // With the queue off, or no slot ever to wait for, nobody may wait.
-    let max_queued =
-        if config.queue_timeout.is_zero() || config.max_connections == 0 || config.dry_run {
-            0
-        } else {
-            config.max_queued
-        };
-    metrics.limit_max_queued.set(max_queued as f64);
-    metrics
-        .limit_reserved_for_allowed
-        .set(config.reserved_for_allowed as f64);
-    metrics.dry_run.set(if config.dry_run { 1.0 } else { 0.0 });
-}
-
-/// Puts back, in `new`, every setting a reload cannot change (they would need new sockets,
-/// threads, a new forwarder or a new security check), and names each one that differed.
-pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
-    let mut kept = Vec::new();
-    macro_rules! keep {
-        ($($key:ident),*) => {$(
-            if old.$key != new.$key {
-                kept.push(stringify!($key));
-                new.$key = old.$key.clone();
-            }
-        )*};
-    }
-    keep!(
-        listen,
-        metrics,
-        forwarding,
-        pipe_size,
-        threads,
-        log_format,
-        transparent,
-        transparent_port,
-        cluster
-    );
-    kept
 }
 
 fn forwarding_mode(config: &Config, metrics: &Metrics) -> Mode {

@@ -1,0 +1,119 @@
+//! Reload: a new config swapped in for new connections, or refused with the old one left in
+//! force. Sessions already forwarding are never touched by it, and settings that would need new
+//! sockets, threads, a new forwarder or a new security check keep their old values.
+//!
+//! Also the limit gauges, which start-up and every reload set from the config in force.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+use super::gate::Live;
+use super::{preflight, Running};
+
+impl Running {
+    /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed
+    /// reload leaves the old config in force. Returns whether the new config was applied.
+    pub fn reload(&self, loaded: anyhow::Result<Config>) -> bool {
+        let mut new = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_failed();
+                tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
+                return false;
+            }
+        };
+        let old = self.gate.live.load_full();
+        for key in keep_restart_only(&old.config, &mut new) {
+            tracing::warn!(
+                key,
+                "reload cannot change this setting; the old value stays in force until a restart"
+            );
+        }
+        // A backend of a family transparent mode has not checked yet is checked now.
+        if let Err(e) = preflight(&new) {
+            self.reload_failed();
+            tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
+            return false;
+        }
+        for warning in crate::config::warnings(&new, &self.listen_addrs) {
+            tracing::warn!("{warning}");
+        }
+        let live = Live::build(
+            new,
+            Some(&old),
+            old.policy.clock().clone(),
+            &self.gate.metrics,
+            &self.gate.wake,
+        );
+        set_limit_gauges(&self.gate.metrics, &live.config);
+        let queues = live.queues();
+        self.gate.live.store(Arc::new(live));
+        if !queues {
+            // The queue is off now (queue_timeout 0, max_connections 0, dry run): nobody is
+            // left waiting for a turn that would never come in order.
+            self.gate.queue.expire_all();
+        }
+        // A raised limit admits waiting clients at once.
+        self.gate.wake.kick();
+        self.reloads_ok.increment(1);
+        self.gate.metrics.reloaded(true);
+        self.gate.reloads.record(true);
+        tracing::info!("config reloaded");
+        true
+    }
+
+    fn reload_failed(&self) {
+        self.reloads_failed.increment(1);
+        self.gate.metrics.reloaded(false);
+        self.gate.reloads.record(false);
+    }
+}
+
+pub(super) fn set_limit_gauges(metrics: &Metrics, config: &Config) {
+    metrics
+        .limit_max_connections
+        .set(config.max_connections as f64);
+    metrics
+        .limit_max_per_source
+        .set(config.max_per_source as f64);
+    // With the queue off, or no slot ever to wait for, nobody may wait.
+    let max_queued =
+        if config.queue_timeout.is_zero() || config.max_connections == 0 || config.dry_run {
+            0
+        } else {
+            config.max_queued
+        };
+    metrics.limit_max_queued.set(max_queued as f64);
+    metrics
+        .limit_reserved_for_allowed
+        .set(config.reserved_for_allowed as f64);
+    metrics.dry_run.set(if config.dry_run { 1.0 } else { 0.0 });
+}
+
+/// Puts back, in `new`, every setting a reload cannot change (they would need new sockets,
+/// threads, a new forwarder or a new security check), and names each one that differed.
+pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($key:ident),*) => {$(
+            if old.$key != new.$key {
+                kept.push(stringify!($key));
+                new.$key = old.$key.clone();
+            }
+        )*};
+    }
+    keep!(
+        listen,
+        metrics,
+        forwarding,
+        pipe_size,
+        threads,
+        log_format,
+        transparent,
+        transparent_port,
+        cluster
+    );
+    kept
+}
