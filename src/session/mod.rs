@@ -51,27 +51,7 @@ impl Gate {
         let span = conn_span(peer);
         // What the task starts with is one small value: an async block keeps what it
         // captures for its whole life, so the captures are boxed and moved out at once.
-        let mut phase = match start {
-            Start::Admitted(guard, lease, live) => {
-                let origin = Origin::peer(peer);
-                Phase::Open(
-                    self.clone()
-                        .opening(client, (guard, lease), origin, live, span),
-                )
-            }
-            Start::Queued(guard, ticket, live) => Phase::Wait(Box::new(Waiting {
-                client,
-                guard,
-                ticket,
-                origin: Origin::peer(peer),
-                live,
-                peer,
-            })),
-            Start::AfterHeader(live, wait) => {
-                let header = self.clone().after_header(client, peer, live, wait);
-                Phase::Header(Box::pin(header.instrument(span)))
-            }
-        };
+        let mut phase = self.first_phase(client, peer, start, span);
         async move {
             // `phase` is the task's one capture, reused by every phase.
             let ready = loop {
@@ -80,40 +60,19 @@ impl Gate {
                         Opened::Ready(ready) => break ready,
                         Opened::Requeue(waiting) => Phase::Wait(waiting),
                         Opened::Refuse(client, peer, live) => {
-                            let span = conn_span(peer);
                             let ip = peer.ip().to_canonical();
-                            Phase::Refuse(self.refusal((
-                                client,
-                                RejectReason::Draining,
-                                ip,
-                                live,
-                                span,
-                            )))
+                            let span = conn_span(peer);
+                            let draining = (client, RejectReason::Draining, ip, live, span);
+                            Phase::Refuse(self.refusal(draining))
                         }
                         Opened::Done => return,
                     },
                     Phase::Refuse(refusal) => return refusal.await,
                     Phase::Header(header) => {
-                        let Some((client, origin, live, entry, peer)) = header.await else {
+                        let Some(past) = header.await else {
                             return;
                         };
-                        match entry {
-                            Entry::Now(guard, lease) => Phase::Open(self.clone().opening(
-                                client,
-                                (guard, lease),
-                                origin,
-                                live,
-                                conn_span(peer),
-                            )),
-                            Entry::Wait(guard, ticket) => Phase::Wait(Box::new(Waiting {
-                                client,
-                                guard,
-                                ticket,
-                                origin,
-                                live,
-                                peer,
-                            })),
-                        }
+                        self.past_header(past)
                     }
                     Phase::Wait(waiting) => {
                         // Moved out of its box, which is freed here: a box moved out of
@@ -146,6 +105,62 @@ impl Gate {
             )
             .await;
             self.finished(&ready, report);
+        }
+    }
+
+    /// The task's first phase, from where triage left the connection.
+    fn first_phase(
+        self: &Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        start: Start,
+        span: tracing::Span,
+    ) -> Phase {
+        match start {
+            Start::Admitted(guard, lease, live) => {
+                let origin = Origin::peer(peer);
+                Phase::Open(
+                    self.clone()
+                        .opening(client, (guard, lease), origin, live, span),
+                )
+            }
+            Start::Queued(guard, ticket, live) => Phase::Wait(Box::new(Waiting {
+                client,
+                guard,
+                ticket,
+                origin: Origin::peer(peer),
+                live,
+                peer,
+            })),
+            Start::AfterHeader(live, wait) => {
+                let header = self.clone().after_header(client, peer, live, wait);
+                Phase::Header(Box::pin(header.instrument(span)))
+            }
+        }
+    }
+
+    /// The phase after a trusted upstream's PROXY header: the backend connect with the slots
+    /// admission gave, or the queue.
+    fn past_header(
+        self: &Arc<Self>,
+        (client, origin, live, entry, peer): (TcpStream, Origin, Arc<Live>, Entry, SocketAddr),
+    ) -> Phase {
+        match entry {
+            Entry::Now(guard, lease) => {
+                let span = conn_span(peer);
+                Phase::Open(
+                    self.clone()
+                        .opening(client, (guard, lease), origin, live, span),
+                )
+            }
+            Entry::Wait(guard, ticket) => Phase::Wait(Box::new(Waiting {
+                client,
+                guard,
+                ticket,
+                origin,
+                live,
+                peer,
+            })),
         }
     }
 

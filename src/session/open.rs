@@ -45,11 +45,7 @@ impl Gate {
         let _ = client.set_nodelay(true);
         let ip = origin.client.ip().to_canonical();
         let config = &live.config;
-        let Plan {
-            source,
-            greeting_limit,
-            client_seen,
-        } = Plan::new(config, origin.client);
+        let plan = Plan::new(config, origin.client);
         if let Err(refused) = self
             .clustered(&client, &mut guard, &mut origin, &live, started)
             .await
@@ -61,45 +57,28 @@ impl Gate {
             return Opened::Done;
         }
         let mut tried = Vec::new();
-        let mut absorbed = 0u32;
+        let mut absorbed = false;
         loop {
-            // Each try has its own connect budget: a wait for a busy greeting is not charged
-            // to the next backend's connect.
-            let deadline = deadline_after(config.connect_timeout);
-            let connected = live
-                .pool
-                .connect(config, source, deadline, first.take(), &mut tried)
+            let connected = self
+                .connect_next(&live, plan.source, first.take(), &mut tried, started)
                 .await;
             let (backend, lease) = match connected {
                 Ok(connected) => connected,
-                // Every backend with room said busy: back to the queue, if there is one.
-                Err(RejectReason::GlobalLimit) if absorbed > 0 && live.queues() => {
-                    return self.requeue(client, guard, origin, live, started);
-                }
                 Err(reason) => {
-                    let reason = if absorbed > 0 {
-                        RejectReason::BackendUnavailable
-                    } else {
-                        reason
-                    };
-                    drop(guard);
-                    self.reject(client, reason, ip, &live).await;
-                    return Opened::Done;
+                    let left = (client, guard, origin);
+                    return self
+                        .not_connected(reason, absorbed, left, live, started)
+                        .await;
                 }
             };
             let connected_at = Instant::now();
-            self.metrics
-                .backend_connect_seconds
-                .record(connected_at.duration_since(started).as_secs_f64());
             if !self.opening_bytes(&client, &backend, &origin, config).await {
                 drop((backend, guard, lease));
-                self.reject(client, RejectReason::BackendUnavailable, ip, &live)
-                    .await;
-                return Opened::Done;
+                return self.unavailable(client, ip, &live).await;
             }
             let mut kept = std::mem::take(&mut origin.early);
             let greeting = tokio::select! {
-                g = greeting::read(&backend, &client, &mut kept, greeting_limit) => g,
+                g = greeting::read(&backend, &client, &mut kept, plan.greeting_limit) => g,
                 // Shutdown: a greeting still on its way is not waited for past the drain.
                 () = self.cut.cancelled() => Greeting::Silent,
             };
@@ -111,16 +90,11 @@ impl Gate {
                     return self.greeted(connected, said, &origin).await;
                 }
                 Greeting::Busy(words) => {
-                    tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
-                    let capacity = words.get(4..9) == Some(&b"4.3.2"[..]);
-                    lease.member.busy(time, !client_seen || capacity);
-                    greeting::quit(backend);
-                    drop(lease);
-                    absorbed += 1;
+                    absorb_busy((backend, lease), &words, time, plan.client_seen);
+                    absorbed = true;
                     // Whatever the client said goes again, in order, to the next backend.
-                    origin.early = kept;
                     // Its global slot stays held for the next try; a requeue gives it back.
-                    let _ = &mut guard;
+                    origin.early = kept;
                 }
                 // No greeting timeout of its own: the idle timeout ended the wait, and the
                 // session ends as an idle one does, with a close.
@@ -131,13 +105,64 @@ impl Gate {
                 Greeting::Silent | Greeting::Failed => {
                     tracing::debug!(backend = %lease.member.label, "backend sent no greeting");
                     drop((backend, guard, lease));
-                    self.reject(client, RejectReason::BackendUnavailable, ip, &live)
-                        .await;
-                    return Opened::Done;
+                    return self.unavailable(client, ip, &live).await;
                 }
                 Greeting::ClientGone => return Opened::Done,
             }
         }
+    }
+
+    /// The next backend with room, connected. Each try has its own connect budget: a wait
+    /// for a busy greeting is not charged to the next backend's connect.
+    async fn connect_next(
+        &self,
+        live: &Live,
+        source: Option<SocketAddr>,
+        first: Option<Lease>,
+        tried: &mut Vec<SocketAddr>,
+        started: Instant,
+    ) -> Result<(TcpStream, Lease), RejectReason> {
+        let config = &live.config;
+        let deadline = deadline_after(config.connect_timeout);
+        let connected = live
+            .pool
+            .connect(config, source, deadline, first, tried)
+            .await?;
+        self.metrics
+            .backend_connect_seconds
+            .record(started.elapsed().as_secs_f64());
+        Ok(connected)
+    }
+
+    /// mxgate's own backend-unavailable answer, its slots already given back.
+    async fn unavailable(&self, client: TcpStream, ip: std::net::IpAddr, live: &Live) -> Opened {
+        self.reject(client, RejectReason::BackendUnavailable, ip, live)
+            .await;
+        Opened::Done
+    }
+
+    /// No backend connected. If every backend with room said busy (`absorbed`), the client
+    /// goes back to the queue when there is one; otherwise it gets mxgate's own answer.
+    async fn not_connected(
+        &self,
+        reason: RejectReason,
+        absorbed: bool,
+        (client, guard, origin): (TcpStream, Guard, Origin),
+        live: Arc<Live>,
+        started: Instant,
+    ) -> Opened {
+        if reason == RejectReason::GlobalLimit && absorbed && live.queues() {
+            return self.requeue(client, guard, origin, live, started);
+        }
+        let reason = if absorbed {
+            RejectReason::BackendUnavailable
+        } else {
+            reason
+        };
+        drop(guard);
+        let ip = origin.client.ip().to_canonical();
+        self.reject(client, reason, ip, &live).await;
+        Opened::Done
     }
 
     /// The cluster's admission, when limits are shared: in the connection's task, never the
@@ -330,4 +355,18 @@ impl Plan {
             client_seen: config.transparent || config.proxy_protocol.is_some(),
         }
     }
+}
+
+/// A busy (4xx) greeting absorbed: the signal booked to the backend (a `4.3.2`, or a busy
+/// greeting before the client said anything, speaks of capacity), then `QUIT` and the close.
+fn absorb_busy(
+    (backend, lease): (TcpStream, Lease),
+    words: &[u8],
+    time: std::time::Duration,
+    client_seen: bool,
+) {
+    tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
+    let capacity = words.get(4..9) == Some(&b"4.3.2"[..]);
+    lease.member.busy(time, !client_seen || capacity);
+    greeting::quit(backend);
 }
