@@ -90,6 +90,32 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// Takes a slot for the guard's source, under `cap`; false if the source is at or over it.
+    /// In dry run (`enforce` false) the slot is taken even past `cap`, so the counts stay what
+    /// enforcing would see.
+    fn take_source(&mut self, cap: usize, enforce: bool) -> bool {
+        let slot = take_slot(&self.inner.sources, self.source, cap, enforce);
+        if slot == Slot::Refused {
+            return false;
+        }
+        self.holds_source = true;
+        if slot.is_new() {
+            self.inner.metrics.sources_active.increment(1.0);
+        }
+        !matches!(slot, Slot::Over | Slot::OverNew)
+    }
+
+    /// Takes a slot for the network `block`, under `cap`, as [`Guard::take_source`] does for the
+    /// source.
+    fn take_network(&mut self, block: IpNet, cap: usize, enforce: bool) -> bool {
+        let slot = take_slot(&self.inner.networks, block, cap, enforce);
+        if slot == Slot::Refused {
+            return false;
+        }
+        self.network = Some(block);
+        !matches!(slot, Slot::Over | Slot::OverNew)
+    }
+
     pub fn source(&self) -> IpNet {
         self.source
     }
@@ -317,28 +343,12 @@ impl Admission {
         } else {
             rule.max_per_source
         };
-        match take_slot(&inner.sources, source, per_source, enforce) {
-            Slot::Refused => fail(RejectReason::SourceLimit)?,
-            slot => {
-                guard.holds_source = true;
-                if slot.is_new() {
-                    inner.metrics.sources_active.increment(1.0);
-                }
-                if slot == Slot::Over || slot == Slot::OverNew {
-                    fail(RejectReason::SourceLimit)?;
-                }
-            }
+        if !guard.take_source(per_source, enforce) {
+            fail(RejectReason::SourceLimit)?;
         }
         if let (false, Some((len, cap))) = (allowed, rule.network_cap(ip)) {
-            let block = mask(ip, len, len);
-            match take_slot(&inner.networks, block, cap, enforce) {
-                Slot::Refused => fail(RejectReason::NetworkLimit)?,
-                slot => {
-                    guard.network = Some(block);
-                    if slot == Slot::Over || slot == Slot::OverNew {
-                        fail(RejectReason::NetworkLimit)?;
-                    }
-                }
+            if !guard.take_network(mask(ip, len, len), cap, enforce) {
+                fail(RejectReason::NetworkLimit)?;
             }
         }
         if global == Global::Take || !enforce {

@@ -192,7 +192,17 @@ struct Flow<'a> {
     bulk: AtomicBool,
 }
 
-impl Flow<'_> {
+impl<'a> Flow<'a> {
+    fn new(src: &'a TcpStream, dst: &'a TcpStream, to: Side, shared: &'a Shared<'a>) -> Self {
+        Flow {
+            src,
+            dst,
+            to,
+            shared,
+            bulk: AtomicBool::new(false),
+        }
+    }
+
     fn from(&self) -> Side {
         match self.to {
             Side::Client => Side::Backend,
@@ -223,20 +233,8 @@ pub async fn forward(
 ) -> Report {
     let shared = Shared::new(traffic);
     let mut cancel = cancel;
-    let up = Flow {
-        src: client,
-        dst: backend,
-        to: Side::Backend,
-        shared: &shared,
-        bulk: AtomicBool::new(false),
-    };
-    let down = Flow {
-        src: backend,
-        dst: client,
-        to: Side::Client,
-        shared: &shared,
-        bulk: AtomicBool::new(false),
-    };
+    let up = Flow::new(client, backend, Side::Backend, &shared);
+    let down = Flow::new(backend, client, Side::Client, &shared);
     let mut up_pump = std::pin::pin!(pump(&up, mode));
     let mut down_pump = std::pin::pin!(pump(&down, mode));
     let (mut up_done, mut down_done) = (false, false);
@@ -284,14 +282,7 @@ pub async fn forward(
         } else {
             (timeouts.idle(), End::Idle)
         };
-        loop {
-            std::task::ready!(timer.as_mut().poll(cx));
-            let deadline = shared_ref.idle_deadline(limit);
-            if Instant::now() >= deadline {
-                return Poll::Ready(end);
-            }
-            timer.as_mut().reset(deadline);
-        }
+        poll_idle(timer.as_mut(), shared_ref, limit, end, cx)
     })
     .await;
     Report {
@@ -300,6 +291,26 @@ pub async fn forward(
         spliced: shared.spliced.load(Ordering::Relaxed),
         duration: shared.start.elapsed(),
         end,
+    }
+}
+
+/// Ends the session with `end` once it has been inactive for `limit`. The timer fires at the
+/// deadline it was last set for; if bytes moved since, it is re-armed for the later deadline
+/// instead, so moving bytes never touches it.
+fn poll_idle(
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    shared: &Shared<'_>,
+    limit: Duration,
+    end: End,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<End> {
+    loop {
+        std::task::ready!(timer.as_mut().poll(cx));
+        let deadline = shared.idle_deadline(limit);
+        if Instant::now() >= deadline {
+            return Poll::Ready(end);
+        }
+        timer.as_mut().reset(deadline);
     }
 }
 
