@@ -12,6 +12,7 @@
 //! its session or duration bound, open-loop runs hold at most `max_in_flight` sessions, and
 //! targets that are not loopback are refused unless `--allow-remote` is given.
 
+mod command;
 pub mod plot;
 pub mod profile;
 pub mod ramp;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use command::{check_target, run_command, run_sink_command};
 pub use ramp::{Ramp, RampReport};
 pub use rng::Sizes;
 pub use runner::{nth_source, run};
@@ -100,17 +102,6 @@ impl Options {
             step: STEP_TIMEOUT,
             progress: false,
         }
-    }
-}
-
-/// Refuses targets that are not on this machine unless explicitly allowed.
-pub fn check_target(target: SocketAddr, allow_remote: bool) -> Result<(), String> {
-    if target.ip().to_canonical().is_loopback() || allow_remote {
-        Ok(())
-    } else {
-        Err(format!(
-            "{target} is not a loopback address; pass --allow-remote to load a server you own elsewhere"
-        ))
     }
 }
 
