@@ -91,10 +91,13 @@ pub struct Session<'a> {
     pub step: Duration,
 }
 
+/// The halves of a session's connection.
+type Reader = BufReader<tokio::net::tcp::OwnedReadHalf>;
+type Writer = tokio::net::tcp::OwnedWriteHalf;
+
 /// Runs one transaction.
 pub async fn session(s: Session<'_>) -> Measured {
     let started = Instant::now();
-    let mut sent = 0;
     let done = |outcome, greeting: Option<Instant>, sent| Measured {
         outcome,
         greeting: greeting.map(|g| g - s.scheduled),
@@ -109,23 +112,50 @@ pub async fn session(s: Session<'_>) -> Measured {
     };
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    let greeting = match read_reply(&mut r, s.step).await {
+    let greeted = match greeting(&mut r, s.step).await {
+        Ok(at) => Some(at),
+        Err((o, at)) => return done(o, at, 0),
+    };
+    if let Some(o) = envelope(&mut r, &mut w, &s).await {
+        return done(o, greeted, 0);
+    }
+    let (outcome, sent) = message(&mut r, &mut w, &s).await;
+    if let Some(o) = outcome {
+        return done(o, greeted, sent);
+    }
+    // Delivered; QUIT is a courtesy whose answer does not change the outcome.
+    let _ = exchange(&mut r, &mut w, b"QUIT\r\n", s.step).await;
+    done(Outcome::Delivered, greeted, sent)
+}
+
+/// Reads the greeting: when a 2xx one ended, or how the session ended instead (and when it
+/// was greeted, if it was).
+async fn greeting(r: &mut Reader, step: Duration) -> Result<Instant, (Outcome, Option<Instant>)> {
+    let greeting = match read_reply(r, step).await {
         Ok(g) => g,
-        Err(Failure::Timeout) => return done(Outcome::Timeout("greeting"), None, 0),
+        Err(Failure::Timeout) => return Err((Outcome::Timeout("greeting"), None)),
         Err(Failure::Broken) => {
-            return done(Outcome::RefusedLater("greeting closed".into()), None, 0)
+            return Err((Outcome::RefusedLater("greeting closed".into()), None))
         }
     };
-    let greeted = Some(Instant::now());
+    let greeted = Instant::now();
     if greeting.code / 100 != 2 {
-        return done(Outcome::RefusedAtGreeting(reply_key(&greeting)), greeted, 0);
+        return Err((
+            Outcome::RefusedAtGreeting(reply_key(&greeting)),
+            Some(greeted),
+        ));
     }
+    Ok(greeted)
+}
+
+/// EHLO (HELO if refused), MAIL, RCPT and DATA: `None` once DATA is answered 3xx, else how the
+/// session ended.
+async fn envelope(r: &mut Reader, w: &mut Writer, s: &Session<'_>) -> Option<Outcome> {
     let t = s.transaction;
     let ehlo = format!("EHLO {}\r\n", t.ehlo);
     let helo = format!("HELO {}\r\n", t.ehlo);
     let mail = format!("MAIL FROM:<{}>\r\n", t.from);
     let rcpt = format!("RCPT TO:<{}>\r\n", t.recipient(s.index));
-    let headers = headers(t, s.index);
     let mut steps: Vec<(&str, &[u8], u16)> = vec![
         ("EHLO", ehlo.as_bytes(), 2),
         ("MAIL", mail.as_bytes(), 2),
@@ -135,7 +165,7 @@ pub async fn session(s: Session<'_>) -> Measured {
     let mut i = 0;
     while i < steps.len() {
         let (name, command, class) = steps[i];
-        let outcome = match exchange(&mut r, &mut w, command, s.step).await {
+        let outcome = match exchange(r, w, command, s.step).await {
             Ok(reply) if reply.code / 100 == class => None,
             // A server that does not know EHLO is asked with HELO, as RFC 5321 §3.2 says.
             Ok(reply) if name == "EHLO" && reply.code / 100 == 5 => {
@@ -149,21 +179,27 @@ pub async fn session(s: Session<'_>) -> Measured {
             Err(Failure::Broken) => Some(Outcome::RefusedLater(format!("{name} closed"))),
             Err(Failure::Timeout) => Some(Outcome::Timeout(name)),
         };
-        if let Some(o) = outcome {
-            return done(o, greeted, sent);
+        if outcome.is_some() {
+            return outcome;
         }
         i += 1;
     }
-    // The message: headers then body, then the reply to the final dot.
+    None
+}
+
+/// The message: headers then body, then the reply to the final dot. `None` when it was
+/// accepted, else how the session ended; with the bytes sent, counted once all were written.
+async fn message(r: &mut Reader, w: &mut Writer, s: &Session<'_>) -> (Option<Outcome>, u64) {
+    let headers = headers(s.transaction, s.index);
     let write = async {
         w.write_all(headers.as_bytes()).await?;
         w.write_all(s.body).await?;
         w.write_all(b".\r\n").await
     };
-    let outcome = match timeout(s.step, write).await {
+    match timeout(s.step, write).await {
         Ok(Ok(())) => {
-            sent = (headers.len() + s.body.len() + 3) as u64;
-            match read_reply(&mut r, s.step).await {
+            let sent = (headers.len() + s.body.len() + 3) as u64;
+            let outcome = match read_reply(r, s.step).await {
                 Ok(reply) if reply.code / 100 == 2 => None,
                 Ok(reply) => Some(Outcome::RefusedLater(format!(
                     "message {}",
@@ -171,23 +207,18 @@ pub async fn session(s: Session<'_>) -> Measured {
                 ))),
                 Err(Failure::Broken) => Some(Outcome::RefusedLater("message closed".into())),
                 Err(Failure::Timeout) => Some(Outcome::Timeout("message")),
-            }
+            };
+            (outcome, sent)
         }
-        Ok(Err(_)) => Some(Outcome::RefusedLater("message closed".into())),
-        Err(_) => Some(Outcome::Timeout("message")),
-    };
-    if let Some(o) = outcome {
-        return done(o, greeted, sent);
+        Ok(Err(_)) => (Some(Outcome::RefusedLater("message closed".into())), 0),
+        Err(_) => (Some(Outcome::Timeout("message")), 0),
     }
-    // Delivered; QUIT is a courtesy whose answer does not change the outcome.
-    let _ = exchange(&mut r, &mut w, b"QUIT\r\n", s.step).await;
-    done(Outcome::Delivered, greeted, sent)
 }
 
 /// Writes one command and reads its reply, both within `step`.
 async fn exchange(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    r: &mut Reader,
+    w: &mut Writer,
     command: &[u8],
     step: Duration,
 ) -> Result<Reply, Failure> {
