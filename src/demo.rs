@@ -170,16 +170,34 @@ fn report(
     burst: &Burst,
     metrics: &str,
 ) -> String {
-    let mut keys: Vec<&String> = many.refused.keys().chain(greedy.refused.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let row = |label: &str, a: String, b: String| format!("{label:<28}{a:>16}{b:>16}\n");
     let mut out = format!(
         "mxgate demo: SMTP sink on {}, mxgate on {at} (max_connections {MAX_CONNECTIONS}, max_per_source {MAX_PER_SOURCE})\n\
          {SESSIONS} sessions from 127.77.0.0/16 and {SESSIONS} from the single address 127.99.0.1, 8 at a time each\n\n",
         sink.addr
     );
-    out += &row("", "many sources".into(), "greedy source".into());
+    out += &sources_table(many, greedy);
+    out += &burst_table(burst);
+    let (on, off) = (&burst.queued, &burst.unqueued);
+    let delivered = many.delivered + greedy.delivered + on.delivered + off.delivered;
+    out += &format!(
+        "\nthe sink accepted {} messages (delivered: {delivered})\n\n/metrics excerpt, before the queue was turned off:\n",
+        sink.delivered(),
+    );
+    out += &metrics_excerpt(metrics);
+    out
+}
+
+/// One line of a two-column table.
+fn row(label: &str, a: String, b: String) -> String {
+    format!("{label:<28}{a:>16}{b:>16}\n")
+}
+
+/// Many sources against one greedy source, side by side.
+fn sources_table(many: &Stats, greedy: &Stats) -> String {
+    let mut keys: Vec<&String> = many.refused.keys().chain(greedy.refused.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = row("", "many sources".into(), "greedy source".into());
     out += &row(
         "delivered",
         many.delivered.to_string(),
@@ -207,7 +225,12 @@ fn report(
         )
     };
     out += &row("session p50/p99 µs", lat(many), lat(greedy));
-    out += &format!(
+    out
+}
+
+/// The burst with the queue on and off, side by side, and the queue's settings.
+fn burst_table(burst: &Burst) -> String {
+    let mut out = format!(
         "\na burst of {BURST} sessions at once from 127.88.0.0/16, ten times max_connections:\n"
     );
     out += &row("", "queue on".into(), "queue off".into());
@@ -232,11 +255,12 @@ fn report(
         crate::config::Dur(burst.config.queue_timeout),
         burst.config.max_queued
     );
-    let delivered = many.delivered + greedy.delivered + on.delivered + off.delivered;
-    out += &format!(
-        "\nthe sink accepted {} messages (delivered: {delivered})\n\n/metrics excerpt, before the queue was turned off:\n",
-        sink.delivered(),
-    );
+    out
+}
+
+/// The connection, limit and queue-wait series that moved, indented.
+fn metrics_excerpt(metrics: &str) -> String {
+    let mut out = String::new();
     for line in metrics.lines() {
         let wanted = line.starts_with("mxgate_connections_")
             || line.starts_with("mxgate_limit")
