@@ -293,6 +293,13 @@ impl<T> Queue<T> {
         self.update(&s);
     }
 
+    /// Records the wait of a client that was granted a slot, once it is over for good: it was
+    /// greeted, answered, or gone, but not sent back to wait again. Every other end of a wait
+    /// is recorded by its ticket.
+    pub fn record_wait(&self, waited: Duration) {
+        self.wait_seconds.record(waited.as_secs_f64());
+    }
+
     fn update(&self, s: &State<T>) {
         self.wake.waiting.store(s.lines.len(), Ordering::SeqCst);
         self.gauge.set(s.lines.len() as f64);
@@ -328,8 +335,19 @@ impl<T> Ticket<T> {
         let outcome = s.decided.remove(&self.place);
         s.lines.release(self.place);
         drop(s);
-        self.finish();
-        Poll::Ready(outcome.unwrap_or(Outcome::Draining))
+        match outcome {
+            // The client may yet come back (a backend that says busy sends it to the head of
+            // the line again): its wait is recorded once, by [`Queue::record_wait`], when it
+            // is over for good.
+            Some(outcome @ Outcome::Granted(_)) => {
+                self.done = true;
+                Poll::Ready(outcome)
+            }
+            outcome => {
+                self.finish();
+                Poll::Ready(outcome.unwrap_or(Outcome::Draining))
+            }
+        }
     }
 
     /// Leaves the queue (the client gave up, or its time is over). `None` if it was still
@@ -357,9 +375,7 @@ impl<T> Ticket<T> {
     fn finish(&mut self) {
         if !self.done {
             self.done = true;
-            self.queue
-                .wait_seconds
-                .record(self.entered.elapsed().as_secs_f64());
+            self.queue.record_wait(self.entered.elapsed());
         }
     }
 }

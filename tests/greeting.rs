@@ -420,3 +420,70 @@ async fn a_drain_does_not_wait_for_a_greeting_that_never_comes() {
     .await
     .expect("the drain ends at its time");
 }
+
+/// A backend whose `n`th connection (from 0) sends `greetings[n]`, or the last one, and then
+/// echoes until the client closes.
+async fn greets_in_turn(greetings: &'static [&'static [u8]]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = l.accept().await {
+            let greeting = greetings[n.min(greetings.len() - 1)];
+            n += 1;
+            tokio::spawn(async move {
+                if s.write_all(greeting).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sent_back_to_the_queue_by_a_busy_greeting_is_one_wait_in_the_histogram() {
+    // The first session holds the one slot; the second client waits, is served, is told busy
+    // by the backend, waits again at the head of the line, and is then greeted.
+    let backend = greets_in_turn(&[GREETING, EXCHANGE_BUSY, GREETING]).await;
+    let mut c = config(backend);
+    c.max_connections = 1;
+    c.max_queued = 10;
+    c.queue_timeout = Duration::from_secs(30);
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let metrics = mx.metrics_addr().unwrap();
+    let first = expect_admitted("127.18.9.1", at).await;
+    let mut second = connect_from("127.18.9.2", at).await.unwrap();
+    eventually("the second client waits", || mx.queued() == 1).await;
+    drop(first);
+    let mut line = vec![0u8; GREETING.len()];
+    second.read_exact(&mut line).await.unwrap();
+    assert_eq!(line, GREETING);
+    second.write_all(b"QUIT\r\n").await.unwrap();
+    let mut echo = [0u8; 6];
+    second.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"QUIT\r\n");
+    let m = scrape(metrics).await;
+    assert_eq!(
+        metric(
+            &m,
+            &format!("mxgate_backend_busy_total{{backend=\"{backend}\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "mxgate_queue_wait_seconds_count"), 1.0);
+    assert_eq!(
+        metric(&m, r#"mxgate_queue_wait_seconds_bucket{le="+Inf"}"#),
+        1.0
+    );
+    assert_eq!(metric(&m, "mxgate_connections_queued"), 0.0);
+    drop(second);
+    mx.shutdown(Duration::ZERO).await;
+}

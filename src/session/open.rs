@@ -35,6 +35,22 @@ impl Gate {
     pub(super) async fn prepare(
         self: Arc<Self>,
         client: TcpStream,
+        slots: (Guard, Option<Lease>),
+        origin: Origin,
+        live: Arc<Live>,
+    ) -> Opened {
+        // A client served from the queue: its wait is over for good unless it goes back.
+        let waited = origin.waited;
+        let opened = self.clone().open(client, slots, origin, live).await;
+        if let (Some(waited), false) = (waited, matches!(opened, Opened::Requeue(_))) {
+            self.queue.record_wait(waited);
+        }
+        opened
+    }
+
+    async fn open(
+        self: Arc<Self>,
+        client: TcpStream,
         (mut guard, mut first): (Guard, Option<Lease>),
         mut origin: Origin,
         live: Arc<Live>,
