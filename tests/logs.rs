@@ -58,17 +58,7 @@ async fn scene(dir: &Path, journal: bool, format: &str) -> String {
     } else {
         cmd.env_remove("JOURNAL_STREAM");
     }
-    let mut child = cmd.spawn().unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
-        if String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .any(|l| l == "READY=1")
-        {
-            break;
-        }
-    }
+    let child = spawn_ready(&mut cmd, &notify);
 
     let a = expect_admitted("127.0.0.2", listen).await;
     let b = expect_admitted("127.0.0.2", listen).await;
@@ -86,6 +76,27 @@ async fn scene(dir: &Path, journal: bool, format: &str) -> String {
     read_to_end(&mut c).await;
     drop((a, b));
 
+    stop(child);
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// Starts `cmd` and returns once it has said `READY=1` on `notify`.
+fn spawn_ready(cmd: &mut Command, notify: &UnixDatagram) -> std::process::Child {
+    let child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            return child;
+        }
+    }
+}
+
+/// SIGTERM, then the exit, which must be a clean one within 20 s.
+fn stop(mut child: std::process::Child) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -97,7 +108,6 @@ async fn scene(dir: &Path, journal: bool, format: &str) -> String {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status:?}");
-    std::fs::read_to_string(&log).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,6 +156,22 @@ async fn a_file_or_pipe_gets_plain_lines_without_priorities() {
             "source=127.0.0.2 reason=source_limit count=1 window_secs=60",
             "source=127.0.0.4 reason=global_limit count=1 window_secs=60",
             "source=127.0.0.66 reason=denied count=1 window_secs=60",
+        ],
+        "{text}"
+    );
+    // The rejection summary, flushed at the drain, spells its reasons as the lines above do.
+    let mut summaries: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("connections rejected "))
+        .map(|l| l.split_once("connections rejected ").unwrap().1)
+        .collect();
+    summaries.sort();
+    assert_eq!(
+        summaries,
+        vec![
+            "reason=denied dry_run=false count=1 busiest_source=127.0.0.66 busiest_count=1 window_secs=10",
+            "reason=global_limit dry_run=false count=1 busiest_source=127.0.0.4 busiest_count=1 window_secs=10",
+            "reason=source_limit dry_run=false count=1 busiest_source=127.0.0.2 busiest_count=1 window_secs=10",
         ],
         "{text}"
     );
@@ -198,4 +224,84 @@ async fn the_fail2ban_filter_matches_the_refused_sources_and_only_those() {
             "format {format}, journal {journal}:\n{text}"
         );
     }
+}
+
+/// A backend that greets its first connection with Exchange's busy reply and closes it, and
+/// greets every later one with `220` and holds it until the client closes.
+async fn busy_once() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = l.accept().await {
+            let busy = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                let greeting: &[u8] = if busy {
+                    b"421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing transmission channel\r\n"
+                } else {
+                    b"220 backend.test ESMTP\r\n"
+                };
+                if s.write_all(greeting).await.is_err() || busy {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_limit_that_moves_more_than_ten_percent_is_logged_with_its_reason() {
+    let dir = temp_dir("learned");
+    let backend = busy_once().await;
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.join("stderr.log");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mxgate"));
+    cmd.args(["run", "--hostname", "mx.test", "--metrics", "off"])
+        .args([
+            "--backend",
+            &format!("{backend},max_connections=auto"),
+            "--listen",
+            &listen.to_string(),
+            "--adaptive-min",
+            "5",
+            "--adaptive-initial",
+            "20",
+            "--queue-timeout",
+            "10s",
+        ])
+        .stdout(Stdio::null());
+    cmd.env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("JOURNAL_STREAM")
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+    let child = spawn_ready(&mut cmd, &notify);
+
+    // The first session's backend says busy: the limit is cut from 20 to the minimum, and
+    // the client, sent back to the queue, is greeted by the next connection.
+    let mut c = connect_from("127.0.0.2", listen).await.unwrap();
+    assert_eq!(read_line(&mut c).await, b"220 backend.test ESMTP\r\n");
+    c.shutdown().await.unwrap();
+    read_to_end(&mut c).await;
+    stop(child);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let moved: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("learned backend limit moved"))
+        .map(|l| l.split_once("learned backend limit moved ").unwrap().1)
+        .collect();
+    assert_eq!(
+        moved,
+        vec![format!(
+            "backend={backend} from=20 to=5 reason=busy_greeting"
+        )],
+        "{text}"
+    );
 }

@@ -178,7 +178,7 @@ impl Member {
         drop(learned);
         self.m_limit.set(limit as f64);
         if let Some(m) = moved {
-            tracing::info!(backend = %self.label, from = m.from, to = m.to, reason = m.why.label(), "learned backend limit moved");
+            tracing::info!(backend = %self.label, from = m.from, to = m.to, reason = %m.why.label(), "learned backend limit moved");
         }
         if allowed > before {
             self.wake.freed();

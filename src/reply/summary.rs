@@ -93,7 +93,7 @@ impl RejectSummary {
                 .busiest
                 .map_or((String::from("-"), 0), |(s, n)| (display_source(&s), n));
             tracing::warn!(
-                reason = l.reason.label(),
+                reason = %l.reason.label(),
                 dry_run = l.dry_run,
                 count = l.count,
                 busiest_source = %busiest,

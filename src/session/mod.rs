@@ -229,7 +229,7 @@ impl Gate {
         };
         span.in_scope(|| {
             tracing::debug!(
-                reason = reason.label(),
+                reason = %reason.label(),
                 waited_ms,
                 "left the queue without a slot"
             )
