@@ -6,8 +6,9 @@
 //! - The order is a calendar of tags: a class keeps one bucket per tag, each bucket a list of
 //!   its waiters in arrival order, linked through the nodes. The first in line is the head of
 //!   the first bucket that holds anyone.
-//! - A source's waiters are linked too, and a table of 4-byte entries finds a source's latest
-//!   waiter, whose tag is the source's last turn. A source with nobody waiting has no entry.
+//! - A source's waiters are linked too, and a table of 8-byte entries finds a source's latest
+//!   waiter, whose tag is the source's last turn, and counts its waiters. A source with nobody
+//!   waiting has no entry.
 //! - Deadlines are a binary heap of small entries. One whose waiter has left is dropped when it
 //!   comes up, or when the heap has grown to twice the waiters.
 //!
@@ -55,6 +56,13 @@ impl Node {
     }
 }
 
+/// A source's entry: its latest waiter and its number of waiters in line.
+#[derive(Clone, Copy)]
+struct Latest {
+    index: u32,
+    count: u32,
+}
+
 /// A handle on one waiter: its slab index and the generation it was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct Place {
@@ -91,8 +99,8 @@ pub(super) struct Lines {
     /// The head of the free list, through `Node::next`.
     free: u32,
     classes: [Calendar; 2],
-    /// Each source's latest waiter, by (class, source).
-    sources: HashTable<u32>,
+    /// Each source's latest waiter and how many it has in line, by (class, source).
+    sources: HashTable<Latest>,
     hasher: std::hash::RandomState,
     /// (deadline in µs from `epoch`, index, generation), soonest on top.
     deadlines: BinaryHeap<Reverse<(u64, u32, u32)>>,
@@ -135,12 +143,27 @@ impl Lines {
         let latest = {
             let nodes = &self.nodes;
             self.sources
-                .find(hash, |&i| same_source(&nodes[i as usize], class, source))
+                .find(hash, |l| {
+                    same_source(&nodes[l.index as usize], class, source)
+                })
                 .copied()
         };
         let clock = self.classes[class].clock;
         let tag = match turn {
-            Turn::Next => latest.map_or(clock, |i| self.nodes[i as usize].tag.max(clock)) + 1,
+            Turn::Next => match latest {
+                None => clock + 1,
+                // The turn after its latest, but never past one round per waiter it has: a
+                // source whose waiters keep leaving and coming back would otherwise push its
+                // tags up without bound while the clock stands, and a newcomer would have to
+                // lay one empty bucket per tag. Past that, it shares its latest's turn, behind
+                // it, so a source's waiters still go in their order.
+                Some(l) => {
+                    let last = self.nodes[l.index as usize].tag;
+                    (last.max(clock) + 1)
+                        .min(clock + u64::from(l.count) + 1)
+                        .max(last)
+                }
+            },
             // Every waiting tag is at least the class clock (one served in the same round as
             // others leaves the clock at their tag): one below it goes first.
             Turn::First => clock.saturating_sub(1),
@@ -320,21 +343,24 @@ impl Lines {
 
     /// Links a new waiter into its source's list: after its latest for the next turn, ahead of
     /// all for the first.
-    fn link_source(&mut self, index: u32, latest: Option<u32>, hash: u64, turn: Turn) {
-        let Some(latest) = latest else {
+    fn link_source(&mut self, index: u32, latest: Option<Latest>, hash: u64, turn: Turn) {
+        let Some(Latest { index: latest, .. }) = latest else {
             let nodes = &self.nodes;
             let hasher = &self.hasher;
-            self.sources.insert_unique(hash, index, |&i| {
-                let n = &nodes[i as usize];
+            let entry = Latest { index, count: 1 };
+            self.sources.insert_unique(hash, entry, |l| {
+                let n = &nodes[l.index as usize];
                 hasher.hash_one((n.class(), n.source))
             });
             return;
         };
+        let entry = self.latest_mut(hash, latest);
+        entry.count += 1;
         match turn {
             Turn::Next => {
+                entry.index = index;
                 self.nodes[latest as usize].src_next = index;
                 self.nodes[index as usize].src_prev = latest;
-                self.set_latest(hash, latest, index);
             }
             Turn::First => {
                 let mut head = latest;
@@ -347,16 +373,12 @@ impl Lines {
         }
     }
 
-    /// Points the source's table entry, which holds `old`, at `new` (or removes it).
-    fn set_latest(&mut self, hash: u64, old: u32, new: u32) {
-        let Ok(entry) = self.sources.find_entry(hash, |&i| i == old) else {
+    /// The table entry whose latest waiter is `latest`.
+    fn latest_mut(&mut self, hash: u64, latest: u32) -> &mut Latest {
+        let Some(entry) = self.sources.find_mut(hash, |l| l.index == latest) else {
             unreachable!("a source's latest waiter is in the table");
         };
-        if new == NIL {
-            entry.remove();
-        } else {
-            *entry.into_mut() = new;
-        }
+        entry
     }
 
     fn link_bucket(&mut self, class: usize, index: u32) {
@@ -404,16 +426,34 @@ impl Lines {
         cal.waiting -= 1;
         if cal.waiting == 0 {
             cal.buckets.clear();
+            // A burst's calendar is not kept once it has gone.
+            if cal.buckets.capacity() > 4096 {
+                cal.buckets.shrink_to(64);
+            }
         }
-        // The source's list; its latest waiter is the table's entry.
+        // The source's list; its latest waiter is the table's entry, with its count.
         if src_prev != NIL {
             self.nodes[src_prev as usize].src_next = src_next;
         }
         if src_next != NIL {
             self.nodes[src_next as usize].src_prev = src_prev;
-        } else {
-            let hash = self.hasher.hash_one((class, source));
-            self.set_latest(hash, index, src_prev);
+        }
+        let hash = self.hasher.hash_one((class, source));
+        let nodes = &self.nodes;
+        let found = self.sources.find_entry(hash, |l| {
+            same_source(&nodes[l.index as usize], class, source)
+        });
+        let Ok(mut entry) = found else {
+            unreachable!("a source's latest waiter is in the table");
+        };
+        let l = entry.get_mut();
+        l.count -= 1;
+        if l.index == index {
+            l.index = src_prev;
+        }
+        if l.count == 0 {
+            debug_assert_eq!(src_prev, NIL);
+            entry.remove();
         }
         let node = &mut self.nodes[index as usize];
         (node.prev, node.next, node.src_prev, node.src_next) = (NIL, NIL, NIL, NIL);

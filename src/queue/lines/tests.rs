@@ -20,16 +20,20 @@ struct Model {
 impl Model {
     fn push(&mut self, class: usize, source: u8, first: bool, deadline: u64, id: usize) {
         let clock = self.clock[class];
-        let latest = self
-            .waiting
-            .iter()
-            .filter(|w| w.0 == class && w.3 == source)
-            .map(|w| w.1)
-            .max();
+        let mine = || {
+            self.waiting
+                .iter()
+                .filter(|w| w.0 == class && w.3 == source)
+        };
+        let (latest, count) = (mine().map(|w| w.1).max(), mine().count() as u64);
+        // The turn after the source's latest, at most one round per waiter it has past the
+        // clock, and never before its latest.
         let tag = if first {
             clock.saturating_sub(1)
         } else {
-            latest.map_or(clock, |t| t.max(clock)) + 1
+            latest.map_or(clock + 1, |t| {
+                (t.max(clock) + 1).min(clock + count + 1).max(t)
+            })
         };
         self.arrivals += 1;
         self.waiting
@@ -203,4 +207,42 @@ fn a_stale_handle_misses_the_next_waiter_in_its_node() {
     lines.set_waker(old, Waker::noop());
     assert!(lines.waiting(new) && lines.nodes[new.index as usize].waker.is_none());
     assert_eq!(lines.first(), Some(new));
+}
+
+/// A source that keeps three waiters in line, its oldest leaving and a new one coming each
+/// time, while nobody is served: its tags stay within a round per waiter of the clock, so a
+/// newcomer from another source lays a handful of buckets, not one per cycle, and has the
+/// next round. Before the cap the tags climbed by one a cycle.
+#[test]
+fn a_source_that_churns_its_waiters_does_not_drift_its_tags_away_from_the_clock() {
+    let mut lines = Lines::new();
+    let far = Instant::now() + Duration::from_secs(3600);
+    let churner = source(7);
+    let mut mine: VecDeque<Place> = (0..3)
+        .map(|_| lines.push(churner, (true, false), Turn::Next, far))
+        .collect();
+    for _ in 0..100_000 {
+        lines.release(mine.pop_front().unwrap());
+        mine.push_back(lines.push(churner, (true, false), Turn::Next, far));
+        assert!(lines.classes[1].buckets.len() <= 4);
+    }
+    let tags: Vec<u64> = mine
+        .iter()
+        .map(|p| lines.nodes[p.index as usize].tag)
+        .collect();
+    assert!(tags.windows(2).all(|t| t[0] <= t[1]), "{tags:?}");
+    assert!(tags.iter().all(|&t| t <= 3), "{tags:?}");
+    let newcomer = lines.push(source(8), (true, false), Turn::Next, far);
+    assert!(lines.classes[1].buckets.len() <= 4);
+    // The newcomer has the next round; the churner's waiters follow in their order.
+    let mut order = Vec::new();
+    while let Some(place) = lines.first() {
+        lines.decide(place, true);
+        order.push(place);
+    }
+    assert_eq!(order, [newcomer, mine[0], mine[1], mine[2]]);
+    for place in order {
+        lines.release(place);
+    }
+    assert!(lines.holds_nothing());
 }
