@@ -39,10 +39,14 @@ impl Gate {
         origin: Origin,
         live: Arc<Live>,
     ) -> Opened {
-        // A client served from the queue: its wait is over for good unless it goes back.
-        let waited = origin.waited;
-        let opened = self.clone().open(client, slots, origin, live).await;
-        if let (Some(waited), false) = (waited, matches!(opened, Opened::Requeue(_))) {
+        // A client served from the queue: its wait is over for good unless it goes back. A
+        // greeted one's is recorded before the greeting reaches it, the others' here.
+        let mut unrecorded = origin.waited;
+        let opened = self
+            .clone()
+            .open(client, slots, origin, live, &mut unrecorded)
+            .await;
+        if let (Some(waited), false) = (unrecorded, matches!(opened, Opened::Requeue(_))) {
             self.queue.record_wait(waited);
         }
         opened
@@ -54,6 +58,7 @@ impl Gate {
         (mut guard, mut first): (Guard, Option<Lease>),
         mut origin: Origin,
         live: Arc<Live>,
+        unrecorded: &mut Option<std::time::Duration>,
     ) -> Opened {
         let started = Instant::now();
         // On Linux the client's socket has TCP_NODELAY from its listener already.
@@ -103,6 +108,9 @@ impl Gate {
                 Greeting::Pass(first_words) => {
                     let connected = (client, backend, guard, lease);
                     let said = (first_words, kept.len(), time);
+                    if let Some(waited) = unrecorded.take() {
+                        self.queue.record_wait(waited);
+                    }
                     return self.greeted(connected, said, &origin).await;
                 }
                 Greeting::Busy(words) => {
