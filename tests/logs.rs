@@ -82,15 +82,22 @@ async fn scene(dir: &Path, journal: bool, format: &str) -> String {
 
 /// Starts `cmd` and returns once it has said `READY=1` on `notify`.
 fn spawn_ready(cmd: &mut Command, notify: &UnixDatagram) -> std::process::Child {
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
     let mut buf = [0u8; 4096];
     loop {
-        let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
-        if String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .any(|l| l == "READY=1")
-        {
-            return child;
+        let said = notify.recv(&mut buf).map(|n| {
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+        });
+        match said {
+            Ok(true) => return child,
+            Ok(false) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no READY=1 within 10 s: {e}");
+            }
         }
     }
 }
