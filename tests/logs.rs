@@ -21,7 +21,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// Runs the real binary with stderr in `log`, through one scene: sessions admitted and
 /// closed, and refusals for a source over its limit (127.0.0.2), a full server (127.0.0.4)
-/// and the deny list (127.0.0.66). `journal` sets `JOURNAL_STREAM` to the log file, as
+/// and the deny list (127.0.0.66); 127.0.0.3's session says NOOP and hears it echoed. `journal` sets `JOURNAL_STREAM` to the log file, as
 /// systemd does when stderr goes to the journal. Returns once mxgate has exited.
 async fn scene(dir: &Path, journal: bool, format: &str) -> String {
     let backend = GreetingBackend::start().await;
@@ -72,8 +72,9 @@ async fn scene(dir: &Path, journal: bool, format: &str) -> String {
     );
     denied.write_all(b"QUIT\r\n").await.unwrap();
     read_to_end(&mut denied).await;
+    c.write_all(b"NOOP\r\n").await.unwrap();
     c.shutdown().await.unwrap();
-    read_to_end(&mut c).await;
+    assert_eq!(read_to_end(&mut c).await, b"NOOP\r\n", "the backend's echo");
     drop((a, b));
 
     stop(child);
@@ -144,6 +145,15 @@ async fn under_journald_each_line_carries_its_priority_and_no_colour() {
         .find(|l| l.contains("session finished") && l.contains("src=127.0.0.3"))
         .unwrap_or_else(|| panic!("no session line in:\n{text}"));
     assert!(session.contains(" local=127.0.0.1:"), "{session}");
+    // Its byte counts are the whole session's: the greeting relayed before forwarding began
+    // is in them, as it is in mxgate_bytes_total.
+    let to_client = GREETING.len() + b"NOOP\r\n".len();
+    assert!(session.contains(" client_to_backend=6 "), "{session}");
+    assert!(session.ends_with(" end=closed"), "{session}");
+    assert!(
+        session.contains(&format!(" backend_to_client={to_client} ")),
+        "{session}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

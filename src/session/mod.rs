@@ -311,10 +311,11 @@ impl Gate {
             local = %ready.backend.local_addr().map_or("-".into(), |a| a.to_string()),
             queued_ms = ready.waited_ms,
             duration_ms = elapsed.as_millis() as u64,
-            client_to_backend = report.client_to_backend,
-            backend_to_client = report.backend_to_client,
+            // The whole session's bytes: those relayed while the greeting was awaited too.
+            client_to_backend = ready.relayed.0 + report.client_to_backend,
+            backend_to_client = ready.relayed.1 + report.backend_to_client,
             spliced = report.spliced,
-            end = report.end.label(),
+            end = %report.end.label(),
             error,
             "session finished"
         );
@@ -345,6 +346,9 @@ struct Ready {
     peer: SocketAddr,
     /// How long it waited in the queue, if it did.
     waited_ms: Option<u32>,
+    /// Bytes moved before forwarding began: the client's early words to the backend, and
+    /// the greeting to the client.
+    relayed: (u64, u64),
 }
 
 /// A client that left the queue without a slot, and what its refusal needs.

@@ -317,6 +317,7 @@ impl Gate {
             lease.member.greeted(time);
         }
         self.traffic.client_to_backend.increment(kept as u64);
+        let relayed = (kept as u64, first_words.len() as u64);
         if !first_words.is_empty() {
             if greeting::write_all(&client, &first_words).await.is_err() {
                 return Opened::Done;
@@ -343,6 +344,7 @@ impl Gate {
             waited_ms: origin
                 .waited
                 .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
+            relayed,
         })
     }
 }
