@@ -108,9 +108,19 @@ impl End {
     }
 }
 
+/// Bytes a session moved before forwarding began (the client's early words, the backend's
+/// greeting), already counted in [`Traffic`]: the report's totals start from them. Each is at
+/// most a few KiB; 32 bits apiece keep a copy in every idle session's state small.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Relayed {
+    pub client_to_backend: u32,
+    pub backend_to_client: u32,
+}
+
 /// What a session moved, and how it ended.
 #[derive(Debug)]
 pub struct Report {
+    /// The session's whole bytes each way, what was relayed before forwarding included.
     pub client_to_backend: u64,
     pub backend_to_client: u64,
     /// Of those bytes, how many went through a pipe rather than userspace.
@@ -144,14 +154,14 @@ struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
-    /// A session's shared state, starting now with nothing moved.
-    fn new(traffic: &'a Traffic) -> Shared<'a> {
+    /// A session's shared state, starting now with what was `relayed` before it.
+    fn new(traffic: &'a Traffic, relayed: Relayed) -> Shared<'a> {
         Shared {
             traffic,
             start: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
-            c2b: AtomicU64::new(0),
-            b2c: AtomicU64::new(0),
+            c2b: AtomicU64::new(relayed.client_to_backend.into()),
+            b2c: AtomicU64::new(relayed.backend_to_client.into()),
             spliced: AtomicU64::new(0),
             splice_failed: AtomicBool::new(false),
         }
@@ -229,9 +239,10 @@ pub async fn forward(
     mode: &Mode,
     timeouts: Timeouts,
     traffic: &Traffic,
+    relayed: Relayed,
     cancel: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
 ) -> Report {
-    let shared = Shared::new(traffic);
+    let shared = Shared::new(traffic, relayed);
     let mut cancel = cancel;
     let up = Flow::new(client, backend, Side::Backend, &shared);
     let down = Flow::new(backend, client, Side::Client, &shared);

@@ -391,7 +391,16 @@ mod tests {
         let proxy = tokio::spawn(async move {
             let cancel = std::pin::pin!(std::future::pending::<()>());
             let timeouts = Timeouts::new(Duration::from_secs(30), Duration::from_secs(30));
-            forward(&a, &b, &mode, timeouts, &traffic, cancel).await
+            forward(
+                &a,
+                &b,
+                &mode,
+                timeouts,
+                &traffic,
+                crate::forward::Relayed::default(),
+                cancel,
+            )
+            .await
         });
 
         // The backend reads everything, says when the first half is in, then sends its own

@@ -34,6 +34,7 @@ async fn the_half_close_limit_starts_when_the_backend_finishes() {
         &Mode::Copy,
         timeouts,
         &traffic,
+        Relayed::default(),
         cancel,
     );
     let drive = async {
@@ -81,7 +82,7 @@ async fn idle_state_stays_small() {
     let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (b, _) = l.accept().await.unwrap();
     let traffic = noop_traffic();
-    let shared = Shared::new(&traffic);
+    let shared = Shared::new(&traffic, Relayed::default());
     let flow = Flow {
         src: &a,
         dst: &b,
@@ -102,7 +103,15 @@ async fn idle_state_stays_small() {
     let token = tokio_util::sync::CancellationToken::new();
     let timeouts = Timeouts::new(Duration::from_secs(1), Duration::from_secs(1));
     let cancel = std::pin::pin!(token.cancelled());
-    let whole = forward(&a, &b, &mode, timeouts, &traffic, cancel);
+    let whole = forward(
+        &a,
+        &b,
+        &mode,
+        timeouts,
+        &traffic,
+        Relayed::default(),
+        cancel,
+    );
     let size = std::mem::size_of_val(&whole);
     assert!(size <= 560, "a session's forwarding state is {size} bytes");
 }

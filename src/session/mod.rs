@@ -54,10 +54,10 @@ impl Gate {
         let mut phase = self.first_phase(client, peer, start, span);
         async move {
             // `phase` is the task's one capture, reused by every phase.
-            let ready = loop {
+            let (ready, relayed) = loop {
                 phase = match phase {
                     Phase::Open(opening) => match opening.await {
-                        Opened::Ready(ready) => break ready,
+                        Opened::Ready(ready, relayed) => break (ready, relayed),
                         Opened::Requeue(waiting) => Phase::Wait(waiting),
                         Opened::Refuse(client, peer, live) => {
                             let ip = peer.ip().to_canonical();
@@ -101,6 +101,7 @@ impl Gate {
                 &self.mode,
                 timeouts,
                 &self.traffic,
+                relayed,
                 cancel,
             )
             .await;
@@ -312,8 +313,8 @@ impl Gate {
             queued_ms = ready.waited_ms,
             duration_ms = elapsed.as_millis() as u64,
             // The whole session's bytes: those relayed while the greeting was awaited too.
-            client_to_backend = ready.relayed.0 + report.client_to_backend,
-            backend_to_client = ready.relayed.1 + report.backend_to_client,
+            client_to_backend = report.client_to_backend,
+            backend_to_client = report.backend_to_client,
             spliced = report.spliced,
             end = %report.end.label(),
             error,
@@ -346,9 +347,6 @@ struct Ready {
     peer: SocketAddr,
     /// How long it waited in the queue, if it did.
     waited_ms: Option<u32>,
-    /// Bytes moved before forwarding began: the client's early words to the backend, and
-    /// the greeting to the client.
-    relayed: (u64, u64),
 }
 
 /// A client that left the queue without a slot, and what its refusal needs.
@@ -362,8 +360,10 @@ type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Opened> +
 
 /// Where the opening phase leads.
 enum Opened {
-    /// Connected and greeted: forwarding.
-    Ready(Ready),
+    /// Connected and greeted: forwarding, with the bytes moved before it began (the client's
+    /// early words to the backend, the greeting to the client). Apart from [`Ready`], which
+    /// lives as long as the session: they go into the forwarder's own counts.
+    Ready(Ready, forward::Relayed),
     /// Every backend with room said busy: back in the queue.
     Requeue(Box<Waiting>),
     /// The queue closed for a drain while it went back: the draining reply.

@@ -15,6 +15,7 @@ use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
 use crate::backend::{greeting, Greeting, Lease};
 use crate::config::Config;
+use crate::forward;
 use crate::policy::Listing;
 use crate::proxy_protocol;
 use crate::queue::{Entered, Waiter};
@@ -317,7 +318,11 @@ impl Gate {
             lease.member.greeted(time);
         }
         self.traffic.client_to_backend.increment(kept as u64);
-        let relayed = (kept as u64, first_words.len() as u64);
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let relayed = forward::Relayed {
+            client_to_backend: count(kept),
+            backend_to_client: count(first_words.len()),
+        };
         if !first_words.is_empty() {
             if greeting::write_all(&client, &first_words).await.is_err() {
                 return Opened::Done;
@@ -335,17 +340,19 @@ impl Gate {
                 "session started"
             );
         }
-        Opened::Ready(Ready {
-            client,
-            backend,
-            guard,
-            lease,
-            peer: origin.client,
-            waited_ms: origin
-                .waited
-                .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
+        Opened::Ready(
+            Ready {
+                client,
+                backend,
+                guard,
+                lease,
+                peer: origin.client,
+                waited_ms: origin
+                    .waited
+                    .map(|w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX)),
+            },
             relayed,
-        })
+        )
     }
 }
 
