@@ -266,6 +266,35 @@ async fn a_client_that_gives_up_leaves_at_once_and_wastes_no_slot() {
     mx.shutdown(Duration::ZERO).await;
 }
 
+/// A talker past the early-bytes bound is read no further, yet its FIN or RST takes it out of
+/// the queue at once. (Its close went unseen until its turn, and that slot went to nobody.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_talker_past_the_early_bytes_bound_that_gives_up_leaves_at_once() {
+    let backend = HoldBackend::start().await;
+    let mx = start(queue_config(backend.addr, 1)).await;
+    let at = mx.listen_addrs()[0];
+    let held = expect_admitted("127.5.1.1", at).await;
+    let mut quitter = connect_from("127.5.1.2", at).await.unwrap();
+    queued_is(&mx, 1).await;
+    let mut resetter = connect_from("127.5.1.3", at).await.unwrap();
+    queued_is(&mx, 2).await;
+    let mut patient = connect_from("127.5.1.4", at).await.unwrap();
+    queued_is(&mx, 3).await;
+    // Far past what mxgate reads while a client waits: the rest stays in the kernel.
+    for talker in [&mut quitter, &mut resetter] {
+        talker.write_all(&random_bytes(100_000, 11)).await.unwrap();
+    }
+    assert_eq!(mx.queued(), 3);
+    drop(quitter); // FIN
+    queued_is(&mx, 2).await;
+    reset(resetter); // RST
+    queued_is(&mx, 1).await;
+    drop(held);
+    greeted(&mut patient).await;
+    assert_eq!(backend.accepted(), 2);
+    mx.shutdown(Duration::ZERO).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_talker_waits_and_its_bytes_reach_the_backend_in_order() {
     let backend = GreetingBackend::start().await; // echoes after its greeting

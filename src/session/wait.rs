@@ -61,43 +61,115 @@ impl std::future::Future for Turn<'_> {
         use std::task::Poll;
         let this = &mut *self;
         if let Poll::Ready(outcome) = this.ticket.poll_outcome(cx) {
+            rearm(this.client, this.early);
             return Poll::Ready(Some(outcome));
         }
-        // Past the bound, TCP flow control holds the rest; a close then goes unseen until
-        // the slot comes, which costs nothing but that wait.
-        while this.early.len() < MAX_EARLY_BYTES {
-            match this.client.poll_read_ready(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(())) if read_early(this.client, this.early) => {}
-                Poll::Ready(_) => return Poll::Ready(None),
-            }
+        match poll_gone(this.client, this.early, cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-        Poll::Pending
     }
 }
 
 /// Waits up to `pause`, keeping what the client sends meanwhile; `false` once the client has
-/// closed or reset its side. (Past the early-bytes bound, flow control holds the rest.)
+/// closed or reset its side.
 pub(super) async fn pause_watching(
     client: &TcpStream,
     early: &mut Vec<u8>,
     pause: std::time::Duration,
 ) -> bool {
-    let sleep = tokio::time::sleep(pause);
-    tokio::pin!(sleep);
+    let sleep = std::pin::pin!(tokio::time::sleep(pause));
+    let gone = std::future::poll_fn(|cx| poll_gone(client, early, cx));
+    let stayed = tokio::select! {
+        () = sleep => true,
+        () = gone => false,
+    };
+    if stayed {
+        rearm(client, early);
+    }
+    stayed
+}
+
+/// Ready once a waiting client has closed or reset its side: it has given up. Meanwhile what
+/// it sends is kept for the backend, up to [`MAX_EARLY_BYTES`]; past that bound nothing more
+/// is read (TCP flow control holds the rest), yet its FIN or RST is still seen at once: each
+/// time the socket turns readable, the kernel is asked whether the peer has shut down, and the
+/// readiness is cleared until the next segment (and given back by [`rearm`] when the watch
+/// ends). Flow control soon stops those segments, so a talker past the bound wakes its task a
+/// few times, not once per byte.
+fn poll_gone(
+    client: &TcpStream,
+    early: &mut Vec<u8>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::task::Poll;
     loop {
-        if early.len() >= MAX_EARLY_BYTES {
-            sleep.await;
-            return true;
+        match client.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => {}
         }
-        tokio::select! {
-            () = &mut sleep => return true,
-            ready = client.readable() => {
-                if ready.is_err() || !read_early(client, early) {
-                    return false;
-                }
+        if early.len() < MAX_EARLY_BYTES {
+            if !read_early(client, early) {
+                return Poll::Ready(());
             }
+        } else if peer_finished(client) {
+            return Poll::Ready(());
+        } else {
+            // Nothing read: the readiness is cleared by hand, so that the next poll sleeps
+            // until the socket's next event.
+            let _ = client.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
         }
+    }
+}
+
+/// Gives a client watched past the early-bytes bound its readiness back, once the watch is
+/// over and the socket is to be read again: [`poll_gone`] cleared it by hand with bytes still
+/// unread, and an edge-triggered reactor would not report them again until more came.
+/// Setting `SO_RCVLOWAT` (to its default, 1) makes Linux check at once whether the socket has
+/// bytes to read and, if so, signal it readable, so the reactor marks it ready again.
+fn rearm(client: &TcpStream, early: &[u8]) {
+    if early.len() < MAX_EARLY_BYTES {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: the descriptor is the client's, open for as long as `client` is borrowed; the
+    // option's value is a valid c_int that outlives the call, and its size is given exactly.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "cannot re-signal a waiting client's unread bytes"
+        );
+    }
+}
+
+/// Whether the peer has shut down its side (FIN) or reset the connection, asked of the
+/// kernel without reading: bytes still unread stay where they are.
+fn peer_finished(client: &TcpStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(client, PollFlags::RDHUP)];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+        // Cannot tell: taken as still there; its turn or its timeout ends the wait.
+        Err(_) => false,
     }
 }
 
