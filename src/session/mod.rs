@@ -205,6 +205,12 @@ impl Gate {
         let waited = ticket.entered().elapsed();
         origin.waited = Some(waited);
         let waited_ms = waited.as_millis() as u64;
+        // Read again from here on (forwarded, or drained after a refusal): a talker past the
+        // early-bytes bound gets the readiness its watch cleared back first.
+        let client = match outcome {
+            Some(_) => wait::rearm(client, &origin.early)?,
+            None => client,
+        };
         let reason = match outcome {
             Some(Outcome::Granted(grant)) => {
                 guard.hold(grant.global);

@@ -68,14 +68,22 @@ impl Gate {
         let ip = origin.client.ip().to_canonical();
         let config = &live.config;
         let plan = Plan::new(config, origin.client);
-        if let Err(refused) = self
+        let clustered = self
             .clustered(&client, &mut guard, &mut origin, &live, started)
-            .await
-        {
+            .await;
+        // A client that waited for the cluster is read again from here on: past the
+        // early-bytes bound, its readiness back first.
+        let client = match clustered {
+            Ok(false) => client,
+            Err(None) => return Opened::Done,
+            Ok(true) | Err(Some(_)) => match super::wait::rearm(client, &origin.early) {
+                Some(client) => client,
+                None => return Opened::Done,
+            },
+        };
+        if let Err(Some(reason)) = clustered {
             drop((guard, first));
-            if let Some(reason) = refused {
-                self.reject(client, reason, ip, &live).await;
-            }
+            self.reject(client, reason, ip, &live).await;
             return Opened::Done;
         }
         let mut tried = Vec::new();
@@ -193,8 +201,8 @@ impl Gate {
     /// The cluster's admission, when limits are shared: in the connection's task, never the
     /// accept loop. A cluster that is full while this instance's queue is on is waited for,
     /// asked again at growing intervals, until the queue's deadline; the client's early bytes
-    /// are kept meanwhile. `Err(Some(reason))` is the refusal to answer, `Err(None)` a client
-    /// that gave up.
+    /// are kept meanwhile. `Ok(paused)` says whether it waited; `Err(Some(reason))` is the
+    /// refusal to answer, `Err(None)` a client that gave up.
     async fn clustered(
         &self,
         client: &TcpStream,
@@ -202,12 +210,12 @@ impl Gate {
         origin: &mut Origin,
         live: &Live,
         started: Instant,
-    ) -> Result<(), Option<RejectReason>> {
+    ) -> Result<bool, Option<RejectReason>> {
         let Some(cluster) = &self.cluster else {
-            return Ok(());
+            return Ok(false);
         };
         if guard.clustered() {
-            return Ok(());
+            return Ok(false);
         }
         let ip = origin.client.ip().to_canonical();
         let ask = crate::admission::cluster_ask(&live.policy, ip, guard);
@@ -216,6 +224,7 @@ impl Gate {
             .unwrap_or(started);
         let deadline = entered + live.config.queue_timeout;
         let mut pause = CLUSTER_WAIT_FIRST;
+        let mut paused = false;
         loop {
             if self.draining.load(std::sync::atomic::Ordering::Acquire) {
                 return Err(Some(RejectReason::Draining));
@@ -227,7 +236,7 @@ impl Gate {
                         self.summary.record_dry_run(r, guard.source());
                     }
                     guard.hold_claim(claim);
-                    return Ok(());
+                    return Ok(paused);
                 }
                 crate::cluster::Verdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
                     let now = Instant::now();
@@ -235,6 +244,7 @@ impl Gate {
                         return Err(Some(RejectReason::QueueTimeout));
                     }
                     let wait = pause.min(deadline - now);
+                    paused = true;
                     if !pause_watching(client, &mut origin.early, wait).await {
                         return Err(None);
                     }

@@ -61,7 +61,6 @@ impl std::future::Future for Turn<'_> {
         use std::task::Poll;
         let this = &mut *self;
         if let Poll::Ready(outcome) = this.ticket.poll_outcome(cx) {
-            rearm(this.client, this.early);
             return Poll::Ready(Some(outcome));
         }
         match poll_gone(this.client, this.early, cx) {
@@ -80,14 +79,10 @@ pub(super) async fn pause_watching(
 ) -> bool {
     let sleep = std::pin::pin!(tokio::time::sleep(pause));
     let gone = std::future::poll_fn(|cx| poll_gone(client, early, cx));
-    let stayed = tokio::select! {
+    tokio::select! {
         () = sleep => true,
         () = gone => false,
-    };
-    if stayed {
-        rearm(client, early);
     }
-    stayed
 }
 
 /// Ready once a waiting client has closed or reset its side: it has given up. Meanwhile what
@@ -95,8 +90,11 @@ pub(super) async fn pause_watching(
 /// is read (TCP flow control holds the rest), yet its FIN or RST is still seen at once: each
 /// time the socket turns readable, the kernel is asked whether the peer has shut down, and the
 /// readiness is cleared until the next segment (and given back by [`rearm`] when the watch
-/// ends). Flow control soon stops those segments, so a talker past the bound wakes its task a
-/// few times, not once per byte.
+/// ends). Each wake-up past the bound is the client's own doing, one per segment it sends
+/// until the receive window closes: a bulk writer fills it in a few, a trickler pays one
+/// wake-up per packet, as it would in any session. A FIN queued behind more than the window
+/// can hold is not seen until the wait ends; a reset always is. A half-close is taken as
+/// giving up, as it is under the bound.
 fn poll_gone(
     client: &TcpStream,
     early: &mut Vec<u8>,
@@ -127,32 +125,19 @@ fn poll_gone(
 
 /// Gives a client watched past the early-bytes bound its readiness back, once the watch is
 /// over and the socket is to be read again: [`poll_gone`] cleared it by hand with bytes still
-/// unread, and an edge-triggered reactor would not report them again until more came.
-/// Setting `SO_RCVLOWAT` (to its default, 1) makes Linux check at once whether the socket has
-/// bytes to read and, if so, signal it readable, so the reactor marks it ready again.
-fn rearm(client: &TcpStream, early: &[u8]) {
+/// unread, and an edge-triggered reactor would not report them again until more came. The
+/// socket is registered anew (`EPOLL_CTL_DEL`, then `EPOLL_CTL_ADD`, which reports a socket
+/// that is already readable at once, on any kernel). A client under the bound was never
+/// cleared, and is given back as it is. `None` if the reactor would not take it again.
+pub(super) fn rearm(client: TcpStream, early: &[u8]) -> Option<TcpStream> {
     if early.len() < MAX_EARLY_BYTES {
-        return;
+        return Some(client);
     }
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    // SAFETY: the descriptor is the client's, open for as long as `client` is borrowed; the
-    // option's value is a valid c_int that outlives the call, and its size is given exactly.
-    let rc = unsafe {
-        libc::setsockopt(
-            client.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            std::ptr::addr_of!(one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            "cannot re-signal a waiting client's unread bytes"
-        );
-    }
+    let again = client
+        .into_std()
+        .and_then(TcpStream::from_std)
+        .inspect_err(|e| tracing::debug!(error = %e, "cannot register a waiting client again"));
+    again.ok()
 }
 
 /// Whether the peer has shut down its side (FIN) or reset the connection, asked of the
@@ -168,8 +153,9 @@ fn peer_finished(client: &TcpStream) -> bool {
         Ok(_) => fds[0]
             .revents()
             .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
-        // Cannot tell: taken as still there; its turn or its timeout ends the wait.
-        Err(_) => false,
+        // Cannot tell: taken as gone rather than risk asking again and again in one poll (a
+        // reset leaves the socket's readiness set for good).
+        Err(_) => true,
     }
 }
 
