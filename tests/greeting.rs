@@ -117,6 +117,46 @@ async fn the_backends_421_never_reaches_the_client_and_the_limit_converges() {
     mx.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A static limit set too high (100 against a hidden 37): the backend says busy again and
+/// again, and its busy ceiling comes and goes. A client granted a slot while the backend had
+/// no ceiling, which then found one at its connect, got mxgate's global-limit 421 (73 of
+/// 53,814 sessions in an 8 s run); it now waits in the queue like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_limit_above_the_backends_own_shows_clients_no_421() {
+    let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), Behaviour::exchange(37))
+        .await
+        .unwrap();
+    let mut c = auto_config(sink.addr, Duration::from_secs(30));
+    c.backends = vec![sink.addr.to_string().parse().unwrap()];
+    c.max_connections = 100;
+    let mx = start(c).await;
+    let stats = load::run(&opts(
+        mx.listen_addrs()[0],
+        "127.19.0.0/24",
+        100,
+        Bound::Duration(Duration::from_secs(6)),
+    ))
+    .await;
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    let busy = metric(
+        &m,
+        &format!("mxgate_backend_busy_total{{backend=\"{}\"}}", sink.addr),
+    );
+    // The backend did say busy, often: the ceiling was in play.
+    assert!(busy > 20.0, "{busy} busy greetings");
+    assert!(stats.delivered > 500, "{}", stats.table());
+    assert!(stats.refused.is_empty(), "{:?}", stats.refused);
+    assert_eq!(stats.sessions(), stats.delivered, "{}", stats.table());
+    assert_eq!(
+        metric(
+            &m,
+            r#"mxgate_connections_rejected_total{reason="global_limit"}"#
+        ),
+        0.0
+    );
+    mx.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greeting_time_that_climbs_alone_sets_the_limit() {
     // No hard limit; flat up to 30 sessions, then 10 ms more for each one past it.

@@ -174,8 +174,10 @@ impl Gate {
         Opened::Done
     }
 
-    /// No backend connected. If every backend with room said busy (`absorbed`), the client
-    /// goes back to the queue when there is one; otherwise it gets mxgate's own answer.
+    /// No backend connected. If every backend is full (`GlobalLimit`: each said busy, or is at
+    /// its cap or under a busy ceiling, which another session's busy greeting may have set
+    /// between this client's grant and its connect), the client goes back to the queue when
+    /// there is one; otherwise it gets mxgate's own answer.
     async fn not_connected(
         &self,
         reason: RejectReason,
@@ -184,7 +186,7 @@ impl Gate {
         live: Arc<Live>,
         started: Instant,
     ) -> Opened {
-        if reason == RejectReason::GlobalLimit && absorbed && live.queues() {
+        if reason == RejectReason::GlobalLimit && live.queues() {
             return self.requeue(client, guard, origin, live, started);
         }
         let reason = if absorbed {
