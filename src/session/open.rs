@@ -69,23 +69,18 @@ impl Gate {
         let config = &live.config;
         let plan = Plan::new(config, origin.client);
         let clustered = self
-            .clustered(&client, &mut guard, &mut origin, &live, started)
+            .clustered(client, &mut guard, &mut origin, &live, started)
             .await;
-        // A client that waited for the cluster is read again from here on: past the
-        // early-bytes bound, its readiness back first.
         let client = match clustered {
-            Ok(false) => client,
-            Err(None) => return Opened::Done,
-            Ok(true) | Err(Some(_)) => match super::wait::rearm(client, &origin.early) {
-                Some(client) => client,
-                None => return Opened::Done,
-            },
+            Ok(client) => client,
+            Err(refused) => {
+                drop((guard, first));
+                if let Some((client, reason)) = refused {
+                    self.reject(client, reason, ip, &live).await;
+                }
+                return Opened::Done;
+            }
         };
-        if let Err(Some(reason)) = clustered {
-            drop((guard, first));
-            self.reject(client, reason, ip, &live).await;
-            return Opened::Done;
-        }
         let mut tried = Vec::new();
         let mut absorbed = false;
         loop {
@@ -200,12 +195,38 @@ impl Gate {
         Opened::Done
     }
 
-    /// The cluster's admission, when limits are shared: in the connection's task, never the
-    /// accept loop. A cluster that is full while this instance's queue is on is waited for,
-    /// asked again at growing intervals, until the queue's deadline; the client's early bytes
-    /// are kept meanwhile. `Ok(paused)` says whether it waited; `Err(Some(reason))` is the
-    /// refusal to answer, `Err(None)` a client that gave up.
+    /// The cluster's admission, when limits are shared ([`Gate::cluster_verdict`]), then the
+    /// client back, to be read again: one that waited for the cluster past the early-bytes
+    /// bound gets its readiness back first. `Err(Some(..))` is the refusal to answer,
+    /// `Err(None)` a client that gave up.
     async fn clustered(
+        &self,
+        client: TcpStream,
+        guard: &mut Guard,
+        origin: &mut Origin,
+        live: &Live,
+        started: Instant,
+    ) -> Result<TcpStream, Option<(TcpStream, RejectReason)>> {
+        let verdict = self
+            .cluster_verdict(&client, guard, origin, live, started)
+            .await;
+        let client = match verdict {
+            Ok(false) => return Ok(client),
+            Err(None) => return Err(None),
+            Ok(true) | Err(Some(_)) => super::wait::rearm(client, &origin.early).ok_or(None)?,
+        };
+        match verdict {
+            Err(Some(reason)) => Err(Some((client, reason))),
+            _ => Ok(client),
+        }
+    }
+
+    /// The cluster's verdict, in the connection's task, never the accept loop. A cluster
+    /// that is full while this instance's queue is on is waited for, asked again at growing
+    /// intervals, until the queue's deadline; the client's early bytes are kept meanwhile.
+    /// `Ok(paused)` says whether it waited; `Err(Some(reason))` is the refusal to answer,
+    /// `Err(None)` a client that gave up.
+    async fn cluster_verdict(
         &self,
         client: &TcpStream,
         guard: &mut Guard,
