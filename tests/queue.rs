@@ -282,7 +282,7 @@ async fn a_talker_past_the_early_bytes_bound_that_gives_up_leaves_at_once() {
     queued_is(&mx, 3).await;
     // Far past what mxgate reads while a client waits: the rest stays in the kernel.
     for talker in [&mut quitter, &mut resetter] {
-        talker.write_all(&random_bytes(100_000, 11)).await.unwrap();
+        talker.write_all(&random_bytes(16_000, 11)).await.unwrap();
     }
     assert_eq!(mx.queued(), 3);
     drop(quitter); // FIN
