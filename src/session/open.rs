@@ -118,7 +118,7 @@ impl Gate {
                     return self.greeted(connected, said, &origin).await;
                 }
                 Greeting::Busy(words) => {
-                    absorb_busy((backend, lease), &words, time, plan.client_seen);
+                    absorb_busy((backend, lease), &words, time, plan.client_seen, &mut tried);
                     absorbed = true;
                     // Whatever the client said goes again, in order, to the next backend.
                     // Its global slot stays held for the next try; a requeue gives it back.
@@ -210,22 +210,36 @@ impl Gate {
         let verdict = self
             .cluster_verdict(&client, guard, origin, live, started)
             .await;
-        let client = match verdict {
-            Ok(false) => return Ok(client),
+        let (paused, refused) = match verdict {
+            Ok(paused) => (paused, None),
+            Err(Some((paused, reason))) => (paused, Some(reason)),
             Err(None) => return Err(None),
-            Ok(true) | Err(Some(_)) => super::wait::rearm(client, &origin.early).ok_or(None)?,
         };
-        match verdict {
-            Err(Some(reason)) => Err(Some((client, reason))),
-            _ => Ok(client),
+        let client = if paused {
+            match super::wait::rearm(client, &origin.early) {
+                Some(client) => client,
+                None => {
+                    if let Some(reason) = refused {
+                        let ip = origin.client.ip().to_canonical();
+                        self.count_refusal(reason, ip, live);
+                    }
+                    return Err(None);
+                }
+            }
+        } else {
+            client
+        };
+        match refused {
+            Some(reason) => Err(Some((client, reason))),
+            None => Ok(client),
         }
     }
 
     /// The cluster's verdict, in the connection's task, never the accept loop. A cluster
     /// that is full while this instance's queue is on is waited for, asked again at growing
     /// intervals, until the queue's deadline; the client's early bytes are kept meanwhile.
-    /// `Ok(paused)` says whether it waited; `Err(Some(reason))` is the refusal to answer,
-    /// `Err(None)` a client that gave up.
+    /// `Ok(paused)` says whether it waited; `Err(Some((paused, reason)))` is the refusal to
+    /// answer, `Err(None)` a client that gave up.
     async fn cluster_verdict(
         &self,
         client: &TcpStream,
@@ -233,7 +247,7 @@ impl Gate {
         origin: &mut Origin,
         live: &Live,
         started: Instant,
-    ) -> Result<bool, Option<RejectReason>> {
+    ) -> Result<bool, Option<(bool, RejectReason)>> {
         let Some(cluster) = &self.cluster else {
             return Ok(false);
         };
@@ -250,7 +264,7 @@ impl Gate {
         let mut paused = false;
         loop {
             if self.draining.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(Some(RejectReason::Draining));
+                return Err(Some((paused, RejectReason::Draining)));
             }
             match cluster.admit(&ask).await {
                 crate::cluster::Verdict::Admitted(claim, would_reject) => {
@@ -264,7 +278,7 @@ impl Gate {
                 crate::cluster::Verdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
                     let now = Instant::now();
                     if now >= deadline {
-                        return Err(Some(RejectReason::QueueTimeout));
+                        return Err(Some((paused, RejectReason::QueueTimeout)));
                     }
                     let wait = pause.min(deadline - now);
                     paused = true;
@@ -273,7 +287,7 @@ impl Gate {
                     }
                     pause = (pause * 2).min(CLUSTER_WAIT_MAX);
                 }
-                crate::cluster::Verdict::Refused(reason) => return Err(Some(reason)),
+                crate::cluster::Verdict::Refused(reason) => return Err(Some((paused, reason))),
             }
         }
     }
@@ -301,7 +315,8 @@ impl Gate {
         origin.early.is_empty() || greeting::write_all(backend, &origin.early).await.is_ok()
     }
 
-    /// A client whose backends all said busy waits again, at the head of the queue, with the
+    /// A client that found every backend full (each said busy, or filled up between its grant
+    /// and its connect) waits again, at the head of the queue, with the
     /// deadline of its first wait; its global slot goes back meanwhile.
     fn requeue(
         &self,
@@ -423,16 +438,24 @@ impl Plan {
     }
 }
 
-/// A busy (4xx) greeting absorbed: the signal booked to the backend (a `4.3.2`, or a busy
-/// greeting before the client said anything, speaks of capacity), then `QUIT` and the close.
+/// A busy (4xx) greeting absorbed: the signal booked to the backend (a `4.3.2`, or any 4xx
+/// from a backend that cannot see the client's address, speaks of its capacity), then `QUIT`
+/// and the close. A refusal of this client instead (a per-client limit of a backend that sees
+/// its address) sets no ceiling, so the same backend would be picked and refuse again at
+/// once, for as long as the client stays: it goes into `tried`, not asked again in this
+/// session. With no other backend left, the client gets mxgate's backend-unavailable 421.
 fn absorb_busy(
     (backend, lease): (TcpStream, Lease),
     words: &[u8],
     time: std::time::Duration,
     client_seen: bool,
+    tried: &mut Vec<SocketAddr>,
 ) {
     tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
-    let capacity = words.get(4..9) == Some(&b"4.3.2"[..]);
-    lease.member.busy(time, !client_seen || capacity);
+    let capacity = !client_seen || words.get(4..9) == Some(&b"4.3.2"[..]);
+    lease.member.busy(time, capacity);
+    if !capacity {
+        tried.push(lease.member.addr);
+    }
     greeting::quit(backend);
 }
