@@ -208,11 +208,12 @@ impl<T> Queue<T> {
         place
     }
 
-    /// Puts back a waiter that was served a slot the backend then turned down (its own
-    /// "busy" greeting): at the head of its class, ahead of every newcomer, keeping the
-    /// deadline of its first entry (`entered` plus `timeout`). It was admitted already, so
-    /// `max_queued` does not apply; it waits even if a slot is free, so that a busy backend is
-    /// not asked again at once.
+    /// Puts back a waiter that was served a slot it could not use (the backend's own "busy"
+    /// greeting, or every backend full by the time it connected): at the head of its class,
+    /// ahead of every newcomer, keeping the deadline of its first entry (`entered` plus
+    /// `timeout`). It was admitted already, so `max_queued` does not apply. It is served as
+    /// soon as the dispatcher finds room, which a busy backend's ceiling (or its full cap)
+    /// withholds until a session ends or the ceiling rises.
     pub fn reenter(
         self: &Arc<Self>,
         source: IpNet,

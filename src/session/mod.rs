@@ -206,13 +206,14 @@ impl Gate {
         origin.waited = Some(waited);
         let waited_ms = waited.as_millis() as u64;
         // Read again from here on (forwarded, or drained after a refusal): a talker past the
-        // early-bytes bound gets the readiness its watch cleared back first.
-        let client = match outcome {
-            Some(_) => wait::rearm(client, &origin.early)?,
-            None => client,
-        };
+        // early-bytes bound gets the readiness its watch cleared back first. One the reactor
+        // will not take again is closed, its wait or its refusal still on record.
         let reason = match outcome {
             Some(Outcome::Granted(grant)) => {
+                let Some(client) = wait::rearm(client, &origin.early) else {
+                    self.queue.record_wait(waited);
+                    return None;
+                };
                 guard.hold(grant.global);
                 let slots = (guard, grant.lease);
                 // The config in force now, which the slot was granted under (a reload may have
@@ -243,6 +244,10 @@ impl Gate {
         });
         // Counted under the client's own address: behind a PROXY upstream, not the upstream's.
         let ip = origin.client.ip().to_canonical();
+        let Some(client) = wait::rearm(client, &origin.early) else {
+            self.count_refusal(reason, ip, &live);
+            return None;
+        };
         Some(Phase::Refuse(
             self.refusal((client, reason, ip, live, span)),
         ))
@@ -370,7 +375,8 @@ enum Opened {
     /// early words to the backend, the greeting to the client). Apart from [`Ready`], which
     /// lives as long as the session: they go into the forwarder's own counts.
     Ready(Ready, forward::Relayed),
-    /// Every backend with room said busy: back in the queue.
+    /// Every backend was full (each said busy, or filled up before the connect): back in the
+    /// queue.
     Requeue(Box<Waiting>),
     /// The queue closed for a drain while it went back: the draining reply.
     Refuse(TcpStream, SocketAddr, Arc<Live>),

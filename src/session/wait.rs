@@ -149,13 +149,19 @@ fn peer_finished(client: &TcpStream) -> bool {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    match poll(&mut fds, Some(&zero)) {
-        Ok(_) => fds[0]
-            .revents()
-            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
-        // Cannot tell: taken as gone rather than risk asking again and again in one poll (a
-        // reset leaves the socket's readiness set for good).
-        Err(_) => true,
+    loop {
+        match poll(&mut fds, Some(&zero)) {
+            Ok(_) => {
+                return fds[0]
+                    .revents()
+                    .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+            }
+            // A signal (a reload's SIGHUP) arrived during the call: ask again.
+            Err(rustix::io::Errno::INTR) => continue,
+            // Cannot tell: taken as gone rather than risk asking again and again in one
+            // poll (a reset leaves the socket's readiness set for good).
+            Err(_) => return true,
+        }
     }
 }
 
