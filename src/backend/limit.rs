@@ -13,20 +13,42 @@
 //!   within [`TOLERANCE`] × baseline + [`SLACK`], the limit may grow; above it, the limit
 //!   shrinks in proportion to how far above it is.
 //! - **Success while full**: growth happens only when a session greeted with 220 while the
-//!   limit was in use: after a limit's worth of such sessions (additive, as TCP's congestion
-//!   avoidance), one more session is let in as a probe, and the limit rises only once that
-//!   probe is greeted. The limit in force is always a number of sessions the backend has been
-//!   seen to take. A limit nobody uses never creeps up.
+//!   limit was in use.
+//!
+//! Growth has two phases, as TCP's congestion window does:
+//! - **Slow start**, below a threshold ([`Phase::SlowStart`]): every session greeted while the
+//!   limit is in use raises the limit by one, so the limit doubles per limit's worth of greeted
+//!   sessions. From 5, a backend that takes 400 is reached in about seven limit's worths, a few
+//!   session lengths, instead of the hundreds that one step per limit's worth would take. The
+//!   threshold starts at the maximum: until the backend first signals, nothing is known about
+//!   it, and each step is still one greeted session past the last.
+//! - **Steady**, at or above the threshold: after a limit's worth of such sessions (additive,
+//!   as TCP's congestion avoidance), one more session is let in as a probe, and the limit rises
+//!   only once that probe is greeted. The limit in force is a number of sessions the backend
+//!   has been seen to take. A limit nobody uses never creeps up.
+//!
+//! Any signal (a busy greeting, a connect timeout, a shrink for slow greetings) sets the
+//! threshold to half the last good value: the sessions the backend held, or the limit before
+//! the shrink, as TCP halves `ssthresh` on a loss. A cut lands at [`CUT`] of what was held,
+//! above that half, so the limit goes on steadily; only a limit that later falls far below
+//! what once worked grows fast again, and then only up to that half. Why the first overshoot
+//! stays bounded: the limit grows by one per greeting, so when the backend says busy it is
+//! past what the backend held by no more than the connects then on their way (each greeting
+//! lets at most one more in), and the cut is anchored to what was held, not to the limit.
 //!
 //! - **A refusal is remembered**: for [`REFUSAL_MEMORY`] after a busy greeting, the limit does
 //!   not probe past the number of sessions the backend held when it said busy; after that it
 //!   may probe again, in case the backend's own limit was raised.
 //!
-//! Why it settles rather than oscillates: growth is slow (linear, and only when proven
+//! Why it settles rather than oscillates: steady growth is slow (linear, and only when proven
 //! useful), shrinking is proportional to the overload, the greeting time is smoothed, and a
 //! cut is anchored to what the backend held, not to the limit. The limit ends just under the
 //! point where the backend first says busy or its greeting time climbs, and each overshoot
 //! costs one absorbed 4xx per limit's worth of sessions.
+//!
+//! What a restart keeps ([`Saved`]): the limit, the baseline and the threshold, so that a
+//! restarted mxgate resumes where it was instead of climbing again (see
+//! [`crate::backend::state`]).
 
 use std::time::Duration;
 
@@ -69,6 +91,38 @@ impl Why {
     }
 }
 
+/// How the limit grows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Below the threshold: one more session per session greeted while the limit is in use.
+    SlowStart,
+    /// At or above it: one more per limit's worth of such sessions, after a greeted probe.
+    Steady,
+}
+
+impl Phase {
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::SlowStart => "slow start",
+            Phase::Steady => "steady",
+        }
+    }
+}
+
+/// What a restart keeps of a learned limit.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    /// The limit in force.
+    pub limit: usize,
+    /// The quiet-time greeting time, seconds, once one was seen.
+    pub baseline: Option<f64>,
+    /// The phase, for the reader; the threshold below decides it.
+    pub phase: Phase,
+    /// Fast growth up to here; `None` until the backend first signalled.
+    pub threshold: Option<usize>,
+}
+
 /// What the backend just showed.
 #[derive(Debug, Clone, Copy)]
 pub enum Signal {
@@ -99,6 +153,10 @@ pub struct Learned {
     baseline: Option<f64>,
     /// Smoothed greeting time, seconds.
     recent: Option<f64>,
+    /// Below this the limit grows fast (slow start); half the last good value after a signal.
+    threshold: f64,
+    /// Whether the limit was resumed from a restart's saved state.
+    resumed: bool,
     /// Progress towards the next probe, in probes.
     credit: f64,
     /// One session past the limit may try: the limit rises if it is greeted.
@@ -122,6 +180,8 @@ impl Learned {
             max: max as f64,
             baseline: None,
             recent: None,
+            threshold: max as f64,
+            resumed: false,
             credit: 0.0,
             probe: false,
             refused_at: None,
@@ -130,11 +190,52 @@ impl Learned {
         }
     }
 
+    /// A limit resumed from what a restart kept, within `min..=max`. The saved limit was in
+    /// force before the restart, so the backend has been seen to take it.
+    pub fn resume(min: usize, max: usize, saved: &Saved) -> Learned {
+        let mut learned = Learned::new(min, max, saved.limit);
+        learned.baseline = saved.baseline.filter(|b| b.is_finite() && *b >= 0.0);
+        if let Some(t) = saved.threshold {
+            learned.threshold = (t as f64).clamp(1.0, learned.max);
+        }
+        learned.resumed = true;
+        learned
+    }
+
+    /// What a restart keeps.
+    pub fn saved(&self) -> Saved {
+        Saved {
+            limit: self.limit(),
+            baseline: self.baseline,
+            phase: self.phase(),
+            threshold: (self.threshold < self.max).then_some(self.threshold as usize),
+        }
+    }
+
     /// New bounds at a reload; the learned value is kept, within them.
     pub fn rebound(&mut self, min: usize, max: usize) {
+        let unsignalled = self.threshold >= self.max;
         self.min = min.max(1) as f64;
         self.max = (max as f64).max(self.min);
         self.limit = self.limit.clamp(self.min, self.max);
+        // Nothing learned yet: slow start goes on to the new maximum.
+        if unsignalled || self.threshold > self.max {
+            self.threshold = self.max;
+        }
+    }
+
+    /// How the limit grows now.
+    pub fn phase(&self) -> Phase {
+        if self.limit < self.threshold {
+            Phase::SlowStart
+        } else {
+            Phase::Steady
+        }
+    }
+
+    /// Whether the limit was resumed from a restart's saved state.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// The limit in force.
@@ -171,11 +272,19 @@ impl Learned {
             _ => held,
         };
         self.refused_at = Some((refused, now));
+        self.halve_threshold(held as f64);
         let target = (held as f64 * CUT).floor().max(self.min);
         (target < self.limit).then(|| {
             self.limit = target;
             why
         })
+    }
+
+    /// A signal: fast growth from now on only up to half of `good`, what last worked (as TCP
+    /// sets `ssthresh` to half the window at each loss). The cut or shrink that comes with it
+    /// leaves the limit above that half, so growth goes on steadily.
+    fn halve_threshold(&mut self, good: f64) {
+        self.threshold = (good / 2.0).floor().max(self.min);
     }
 
     fn greeted(&mut self, t: f64, held: usize) -> Option<Why> {
@@ -205,6 +314,7 @@ impl Learned {
             self.window = 0;
             let gradient = threshold / recent;
             let shrunk = (self.limit * (1.0 - MAX_SHRINK * (1.0 - gradient))).max(self.min);
+            self.halve_threshold(self.limit);
             let moved = shrunk < self.limit;
             self.limit = shrunk;
             return moved.then_some(Why::SlowGreeting);
@@ -221,8 +331,18 @@ impl Learned {
             Some((n, at)) if at.elapsed() < REFUSAL_MEMORY => self.limit() < n,
             _ => true,
         };
+        let in_use = held + 1 >= self.limit();
+        // Slow start: every session greeted while the limit is in use earns one more.
+        if self.limit < self.threshold && in_use && below_refusal {
+            self.limit = (self.limit() as f64 + 1.0)
+                .min(self.threshold)
+                .min(self.max);
+            self.probe = false;
+            self.credit = 0.0;
+            return Some(Why::Growth);
+        }
         // In use: this session took one of the last slots.
-        if held + 1 >= self.limit() && self.limit < self.max && !self.probe && below_refusal {
+        if in_use && self.limit < self.max && !self.probe && below_refusal {
             self.credit += 1.0 / self.limit;
             if self.credit >= 1.0 {
                 self.credit = 0.0;

@@ -6,6 +6,7 @@
 //! | choosing a backend, per-backend caps, failover within a deadline | `pool` |
 //! | SMTP health checks (a busy backend is not a failed one) | `health` |
 //! | the learned limit for `max_connections = "auto"` | `limit` |
+//! | keeping learned limits across a restart (`state_dir`) | `state` |
 //! | reading the backend's greeting before the client sees it | `greeting` |
 //!
 //! A session asks the pool once, [`Pool::connect`], for a connected backend before its deadline.
@@ -16,6 +17,7 @@ pub mod greeting;
 mod health;
 pub mod limit;
 mod pool;
+pub mod state;
 
 pub use connect::{connect, set_transparent, transparent_preflight, ConnectError};
 pub use greeting::Greeting;

@@ -29,6 +29,7 @@ use crate::reason::RejectReason;
 use super::limit::{Learned, Signal};
 
 mod busy;
+mod learned;
 
 use busy::Hold;
 

@@ -241,6 +241,8 @@ pub struct Config {
     /// Bounds and start of a learned backend limit (`max_connections = "auto"`).
     pub adaptive_min: usize,
     pub adaptive_initial: usize,
+    /// Where learned backend limits are kept across restarts; `None`: not kept.
+    pub state_dir: Option<std::path::PathBuf>,
     pub dry_run: bool,
     /// Whether the metrics listener serves the live view, which names client addresses.
     pub status: bool,
@@ -389,6 +391,7 @@ impl Config {
             max_queued: Some(self.max_queued),
             adaptive_min: Some(self.adaptive_min),
             adaptive_initial: Some(self.adaptive_initial),
+            state_dir: Some(self.state_dir.clone().unwrap_or_default()),
             dry_run: Some(self.dry_run),
             status: Some(self.status),
             networks: self.networks.clone(),

@@ -214,6 +214,12 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adaptive_initial: Option<usize>,
 
+    /// Directory where learned backend limits are kept across restarts; "" turns it off
+    /// [default: $STATE_DIRECTORY (systemd's StateDirectory=) when set, otherwise off]
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<std::path::PathBuf>,
+
     /// Global slots kept for allowed networks only [default: 0]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -387,6 +393,7 @@ impl Settings {
             max_queued,
             adaptive_min,
             adaptive_initial,
+            state_dir,
             dry_run,
             status,
             replies

@@ -61,6 +61,28 @@ impl Running {
         });
     }
 
+    /// Writes the learned backend limits to `state_dir` every few seconds while they change.
+    pub(super) fn spawn_state_keeper(&self) {
+        let Some(keeper) = self.keeper.clone() else {
+            return;
+        };
+        let (gate, stop) = (self.gate.clone(), self.stop.clone());
+        self.background.spawn(async move {
+            let mut tick = tokio::time::interval(crate::backend::state::SAVE_INTERVAL);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let limits = gate.live.load().pool.learned_limits();
+                if !limits.is_empty() {
+                    keeper.keep(limits);
+                }
+            }
+        });
+    }
+
     pub(super) fn spawn_housekeeping(&self) {
         let (gate, stop) = (self.gate.clone(), self.stop.clone());
         self.background.spawn(async move {

@@ -63,6 +63,8 @@ pub struct Running {
     heartbeats: Vec<Arc<AtomicU64>>,
     /// The threads that accept and run sessions.
     workers: Workers,
+    /// Keeps the learned backend limits in `state_dir`, when one is set.
+    keeper: Option<Arc<crate::backend::state::Keeper>>,
 }
 
 /// What `mxgate check` does beyond validation: builds the runtime state exactly as start-up
@@ -138,6 +140,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         None => None,
     };
     let gate = build_gate(config, &metrics);
+    let keeper = resume_learned(&gate);
     let running = Running {
         reloads_ok: metrics.reloads_ok.clone(),
         reloads_failed: metrics.reloads_failed.clone(),
@@ -149,6 +152,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         background: TaskTracker::new(),
         heartbeats: Vec::new(),
         workers,
+        keeper,
     };
     if let Some(l) = metrics_listener {
         running.background.spawn(crate::status::http::serve(
@@ -160,9 +164,37 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     running.spawn_housekeeping();
     running.spawn_health_checks();
     running.spawn_queue_dispatcher();
+    running.spawn_state_keeper();
     let mut running = running;
     running.accept_on(listeners, listen_addrs).await?;
     Ok(running)
+}
+
+/// Resumes the learned backend limits an earlier run kept in `state_dir`, with one warning
+/// for each thing ignored or clamped, and returns what keeps them from now on; `None` without
+/// a `state_dir`. Saving once here tells at start whether the directory can be written.
+fn resume_learned(gate: &Gate) -> Option<Arc<crate::backend::state::Keeper>> {
+    use crate::backend::state;
+    let live = gate.live.load();
+    let config = &live.config;
+    let dir = config.state_dir.clone()?;
+    let backends = live.pool.learned_backends();
+    let learning = state::Learning {
+        backends: &backends,
+        min: config.adaptive_min,
+        max: config.max_connections,
+    };
+    let found = state::load(&dir, &learning, std::time::SystemTime::now());
+    for warning in &found.warnings {
+        tracing::warn!("{warning}");
+    }
+    live.pool
+        .resume(&found.limits, config.adaptive_min, config.max_connections);
+    let keeper = Arc::new(state::Keeper::new(dir));
+    if !backends.is_empty() {
+        keeper.keep(live.pool.learned_limits());
+    }
+    Some(keeper)
 }
 
 /// Readies the listening sockets for the workers' event loops, and returns their addresses.
@@ -381,6 +413,9 @@ impl Running {
         }
         self.gate.summary.flush();
         self.gate.sources.flush();
+        if let Some(keeper) = &self.keeper {
+            keeper.keep(self.gate.live.load().pool.learned_limits());
+        }
     }
 
     /// Resolves once no admitted session is open.

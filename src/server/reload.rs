@@ -113,7 +113,8 @@ pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
         log_format,
         transparent,
         transparent_port,
-        cluster
+        cluster,
+        state_dir
     );
     kept
 }

@@ -162,6 +162,16 @@ fn cluster(out: &mut String, c: &ClusterView) {
     ));
 }
 
+/// A learned limit, its phase, and whether it was resumed: `400 (learned, steady, resumed)`.
+fn learned(n: usize, b: &BackendView) -> String {
+    let mut about = vec!["learned"];
+    about.extend(b.phase.as_deref());
+    if b.resumed {
+        about.push("resumed");
+    }
+    format!("{n} ({})", about.join(", "))
+}
+
 /// The backends table.
 fn backends(out: &mut String, backends: &[BackendView]) {
     out.push_str("\nbackends\n");
@@ -174,7 +184,7 @@ fn backends(out: &mut String, backends: &[BackendView]) {
                 b.active.to_string(),
                 match b.limit {
                     None => "global".to_string(),
-                    Some(n) if b.learned => format!("{n} (learned)"),
+                    Some(n) if b.learned => learned(n, b),
                     Some(n) => n.to_string(),
                 },
                 b.last_check.as_ref().map_or("none yet".into(), |c| {

@@ -181,6 +181,12 @@ pub struct BackendView {
     pub limit: Option<usize>,
     /// Whether `limit` is learned (`max_connections = "auto"`).
     pub learned: bool,
+    /// A learned limit's growth: `slow start` or `steady`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Whether a learned limit was resumed from the state an earlier run kept.
+    #[serde(default)]
+    pub resumed: bool,
     pub last_check: Option<CheckView>,
 }
 
@@ -297,6 +303,8 @@ impl BackendView {
             active: m.active(),
             limit: m.limit(),
             learned: m.is_auto(),
+            phase: m.learning().map(|(p, _)| p.label().to_string()),
+            resumed: m.learning().is_some_and(|(_, r)| r),
             last_check: m.last_check().map(|(ago, r)| CheckView {
                 result: r.label().to_string(),
                 seconds_ago: ago.as_secs_f64(),

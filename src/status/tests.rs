@@ -49,6 +49,8 @@ fn snapshot() -> Snapshot {
                 active: 400,
                 limit: Some(450),
                 learned: true,
+                phase: Some("steady".into()),
+                resumed: true,
                 last_check: Some(CheckView {
                     result: "passed".into(),
                     seconds_ago: 1.2,
@@ -61,6 +63,8 @@ fn snapshot() -> Snapshot {
                 active: 12,
                 limit: None,
                 learned: false,
+                phase: None,
+                resumed: false,
                 last_check: None,
             },
         ],
@@ -99,8 +103,8 @@ fn the_tables_show_every_part_of_the_view() {
         "412 active (limit 1000, peak 500), 3 waiting (max 1000, timeout 30s), 40 sources",
         "max_per_source 20, reserved_for_allowed 50",
         "2 reloads, last succeeded",
-        "  192.0.2.25:25           up      400     450 (learned)  passed, 1s ago",
-        "  192.0.2.26:25 (backup)  DOWN    12      global         none yet",
+        "  192.0.2.25:25           up      400     450 (learned, steady, resumed)  passed, 1s ago",
+        "  192.0.2.26:25 (backup)  DOWN    12      global                          none yet",
         "  192.0.2.7  20",
         "  192.0.2.7  9         source_limit 8, rate_limit 1",
     ] {

@@ -109,3 +109,127 @@ fn sessions_greeted_after_a_cut_do_not_undo_it() {
     }
     assert_eq!(learned.limit(), 36);
 }
+
+#[test]
+fn slow_start_doubles_per_limits_worth_of_greetings_until_the_first_signal() {
+    let mut learned = Learned::new(5, 1000, 5);
+    assert_eq!(learned.phase(), Phase::SlowStart);
+    // A limit's worth of sessions greeted while it is in use doubles it.
+    for limit in [5, 10, 20, 40, 80, 160, 320] {
+        assert_eq!(learned.limit(), limit);
+        for _ in 0..limit {
+            let held = learned.limit();
+            learned.observe(Signal::Greeted {
+                time: Duration::from_millis(1),
+                held,
+            });
+        }
+    }
+    assert_eq!(learned.limit(), 640);
+    assert_eq!(learned.phase(), Phase::SlowStart);
+    // The backend says busy with 400 held: the cut is anchored to what it held, and growth is
+    // steady from then on (the threshold is half of that).
+    learned.observe(Signal::Busy { held: 400 });
+    assert_eq!(learned.limit(), 360);
+    assert_eq!(learned.phase(), Phase::Steady);
+    assert_eq!(learned.saved().threshold, Some(200));
+    // A limit's worth more greetings now earns one probe, not a doubling.
+    for _ in 0..361 {
+        learned.observe(Signal::Greeted {
+            time: Duration::from_millis(1),
+            held: 360,
+        });
+    }
+    assert_eq!(learned.limit(), 360);
+    assert_eq!(learned.allowed(), 361);
+}
+
+#[test]
+fn a_limit_nobody_fills_does_not_slow_start() {
+    let mut learned = Learned::new(5, 1000, 5);
+    for _ in 0..10_000 {
+        learned.observe(Signal::Greeted {
+            time: Duration::from_millis(1),
+            held: 2,
+        });
+    }
+    assert_eq!(learned.limit(), 5);
+}
+
+#[test]
+fn a_slow_greeting_ends_slow_start_and_fast_growth_resumes_only_to_half_the_last_good() {
+    let mut learned = Learned::new(5, 1000, 64);
+    // The baseline, while quiet.
+    learned.observe(Signal::Greeted {
+        time: Duration::from_millis(1),
+        held: 1,
+    });
+    // Greetings ten times slower with the limit in use: a window of them shrinks it.
+    for _ in 0..200 {
+        learned.observe(Signal::Greeted {
+            time: Duration::from_millis(100),
+            held: 64,
+        });
+        if learned.limit() < 64 {
+            break;
+        }
+    }
+    assert!(learned.limit() < 64, "{}", learned.limit());
+    assert_eq!(learned.phase(), Phase::Steady);
+    assert_eq!(learned.saved().threshold, Some(32));
+    // Busy far below what worked: the cut lands under the threshold, and fast growth resumes
+    // from there, but only up to it.
+    learned.observe(Signal::Busy { held: 20 });
+    assert_eq!(learned.limit(), 18);
+    assert_eq!(learned.saved().threshold, Some(10));
+    assert_eq!(learned.phase(), Phase::Steady);
+}
+
+#[test]
+fn the_first_overshoot_is_bounded_by_the_connects_on_their_way() {
+    // 600 clients against a backend that takes 400: the limit climbs by one per greeting, so
+    // at the first busy greeting it is past what the backend held by at most the sessions let
+    // in before it answered. The drive lets one in per observation.
+    let mut learned = Learned::new(5, 1000, 5);
+    let flat = |_| Duration::from_millis(1);
+    let (_, hi, _) = drive(&mut learned, 600, 400, flat, 3_000, 0);
+    assert!(hi <= 401, "the limit went to {hi} over a backend of 400");
+    assert!(
+        (360..=400).contains(&learned.limit()),
+        "{}",
+        learned.limit()
+    );
+}
+
+#[test]
+fn a_resumed_limit_starts_where_it_was_within_the_bounds() {
+    let mut before = Learned::new(5, 1000, 5);
+    before.observe(Signal::Greeted {
+        time: Duration::from_micros(300),
+        held: 1,
+    });
+    for _ in 0..2000 {
+        let held = before.limit();
+        before.observe(Signal::Greeted {
+            time: Duration::from_micros(300),
+            held,
+        });
+        if before.limit() >= 420 {
+            break;
+        }
+    }
+    before.observe(Signal::Busy { held: 400 });
+    let saved = before.saved();
+    assert_eq!(
+        (saved.limit, saved.phase, saved.threshold),
+        (360, Phase::Steady, Some(200))
+    );
+    let resumed = Learned::resume(5, 1000, &saved);
+    assert!(resumed.resumed());
+    assert_eq!(resumed.saved(), saved);
+    // Bounds in force now win.
+    assert_eq!(Learned::resume(5, 100, &saved).limit(), 100);
+    assert_eq!(Learned::resume(500, 1000, &saved).limit(), 500);
+    // A fresh limit has no threshold to keep: it slow-starts.
+    assert_eq!(Learned::new(5, 1000, 5).saved().threshold, None);
+}

@@ -66,6 +66,7 @@ impl Settings {
             max_queued: queue.max_queued,
             adaptive_min: adaptive.0,
             adaptive_initial: adaptive.1,
+            state_dir: state_dir(self.state_dir.as_deref())?,
             rate_per_source: self.rate_per_source,
             rate_burst: self.rate_burst,
             allow: limits.allow,
@@ -275,6 +276,29 @@ fn queue(s: &Settings, max_connections: usize) -> Result<QueueSettings, Bad> {
         timeout,
         max_queued,
     })
+}
+
+/// Where learned limits are kept: the key or flag (empty: off), else systemd's
+/// `$STATE_DIRECTORY` (its first entry), else nowhere. A relative path would depend on the
+/// directory mxgate happened to start in, so it is refused.
+fn state_dir(set: Option<&std::path::Path>) -> Result<Option<std::path::PathBuf>, Bad> {
+    let dir = match set {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("STATE_DIRECTORY") {
+            Some(v) => std::env::split_paths(&v).next().unwrap_or_default(),
+            None => return Ok(None),
+        },
+    };
+    if dir.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    if !dir.is_absolute() {
+        return Err(bad(
+            "state_dir",
+            format!("{} is not an absolute path", dir.display()),
+        ));
+    }
+    Ok(Some(dir))
 }
 
 /// The bounds of a learned backend limit: `(adaptive_min, adaptive_initial)`, both within
