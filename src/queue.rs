@@ -273,6 +273,12 @@ impl<T> Queue<T> {
         s.lines.soonest()
     }
 
+    /// The earliest deadline of anyone waiting: the longest wait now is `queue_timeout` less
+    /// what is left of it (a client put back keeps its first deadline).
+    pub fn soonest_deadline(&self) -> Option<Instant> {
+        self.lock().lines.soonest()
+    }
+
     /// The class of the first in line, if anyone waits.
     fn first_class(&self) -> Option<u8> {
         self.lock().lines.first_class()
