@@ -214,9 +214,12 @@ def session(port, source):
 
 
 def scripts_from(text):
+    """The scripts as mxgate builds them: the prelude, then (for ADMIT, where the source has
+    them) the max-min shares, then the body."""
     found = dict(re.findall(r'const (\w+): &str = r#"(.*?)"#;', text, re.S))
-    prelude = found["PRELUDE"]
-    return {k: prelude + v for k, v in found.items() if k != "PRELUDE"}
+    prelude = found.pop("PRELUDE")
+    shares = found.pop("SHARES", "")
+    return {k: prelude + (shares if k == "ADMIT" else "") + v for k, v in found.items()}
 
 
 def loaded_scripts(r):
@@ -233,7 +236,7 @@ def loaded_scripts(r):
         texts = scripts_from(text)
         shas = {k: hashlib.sha1(v.encode()).hexdigest() for k, v in texts.items()}
         if all(r.call("SCRIPT", "EXISTS", shas[k])[0] == 1 for k in ("ADMIT", "RELEASE")):
-            return where, shas
+            return where, shas, "const SHARES" in text
     raise SystemExit("none of the script texts found matches what mxgate loaded into Redis")
 
 
@@ -300,7 +303,9 @@ def main():
             if time.time() > end:
                 raise SystemExit("the cluster instance never connected, or never warmed up")
             time.sleep(0.05)
-        where, shas = loaded_scripts(r)
+        # demand: the scripts take the instance's demand (ADMIT's last argument, RELEASE's
+        # first after the token).
+        where, shas, demand = loaded_scripts(r)
 
         # (a) N sequential sessions, then until Redis's global count is back to 0.
         a = snapshot(r)
@@ -342,15 +347,16 @@ def main():
         token = r.call("HGET", PREFIX + "token", INSTANCE)
         epoch = r.call("HGET", PREFIX + "epoch", INSTANCE)
         admit = ["EVALSHA", shas["ADMIT"], "0", PREFIX, INSTANCE, "10.__rand_int__/32",
-                 str(HUGE), "", "0", str(HUGE), "1", token, epoch]
+                 str(HUGE), "", "0", str(HUGE), "1", token, epoch] + (["1"] if demand else [])
         answer = r.call(*admit[:5], "10.0.0.1/32", *admit[6:])
         if answer[0] != 0:
             raise SystemExit(f"ADMIT does not admit under mxgate's lease: {answer}")
         # A busy cluster's global count: releases below never take it to zero.
         r.call("HINCRBY", PREFIX + "g", INSTANCE, HUGE)
-        release1 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE, token,
+        token_demand = [token] + (["0"] if demand else [])
+        release1 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE, *token_demand,
                     PREFIX + "s:10.__rand_int__/32", PREFIX + "g"]
-        release16 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE, token] \
+        release16 = ["EVALSHA", shas["RELEASE"], "0", PREFIX, INSTANCE, *token_demand] \
             + [PREFIX + "s:10.__rand_int__/32", PREFIX + "g"] * 16
         r.call("CONFIG", "SET", "slowlog-log-slower-than", "1000")
         r.call("SLOWLOG", "RESET")

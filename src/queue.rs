@@ -209,23 +209,27 @@ impl<T> Queue<T> {
     }
 
     /// Puts back a waiter that was served a slot it could not use (the backend's own "busy"
-    /// greeting, or every backend full by the time it connected): at the head of its class,
-    /// ahead of every newcomer, keeping the deadline of its first entry (`entered` plus
-    /// `timeout`). It was admitted already, so `max_queued` does not apply. It is served as
-    /// soon as the dispatcher finds room, which a busy backend's ceiling (or its full cap)
-    /// withholds until a session ends or the ceiling rises.
+    /// greeting, every backend full by the time it connected, or a full cluster): at the head
+    /// of its class, ahead of every newcomer, keeping the deadline of its first entry
+    /// (`entered` plus `timeout`). One admitted to the queue before is not held to
+    /// `max_queued` (`bound` `None`); one that got its slot without waiting is (`Some`). It is
+    /// served as soon as the dispatcher finds room, which a busy backend's ceiling (or its
+    /// full cap, or the cluster's pace) withholds until a session ends or the ceiling rises.
     pub fn reenter(
         self: &Arc<Self>,
         source: IpNet,
         waiter: Waiter,
-        entered: Instant,
-        timeout: Duration,
+        (entered, timeout): (Instant, Duration),
+        bound: Option<usize>,
     ) -> Entered<T> {
         let deadline = entered.checked_add(timeout).unwrap_or(entered);
         let place = {
             let mut s = self.lock();
             if s.closed {
                 return Entered::Closed;
+            }
+            if bound.is_some_and(|max| s.lines.len() >= max) {
+                return Entered::Full;
             }
             self.line_up(&mut s, source, waiter, Turn::First, deadline)
         };
@@ -267,6 +271,12 @@ impl<T> Queue<T> {
         }
         self.update(&s);
         s.lines.soonest()
+    }
+
+    /// The earliest deadline of anyone waiting: the longest wait now is `queue_timeout` less
+    /// what is left of it (a client put back keeps its first deadline).
+    pub fn soonest_deadline(&self) -> Option<Instant> {
+        self.lock().lines.soonest()
     }
 
     /// The class of the first in line, if anyone waits.

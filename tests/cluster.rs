@@ -742,3 +742,145 @@ async fn a_host_whose_redis_connection_keeps_dropping_never_loses_its_counts_to_
     }
     drop((on_a, on_b));
 }
+
+/// The body of one GET on an instance's metrics listener.
+async fn get_body(metrics: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(metrics).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// Reads nothing for `quiet`: the client is still waiting, greeted by no one.
+async fn still_waiting(s: &mut TcpStream, quiet: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(quiet, s.read(&mut byte))
+        .await
+        .is_err()
+}
+
+// Issue 39, defect 2: a client waiting for a cluster slot showed as active and filled the
+// host's own slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_a_cluster_slot_is_queued_not_active() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let limits = [
+        "--max-connections",
+        "5",
+        "--max-queued",
+        "4",
+        "--queue-timeout",
+        "3s",
+        "--cluster-lease-ttl",
+        "3s",
+    ];
+    let a = Instance::start(backend.addr, &redis, "honest", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "honest", "b", &limits).await;
+    let on_a = futures_hold(a.listen, "127.0.18", 5).await;
+    assert_eq!(redis.count("honest", "g"), 5);
+
+    // 4 clients of b wait for the cluster: queued, none active, none holding b's own slots.
+    let mut waiting = Vec::new();
+    for i in 1..=4u8 {
+        let mut s = connect_from(&format!("127.0.19.{i}"), b.listen)
+            .await
+            .unwrap();
+        s.write_all(b"EHLO waits.test\r\n").await.unwrap();
+        waiting.push(s);
+        b.wait_gauge("mxgate_connections_queued", f64::from(i))
+            .await;
+    }
+    assert_eq!(b.gauge("mxgate_connections_active").await, Some(0.0));
+    let status: serde_json::Value =
+        serde_json::from_str(&get_body(b.metrics, "/status").await).unwrap();
+    assert_eq!(status["active"], 0);
+    assert_eq!(status["queued"], 4);
+    assert!(status["queued_longest_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(status["cluster"]["local_sessions"], 0);
+    // max_queued holds for them: the 5th waiter of b is refused at once.
+    expect_refusal("127.0.19.5", b.listen, GLOBAL_LINE).await;
+    b.wait_gauge(
+        r#"mxgate_connections_rejected_total{reason="queue_full"}"#,
+        1.0,
+    )
+    .await;
+    for s in &mut waiting {
+        assert!(still_waiting(s, Duration::from_millis(20)).await);
+    }
+    // queue_timeout ends their wait, with the global-limit line, counted as such.
+    for s in &mut waiting {
+        assert_eq!(read_line(s).await, GLOBAL_LINE);
+    }
+    b.wait_gauge(
+        r#"mxgate_connections_rejected_total{reason="queue_timeout"}"#,
+        4.0,
+    )
+    .await;
+    b.wait_gauge("mxgate_connections_queued", 0.0).await;
+    assert_eq!(redis.field("honest", "g", "b"), 0);
+    drop(on_a);
+}
+
+// Issue 39, defect 1: a host whose freed slot went straight to its own waiter took every slot,
+// while another host's waiters asked on a growing backoff and got none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_over_its_share_leaves_a_freed_slot_to_another_hosts_waiter() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let backend = GreetingBackend::start().await;
+    let limits = [
+        "--max-connections",
+        "4",
+        "--queue-timeout",
+        "20s",
+        "--cluster-lease-ttl",
+        "3s",
+    ];
+    let a = Instance::start(backend.addr, &redis, "share", "a", &limits).await;
+    let b = Instance::start(backend.addr, &redis, "share", "b", &limits).await;
+    let mut on_a = futures_hold(a.listen, "127.0.20", 4).await;
+    // a has 2 more clients waiting, b 2: demands 6 and 2 under 4, shares 2 and 2.
+    let mut a_waiting = Vec::new();
+    for i in 1..=2u8 {
+        a_waiting.push(
+            connect_from(&format!("127.0.21.{i}"), a.listen)
+                .await
+                .unwrap(),
+        );
+        a.wait_gauge("mxgate_connections_queued", f64::from(i))
+            .await;
+    }
+    let mut b_waiting = Vec::new();
+    for i in 1..=2u8 {
+        b_waiting.push(
+            connect_from(&format!("127.0.22.{i}"), b.listen)
+                .await
+                .unwrap(),
+        );
+        b.wait_gauge("mxgate_connections_queued", f64::from(i))
+            .await;
+    }
+    // Each session a ends goes to b's waiters, until a is down to its share.
+    for ended in 1..=2i64 {
+        drop(on_a.pop());
+        let got = read_line(&mut b_waiting[ended as usize - 1]).await;
+        assert_eq!(got, GREETING, "session {ended} of a ended");
+        assert_eq!(redis.field("share", "g", "b"), ended);
+    }
+    b.wait_gauge("mxgate_connections_queued", 0.0).await;
+    for s in &mut a_waiting {
+        assert!(still_waiting(s, Duration::from_millis(50)).await);
+    }
+    // At its share, a gets its next freed slot back for its own waiter.
+    drop(on_a.pop());
+    assert_eq!(read_line(&mut a_waiting[0]).await, GREETING);
+    assert_eq!(redis.field("share", "g", "a"), 2);
+    assert_eq!(redis.field("share", "g", "b"), 2);
+    drop((on_a, a_waiting, b_waiting));
+}

@@ -13,20 +13,36 @@ use crate::reason::RejectReason;
 impl Cluster {
     /// Admits one session across the cluster, or refuses it with the limit it hit. Redis
     /// decides while it answers within `admission_timeout`; otherwise this instance does,
-    /// under its fallback share. Never refuses because Redis is down.
+    /// under its fallback share. Never refuses because Redis is down. A refusal for the
+    /// global limit (or this host's share of it) paces this host's next asks
+    /// ([`super::pace`]).
     pub async fn admit(self: &Arc<Self>, ask: &Ask) -> Verdict {
+        let verdict = self.decide(ask).await;
+        match &verdict {
+            Verdict::Refused(RejectReason::GlobalLimit) => self.pace.refused(),
+            Verdict::Admitted(..) => {
+                if self.pace.admitted(self.wake.waiting()) {
+                    self.wake.kick();
+                }
+            }
+            Verdict::Refused(_) => {}
+        }
+        verdict
+    }
+
+    async fn decide(self: &Arc<Self>, ask: &Ask) -> Verdict {
         let keys = self.keys(ask);
         let link = if self.connected() { self.link() } else { None };
         // Counted here first, so a registration meanwhile includes it: drift over-counts.
-        let epoch = {
+        let (epoch, demand) = {
             let mut state = self.lock();
             state.add(&keys);
-            state.epoch
+            (state.epoch, self.demand(&state))
         };
         let Some(link) = link else {
             return self.alone(keys, ask, epoch);
         };
-        match self.ask_redis(link, ask, epoch).await {
+        match self.ask_redis(link, ask, (epoch, demand)).await {
             Some((code, warming)) => self.settle(keys, ask, epoch, code, warming),
             None => self.alone(keys, ask, epoch),
         }
@@ -34,7 +50,12 @@ impl Cluster {
 
     /// Redis's answer to one admission: its code and whether its counts are warming up, or
     /// `None` once the link has been taken down (the admission is then decided alone).
-    async fn ask_redis(&self, link: Link, ask: &Ask, epoch: u64) -> Option<(i64, bool)> {
+    async fn ask_redis(
+        &self,
+        link: Link,
+        ask: &Ask,
+        (epoch, demand): (u64, u64),
+    ) -> Option<(i64, bool)> {
         let Link {
             generation,
             mut conn,
@@ -45,7 +66,9 @@ impl Cluster {
         loop {
             // Whether some were still pending as this admission was sent.
             let overtaking = self.releases_done.load(Ordering::Acquire) < released;
-            let (code, warming) = self.invoke_admit(generation, &mut conn, ask, epoch).await?;
+            let (code, warming) = self
+                .invoke_admit(generation, &mut conn, ask, (epoch, demand))
+                .await?;
             // Refused while a release from this host was still on its way: the admission
             // overtook it (releases go through the writer, admissions straight to Redis).
             // Ask once more after it has landed, so a slot freed here before the client came
@@ -70,7 +93,7 @@ impl Cluster {
         generation: u64,
         conn: &mut MultiplexedConnection,
         ask: &Ask,
-        epoch: u64,
+        (epoch, demand): (u64, u64),
     ) -> Option<(i64, bool)> {
         let started = Instant::now();
         let mut call = self.scripts.admit.prepare_invoke();
@@ -83,7 +106,8 @@ impl Cluster {
             .arg(ask.global_cap as i64)
             .arg(if ask.enforce { 1 } else { 0 })
             .arg(&self.token)
-            .arg(epoch);
+            .arg(epoch)
+            .arg(demand);
         let answer = tokio::time::timeout(
             self.config.admission_timeout,
             call.invoke_async::<(i64, i64, i64)>(conn),

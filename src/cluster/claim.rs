@@ -61,6 +61,8 @@ impl Drop for Claim {
             // Sent under the lock, so it is ordered with the registrations.
             self.cluster.send_release(&self.keys);
         }
+        drop(state);
+        self.cluster.pace.freed();
     }
 }
 

@@ -254,11 +254,13 @@ impl Cluster {
         else {
             return;
         };
+        let demand = self.demand(&self.lock());
         let mut call = self.scripts.refresh.prepare_invoke();
         call.arg(&self.prefix)
             .arg(&self.config.instance)
             .arg(self.config.lease_ttl.as_millis() as u64)
-            .arg(&self.token);
+            .arg(&self.token)
+            .arg(demand);
         let answer = tokio::time::timeout(
             UPKEEP_TIMEOUT,
             call.invoke_async::<(i64, u64, u64, u64)>(&mut conn),

@@ -33,16 +33,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
 use crate::metrics::{ClusterSeries, Metrics};
+use crate::queue::Wake;
 use crate::reason::RejectReason;
 
 mod admit;
 mod claim;
 mod connection;
+mod pace;
 mod script;
 mod writer;
 
 pub use claim::{Ask, Claim};
 use claim::{Keys, State};
+use pace::Pace;
+pub use pace::ASK_EVERY;
 use script::Scripts;
 use writer::Write;
 
@@ -131,12 +135,19 @@ pub struct Cluster {
     stop: CancellationToken,
     series: ClusterSeries,
     seen: Mutex<Seen>,
+    /// When this host's waiters may ask for a slot (see [`pace`]).
+    pace: Pace,
+    /// This host's queue: its waiters are part of the demand published to Redis, and its
+    /// dispatcher is woken when a waiter may ask.
+    wake: Arc<Wake>,
+    /// The waiters in the demand last published.
+    published_waiting: AtomicU64,
 }
 
 impl Cluster {
     /// Joins the cluster in the background: admissions use the fallback share until Redis
     /// has taken this instance's registration. Must run inside the tokio runtime.
-    pub fn start(config: ClusterConfig, metrics: &Metrics) -> Arc<Cluster> {
+    pub fn start(config: ClusterConfig, metrics: &Metrics, wake: Arc<Wake>) -> Arc<Cluster> {
         let client = redis::Client::open(config.redis.as_str())
             .expect("the URL was checked when the config was validated");
         let (writes, rx) = mpsc::unbounded_channel();
@@ -164,6 +175,9 @@ impl Cluster {
             stop: CancellationToken::new(),
             series,
             seen: Mutex::new(Seen::default()),
+            pace: Pace::default(),
+            wake,
+            published_waiting: AtomicU64::new(0),
         });
         tokio::spawn(cluster.clone().writer(rx));
         tokio::spawn(cluster.clone().supervise());
@@ -212,6 +226,36 @@ impl Cluster {
     pub fn local_sessions(&self) -> usize {
         let global = self.global_key();
         self.lock().count(&global)
+    }
+
+    /// Whether a waiting client may ask for a slot now. Always while the cluster has room;
+    /// once it said full, one client per [`ASK_EVERY`], in the queue's order.
+    pub fn may_ask(&self) -> bool {
+        self.pace.may_ask()
+    }
+
+    /// When the next waiting client may ask, while the cluster is full: the queue's
+    /// dispatcher looks again then.
+    pub fn next_ask(&self) -> Option<std::time::Instant> {
+        self.pace.next().map(Instant::into_std)
+    }
+
+    /// This host's demand, as published to Redis: its sessions (admissions in flight
+    /// included) and the clients waiting in its queue.
+    fn demand(&self, state: &State) -> u64 {
+        let waiting = self.wake.waiting() as u64;
+        self.published_waiting.store(waiting, Ordering::Relaxed);
+        state.count(&self.global_key()) as u64 + waiting
+    }
+
+    /// Publishes this host's demand again if its queue emptied since it was last published,
+    /// so other hosts stop leaving slots to waiters that are gone. Called by the queue's
+    /// dispatcher; a round trip only for a host whose clients waited.
+    pub fn queue_changed(&self) {
+        if self.wake.waiting() == 0 && self.published_waiting.load(Ordering::Relaxed) > 0 {
+            self.published_waiting.store(0, Ordering::Relaxed);
+            let _ = self.writes.send(Write::Demand);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

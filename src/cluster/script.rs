@@ -10,6 +10,8 @@
 //! - `token`, `epoch`: per instance, the process that holds the name (a random token, so two
 //!   hosts given one name are caught) and the last registration Redis applied;
 //! - `x:{instance}`: admissions that reached Redis before the registration they came after;
+//! - `d`: a hash, instance → its demand (sessions and waiting clients), as it last said with
+//!   an admission, a release or a lease refresh;
 //! - `warm`: present, with a time to live of one lease, after a registration that found no
 //!   live lease at all (see `REGISTER`).
 //!
@@ -31,6 +33,7 @@ local function reap(inst)
     redis.call('HDEL', key, inst)
   end
   redis.call('DEL', held, prefix .. 'x:' .. inst)
+  redis.call('HDEL', prefix .. 'd', inst)
   redis.call('HDEL', prefix .. 'epoch', inst)
   redis.call('HDEL', prefix .. 'token', inst)
   redis.call('ZREM', leases, inst)
@@ -54,8 +57,52 @@ local function warm_left()
 end
 "#;
 
+/// Max-min fair shares of the global count, by demand. `over_share(counts, cap, mine)` says
+/// whether instance `me` (demand `mine`) is to leave the next slot to another: it holds its
+/// share or more while another holds less than its own share and has clients waiting. The
+/// shares fill like water: every instance gets its whole demand if that is no more than an
+/// equal split of what is left, and the rest is split equally between the others (demands 30,
+/// 5 and 5 under 20 give 10, 5 and 5). An instance with no demand on record is taken to want
+/// what it holds. While nobody else waits, no share refuses anything.
+const SHARES: &str = r#"
+local function over_share(counts, cap, mine)
+  local demands = {}
+  local flat = redis.call('HGETALL', prefix .. 'd')
+  for i = 1, #flat, 2 do demands[flat[i]] = tonumber(flat[i + 1]) end
+  demands[me] = mine
+  for inst, c in pairs(counts) do
+    if (demands[inst] or 0) < c then demands[inst] = c end
+  end
+  local waiting = false
+  for inst, d in pairs(demands) do
+    if inst ~= me and d > (counts[inst] or 0) then waiting = true end
+  end
+  if not waiting then return false end
+  local list = {}
+  for inst, d in pairs(demands) do list[#list + 1] = {inst, d} end
+  table.sort(list, function(a, b) return a[2] < b[2] end)
+  local left, share = cap, {}
+  for i, e in ipairs(list) do
+    local s = math.min(e[2], left / (#list - i + 1))
+    share[e[1]] = s
+    left = left - s
+  end
+  if (counts[me] or 0) < share[me] then return false end
+  for inst, d in pairs(demands) do
+    local c = counts[inst] or 0
+    if inst ~= me and c < share[inst] and d > c then return true end
+  end
+  return false
+end
+"#;
+
 /// Admission. ARGV: prefix, instance, source key, source cap (-1: none), network key ('' for
-/// none), network cap, global cap, enforce (1, or 0 for a dry run), token, epoch.
+/// none), network cap, global cap, enforce (1, or 0 for a dry run), token, epoch, demand
+/// (this instance's sessions, the asking one included, and its waiting clients).
+///
+/// Under the global cap, an instance over its max-min share ([`SHARES`]) is refused as if the
+/// cap were reached, while another instance under its own share has clients waiting: the
+/// freed slot is left to that one, which asks within `pace::ASK_EVERY`.
 ///
 /// The epoch is the registration the instance had made when it counted this session itself.
 /// One older than the registration Redis holds was in that registration's snapshot already:
@@ -64,7 +111,7 @@ end
 /// back on top of its snapshot instead of wiping it.
 ///
 /// Returns `{code, total, warming}`: code 0 admitted, 1 source limit, 2 network limit, 3
-/// global limit (in a dry run the session is counted anyway), -1 this instance has no lease
+/// global limit or share (in a dry run the session is counted anyway), -1 this instance has no lease
 /// (it must register again); total is the cluster's sessions after the decision; warming is 1
 /// while the copy is younger than one lease (the instance must then also hold to its share).
 const ADMIT: &str = r#"
@@ -84,8 +131,19 @@ if ARGV[5] ~= '' then
   n = prefix .. 'n:' .. ARGV[5]
   if reason == 0 and count(n) >= tonumber(ARGV[6]) then reason = 2 end
 end
-local total = count(g)
-if reason == 0 and total >= tonumber(ARGV[7]) then reason = 3 end
+redis.call('HSET', prefix .. 'd', me, ARGV[11])
+local counts, total = {}, 0
+local flat = redis.call('HGETALL', g)
+for i = 1, #flat, 2 do
+  local c = tonumber(flat[i + 1])
+  counts[flat[i]] = c
+  total = total + c
+end
+local cap = tonumber(ARGV[7])
+if reason == 0 and total >= cap then reason = 3 end
+if reason == 0 and ARGV[8] == '1' and over_share(counts, cap, tonumber(ARGV[11])) then
+  reason = 3
+end
 if reason ~= 0 and ARGV[8] == '1' then return {reason, total, warming} end
 if epoch < registered then return {reason, total, warming} end
 local held = prefix .. 'k:' .. me
@@ -101,13 +159,15 @@ end
 return {reason, total + 1, warming}
 "#;
 
-/// Release. ARGV: prefix, instance, token, then the full names of the count keys to take one
-/// from (a key may repeat, once per session). A process whose token does not hold the name
-/// (a second host given the same instance name) takes nothing from the holder's counts.
+/// Release. ARGV: prefix, instance, token, demand (as in `ADMIT`, after these releases), then
+/// the full names of the count keys to take one from (a key may repeat, once per session;
+/// none, to say the demand alone). A process whose token does not hold the name (a second
+/// host given the same instance name) takes nothing from the holder's counts.
 const RELEASE: &str = r#"
 if redis.call('HGET', prefix .. 'token', me) ~= ARGV[3] then return 0 end
+redis.call('HSET', prefix .. 'd', me, ARGV[4])
 local held = prefix .. 'k:' .. me
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local key = ARGV[i]
   if redis.call('HINCRBY', key, me, -1) <= 0 then
     redis.call('HDEL', key, me)
@@ -117,14 +177,17 @@ end
 return 0
 "#;
 
-/// Lease refresh. ARGV: prefix, instance, ttl (ms), token. Returns `{held, total, instances,
+/// Lease refresh. ARGV: prefix, instance, ttl (ms), token, demand (as in `ADMIT`). Returns `{held, total, instances,
 /// warm}`: held is 0 when the lease had already ended, or belongs to another process with the
 /// same instance name (the instance must register again; it is not renewed); warm is what is
 /// left of the warm-up, in ms (0 when over).
 const REFRESH: &str = r#"
 local held = redis.call('ZSCORE', leases, me)
 if redis.call('HGET', prefix .. 'token', me) ~= ARGV[4] then held = false end
-if held then redis.call('ZADD', leases, now + tonumber(ARGV[3]), me) end
+if held then
+  redis.call('ZADD', leases, now + tonumber(ARGV[3]), me)
+  redis.call('HSET', prefix .. 'd', me, ARGV[5])
+end
 return {held and 1 or 0, count(prefix .. 'g'), redis.call('ZCARD', leases), warm_left()}
 "#;
 
@@ -197,7 +260,7 @@ impl Scripts {
     pub fn new() -> Scripts {
         let with = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
         Scripts {
-            admit: with(ADMIT),
+            admit: redis::Script::new(&format!("{PRELUDE}{SHARES}{ADMIT}")),
             release: with(RELEASE),
             refresh: with(REFRESH),
             register: with(REGISTER),
@@ -306,7 +369,8 @@ pub(super) mod tests {
             .arg(10)
             .arg(1)
             .arg(token)
-            .arg(epoch);
+            .arg(epoch)
+            .arg(1);
         let (code, _, warming) = call.invoke::<(i64, i64, i64)>(c).unwrap();
         (code, warming == 1)
     }
@@ -365,7 +429,7 @@ pub(super) mod tests {
         // Nor can its releases (of sessions it admitted alone) take from the first's counts.
         let s = Scripts::new();
         let mut call = s.release.prepare_invoke();
-        call.arg(P).arg("a").arg("second");
+        call.arg(P).arg("a").arg("second").arg(0);
         call.arg(format!("{P}g")).arg(format!("{P}g"));
         call.invoke::<i64>(&mut c).unwrap();
         assert_eq!(global(&mut c), 4);

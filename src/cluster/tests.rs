@@ -25,7 +25,7 @@ async fn joined(
         fallback_share,
         admission_timeout,
     };
-    let cluster = Cluster::start(config, &Metrics::new());
+    let cluster = Cluster::start(config, &Metrics::new(), Arc::default());
     until("connected", || cluster.connected()).await;
     Some((server, cluster))
 }

@@ -14,6 +14,8 @@ const RELEASE_BATCH: usize = 512;
 /// Writes that must reach Redis in the order they were decided.
 pub(super) enum Write {
     Release(Vec<Arc<str>>),
+    /// This host's demand only (its queue emptied): a release of no session.
+    Demand,
     /// This instance's counts, whole; the answer says whether Redis took them.
     Register(u64, Vec<(Arc<str>, u64)>, oneshot::Sender<bool>),
 }
@@ -63,6 +65,11 @@ impl Cluster {
             let link = self.link();
             match write {
                 Write::Release(keys) => next = self.release_batch(link, keys, &mut rx).await,
+                Write::Demand => {
+                    if let Some(link) = link {
+                        self.release(link, &[]).await;
+                    }
+                }
                 Write::Register(epoch, counts, answer) => {
                     let took = match link {
                         Some(link) => self.register_whole(link, epoch, &counts).await,
@@ -90,6 +97,8 @@ impl Cluster {
                     keys.extend(more);
                     sessions += 1;
                 }
+                // The batch carries the demand anyway.
+                Ok(Write::Demand) => {}
                 Ok(other) => {
                     next = Some(other);
                     break;
@@ -105,16 +114,18 @@ impl Cluster {
         next
     }
 
-    /// Sends one batch of releases.
+    /// Sends one batch of releases, with this host's demand as it is now.
     async fn release(&self, link: Link, keys: &[Arc<str>]) {
         let Link {
             generation,
             mut conn,
         } = link;
+        let demand = self.demand(&self.lock());
         let mut call = self.scripts.release.prepare_invoke();
         call.arg(&self.prefix)
             .arg(&self.config.instance)
-            .arg(&self.token);
+            .arg(&self.token)
+            .arg(demand);
         for k in keys {
             call.arg(&**k);
         }

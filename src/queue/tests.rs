@@ -181,7 +181,9 @@ fn a_waiter_put_back_goes_first_and_keeps_its_deadline() {
     let first = a.entered();
     drop(a);
     let mut c = join(&q, "10.0.0.3/32", false);
-    let Entered::Wait(mut again) = q.reenter(net("10.0.0.1/32"), waiter(false), first, LONG) else {
+    let Entered::Wait(mut again) =
+        q.reenter(net("10.0.0.1/32"), waiter(false), (first, LONG), None)
+    else {
         panic!("not put back")
     };
     assert_eq!(again.entered(), first);
@@ -193,17 +195,26 @@ fn a_waiter_put_back_goes_first_and_keeps_its_deadline() {
     let Entered::Wait(mut late) = q.reenter(
         net("10.0.0.4/32"),
         waiter(false),
-        Instant::now() - Duration::from_secs(10),
-        Duration::from_secs(5),
+        (
+            Instant::now() - Duration::from_secs(10),
+            Duration::from_secs(5),
+        ),
+        None,
     ) else {
         panic!("not put back")
     };
+    // One that never waited is held to `max_queued`: the queue holds 2 now.
+    assert!(matches!(
+        q.reenter(net("10.0.0.5/32"), waiter(false), (first, LONG), Some(2)),
+        Entered::Full
+    ));
+    assert_eq!(q.len(), 2);
     q.expire(Instant::now());
     assert!(matches!(poll(&mut late), Some(Outcome::TimedOut)));
     assert_eq!(q.len(), 1);
     q.close();
     assert!(matches!(
-        q.reenter(net("10.0.0.1/32"), waiter(false), first, LONG),
+        q.reenter(net("10.0.0.1/32"), waiter(false), (first, LONG), None),
         Entered::Closed
     ));
 }

@@ -32,6 +32,7 @@ impl Running {
 
     /// The wait queue's one dispatcher: whenever a slot may have freed, hands out every slot
     /// there is, in the queue's order; at the next deadline, ends the waits that reached it.
+    /// In a cluster that said full, it also looks at each turn of the waiters to ask it.
     pub(super) fn spawn_queue_dispatcher(&self) {
         let (gate, stop) = (self.gate.clone(), self.stop.clone());
         self.background.spawn(async move {
@@ -48,7 +49,14 @@ impl Running {
                 // would leave every waiter unserved until its client gave up.
                 let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     gate.queue.serve(|waiter| gate.capacity(&live, waiter));
-                    gate.queue.expire(std::time::Instant::now())
+                    let expiry = gate.queue.expire(std::time::Instant::now());
+                    let Some(cluster) = &gate.cluster else {
+                        return expiry;
+                    };
+                    cluster.queue_changed();
+                    // A full cluster: the next waiter asks it at its turn.
+                    let ask = cluster.next_ask().filter(|_| !gate.queue.is_empty());
+                    expiry.into_iter().chain(ask).min()
                 }));
                 next = match turn {
                     Ok(next) => next,

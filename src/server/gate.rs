@@ -212,8 +212,13 @@ impl Gate {
     }
 
     /// A slot for `waiter`, if one is free: a global slot open to its class and, when
-    /// backends have caps, a backend's slot. Nothing is taken unless both are.
+    /// backends have caps, a backend's slot. Nothing is taken unless both are. In a cluster
+    /// that said full, only when this host's waiters may ask it again
+    /// ([`crate::cluster::Cluster::may_ask`]): a client granted here asks the cluster next.
     pub(crate) fn capacity(&self, live: &Live, waiter: &Waiter) -> Option<Grant> {
+        if self.cluster.as_ref().is_some_and(|c| !c.may_ask()) {
+            return None;
+        }
         let family = live.config.transparent.then_some(waiter.ip);
         let capped = live.pool.capped();
         if capped && live.pool.full(family) {

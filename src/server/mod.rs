@@ -224,7 +224,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
     let cluster = config
         .cluster
         .clone()
-        .map(|c| crate::cluster::Cluster::start(c, metrics));
+        .map(|c| crate::cluster::Cluster::start(c, metrics, wake.clone()));
     let live = Live::build(config, None, PolicyClock::default(), metrics, &wake);
     set_limit_gauges(metrics, &live.config);
     Arc::new(Gate {

@@ -59,11 +59,10 @@ impl Gate {
                     Phase::Open(opening) => match opening.await {
                         Opened::Ready(ready, relayed) => break (ready, relayed),
                         Opened::Requeue(waiting) => Phase::Wait(waiting),
-                        Opened::Refuse(client, peer, live) => {
+                        Opened::Refuse(client, peer, live, reason) => {
                             let ip = peer.ip().to_canonical();
                             let span = conn_span(peer);
-                            let draining = (client, RejectReason::Draining, ip, live, span);
-                            Phase::Refuse(self.refusal(draining))
+                            Phase::Refuse(self.refusal((client, reason, ip, live, span)))
                         }
                         Opened::Done => return,
                     },
@@ -378,8 +377,9 @@ enum Opened {
     /// Every backend was full (each said busy, or filled up before the connect): back in the
     /// queue.
     Requeue(Box<Waiting>),
-    /// The queue closed for a drain while it went back: the draining reply.
-    Refuse(TcpStream, SocketAddr, Arc<Live>),
+    /// It could not go back to the queue: closed for a drain, or full for one that never
+    /// waited. The reply for that reason.
+    Refuse(TcpStream, SocketAddr, Arc<Live>, RejectReason),
     /// Answered, or gone.
     Done,
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::origin::Origin;
-use super::wait::{pause_watching, Waiting};
+use super::wait::Waiting;
 use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
 use crate::backend::{greeting, Greeting, Lease};
@@ -22,10 +22,14 @@ use crate::queue::{Entered, Waiter};
 use crate::reason::RejectReason;
 use crate::server::gate::{Gate, Live};
 
-/// A client that finds the whole cluster full asks again after this, then after twice as
-/// long each time, up to the most.
-const CLUSTER_WAIT_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
-const CLUSTER_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+/// What the cluster said of a client admitted here.
+enum Said {
+    /// Admitted (or no cluster): its claim is in the guard.
+    Admitted,
+    /// Full, and the queue is on: the client waits for its turn to ask again.
+    Full,
+    Refused(RejectReason),
+}
 
 impl Gate {
     /// Everything between admission and forwarding: choose and connect a backend, send the
@@ -68,19 +72,20 @@ impl Gate {
         let ip = origin.client.ip().to_canonical();
         let config = &live.config;
         let plan = Plan::new(config, origin.client);
-        let clustered = self
-            .clustered(client, &mut guard, &mut origin, &live, started)
-            .await;
-        let client = match clustered {
-            Ok(client) => client,
-            Err(refused) => {
+        match self.cluster_verdict(&mut guard, &origin, &live).await {
+            Said::Admitted => {}
+            // A waiter like any other, holding no local slot: back to this host's queue, to
+            // ask again at its turn (`cluster::pace`).
+            Said::Full => {
+                drop(first);
+                return self.requeue(client, guard, origin, live, started);
+            }
+            Said::Refused(reason) => {
                 drop((guard, first));
-                if let Some((client, reason)) = refused {
-                    self.reject(client, reason, ip, &live).await;
-                }
+                self.reject(client, reason, ip, &live).await;
                 return Opened::Done;
             }
-        };
+        }
         let mut tried = Vec::new();
         let mut absorbed = false;
         loop {
@@ -195,100 +200,30 @@ impl Gate {
         Opened::Done
     }
 
-    /// The cluster's admission, when limits are shared ([`Gate::cluster_verdict`]), then the
-    /// client back, to be read again: one that waited for the cluster past the early-bytes
-    /// bound gets its readiness back first. `Err(Some(..))` is the refusal to answer,
-    /// `Err(None)` a client that gave up.
-    async fn clustered(
-        &self,
-        client: TcpStream,
-        guard: &mut Guard,
-        origin: &mut Origin,
-        live: &Live,
-        started: Instant,
-    ) -> Result<TcpStream, Option<(TcpStream, RejectReason)>> {
-        let verdict = self
-            .cluster_verdict(&client, guard, origin, live, started)
-            .await;
-        let (paused, refused) = match verdict {
-            Ok(paused) => (paused, None),
-            Err(Some((paused, reason))) => (paused, Some(reason)),
-            Err(None) => return Err(None),
-        };
-        let client = if paused {
-            match super::wait::rearm(client, &origin.early) {
-                Some(client) => client,
-                None => {
-                    if let Some(reason) = refused {
-                        let ip = origin.client.ip().to_canonical();
-                        self.count_refusal(reason, ip, live);
-                    }
-                    return Err(None);
-                }
-            }
-        } else {
-            client
-        };
-        match refused {
-            Some(reason) => Err(Some((client, reason))),
-            None => Ok(client),
-        }
-    }
-
-    /// The cluster's verdict, in the connection's task, never the accept loop. A cluster
-    /// that is full while this instance's queue is on is waited for, asked again at growing
-    /// intervals, until the queue's deadline; the client's early bytes are kept meanwhile.
-    /// `Ok(paused)` says whether it waited; `Err(Some((paused, reason)))` is the refusal to
-    /// answer, `Err(None)` a client that gave up.
-    async fn cluster_verdict(
-        &self,
-        client: &TcpStream,
-        guard: &mut Guard,
-        origin: &mut Origin,
-        live: &Live,
-        started: Instant,
-    ) -> Result<bool, Option<(bool, RejectReason)>> {
+    /// The cluster's admission, when limits are shared, in the connection's task, never the
+    /// accept loop.
+    async fn cluster_verdict(&self, guard: &mut Guard, origin: &Origin, live: &Live) -> Said {
         let Some(cluster) = &self.cluster else {
-            return Ok(false);
+            return Said::Admitted;
         };
         if guard.clustered() {
-            return Ok(false);
+            return Said::Admitted;
         }
         let ip = origin.client.ip().to_canonical();
         let ask = crate::admission::cluster_ask(&live.policy, ip, guard);
-        let entered = started
-            .checked_sub(origin.waited.unwrap_or_default())
-            .unwrap_or(started);
-        let deadline = entered + live.config.queue_timeout;
-        let mut pause = CLUSTER_WAIT_FIRST;
-        let mut paused = false;
-        loop {
-            if self.draining.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(Some((paused, RejectReason::Draining)));
-            }
-            match cluster.admit(&ask).await {
-                crate::cluster::Verdict::Admitted(claim, would_reject) => {
-                    if let Some(r) = would_reject {
-                        self.metrics.would_reject(r).increment(1);
-                        self.summary.record_dry_run(r, guard.source());
-                    }
-                    guard.hold_claim(claim);
-                    return Ok(paused);
+        match cluster.admit(&ask).await {
+            crate::cluster::Verdict::Admitted(claim, would_reject) => {
+                if let Some(r) = would_reject {
+                    self.metrics.would_reject(r).increment(1);
+                    self.summary.record_dry_run(r, guard.source());
                 }
-                crate::cluster::Verdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(Some((paused, RejectReason::QueueTimeout)));
-                    }
-                    let wait = pause.min(deadline - now);
-                    paused = true;
-                    if !pause_watching(client, &mut origin.early, wait).await {
-                        return Err(None);
-                    }
-                    pause = (pause * 2).min(CLUSTER_WAIT_MAX);
-                }
-                crate::cluster::Verdict::Refused(reason) => return Err(Some((paused, reason))),
+                guard.hold_claim(claim);
+                Said::Admitted
             }
+            crate::cluster::Verdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
+                Said::Full
+            }
+            crate::cluster::Verdict::Refused(reason) => Said::Refused(reason),
         }
     }
 
@@ -316,8 +251,9 @@ impl Gate {
     }
 
     /// A client that found every backend full (each said busy, or filled up between its grant
-    /// and its connect) waits again, at the head of the queue, with the
-    /// deadline of its first wait; its global slot goes back meanwhile.
+    /// and its connect), or the cluster full, waits again, at the head of the queue, with the
+    /// deadline of its first wait; its global slot and its cluster claim go back meanwhile.
+    /// One that never waited takes a place in the queue only if `max_queued` has room.
     fn requeue(
         &self,
         client: TcpStream,
@@ -334,9 +270,14 @@ impl Gate {
         let started = started.into_std();
         let waited = origin.waited.take().unwrap_or_default();
         let entered = started.checked_sub(waited).unwrap_or(started);
-        let entry = self
-            .queue
-            .reenter(guard.source(), waiter, entered, live.config.queue_timeout);
+        // A place in the queue already had room for it.
+        let bound = (origin.waited.is_none() && !waiter.allowed).then_some(live.config.max_queued);
+        let entry = self.queue.reenter(
+            guard.source(),
+            waiter,
+            (entered, live.config.queue_timeout),
+            bound,
+        );
         guard.release_global();
         // The queue is this host's own: the cluster is asked again once a slot is granted.
         guard.release_claim();
@@ -349,8 +290,9 @@ impl Gate {
                 origin,
                 live,
             })),
+            Entered::Full => Opened::Refuse(client, origin.client, live, RejectReason::QueueFull),
             // Shut down meanwhile.
-            _ => Opened::Refuse(client, origin.client, live),
+            _ => Opened::Refuse(client, origin.client, live, RejectReason::Draining),
         }
     }
     /// A backend greeted (with anything but a 4xx) `time` after the connect: its first words go

@@ -70,21 +70,6 @@ impl std::future::Future for Turn<'_> {
     }
 }
 
-/// Waits up to `pause`, keeping what the client sends meanwhile; `false` once the client has
-/// closed or reset its side.
-pub(super) async fn pause_watching(
-    client: &TcpStream,
-    early: &mut Vec<u8>,
-    pause: std::time::Duration,
-) -> bool {
-    let sleep = std::pin::pin!(tokio::time::sleep(pause));
-    let gone = std::future::poll_fn(|cx| poll_gone(client, early, cx));
-    tokio::select! {
-        () = sleep => true,
-        () = gone => false,
-    }
-}
-
 /// Ready once a waiting client has closed or reset its side: it has given up. Meanwhile what
 /// it sends is kept for the backend, up to [`MAX_EARLY_BYTES`]; past that bound nothing more
 /// is read (TCP flow control holds the rest), yet its FIN or RST is still seen at once: each

@@ -104,11 +104,16 @@ fn summary(out: &mut String, s: &Snapshot) {
     let l = &s.limits;
     out.push_str(&format!("mxgate {}: {}\n", s.version, s.status_line()));
     out.push_str(&format!(
-        "sessions: {} active (limit {}, peak {}), {} waiting (max {}), {} sources\n",
+        "sessions: {} active (limit {}, peak {}), {} waiting{} (max {}), {} sources\n",
         s.active,
         limit(l.max_connections),
         s.active_max,
         s.queued,
+        if s.queued > 0 {
+            format!(", the longest for {:.1}s", s.queued_longest_seconds)
+        } else {
+            String::new()
+        },
         if l.max_queued == 0 {
             "queue off".to_string()
         } else {

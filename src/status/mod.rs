@@ -91,8 +91,13 @@ pub struct Snapshot {
     pub active: usize,
     /// The most open at once since start.
     pub active_max: usize,
-    /// Clients waiting in the queue, without a greeting yet.
+    /// Clients waiting in the queue, without a greeting yet: for a slot of this host, or
+    /// (in a cluster) for one of the cluster's.
     pub queued: usize,
+    /// How long the longest waiting client has waited so far, in seconds (0 with nobody
+    /// waiting): its deadline's distance from the `queue_timeout` in force.
+    #[serde(default)]
+    pub queued_longest_seconds: f64,
     /// Distinct sources with a session open or waiting.
     pub sources: usize,
     /// The sources holding the most sessions (waiting ones included), most first.
@@ -218,6 +223,7 @@ impl Snapshot {
             active: gate.admission.active(),
             active_max: gate.admission.peak(),
             queued: gate.queue.len(),
+            queued_longest_seconds: longest_wait(gate, live.config.queue_timeout),
             sources: gate.admission.sources(),
             top_sources,
             top_refused,
@@ -239,6 +245,14 @@ impl Snapshot {
         }
         .to_string()
     }
+}
+
+/// How long the longest waiting client has waited, in seconds.
+fn longest_wait(gate: &Gate, timeout: std::time::Duration) -> f64 {
+    gate.queue.soonest_deadline().map_or(0.0, |deadline| {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        timeout.saturating_sub(left).as_secs_f64()
+    })
 }
 
 /// The sources holding the most sessions, most first.

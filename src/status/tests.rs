@@ -22,6 +22,7 @@ fn snapshot() -> Snapshot {
         active: 412,
         active_max: 500,
         queued: 3,
+        queued_longest_seconds: 12.5,
         sources: 40,
         top_sources: vec![SourceSessions {
             source: "192.0.2.7".into(),
@@ -100,7 +101,7 @@ fn the_tables_show_every_part_of_the_view() {
     let text = client::render(&snapshot());
     for want in [
         "mxgate 0.1.0: 412/1000 sessions, 3 waiting, 1/2 backends up",
-        "412 active (limit 1000, peak 500), 3 waiting (max 1000, timeout 30s), 40 sources",
+        "412 active (limit 1000, peak 500), 3 waiting, the longest for 12.5s (max 1000, timeout 30s), 40 sources",
         "max_per_source 20, reserved_for_allowed 50",
         "2 reloads, last succeeded",
         "  192.0.2.25:25           up      400     450 (learned, steady, resumed)  passed, 1s ago",
