@@ -5,6 +5,10 @@
 //! - SIGTERM or SIGINT sends `STOPPING=1` and drains: new clients get the draining 421,
 //!   forwarding sessions go on until they end or the drain timeout cuts them, then the process
 //!   exits 0. A second SIGTERM or SIGINT exits at once.
+//! - Socket-activated, the listening sockets are systemd's and outlive this process: a drain
+//!   stops accepting at once and leaves newcomers in the backlog for the next instance (a
+//!   restart or a package upgrade refuses no one). Clients already waiting in the queue still
+//!   get the draining 421: they are this process's connections.
 //! - With `WATCHDOG_USEC` set, `WATCHDOG=1` is sent every half period, but only while the
 //!   accept loops' heartbeat moves: a wedged loop lets the watchdog fire.
 //!
@@ -65,6 +69,7 @@ pub async fn run(
 
     let drain_timeout = config.drain_timeout;
     let inherited = inherited_listeners()?;
+    let activated = !inherited.is_empty();
     let running = if inherited.is_empty() {
         crate::start(config).await?
     } else {
@@ -111,17 +116,34 @@ pub async fn run(
         }
     }
     notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
-    tracing::info!(
-        drain_timeout_ms = drain_timeout.as_millis() as u64,
-        "stopping: draining sessions"
-    );
+    // systemd stops watching once told STOPPING=1, and the accept loops' heartbeat may stop
+    // now: no more pings, and no error about the loops.
+    watchdog.abort();
     tokio::select! {
-        () = running.shutdown(drain_timeout) => {}
+        () = drain(running, drain_timeout, activated) => {}
         _ = term.recv() => tracing::warn!("second stop signal: exiting now"),
         _ = int.recv() => tracing::warn!("second stop signal: exiting now"),
     }
-    watchdog.abort();
     Ok(())
+}
+
+/// Lets forwarding sessions finish. Socket-activated, accepting stops first, so that newcomers
+/// wait in systemd's backlog for the next instance rather than get the draining reply.
+async fn drain(running: crate::Running, drain_timeout: Duration, activated: bool) {
+    if activated {
+        running.stop_accepting().await;
+        tracing::info!(
+            drain_timeout_ms = drain_timeout.as_millis() as u64,
+            queued = running.queued(),
+            "stopping: no longer accepting (new clients wait in systemd's backlog for the next instance); draining sessions"
+        );
+    } else {
+        tracing::info!(
+            drain_timeout_ms = drain_timeout.as_millis() as u64,
+            "stopping: draining sessions"
+        );
+    }
+    running.shutdown(drain_timeout).await;
 }
 
 /// Pings the watchdog at half its period while the accept loops' heartbeat moves.

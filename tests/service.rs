@@ -214,26 +214,19 @@ async fn watchdog_is_pinged_while_accept_loops_turn() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn socket_activation_uses_the_inherited_listener() {
-    let backend = GreetingBackend::start().await;
-    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = inherited.local_addr().unwrap();
+/// mxgate run with `listener` passed as systemd passes it (fd 3, `LISTEN_FDS=1`, `LISTEN_PID`
+/// its own pid), against `backend`, with `extra` flags. The caller keeps its own copy of the
+/// listener, as systemd does, or drops it.
+fn activated(listener: &std::net::TcpListener, backend: SocketAddr, extra: &[&str]) -> Command {
     use std::os::fd::AsRawFd;
-    let fd = inherited.as_raw_fd();
-    // `--listen` names another port: with an inherited socket it must not be used.
-    let unused: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let fd = listener.as_raw_fd();
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_mxgate"))
         .args(["run", "--hostname", HOST, "--metrics", "off"])
-        .args([
-            "--backend",
-            &backend.addr.to_string(),
-            "--listen",
-            &unused.to_string(),
-        ])
+        .args(["--backend", &backend.to_string()])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -246,7 +239,19 @@ async fn socket_activation_uses_the_inherited_listener() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_uses_the_inherited_listener() {
+    let backend = GreetingBackend::start().await;
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = inherited.local_addr().unwrap();
+    // `--listen` names another port: with an inherited socket it must not be used.
+    let unused: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = activated(&inherited, backend.addr, &["--listen", &unused.to_string()])
+        .spawn()
+        .unwrap();
     drop(inherited);
     let s = expect_admitted("127.0.0.2", addr).await;
     drop(s);
@@ -263,6 +268,76 @@ async fn socket_activation_uses_the_inherited_listener() {
         err.contains("socket-activated: the sockets systemd passed are used, and `listen` in the config is not"),
         "{err}"
     );
+}
+
+/// A restart or upgrade under socket activation: the draining instance stops accepting at
+/// once, and a newcomer waits in the backlog of the socket systemd holds until the next
+/// instance takes it, instead of getting the draining 421. The session in progress finishes;
+/// the client waiting in the queue (this process's own connection) gets the draining 421.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activated_drain_leaves_newcomers_to_the_next_instance() {
+    let backend = GreetingBackend::start().await;
+    // systemd's socket: this test keeps its copy across both instances.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let notify = Notify::new("activated-drain");
+    let mut old = KillOnDrop(
+        activated(&socket, backend.addr, &["--max-connections", "1"])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(notify.next().contains(&"READY=1".to_string()));
+    let mut held = expect_admitted("127.0.0.2", addr).await;
+    let mut queued = connect_from("127.0.0.3", addr).await.unwrap();
+    notify.status_until("1/1 sessions, 1 waiting, 1/1 backends up");
+
+    signal(&old.0, libc::SIGTERM);
+    assert!(notify.next().contains(&"STOPPING=1".to_string()));
+    // The queue is closed only once no accept loop is left: from here on nothing accepts.
+    assert_eq!(read_to_end(&mut queued).await, DRAIN_LINE);
+    let mut newcomers = Vec::new();
+    for source in ["127.0.0.4", "127.0.0.5", "127.0.0.6"] {
+        newcomers.push(connect_from(source, addr).await.unwrap());
+    }
+    // The session in progress goes on, then ends, and with it the old instance.
+    held.write_all(b"NOOP\r\n").await.unwrap();
+    let mut echo = [0u8; 6];
+    held.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"NOOP\r\n");
+    drop(held);
+    assert_eq!(wait_exit(&mut old.0, Duration::from_secs(10)), 0);
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "only the held session reached the backend"
+    );
+    // Nothing was said to the newcomers, and nothing closed them: they are still in the backlog.
+    let mut nothing = [0u8; 1];
+    for s in &newcomers {
+        let r = s.try_read(&mut nothing);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a newcomer got {r:?} from the draining instance"
+        );
+    }
+
+    let next = Notify::new("activated-next");
+    let _next = KillOnDrop(
+        activated(&socket, backend.addr, &[])
+            .env("NOTIFY_SOCKET", &next.path)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(!newcomers.is_empty());
+    for mut s in newcomers {
+        assert_eq!(
+            read_line(&mut s).await,
+            GREETING,
+            "the next instance took it"
+        );
+    }
+    assert_eq!(backend.accepted(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

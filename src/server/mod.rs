@@ -53,6 +53,11 @@ pub struct Running {
     gate: Arc<Gate>,
     /// Cancelled to stop the accept loops and helpers.
     stop: CancellationToken,
+    /// Cancelled to stop the accept loops alone (a child of `stop`), for a drain that leaves
+    /// newcomers in the listening sockets' backlog.
+    accepting: CancellationToken,
+    /// The accept loops, so a drain can wait until none accepts any more.
+    accept_loops: TaskTracker,
     /// Connection tasks, so shutdown can wait for them.
     sessions: TaskTracker,
     /// Accept loops and helpers.
@@ -141,13 +146,16 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
     };
     let gate = build_gate(config, &metrics);
     let keeper = resume_learned(&gate);
+    let stop = CancellationToken::new();
     let running = Running {
         reloads_ok: metrics.reloads_ok.clone(),
         reloads_failed: metrics.reloads_failed.clone(),
         listen_addrs: listen_addrs.clone(),
         metrics_addr,
         gate: gate.clone(),
-        stop: CancellationToken::new(),
+        accepting: stop.child_token(),
+        stop,
+        accept_loops: TaskTracker::new(),
         sessions: TaskTracker::new(),
         background: TaskTracker::new(),
         heartbeats: Vec::new(),
@@ -278,9 +286,9 @@ impl Running {
                 let heartbeat = Arc::new(AtomicU64::new(0));
                 self.heartbeats.push(heartbeat.clone());
                 let (gate, sessions, stop) =
-                    (gate.clone(), self.sessions.clone(), self.stop.clone());
+                    (gate.clone(), self.sessions.clone(), self.accepting.clone());
                 let (set_up, ready) = tokio::sync::oneshot::channel();
-                let task = self.background.track_future(async move {
+                let task = self.accept_loops.track_future(async move {
                     // Set up on the worker itself: its sockets belong to the worker's event loop.
                     match AcceptLoop::new(l, addr, &gate) {
                         Ok(accept) => {
@@ -381,6 +389,17 @@ impl Running {
         self.gate.queue.close();
     }
 
+    /// Stops accepting: every accept loop ends and closes its copy of the listening sockets,
+    /// and connections not yet accepted stay in the kernel's backlog. Under socket activation
+    /// the sockets are systemd's, which keeps them open for the next instance, so a newcomer
+    /// during a restart or an upgrade waits there instead of getting the draining reply.
+    /// Returns once no accept loop is left.
+    pub async fn stop_accepting(&self) {
+        self.accepting.cancel();
+        self.accept_loops.close();
+        self.accept_loops.wait().await;
+    }
+
     /// Clients waiting in the queue now.
     pub fn queued(&self) -> usize {
         self.gate.queue.len()
@@ -403,8 +422,10 @@ impl Running {
         // PROXY header) ends now.
         self.gate.cut.cancel();
         self.stop.cancel();
+        self.accept_loops.close();
         self.background.close();
         self.sessions.close();
+        self.accept_loops.wait().await;
         self.background.wait().await;
         self.sessions.wait().await;
         // Every session has ended: the cluster gets this instance's slots back at once.
