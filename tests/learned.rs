@@ -224,8 +224,7 @@ async fn an_unwritable_state_directory_does_not_stop_mxgate() {
 /// `$STATE_DIRECTORY`, the file is there once mxgate listens, and a damaged file is named in
 /// exactly one warning. A relative `state_dir` is refused with the key named.
 #[tokio::test]
-async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_a_damaged_file()
-{
+async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_a_damaged_file() {
     use std::process::{Command, Stdio};
     let sink = exchange_sink().await;
     let dir = state_dir("systemd");
@@ -241,7 +240,7 @@ async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_
             .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
             .spawn()
             .unwrap();
-        (child, listen)
+        child
     };
     let stop = |mut child: std::process::Child| {
         rustix::process::kill_process(
@@ -251,46 +250,66 @@ async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_
         .unwrap();
         assert!(child.wait().unwrap().success());
     };
-    let listening = |listen: SocketAddr| async move {
+    // Saved once at start, before any client is served: the directory is known to be
+    // writable from the first moment.
+    let saved_cold = |file: PathBuf| async move {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(listen).await.is_err() {
-            assert!(Instant::now() < deadline, "mxgate never listened on {listen}");
+        loop {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if text.contains("\"limit\": 5") {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no cold state in {}: {text}",
+                file.display()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let file = dir.join("learned-limits.json");
     let log = dir.join("first.log");
-    let (child, listen) = run(&log);
-    listening(listen).await;
-    // Saved once at start: the directory is known to be writable before any client.
-    let text = std::fs::read_to_string(&file).unwrap();
-    assert!(text.contains("\"limit\": 5") && text.contains("slow_start"), "{text}");
+    let child = run(&log);
+    let text = saved_cold(file.clone()).await;
+    assert!(text.contains("slow_start"), "{text}");
     stop(child);
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
+    let about_state = |log: &Path| -> Vec<String> {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("learned"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(about_state(&log), Vec::<String>::new());
 
     std::fs::write(&file, "garbage").unwrap();
     let log = dir.join("second.log");
-    let (child, listen) = run(&log);
-    listening(listen).await;
+    let child = run(&log);
+    saved_cold(file.clone()).await;
     stop(child);
-    let logged = std::fs::read_to_string(&log).unwrap();
-    let warnings: Vec<&str> = logged.lines().filter(|l| l.contains("WARN")).collect();
-    assert_eq!(warnings.len(), 1, "{logged}");
+    let warnings = about_state(&log);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].contains("learned-limits.json is not a learned-limits file")
             && warnings[0].contains("learned backend limits start cold"),
-        "{logged}"
+        "{warnings:?}"
     );
-    assert!(std::fs::read_to_string(&file).unwrap().contains("\"limit\": 5"));
 
     let out = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-        .args(["check", "--backend", &backend, "--state-dir", "relative/dir"])
+        .args([
+            "check",
+            "--backend",
+            &backend,
+            "--state-dir",
+            "relative/dir",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.contains("state_dir") && said.contains("relative/dir is not an absolute path"),
+        said.contains("--state-dir") && said.contains("relative/dir is not an absolute path"),
         "{said}"
     );
     let _ = std::fs::remove_dir_all(&dir);
