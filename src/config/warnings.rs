@@ -35,7 +35,8 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
                      mynetworks, Exim's relay_from_hosts, an Exchange receive connector whose \
                      RemoteIPRanges includes it): set proxy_protocol or transparent, or make \
                      sure the backend does not trust that address and then set \
-                     backend_trusts_mxgate = false (see docs/security.md)",
+                     backend_trusts_mxgate = false (see docs/security.md, installed in \
+                     /usr/share/doc/mxgate/)",
                     b.address,
                     if ip.is_loopback() || ip.is_unspecified() {
                         "loopback"
