@@ -266,54 +266,11 @@ pub fn write_man(subcommand: Option<&str>, out: &mut dyn std::io::Write) -> std:
     clap_mangen::Man::new(cmd).render(out)
 }
 
-/// Writes mxgate.toml(5): every key of the config file, from the same definitions as the
-/// flags (each flag `--max-per-source` is the key `max_per_source`), so the page cannot drift
-/// from what `mxgate check` accepts. The file-only tables follow.
+/// Writes mxgate.toml(5): every key of the config file, from the reference the docs are
+/// generated from ([`crate::reference`]), so the page cannot drift from what `mxgate check`
+/// accepts.
 pub fn write_config_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    use clap::CommandFactory;
-    let top = Cli::command();
-    let run = top.find_subcommand("run").expect("the run subcommand");
-    let esc = |s: &str| s.replace('\\', "\\e").replace('-', "\\-");
-    writeln!(
-        out,
-        ".TH MXGATE.TOML 5 \"\" \"mxgate {}\" \"File formats\"",
-        env!("CARGO_PKG_VERSION")
-    )?;
-    writeln!(
-        out,
-        ".SH NAME\nmxgate.toml \\- configuration file of mxgate(1)"
-    )?;
-    writeln!(out, ".SH DESCRIPTION")?;
-    writeln!(out, "A TOML file, by default /etc/mxgate/mxgate.toml. Every key is optional except \\fBbackend\\fR. Each key has a flag of the same name for \\fBmxgate run\\fR and \\fBmxgate check\\fR (\\fBmax_per_source\\fR is \\fB\\-\\-max\\-per\\-source\\fR), and a flag overrides the key. Unknown keys and invalid values are errors that name the file, the key and the reason; \\fBmxgate check \\-\\-config\\fR \\fIFILE\\fR validates a file without starting anything.")?;
-    writeln!(out, ".PP\nDurations read 500ms, 5s, 10m, 1h; sizes read 65536, 64KiB, 1MiB. On SIGHUP (\\fBsystemctl reload mxgate\\fR) the file is read again. Every key changes at reload except listen, metrics, forwarding, pipe_size, threads, log_format, transparent and transparent_port, which keep their old values until a restart, with a warning naming each.")?;
-    writeln!(out, ".SH KEYS")?;
-    for arg in run.get_arguments() {
-        let Some(long) = arg.get_long() else { continue };
-        if long == "config" {
-            continue;
-        }
-        let key = long.replace('-', "_");
-        let value = arg
-            .get_value_names()
-            .and_then(|v| v.first().map(|s| s.to_string()))
-            .unwrap_or_else(|| "BOOL".into());
-        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-        writeln!(out, ".TP\n\\fB{}\\fR = \\fI{}\\fR", esc(&key), esc(&value))?;
-        writeln!(out, "{}", esc(&help))?;
-    }
-    writeln!(out, ".SH TABLES (FILE ONLY)")?;
-    writeln!(out, ".TP\n\\fBbackends\\fR = [ {{ address = \"HOST:PORT\", weight = \\fIN\\fR, max_connections = \\fIN\\fR | \"auto\", backup = \\fIBOOL\\fR }}, ... ]")?;
-    writeln!(out, "The backends as tables (or strings), instead of \\fBbackend\\fR. \\fBmax_connections = \"auto\"\\fR learns the backend's limit, between adaptive_min and the global max_connections.")?;
-    writeln!(out, ".TP\n\\fB[[network]]\\fR")?;
-    writeln!(out, "A per-network override, repeatable: \\fBcidr\\fR, and any of \\fBmax_per_source\\fR, \\fBmax_per_network\\fR, \\fBrate_per_source\\fR, \\fBrate_burst\\fR, \\fBipv4_prefix\\fR, \\fBipv6_prefix\\fR, \\fBnetwork_prefix\\fR. The longest matching prefix decides.")?;
-    writeln!(out, ".TP\n\\fB[replies]\\fR")?;
-    writeln!(out, "Reply lines that replace mxgate's own: \\fBglobal_limit\\fR, \\fBsource_limit\\fR, \\fBbackend_unavailable\\fR, \\fBrate_limit\\fR, \\fBnetwork_limit\\fR, \\fBdenied\\fR, \\fBdraining\\fR. One line, a 4xx or 5xx code and a space first, at most 510 characters; {{hostname}} is replaced by the host name.")?;
-    writeln!(out, ".SH FILES\n/etc/mxgate/mxgate.toml")?;
-    writeln!(
-        out,
-        ".SH SEE ALSO\nmxgate(1), mxgate\\-run(1), mxgate\\-check(1), mxgate\\-status(1)"
-    )?;
-    Ok(())
+    out.write_all(crate::reference::config_man().as_bytes())
 }
 
 /// Writes completions for `shell` to `out`.

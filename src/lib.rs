@@ -39,6 +39,7 @@ pub mod policy;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod reason;
+pub mod reference;
 pub mod reply;
 pub mod server;
 pub mod service;

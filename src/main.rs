@@ -9,12 +9,17 @@ use mxgate::Config;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check(args) => match load_config(args.run) {
+        Command::Check(args) => match load_config(args.run.clone()) {
             Ok(config) => {
                 if !args.quiet {
                     print!("{}", config.to_toml());
                 }
-                for warning in mxgate::server::check(config) {
+                let mut warnings = match &args.run.config {
+                    Some(file) => mxgate::config::file_warnings(file, &config),
+                    None => Vec::new(),
+                };
+                warnings.extend(mxgate::server::check(config));
+                for warning in warnings {
                     eprintln!("mxgate: warning: {warning}");
                 }
                 ExitCode::SUCCESS
@@ -70,6 +75,11 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             init_logging(config.log_format);
+            if let Some(file) = &args_for_reload.config {
+                for warning in mxgate::config::file_warnings(file, &config) {
+                    tracing::warn!("{warning}");
+                }
+            }
             match run(config, args_for_reload) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),

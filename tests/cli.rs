@@ -45,7 +45,27 @@ fn every_example_config_passes_check() {
         !configs.is_empty(),
         "the repo ships at least one example config"
     );
-    for p in configs {
+    for mut p in configs {
+        if p.ends_with("systemd/mxgate.toml") {
+            // The shipped file's backend is a placeholder that check refuses, saying what to
+            // do; with the backend set, it passes like every other example.
+            let out = mxgate(&["check", "--config", p.to_str().unwrap()]);
+            assert!(!out.status.success());
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                why.contains("set backend to your mail server's HOST:PORT"),
+                "{why}"
+            );
+            let set =
+                std::env::temp_dir().join(format!("mxgate-shipped-{}.toml", std::process::id()));
+            let text = std::fs::read_to_string(&p).unwrap();
+            std::fs::write(
+                &set,
+                text.replace("exchange.example.invalid:2526", "127.0.0.1:2526"),
+            )
+            .unwrap();
+            p = set;
+        }
         let out = mxgate(&["check", "--config", p.to_str().unwrap()]);
         assert!(
             out.status.success(),
@@ -415,7 +435,9 @@ fn the_config_man_page_names_every_key() {
             "{key} missing from mxgate.toml(5)"
         );
     }
-    for table in ["backends", "[[network]]", "[replies]"] {
-        assert!(page.contains(&format!("\\fB{table}\\fR")), "{table}");
+    assert!(page.contains("\\fBbackends\\fR"), "backends");
+    // Each table is a section of its own, its keys inside it.
+    for table in ["[cluster] TABLE", "[[network]] TABLES", "[replies] TABLE"] {
+        assert!(page.contains(&format!(".SH {table}\n")), "{table}");
     }
 }

@@ -534,7 +534,7 @@ async fn a_profile_derives_its_rate_and_delivers_it() {
     .await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    // The README's formula: users × per user per hour × peak ÷ 3600.
+    // docs/sizing.md's formula: users × per user per hour × peak ÷ 3600.
     assert_eq!(v["derived_rate"], 100.0);
     assert_eq!(
         v["formula"],

@@ -233,10 +233,24 @@ async fn the_fail2ban_filter_matches_the_refused_sources_and_only_those() {
         for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.66"] {
             assert!(text.contains(ip), "{ip} not logged:\n{text}");
         }
-        // Only the sources' own doing bans: over their limit, or deny-listed. A full server
-        // (127.0.0.4) is nobody's fault, and an admitted client (127.0.0.3) did nothing.
+        // One refusal a minute is nobody hammering: the shipped filter wants 50 in a line.
         assert_eq!(
             banned(&dir.join("stderr.log")),
+            Vec::<String>::new(),
+            "{text}"
+        );
+        // The same lines with a count of 50: only the sources' own doing bans, over their
+        // limit or deny-listed. A full server (127.0.0.4) is nobody's fault, and an admitted
+        // client (127.0.0.3) did nothing.
+        let many = dir.join("many.log");
+        std::fs::write(
+            &many,
+            text.replace(" count=1 ", " count=50 ")
+                .replace("\"count\":1,", "\"count\":50,"),
+        )
+        .unwrap();
+        assert_eq!(
+            banned(&many),
             vec!["127.0.0.2".to_string(), "127.0.0.66".to_string()],
             "format {format}, journal {journal}:\n{text}"
         );
@@ -321,4 +335,191 @@ async fn a_learned_limit_that_moves_more_than_ten_percent_is_logged_with_its_rea
         )],
         "{text}"
     );
+}
+
+/// Returns once `log` has a line containing `needle`, within 30 s.
+async fn wait_for_line(log: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(log).unwrap().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `line` with its leading timestamp replaced by the time `ago` before now (UTC, as mxgate
+/// writes it).
+fn restamped(line: &str, ago: Duration) -> String {
+    let at = std::time::SystemTime::now() - ago;
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{secs}"),
+            "+%Y-%m-%dT%H:%M:%S.000000Z",
+        ])
+        .output()
+        .unwrap();
+    let stamp = String::from_utf8(out.stdout).unwrap();
+    let (_, rest) = line.split_once(' ').unwrap();
+    format!("{} {rest}", stamp.trim())
+}
+
+/// A fail2ban set-up in `dir`: the shipped filter and jail, with the jail enabled on `log`
+/// (polled, not the journal) and a ban action that writes `ban ADDR` to `bans` instead of
+/// touching the firewall. Everything else is the shipped jail's: maxretry, findtime, bantime.
+fn fail2ban_conf(dir: &Path, log: &Path, bans: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fail2ban");
+    for sub in ["filter.d", "jail.d", "action.d"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    for file in ["filter.d/mxgate.conf", "jail.d/mxgate.conf"] {
+        std::fs::copy(root.join(file), dir.join(file)).unwrap();
+    }
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+    write(
+        "fail2ban.conf",
+        format!(
+            "[Definition]\nloglevel = INFO\nlogtarget = {d}/fail2ban.log\nsocket = {d}/f2b.sock\n\
+             pidfile = {d}/f2b.pid\ndbfile = :memory:\n",
+            d = dir.display()
+        ),
+    );
+    write("jail.conf", "[DEFAULT]\n".into());
+    write(
+        "action.d/logban.conf",
+        format!(
+            "[Definition]\nactionstart =\nactionstop =\nactioncheck =\n\
+             actionban = echo ban <ip> >> {}\nactionunban =\n",
+            bans.display()
+        ),
+    );
+    write(
+        "jail.d/zz-test.local",
+        format!(
+            "[mxgate]\nenabled = true\nbackend = polling\nlogpath = {}\naction = logban\n\
+             ignoreself = false\nignoreip =\n",
+            log.display()
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_fail2ban_bans_a_hammering_source_and_not_a_bulk_sender() {
+    if !require_tool("fail2ban-server") {
+        return;
+    }
+    let dir = temp_dir("fail2ban-server");
+    // Real lines: 127.0.0.2 reconnects 60 times past its limit, 127.0.0.3 (a bulk sender
+    // opening a few past the limit) 10 times.
+    let backend = GreetingBackend::start().await;
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.join("stderr.log");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let flags = ["--max-per-source", "1", "--queue-timeout", "0"];
+    let mut cmd = mxgate_command(backend.addr, listen, &flags);
+    cmd.env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("JOURNAL_STREAM")
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+    let child = spawn_ready(&mut cmd, &notify);
+    let held = [
+        expect_admitted("127.0.0.2", listen).await,
+        expect_admitted("127.0.0.3", listen).await,
+    ];
+    // The lines are written on a 10 s tick: the burst starts right after one (a refusal of
+    // 127.0.0.9 seen in the log), so each source's refusals fall in one line.
+    let third = expect_admitted("127.0.0.9", listen).await;
+    expect_refusal("127.0.0.9", listen, SOURCE_LINE).await;
+    wait_for_line(&log, "source refused source=127.0.0.9 ").await;
+    for (source, times) in [("127.0.0.2", 60), ("127.0.0.3", 10)] {
+        for _ in 0..times {
+            expect_refusal(source, listen, SOURCE_LINE).await;
+        }
+    }
+    wait_for_line(&log, "source refused source=127.0.0.3 ").await;
+    drop((held, third));
+    stop(child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line_of = |source: &str| -> String {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("source refused source={source} ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{source}:\n{text}");
+        lines[0].to_string()
+    };
+    let (hammer, bulk) = (line_of("127.0.0.2"), line_of("127.0.0.3"));
+    assert!(
+        hammer.ends_with("reason=source_limit count=60 window_secs=60"),
+        "{hammer}"
+    );
+    assert!(
+        bulk.ends_with("reason=source_limit count=10 window_secs=60"),
+        "{bulk}"
+    );
+
+    // mxgate writes one such line a minute per source: five minutes of each, stamped a minute
+    // apart within the jail's findtime, the bulk sender's first.
+    let feed = dir.join("feed.log");
+    let mut lines = Vec::new();
+    for line in [&bulk, &hammer] {
+        for minute in (0..5).rev() {
+            lines.push(restamped(line, Duration::from_secs(60 * minute)));
+        }
+    }
+    std::fs::write(&feed, lines.join("\n") + "\n").unwrap();
+    let conf = dir.join("conf");
+    let bans = dir.join("bans.log");
+    fail2ban_conf(&conf, &feed, &bans);
+    let server = Command::new("fail2ban-server")
+        .args(["-f", "-x", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("server.err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Kill(server);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let banned = loop {
+        let b = std::fs::read_to_string(&bans).unwrap_or_default();
+        if !b.is_empty() {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ban within 60 s: {}",
+            std::fs::read_to_string(conf.join("fail2ban.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(banned, "ban 127.0.0.2\n");
+    let status = Command::new("fail2ban-client")
+        .arg("-c")
+        .arg(&conf)
+        .args(["status", "mxgate"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    // The bulk sender's lines were read first and matched none; the hammering source's five
+    // all matched, and it alone is banned.
+    assert!(status.contains("Total failed:\t5"), "{status}");
+    assert!(status.contains("Banned IP list:\t127.0.0.2\n"), "{status}");
+    drop(server);
 }

@@ -308,6 +308,9 @@ fn deb_installs_every_file_and_purges() {
         "/usr/share/zsh/vendor-completions/_mxgate",
         "/usr/share/fish/vendor_completions.d/mxgate.fish",
         "/usr/share/doc/mxgate/mxgate-alerts.yml",
+        "/usr/share/doc/mxgate/docs/configuration.md",
+        "/etc/fail2ban/jail.d/mxgate.conf",
+        "/etc/fail2ban/filter.d/mxgate.conf",
     ]
     .into_iter()
     .chain(MAN_PAGES)
@@ -315,12 +318,31 @@ fn deb_installs_every_file_and_purges() {
         assert!(Path::new(f).exists(), "{f} installed");
     }
     let conffiles = ok(&run("dpkg-query", &["-W", "-f=${Conffiles}", "mxgate"]));
-    assert!(conffiles.contains("/etc/mxgate/mxgate.toml"), "{conffiles}");
+    for conffile in [
+        "/etc/mxgate/mxgate.toml",
+        "/etc/fail2ban/jail.d/mxgate.conf",
+        "/etc/fail2ban/filter.d/mxgate.conf",
+    ] {
+        assert!(conffiles.contains(conffile), "{conffile}: {conffiles}");
+    }
     ok(&run("getent", &["passwd", "mxgate"]));
-    let check = ok(&run(
-        "/usr/bin/mxgate",
-        &["check", "--config", "/etc/mxgate/mxgate.toml"],
-    ));
+    let conf = "/etc/mxgate/mxgate.toml";
+    readable_by_root_and_mxgate_only(conf);
+    // The shipped backend is a placeholder: check (and so ExecStartPre) refuses it, saying
+    // what to do; once the operator sets it, the file passes.
+    let refused = run("/usr/bin/mxgate", &["check", "--config", conf]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("key `backend`"), "{why}");
+    assert!(
+        why.contains("set backend to your mail server's HOST:PORT"),
+        "{why}"
+    );
+    let set = std::fs::read_to_string(conf)
+        .unwrap()
+        .replace("exchange.example.invalid:2526", "127.0.0.1:2526");
+    std::fs::write(conf, &set).unwrap();
+    let check = ok(&run("/usr/bin/mxgate", &["check", "--config", conf]));
     assert!(check.contains("max_per_source = 20"), "{check}");
     let verify = run(
         "systemd-analyze",
@@ -358,17 +380,18 @@ fn deb_installs_every_file_and_purges() {
 
     // An upgrade (the same version over itself runs the same path: prerm upgrade, unpack,
     // postinst configure <old version>) keeps the operator's edit of the conffile.
-    let conf = "/etc/mxgate/mxgate.toml";
     let edited = std::fs::read_to_string(conf).unwrap().replace(
-        "max_per_source = 20",
+        "#max_per_source = 20",
         "max_per_source = 21 # the operator's",
     );
+    assert_ne!(edited, set);
     std::fs::write(conf, &edited).unwrap();
     let upgrade = ok(&run("dpkg", &["-i", deb.to_str().unwrap()]));
     assert!(upgrade.contains("over (0."), "an upgrade: {upgrade}");
     assert_eq!(std::fs::read_to_string(conf).unwrap(), edited);
     let check = ok(&run("/usr/bin/mxgate", &["check", "--config", conf]));
     assert!(check.contains("max_per_source = 21"), "{check}");
+    readable_by_root_and_mxgate_only(conf);
     ok(&run("getent", &["passwd", "mxgate"]));
     assert!(!Path::new(SERVICE_WANTS).exists(), "still not enabled");
     assert!(!Path::new(SOCKET_WANTS).exists(), "still not enabled");
@@ -377,6 +400,17 @@ fn deb_installs_every_file_and_purges() {
     assert!(!Path::new("/usr/bin/mxgate").exists());
     assert!(!Path::new("/etc/mxgate/mxgate.toml").exists());
     assert!(!Path::new(SERVICE_WANTS).exists());
+}
+
+/// The config may hold a Redis password: 0640, root:mxgate.
+fn readable_by_root_and_mxgate_only(path: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o640, "{path}");
+    assert_eq!(meta.uid(), 0, "{path}");
+    let group = ok(&run("getent", &["group", "mxgate"]));
+    let gid: u32 = group.split(':').nth(2).unwrap().trim().parse().unwrap();
+    assert_eq!(meta.gid(), gid, "{path}");
 }
 
 const MAN_PAGES: [&str; 7] = [

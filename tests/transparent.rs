@@ -85,7 +85,7 @@ impl Lab {
             "via",
             "198.51.100.1",
         ]);
-        // The README's recipe, on the mxgate host: marked packets are delivered locally.
+        // The recipe of docs/deploy-exchange.md, on the mxgate host: marked packets are delivered locally.
         sh(&["ip", "-n", m, "rule", "add", "fwmark", "1", "lookup", "100"]);
         sh(&[
             "ip",

@@ -166,8 +166,8 @@ pub fn transparent_preflight(backend: SocketAddr) -> anyhow::Result<()> {
             {
                 tracing::warn!(
                     "transparent mode: no `ip rule ... fwmark ... lookup ...` policy rule; replies \
-                     from the backend to client addresses will not reach mxgate (see the README's \
-                     routing recipe)"
+                     from the backend to client addresses will not reach mxgate (see the routing \
+                     recipe in docs/deploy-exchange.md)"
                 );
             }
         }

@@ -19,6 +19,7 @@ async fn joined(
     let (server, url) = script::tests::server_url()?;
     let config = ClusterConfig {
         redis: url,
+        password_file: None,
         name: "t".into(),
         instance: "a".into(),
         lease_ttl: Duration::from_secs(3),

@@ -24,9 +24,9 @@ pub use validate::redact;
 pub use value::{
     BackendSpec, ByteSize, Cidr, Dur, HostPort, ListenAddr, MetricsAddr, Rate, ReplyText,
 };
-pub use warnings::warnings;
+pub use warnings::{file_warnings, warnings};
 
-/// Defaults, quoted by the README. Exchange's MaxInboundConnectionPerSource is 20.
+/// Defaults, quoted by the generated reference (docs/configuration.md). Exchange's MaxInboundConnectionPerSource is 20.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:25";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 pub const DEFAULT_MAX_PER_SOURCE: usize = 20;
@@ -96,8 +96,11 @@ pub enum LogFormat {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
-    /// Fewest active sessions relative to weight; ties taken in turn.
+    /// Fewest active sessions relative to weight; ties taken in turn. The flag's spelling
+    /// (`least-connections`) and the key's (`least_connections`) are both accepted, either way.
     #[default]
+    #[serde(alias = "least-connections")]
+    #[value(alias = "least_connections")]
     LeastConnections,
     /// The first healthy backend with room, in config order (strict failover).
     First,
@@ -244,6 +247,9 @@ pub struct Config {
     /// Where learned backend limits are kept across restarts; `None`: not kept.
     pub state_dir: Option<std::path::PathBuf>,
     pub dry_run: bool,
+    /// Whether the backend may relay for mxgate's own address: with `false` the operator says
+    /// it does not, and the relay warning is not given.
+    pub backend_trusts_mxgate: bool,
     /// Whether the metrics listener serves the live view, which names client addresses.
     pub status: bool,
     pub networks: Vec<NetworkRule>,
@@ -255,8 +261,11 @@ pub struct Config {
 /// A validated `[cluster]` table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterConfig {
-    /// The Redis URL, as given (it may carry a password: never logged).
+    /// The Redis URL, with the password from `password_file` put in (it may carry a password:
+    /// never logged).
     pub redis: String,
+    /// Where the password came from, if not from the URL.
+    pub password_file: Option<PathBuf>,
     pub name: String,
     pub instance: String,
     pub lease_ttl: Duration,
@@ -393,6 +402,7 @@ impl Config {
             adaptive_initial: Some(self.adaptive_initial),
             state_dir: Some(self.state_dir.clone().unwrap_or_default()),
             dry_run: Some(self.dry_run),
+            backend_trusts_mxgate: Some(self.backend_trusts_mxgate),
             status: Some(self.status),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
@@ -402,6 +412,7 @@ impl Config {
                 .as_ref()
                 .map_or_else(ClusterSettings::default, |c| ClusterSettings {
                     redis: Some(redact(&c.redis)),
+                    password_file: c.password_file.clone(),
                     name: Some(c.name.clone()),
                     instance: Some(c.instance.clone()),
                     lease_ttl: Some(Dur(c.lease_ttl)),

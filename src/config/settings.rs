@@ -33,7 +33,8 @@ pub struct Settings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendSpec>,
 
-    /// How new sessions are spread over several backends [default: least-connections]
+    /// How new sessions are spread over several backends: least_connections (also spelt
+    /// least-connections) or first [default: least_connections]
     #[arg(long, value_name = "POLICY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balance: Option<Balance>,
@@ -146,23 +147,24 @@ pub struct Settings {
     pub drain_timeout: Option<Dur>,
 
     /// Connect to the backend from the client's own address (IP_TRANSPARENT; needs
-    /// CAP_NET_ADMIN and policy routing, see the README)
+    /// CAP_NET_ADMIN and policy routing, see docs/deploy-exchange.md) [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent: Option<bool>,
 
-    /// With --transparent, keep the client's source port as well
+    /// With --transparent, keep the client's source port as well [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent_port: Option<bool>,
 
     /// Send a PROXY protocol header (v1 or v2) to the backend before any client byte
+    /// [default: none]
     #[arg(long, value_name = "VERSION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 
     /// Networks of upstream load balancers that send a PROXY protocol header; repeatable.
-    /// When set, every connection must come from one of them and carry a header
+    /// When set, every connection must come from one of them and carry a header [default: none]
     #[arg(long, value_name = "CIDR")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_proxy_protocol: Vec<Cidr>,
@@ -182,12 +184,12 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
 
-    /// Network exempt from the per-source and rate limits; repeatable
+    /// Network exempt from the per-source and rate limits; repeatable [default: none]
     #[arg(long, value_name = "CIDR")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<Cidr>,
 
-    /// Network greeted with 554 and never forwarded; repeatable
+    /// Network greeted with 554 and never forwarded; repeatable [default: none]
     #[arg(long, value_name = "CIDR")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<Cidr>,
@@ -226,9 +228,18 @@ pub struct Settings {
     pub reserved_for_allowed: Option<usize>,
 
     /// Evaluate every limit and count would-be rejections, but forward every connection
+    /// [default: false]
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
+
+    /// Whether the backend may trust mxgate's own address for relaying. Leave it true until
+    /// the backend's relay trust (Postfix mynetworks, an Exchange receive connector's
+    /// RemoteIPRanges) is scoped so that connections from mxgate are not trusted; then set
+    /// false to silence the open-relay warning [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_trusts_mxgate: Option<bool>,
 
     /// Serve the live view (`/status` and the page at `/`) on the metrics listener; it shows
     /// client addresses [default: true]
@@ -257,7 +268,8 @@ pub struct Settings {
 #[derive(Clone, Debug, Default, PartialEq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
-    /// Share the limits with other instances through this Redis: redis://HOST:PORT/DB
+    /// Share the limits with other instances through this Redis: redis://HOST:PORT/DB, or
+    /// unix:///PATH?db=N [default: none, each instance counts alone]
     #[arg(long = "cluster-redis", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
@@ -266,6 +278,13 @@ pub struct ClusterSettings {
     #[arg(long = "cluster-name", value_name = "NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+
+    /// A file holding the Redis password (one line), kept out of the URL and of the config
+    /// file. A bare name is a systemd credential: `$CREDENTIALS_DIRECTORY/NAME`, as
+    /// `LoadCredential=NAME:/path` in the unit provides it [default: none]
+    #[arg(long = "cluster-password-file", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<std::path::PathBuf>,
 
     /// This instance's name in the cluster; unique per host [default: the system host name]
     #[arg(long = "cluster-instance", value_name = "NAME")]
@@ -301,6 +320,7 @@ impl ClusterSettings {
         }
         take!(
             redis,
+            password_file,
             name,
             instance,
             lease_ttl,
@@ -395,6 +415,7 @@ impl Settings {
             adaptive_initial,
             state_dir,
             dry_run,
+            backend_trusts_mxgate,
             status,
             replies
         );

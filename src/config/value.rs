@@ -104,6 +104,13 @@ impl FromStr for HostPort {
         if !s.contains(':') {
             return Err(format!("invalid address {s:?}: expected HOST:PORT"));
         }
+        if is_placeholder(s) {
+            return Err(format!(
+                "{s:?} is a placeholder under the reserved .invalid domain, which never \
+                 resolves: set backend to your mail server's HOST:PORT (for Exchange, the \
+                 address and port of its Internet-facing receive connector)"
+            ));
+        }
         let addr = s
             .to_socket_addrs()
             .map_err(|e| format!("invalid address {s:?}: {e}"))?
@@ -114,6 +121,14 @@ impl FromStr for HostPort {
             addr,
         })
     }
+}
+
+/// Whether `host:port` names a host under `.invalid` (RFC 2606): the shipped config's
+/// placeholder, which must never pass for a configured backend.
+fn is_placeholder(host_port: &str) -> bool {
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "invalid" || host.ends_with(".invalid")
 }
 
 impl fmt::Display for HostPort {

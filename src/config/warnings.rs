@@ -25,7 +25,7 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
             }
         }
     }
-    if !config.transparent && config.proxy_protocol.is_none() {
+    if config.backend_trusts_mxgate && !config.transparent && config.proxy_protocol.is_none() {
         for b in &config.backends {
             let ip = b.address.addr.ip().to_canonical();
             if is_local_or_private(ip) {
@@ -34,7 +34,9 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
                      which mail servers commonly trust for relaying (Postfix's default \
                      mynetworks, Exim's relay_from_hosts, an Exchange receive connector whose \
                      RemoteIPRanges includes it): set proxy_protocol or transparent, or make \
-                     sure the backend does not trust that address (see the README)",
+                     sure the backend does not trust that address and then set \
+                     backend_trusts_mxgate = false (see docs/security.md, installed in \
+                     /usr/share/doc/mxgate/)",
                     b.address,
                     if ip.is_loopback() || ip.is_unspecified() {
                         "loopback"
@@ -44,6 +46,36 @@ pub fn warnings(config: &Config, listen: &[SocketAddr]) -> Vec<String> {
                 ));
             }
         }
+    }
+    out
+}
+
+/// Warnings about the config file itself: a Redis password that every local user can read,
+/// in the file's `cluster.redis` URL or in the `cluster.password_file` it names.
+pub fn file_warnings(path: &std::path::Path, config: &Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let world_readable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+    };
+    let mut out = Vec::new();
+    let Some(cluster) = &config.cluster else {
+        return out;
+    };
+    match &cluster.password_file {
+        Some(file) if file.is_absolute() && world_readable(file) => out.push(format!(
+            "cluster.password_file {} is readable by every user: chmod 0640 it, owned by \
+             root:mxgate",
+            file.display()
+        )),
+        None if super::redact(&cluster.redis) != cluster.redis && world_readable(path) => {
+            out.push(format!(
+                "config file {} is readable by every user and its cluster.redis URL holds the \
+                 Redis password: chmod 0640 the file (root:mxgate), or move the password to \
+                 cluster.password_file",
+                path.display()
+            ))
+        }
+        _ => {}
     }
     out
 }
@@ -117,6 +149,44 @@ mod tests {
                 "{safe}"
             );
         }
+    }
+
+    #[test]
+    fn a_backend_that_does_not_trust_mxgate_settles_the_relay_warning() {
+        let listen = addrs(&["0.0.0.0:25"]);
+        let trusting = config("backend = \"127.0.0.1:2525\"\nbackend_trusts_mxgate = true");
+        let w = warnings(&trusting, &listen);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("backend_trusts_mxgate = false"), "{w:?}");
+        let scoped = config("backend = \"127.0.0.1:2525\"\nbackend_trusts_mxgate = false");
+        assert_eq!(warnings(&scoped, &listen), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_password_every_user_can_read_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mxgate-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mxgate.toml");
+        let text = "backend = \"127.0.0.1:2525\"\nhostname = \"mx.t\"\n[cluster]\n\
+                    instance = \"a\"\nredis = \"redis://:pw@127.0.0.1:6379/0\"\n";
+        std::fs::write(&file, text).unwrap();
+        let c = Settings::from_toml(text).unwrap().validate(None).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = file_warnings(&file, &c);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("readable by every user"), "{w:?}");
+        assert!(
+            !w[0].contains("pw@"),
+            "the password itself is never printed: {w:?}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(file_warnings(&file, &c), Vec::<String>::new());
+        // Without a password in the URL, a readable file is fine.
+        let plain = config("backend = \"127.0.0.1:2525\"");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(file_warnings(&file, &plain), Vec::<String>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -25,7 +25,7 @@ const QUEUE_WAIT_BUCKETS: &[f64] = &[
 ];
 
 /// Every metric family mxgate exports, with its unit and HELP text.
-pub(super) const HELP: &[(&str, Option<Unit>, &str)] = &[
+pub const HELP: &[(&str, Option<Unit>, &str)] = &[
     (
         "mxgate_cluster_connected",
         None,
@@ -214,35 +214,24 @@ pub(super) const HELP: &[(&str, Option<Unit>, &str)] = &[
     ),
 ];
 
+/// Every histogram family and its buckets: the recorder sets them, the reference prints them.
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[
+    ("mxgate_backend_connect_seconds", CONNECT_BUCKETS),
+    ("mxgate_backend_greeting_seconds", CONNECT_BUCKETS),
+    ("mxgate_cluster_admission_seconds", CONNECT_BUCKETS),
+    ("mxgate_session_duration_seconds", SESSION_BUCKETS),
+    ("mxgate_queue_wait_seconds", QUEUE_WAIT_BUCKETS),
+];
+
 /// A recorder with every histogram's buckets set and every family's HELP text described.
 pub(super) fn recorder() -> PrometheusRecorder {
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("mxgate_backend_connect_seconds".into()),
-            CONNECT_BUCKETS,
-        )
-        .expect("non-empty buckets")
-        .set_buckets_for_metric(
-            Matcher::Full("mxgate_backend_greeting_seconds".into()),
-            CONNECT_BUCKETS,
-        )
-        .expect("non-empty buckets")
-        .set_buckets_for_metric(
-            Matcher::Full("mxgate_cluster_admission_seconds".into()),
-            CONNECT_BUCKETS,
-        )
-        .expect("non-empty buckets")
-        .set_buckets_for_metric(
-            Matcher::Full("mxgate_session_duration_seconds".into()),
-            SESSION_BUCKETS,
-        )
-        .expect("non-empty buckets")
-        .set_buckets_for_metric(
-            Matcher::Full("mxgate_queue_wait_seconds".into()),
-            QUEUE_WAIT_BUCKETS,
-        )
-        .expect("non-empty buckets")
-        .build_recorder();
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in HISTOGRAMS {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full((*name).into()), buckets)
+            .expect("non-empty buckets");
+    }
+    let recorder = builder.build_recorder();
     // Every family's HELP text, in one place (`describe_*` all fill the same table).
     for (name, unit, help) in HELP {
         recorder.describe_counter((*name).into(), *unit, (*help).into());

@@ -18,8 +18,8 @@ use metrics_exporter_prometheus::{PrometheusHandle, PrometheusRecorder};
 
 use crate::reason::RejectReason;
 
-mod families;
-mod process;
+pub mod families;
+pub mod process;
 
 /// How often recorded histogram samples are folded into buckets, scraped or not.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);

@@ -33,7 +33,7 @@ use crate::config::ReplyOverrides;
 use crate::reason::RejectReason;
 
 /// The reply templates; `{hostname}` is replaced by the configured host name.
-fn default_template(reason: RejectReason) -> &'static str {
+pub fn default_template(reason: RejectReason) -> &'static str {
     match reason {
         // A wait in the queue that ends without a slot is the same answer as a full server.
         RejectReason::GlobalLimit | RejectReason::QueueTimeout | RejectReason::QueueFull => {

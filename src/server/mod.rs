@@ -12,9 +12,8 @@
 //!
 //! A reload (`reload`) swaps the policy, replies, backend and timeouts for new connections at
 //! once. Sessions already forwarding are never cut and keep their slots. Settings that would
-//! need new sockets, threads, a new forwarder or a new security check (listen, metrics,
-//! forwarding, pipe_size, threads, log_format, transparent, transparent_port) keep their old
-//! values in force, with a warning naming each.
+//! need new sockets, threads, a new forwarder or a new security check ([`RESTART_ONLY`]) keep
+//! their old values in force, with a warning naming each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,8 +42,8 @@ mod reload;
 use accept::{worker_count, AcceptLoop, Workers};
 
 use gate::{Gate, Live};
-pub use reload::keep_restart_only;
 use reload::set_limit_gauges;
+pub use reload::{keep_restart_only, RESTART_ONLY};
 
 /// A running mxgate instance.
 pub struct Running {

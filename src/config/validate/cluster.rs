@@ -21,8 +21,12 @@ pub(super) fn cluster(c: &ClusterSettings) -> Result<Option<ClusterConfig>, Bad>
             format!("{:?} is not a redis:// or unix:// URL", redact(redis)),
         ));
     }
+    let redis = match &c.password_file {
+        Some(file) => with_password(redis, &read_password(file)?)?,
+        None => redis.clone(),
+    };
     if let Err(e) = redis::Client::open(redis.as_str()) {
-        return Err(bad("cluster.redis", format!("{:?}: {e}", redact(redis))));
+        return Err(bad("cluster.redis", format!("{:?}: {e}", redact(&redis))));
     }
     let name = c
         .name
@@ -77,13 +81,78 @@ pub(super) fn cluster(c: &ClusterSettings) -> Result<Option<ClusterConfig>, Bad>
         ));
     }
     Ok(Some(ClusterConfig {
-        redis: redis.clone(),
+        redis,
+        password_file: c.password_file.clone(),
         name,
         instance,
         lease_ttl,
         fallback_share,
         admission_timeout,
     }))
+}
+
+/// The password in `file`: its first line. A bare name (no `/`) is a systemd credential, read
+/// from `$CREDENTIALS_DIRECTORY`, which `LoadCredential=` sets for the service alone.
+fn read_password(file: &Path) -> Result<String, Bad> {
+    const KEY: &str = "cluster.password_file";
+    let path = if file.components().count() == 1 && file.is_relative() {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+            bad(
+                KEY,
+                format!(
+                    "{:?} is a credential name, but CREDENTIALS_DIRECTORY is not set (give \
+                     an absolute path, or LoadCredential={}:/path in the unit)",
+                    file.display().to_string(),
+                    file.display()
+                ),
+            )
+        })?;
+        PathBuf::from(dir).join(file)
+    } else {
+        file.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| bad(KEY, format!("{}: {e}", path.display())))?;
+    let password = text.lines().next().unwrap_or("").to_string();
+    if password.is_empty() {
+        return Err(bad(
+            KEY,
+            format!("{}: the first line is empty", path.display()),
+        ));
+    }
+    Ok(password)
+}
+
+/// `url` with `password` put in: the user part of a `redis://` URL (percent-encoded), or
+/// `pass=` for a `unix://` socket. A URL that has a password already is an error: two sources
+/// for one secret would leave the operator guessing which one is used.
+fn with_password(url: &str, password: &str) -> Result<String, Bad> {
+    if redact(url) != url {
+        return Err(bad(
+            "cluster.password_file",
+            "the redis URL has a password already: remove it from the URL",
+        ));
+    }
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Ok(match url.strip_prefix("unix://") {
+        Some(rest) => {
+            let sep = if rest.contains('?') { '&' } else { '?' };
+            format!("unix://{rest}{sep}pass={encoded}")
+        }
+        None => {
+            let rest = url.strip_prefix("redis://").unwrap_or(url);
+            format!("redis://:{encoded}@{rest}")
+        }
+    })
 }
 
 /// A name that goes into Redis keys: printable, no separator, not empty.
@@ -128,4 +197,83 @@ pub fn redact(url: &str) -> String {
         out.push_str(&parts.join("&"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::Settings;
+
+    fn cluster(table: &str) -> Result<super::ClusterConfig, String> {
+        Settings::from_toml(&format!(
+            "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\n[cluster]\ninstance = \"a\"\n{table}"
+        ))
+        .unwrap()
+        .validate(None)
+        .map(|c| c.cluster.expect("a cluster"))
+        .map_err(|e| e.to_string())
+    }
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("mxgate-pw-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_password_comes_from_its_file_and_never_twice() {
+        let d = dir("file");
+        let file = d.join("redis-password");
+        std::fs::write(&file, "p@ss w/rd\n").unwrap();
+        let c = cluster(&format!(
+            "redis = \"redis://127.0.0.1:6379/0\"\npassword_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.redis, "redis://:p%40ss%20w%2Frd@127.0.0.1:6379/0");
+        let unix = cluster(&format!(
+            "redis = \"unix:///run/redis.sock?db=1\"\npassword_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(
+            unix.redis,
+            "unix:///run/redis.sock?db=1&pass=p%40ss%20w%2Frd"
+        );
+        let twice = cluster(&format!(
+            "redis = \"redis://:old@127.0.0.1:6379/0\"\npassword_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            twice.contains("key `cluster.password_file`: the redis URL has a password already"),
+            "{twice}"
+        );
+        std::fs::write(&file, "\n").unwrap();
+        let empty = cluster(&format!(
+            "redis = \"redis://127.0.0.1:6379/0\"\npassword_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(empty.contains("the first line is empty"), "{empty}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_bare_name_is_a_systemd_credential() {
+        let d = dir("cred");
+        std::fs::write(d.join("redis"), "from-systemd").unwrap();
+        let table = "redis = \"redis://127.0.0.1:6379/0\"\npassword_file = \"redis\"\n";
+        // The only test that sets or reads this variable.
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        let unset = cluster(table).unwrap_err();
+        assert!(
+            unset.contains("CREDENTIALS_DIRECTORY is not set"),
+            "{unset}"
+        );
+        std::env::set_var("CREDENTIALS_DIRECTORY", &d);
+        let c = cluster(table).unwrap();
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        assert_eq!(c.redis, "redis://:from-systemd@127.0.0.1:6379/0");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

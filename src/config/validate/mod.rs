@@ -72,6 +72,7 @@ impl Settings {
             allow: limits.allow,
             deny: limits.deny,
             dry_run: self.dry_run.unwrap_or(false),
+            backend_trusts_mxgate: self.backend_trusts_mxgate.unwrap_or(true),
             status: self.status.unwrap_or(true),
             networks: self.networks,
             hostname,

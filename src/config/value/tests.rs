@@ -112,3 +112,23 @@ fn host_names() {
         assert!(validate_hostname(bad).is_err(), "{bad:?} must be rejected");
     }
 }
+
+#[test]
+fn a_backend_under_invalid_is_refused_with_what_to_do() {
+    for placeholder in [
+        "exchange.example.invalid:2526",
+        "EXCHANGE.EXAMPLE.INVALID:25",
+        "mail.invalid.:25",
+        "invalid:25",
+    ] {
+        let e = placeholder.parse::<HostPort>().unwrap_err();
+        assert!(
+            e.contains("set backend to your mail server's HOST:PORT"),
+            "{placeholder}: {e}"
+        );
+    }
+    // Loopback and literal backends, as in the tests and the sink examples, stay valid.
+    for fine in ["127.0.0.1:2526", "[::1]:2526", "localhost:2526"] {
+        assert!(fine.parse::<HostPort>().is_ok(), "{fine}");
+    }
+}
