@@ -114,7 +114,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         format!(
             "{common}listen = [\"{listen_b}\"]\nmetrics = \"{metrics_b}\"\nforwarding = \"splice\"\n\
              pipe_size = \"1MiB\"\nthreads = 2\nlog_format = \"json\"\ntransparent = true\n\
-             transparent_port = true\n[cluster]\nredis = \"redis://127.0.0.1:9/0\"\n\
+             transparent_port = true\nstate_dir = \"/nonexistent/mxgate-state\"\n[cluster]\nredis = \"redis://127.0.0.1:9/0\"\n\
              instance = \"reload-test\"\n"
         ),
     )
