@@ -96,5 +96,8 @@ async fn swaks_passes_the_pregreet_test_and_delivers_through_the_rewritten_greet
     let (ok, out) = swaks("127.0.0.21", at).await;
     assert!(ok && !out.contains("220-mx.test"), "{out}");
     let m = scrape(mx.metrics_addr().unwrap()).await;
-    assert_eq!(metric(&m, "mxgate_pregreet_total{result=\"cached_pass\"}"), 1.0);
+    assert_eq!(
+        metric(&m, "mxgate_pregreet_total{result=\"cached_pass\"}"),
+        1.0
+    );
 }
