@@ -8,6 +8,7 @@
 //! | flags, file, validation, warnings | [`config`] |
 //! | where a connection is admitted: counts and limits | [`admission`], with [`policy`] (lists, per-network rules, rates) |
 //! | where a client waits for a slot, fair between sources | [`queue`] |
+//! | the pregreet test (bots that speak first) and its cache | [`pregreet`] |
 //! | why mxgate answered a client itself | [`reason`] |
 //! | where a refusal is written and its connection closed | [`reply`] |
 //! | where bytes move (splice, copy) | [`forward`] |
@@ -36,6 +37,7 @@ pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod pregreet;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod reason;

@@ -29,10 +29,13 @@ pub enum RejectReason {
     /// The capacity was full and the queue already held `max_queued`. Answered with the
     /// global-limit reply.
     QueueFull,
+    /// The client spoke before its turn in the pregreet test, now or within
+    /// `pregreet_fail_ttl` before.
+    Pregreet,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::GlobalLimit,
         RejectReason::SourceLimit,
         RejectReason::BackendUnavailable,
@@ -43,6 +46,7 @@ impl RejectReason {
         RejectReason::BadProxyHeader,
         RejectReason::QueueTimeout,
         RejectReason::QueueFull,
+        RejectReason::Pregreet,
     ];
 
     /// The `reason` label value, which dashboards depend on.
@@ -58,6 +62,7 @@ impl RejectReason {
             RejectReason::BadProxyHeader => "bad_proxy_header",
             RejectReason::QueueTimeout => "queue_timeout",
             RejectReason::QueueFull => "queue_full",
+            RejectReason::Pregreet => "pregreet",
         }
     }
 }

@@ -70,3 +70,34 @@ async fn swaks_through_mxgate_to_smtp_sink() {
     assert_eq!(metric(&m, "mxgate_connections_accepted_total"), 3.0);
     assert_eq!(metric(&m, "mxgate_connections_active"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaks_passes_the_pregreet_test_and_delivers_through_the_rewritten_greeting() {
+    if !require_tool("swaks") {
+        return;
+    }
+    let Some(sink) = SmtpSink::start(&[]).await else {
+        return;
+    };
+    let mut c = config(sink.addr);
+    c.pregreet.action = mxgate::config::Pregreet::Drop;
+    c.pregreet.wait = std::time::Duration::from_millis(300);
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let (ok, out) = swaks("127.0.0.21", at).await;
+    assert!(ok, "swaks failed:\n{out}");
+    // The teaser, then smtp-sink's own greeting as the reply's last line.
+    assert!(out.contains("<-  220-mx.test ESMTP"), "{out}");
+    assert!(out.contains("<-  220 "), "{out}");
+    assert!(out.contains("<-  250 2.0.0 Ok"), "delivered:\n{out}");
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    assert_eq!(metric(&m, "mxgate_pregreet_total{result=\"pass\"}"), 1.0);
+    // Cached: a second message has no teaser.
+    let (ok, out) = swaks("127.0.0.21", at).await;
+    assert!(ok && !out.contains("220-mx.test"), "{out}");
+    let m = scrape(mx.metrics_addr().unwrap()).await;
+    assert_eq!(
+        metric(&m, "mxgate_pregreet_total{result=\"cached_pass\"}"),
+        1.0
+    );
+}

@@ -165,8 +165,15 @@ pub fn save(dir: &Path, limits: &BTreeMap<String, Saved>, now: SystemTime) -> st
     };
     let mut text = serde_json::to_string_pretty(&state).map_err(std::io::Error::other)?;
     text.push('\n');
-    let file = path(dir);
-    let temporary = dir.join(format!(".{FILE}.{}", std::process::id()));
+    write_atomic(dir, FILE, &text)
+}
+
+/// Writes `text` as the whole file `name` in `dir`, atomically (a temporary file beside it,
+/// fsync, rename, then the directory's fsync): a reader sees the old file or the new one,
+/// never a part. Shared by every file kept in `state_dir`.
+pub fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let file = dir.join(name);
+    let temporary = dir.join(format!(".{name}.{}", std::process::id()));
     let written = (|| {
         let mut f = std::fs::File::create(&temporary)?;
         f.write_all(text.as_bytes())?;

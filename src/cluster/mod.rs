@@ -54,7 +54,7 @@ use writer::Write;
 const LOG_TARGET: &str = "mxgate::cluster";
 /// The longest a lease refresh, a registration or a batch of releases waits for Redis before
 /// the instance counts it as unreachable.
-const UPKEEP_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const UPKEEP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Outage and recovery lines are logged at most once in this long; the drops in between are
 /// counted in the next line.
 const LOG_EVERY: Duration = Duration::from_secs(60);
@@ -215,6 +215,15 @@ impl Cluster {
 
     fn link(&self) -> Option<Link> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A connection to the cluster's Redis and the cluster's key prefix, while Redis answers:
+    /// for what other modules share through it (the pregreet cache, `crate::pregreet`).
+    pub fn shared_link(&self) -> Option<(MultiplexedConnection, &str)> {
+        if !self.connected() {
+            return None;
+        }
+        self.link().map(|l| (l.conn, self.prefix.as_str()))
     }
 
     /// The cluster-wide figures as Redis gave them at the last refresh.

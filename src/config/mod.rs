@@ -53,6 +53,16 @@ pub const DEFAULT_CLUSTER_NAME: &str = "mxgate";
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_FALLBACK_SHARE: f64 = 0.5;
 pub const DEFAULT_CLUSTER_ADMISSION_TIMEOUT: Duration = Duration::from_millis(50);
+/// The pregreet test's wait, and its wait while clients wait in the queue (postscreen's
+/// `postscreen_greet_wait`, 6 s, and 2 s under stress).
+pub const DEFAULT_PREGREET_WAIT: Duration = Duration::from_secs(6);
+pub const DEFAULT_PREGREET_WAIT_BUSY: Duration = Duration::from_secs(2);
+/// How long a pass is remembered (postscreen's `postscreen_greet_ttl`), and a failure.
+pub const DEFAULT_PREGREET_PASS_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_PREGREET_FAIL_TTL: Duration = Duration::from_secs(600);
+/// The longest pregreet wait: a client waits at most 5 minutes for the greeting (RFC 5321
+/// section 4.5.3.2), and a test that long would only be cut by the client.
+pub const MAX_PREGREET_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most worker threads `threads` may ask for.
@@ -90,6 +100,22 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// What the pregreet test does to a client that speaks before its turn (postscreen's
+/// `postscreen_greet_action`), or `off`: no test at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pregreet {
+    /// No test: the greeting is the backend's own, as before the test existed.
+    #[default]
+    Off,
+    /// Run the test, log and count a failure, and serve the client anyway (a dry run).
+    Ignore,
+    /// Complete the greeting, then answer every command with 550 until QUIT.
+    Enforce,
+    /// Answer 521 and close.
+    Drop,
 }
 
 /// How sessions are spread over several backends.
@@ -256,6 +282,19 @@ pub struct Config {
     pub replies: ReplyOverrides,
     /// Limits shared with other instances through Redis; `None` counts alone.
     pub cluster: Option<ClusterConfig>,
+    /// The pregreet test.
+    pub pregreet: PregreetConfig,
+}
+
+/// The pregreet test's settings, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PregreetConfig {
+    pub action: Pregreet,
+    pub wait: Duration,
+    /// The wait while anyone waits in the queue.
+    pub wait_busy: Duration,
+    pub pass_ttl: Duration,
+    pub fail_ttl: Duration,
 }
 
 /// A validated `[cluster]` table.
@@ -406,6 +445,11 @@ impl Config {
             status: Some(self.status),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
+            pregreet: Some(self.pregreet.action),
+            pregreet_wait: Some(Dur(self.pregreet.wait)),
+            pregreet_wait_busy: Some(Dur(self.pregreet.wait_busy)),
+            pregreet_pass_ttl: Some(Dur(self.pregreet.pass_ttl)),
+            pregreet_fail_ttl: Some(Dur(self.pregreet.fail_ttl)),
             // The password, if the URL has one, is not printed.
             cluster: self
                 .cluster

@@ -222,6 +222,34 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<std::path::PathBuf>,
 
+    /// The pregreet test (postscreen's): mxgate sends `220-{hostname} ESMTP` first and waits;
+    /// a client that speaks before the greeting ends fails. off: no test; ignore: test, log
+    /// and count only; enforce: 550 to every command; drop: 521 and close [default: off]
+    #[arg(long, value_name = "ACTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregreet: Option<crate::config::Pregreet>,
+
+    /// How long the pregreet test watches a new client before the backend is asked
+    /// [default: 6s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregreet_wait: Option<Dur>,
+
+    /// The pregreet test's wait while clients wait in the queue [default: 2s]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregreet_wait_busy: Option<Dur>,
+
+    /// How long a source that passed the pregreet test skips it [default: 24h]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregreet_pass_ttl: Option<Dur>,
+
+    /// How long a source that failed the pregreet test is refused at connect [default: 10m]
+    #[arg(long, value_name = "DUR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregreet_fail_ttl: Option<Dur>,
+
     /// Global slots kept for allowed networks only [default: 0]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -417,7 +445,12 @@ impl Settings {
             dry_run,
             backend_trusts_mxgate,
             status,
-            replies
+            replies,
+            pregreet,
+            pregreet_wait,
+            pregreet_wait_busy,
+            pregreet_pass_ttl,
+            pregreet_fail_ttl
         );
         self
     }

@@ -117,6 +117,16 @@ pub const HELP: &[(&str, Option<Unit>, &str)] = &[
         "Client connections answered by mxgate itself instead of the backend, by reason.",
     ),
     (
+        "mxgate_pregreet_total",
+        None,
+        "Pregreet test results, by result: pass, fail (spoke before its turn), cached_pass and cached_fail (decided by the cache, not tested).",
+    ),
+    (
+        "mxgate_pregreet_cache_entries",
+        None,
+        "Addresses in this instance's pregreet cache (passes and failures not yet expired or swept).",
+    ),
+    (
         "mxgate_bytes_total",
         Some(Unit::Bytes),
         "Bytes forwarded, by direction.",

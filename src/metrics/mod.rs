@@ -36,6 +36,15 @@ pub struct ClusterSeries {
     pub disconnects: Counter,
 }
 
+/// The pregreet test's series.
+pub struct PregreetSeries {
+    pub pass: Counter,
+    pub fail: Counter,
+    pub cached_pass: Counter,
+    pub cached_fail: Counter,
+    pub cache_entries: Gauge,
+}
+
 /// One backend's series, labelled by its configured address (a bounded set).
 pub struct BackendSeries {
     pub limit: Gauge,
@@ -234,6 +243,19 @@ impl Metrics {
             instances: r.register_gauge(&key("mxgate_cluster_instances"), &meta),
             warming: r.register_gauge(&key("mxgate_cluster_warming"), &meta),
             disconnects: r.register_counter(&key("mxgate_cluster_disconnects_total"), &meta),
+        }
+    }
+
+    /// The pregreet test's series.
+    pub fn pregreet(&self) -> PregreetSeries {
+        let r = Registrar::new(&self.recorder);
+        let result = |v: &'static str| r.counter("mxgate_pregreet_total", &[("result", v)]);
+        PregreetSeries {
+            pass: result("pass"),
+            fail: result("fail"),
+            cached_pass: result("cached_pass"),
+            cached_fail: result("cached_fail"),
+            cache_entries: r.gauge("mxgate_pregreet_cache_entries", &[]),
         }
     }
 

@@ -26,7 +26,7 @@ pub const MAX_LINGERING: usize = 1024;
 
 /// How long the reply itself may take to write. It is one short line, so only a client with a
 /// zero window can make it block.
-const WRITE_TIME: Duration = Duration::from_secs(2);
+pub(super) const WRITE_TIME: Duration = Duration::from_secs(2);
 
 /// How many denied clients may be in their 554 dialogue at once. Apart from the lingering
 /// bound: a dialogue lasts up to [`DENY_TIME`], and one denied source must not be able to take
@@ -37,8 +37,8 @@ pub const MAX_DENYING: usize = 256;
 /// Cheap to clone: every clone shares the same bounds.
 #[derive(Clone)]
 pub struct Closer {
-    lingering: Arc<Semaphore>,
-    denying: Arc<Semaphore>,
+    pub(super) lingering: Arc<Semaphore>,
+    pub(super) denying: Arc<Semaphore>,
 }
 
 impl Default for Closer {
@@ -142,7 +142,7 @@ impl Closer {
 
 /// Reads and discards until the client closes, [`LINGER_BYTES`] arrive, or [`LINGER_TIME`]
 /// passes. Without this, unread bytes at close() turn the FIN into an RST.
-async fn drain(stream: &TcpStream) {
+pub(super) async fn drain(stream: &TcpStream) {
     let deadline = Instant::now() + LINGER_TIME;
     let mut seen = 0usize;
     loop {

@@ -53,6 +53,9 @@ impl Door {
         #[cfg(target_os = "linux")]
         let stream = match reason {
             RejectReason::Denied | RejectReason::BadProxyHeader => stream,
+            RejectReason::Pregreet if replies.pregreet == crate::config::Pregreet::Enforce => {
+                stream
+            }
             _ => {
                 let line = replies.line(reason);
                 match self.lingerer.refuse(stream, line) {
@@ -88,6 +91,10 @@ impl Closer {
     pub async fn refuse(&self, client: TcpStream, reason: RejectReason, replies: &Replies) {
         match reason {
             RejectReason::Denied => self.deny(client, replies).await,
+            // A cached failure under `enforce`: greeted, then 550 to every command.
+            RejectReason::Pregreet if replies.pregreet == crate::config::Pregreet::Enforce => {
+                self.enforce(client, &replies.completion, Vec::new()).await
+            }
             // A broken or untrusted upstream gets no SMTP text: it is not an SMTP client.
             RejectReason::BadProxyHeader => drop(client),
             _ => {

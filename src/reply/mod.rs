@@ -8,6 +8,7 @@
 //! | the graceful close (write, half-close, bounded drain) and the deny dialogue | `close` |
 //! | the accept loop's own lingering set (Linux) | `linger` |
 //! | rejection summaries in the log | `summary` |
+//! | the pregreet test's answers: `enforce`'s 550 dialogue, refusals after the teaser | `teased` |
 //! | who was refused: per-source counts for the view, and the per-source (fail2ban) lines | `sources` |
 //!
 //! A reply followed at once by `close()` while unread client bytes remain makes the kernel send
@@ -21,6 +22,7 @@ mod door;
 pub mod linger;
 mod sources;
 mod summary;
+mod teased;
 
 pub use close::{
     Closer, DENY_BYTES, DENY_TIME, LINGER_BYTES, LINGER_TIME, MAX_DENYING, MAX_LINGERING,
@@ -55,6 +57,8 @@ pub fn default_template(reason: RejectReason) -> &'static str {
         RejectReason::Draining => "421 4.3.2 {hostname} Service shutting down, try again later",
         // Sent to nobody: a bad PROXY header comes from a load balancer, and is closed on.
         RejectReason::BadProxyHeader => "421 4.7.0 {hostname} Bad PROXY protocol header",
+        // postscreen's own line after its teaser; a cached failure gets it as its greeting.
+        RejectReason::Pregreet => crate::pregreet::DROP_LINE,
     }
 }
 
@@ -65,6 +69,12 @@ pub struct Replies {
     lines: Vec<Box<[u8]>>,
     /// The answer to QUIT in a denied session.
     bye: Box<[u8]>,
+    /// What the pregreet test does to a client that fails it.
+    pub pregreet: crate::config::Pregreet,
+    /// `220-{hostname} ESMTP`: the pregreet test's teaser.
+    pub teaser: Box<[u8]>,
+    /// `220 {hostname} ESMTP`: the final line that completes the teaser's reply.
+    pub completion: Box<[u8]>,
 }
 
 impl Replies {
@@ -82,7 +92,7 @@ impl Replies {
                     RejectReason::NetworkLimit => &overrides.network_limit,
                     RejectReason::Denied => &overrides.denied,
                     RejectReason::Draining => &overrides.draining,
-                    RejectReason::BadProxyHeader => &None,
+                    RejectReason::BadProxyHeader | RejectReason::Pregreet => &None,
                 };
                 let template = over.as_ref().map_or(default_template(r), |t| t.0.as_str());
                 format!("{}\r\n", template.replace("{hostname}", hostname))
@@ -95,7 +105,16 @@ impl Replies {
             bye: format!("221 2.0.0 {hostname} Bye\r\n")
                 .into_bytes()
                 .into_boxed_slice(),
+            pregreet: crate::config::Pregreet::default(),
+            teaser: crate::pregreet::teaser(hostname).into_boxed_slice(),
+            completion: crate::pregreet::completion(hostname).into_boxed_slice(),
         }
+    }
+
+    /// These replies, with a failed pregreet test answered under `action`.
+    pub fn with_pregreet(mut self, action: crate::config::Pregreet) -> Replies {
+        self.pregreet = action;
+        self
     }
 
     pub fn line(&self, reason: RejectReason) -> &[u8] {

@@ -97,6 +97,8 @@ impl Running {
             let mut summary = tokio::time::interval(crate::reply::SUMMARY_INTERVAL);
             let mut evict = tokio::time::interval(EVICT_INTERVAL);
             let mut upkeep = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+            let mut pregreet = tokio::time::interval(crate::pregreet::store::SAVE_INTERVAL);
+            pregreet.tick().await;
             summary.tick().await;
             evict.tick().await;
             upkeep.tick().await;
@@ -109,6 +111,14 @@ impl Running {
                         gate.metrics.sources_refused.set(gate.sources.refused_sources() as f64);
                     }
                     _ = upkeep.tick() => gate.metrics.upkeep(),
+                    _ = pregreet.tick() => {
+                        gate.pregreet.sweep();
+                        if gate.pregreet.keeps_state() {
+                            let screen = gate.pregreet.clone();
+                            // A file of up to MAX_ENTRIES lines: off the workers' threads.
+                            let _ = tokio::task::spawn_blocking(move || screen.save()).await;
+                        }
+                    }
                     _ = evict.tick() => {
                         for limit in gate.live.load().policy.rate_limits() {
                             limit.evict();

@@ -42,7 +42,10 @@ impl Live {
     ) -> Live {
         Live {
             policy: Policy::new(&config, previous.map(|p| &p.policy), clock),
-            replies: Arc::new(Replies::new(&config.hostname, &config.replies)),
+            replies: Arc::new(
+                Replies::new(&config.hostname, &config.replies)
+                    .with_pregreet(effective_pregreet(&config)),
+            ),
             pool: Pool::new(&config, previous.map(|p| &p.pool), metrics, wake),
             config,
         }
@@ -55,6 +58,15 @@ impl Live {
         !self.config.queue_timeout.is_zero()
             && !self.policy.dry_run
             && self.policy.max_connections > 0
+    }
+}
+
+/// The pregreet action in force: a dry run only counts, as `ignore` does.
+pub(crate) fn effective_pregreet(config: &Config) -> crate::config::Pregreet {
+    use crate::config::Pregreet;
+    match config.pregreet.action {
+        Pregreet::Enforce | Pregreet::Drop if config.dry_run => Pregreet::Ignore,
+        action => action,
     }
 }
 
@@ -99,6 +111,8 @@ pub struct Gate {
     pub(crate) wake: Arc<Wake>,
     /// The limits shared with other instances, when a `[cluster]` is configured.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The pregreet test's cache and counts; here, not in [`Live`], so a reload keeps them.
+    pub(crate) pregreet: Arc<crate::pregreet::Screen>,
 }
 
 /// How many connections may wait for their PROXY header at once; past it a new one gets the
@@ -134,6 +148,8 @@ pub enum Start {
     Admitted(Guard, Option<Lease>, Arc<Live>),
     /// Put in the wait queue by the accept loop.
     Queued(Guard, Ticket<Grant>, Arc<Live>),
+    /// To be screened by the pregreet test first, holding its per-source slots only.
+    Screen(Guard, Arc<Live>),
 }
 
 impl Gate {
@@ -154,6 +170,12 @@ impl Gate {
             let gauge = self.metrics.proxy_headers_pending.clone();
             gauge.increment(1.0);
             return Triage::Task(Start::AfterHeader(live, HeaderWait { _slot: slot, gauge }));
+        }
+        if let Some(screened) = self.screen_triage(ip, &live) {
+            return match screened {
+                Ok(guard) => Triage::Task(Start::Screen(guard, live)),
+                Err(reason) => Triage::Refuse(reason, live),
+            };
         }
         match self.admit(ip, &live) {
             Ok(Entry::Now(guard, lease)) => Triage::Task(Start::Admitted(guard, lease, live)),
@@ -179,21 +201,30 @@ impl Gate {
             self.metrics.would_reject(r).increment(1);
             self.summary.record_dry_run(r, admitted.guard.source());
         }
-        let mut guard = admitted.guard;
+        let guard = admitted.guard;
         if !queues {
             return Ok(Entry::Now(guard, None));
         }
+        self.enter(guard, ip, admitted.allowed, live)
+    }
+
+    /// The capacity for a client whose source is admitted already: the queue's slot at once,
+    /// or a place in it. Only while the queue is on.
+    pub(crate) fn enter(
+        &self,
+        mut guard: Guard,
+        ip: IpAddr,
+        allowed: bool,
+        live: &Live,
+    ) -> Result<Entry, RejectReason> {
         // No slot is ever open to this class (every one reserved for allowed sources): a
         // wait could only end in the 421, so it comes at once.
-        if crate::admission::global_cap(&live.policy, admitted.allowed) == 0 {
+        if crate::admission::global_cap(&live.policy, allowed) == 0 {
             let reason = RejectReason::GlobalLimit;
             self.refused(reason, guard.source());
             return Err(reason);
         }
-        let waiter = Waiter {
-            ip,
-            allowed: admitted.allowed,
-        };
+        let waiter = Waiter { ip, allowed };
         let bounds = (live.config.max_queued, live.config.queue_timeout);
         let entered = self.queue.enter(guard.source(), waiter, bounds, || {
             self.capacity(live, &waiter)

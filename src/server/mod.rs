@@ -234,7 +234,10 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         .map(|c| crate::cluster::Cluster::start(c, metrics, wake.clone()));
     let live = Live::build(config, None, PolicyClock::default(), metrics, &wake);
     set_limit_gauges(metrics, &live.config);
+    let pregreet =
+        crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
     Arc::new(Gate {
+        pregreet: Arc::new(pregreet),
         mode: forwarding_mode(&live.config, metrics),
         live: ArcSwap::from_pointee(live),
         admission: Admission::with_wake(metrics.clone(), wake.clone()),
@@ -436,6 +439,7 @@ impl Running {
         if let Some(keeper) = &self.keeper {
             keeper.keep(self.gate.live.load().pool.learned_limits());
         }
+        self.gate.pregreet.save();
     }
 
     /// Resolves once no admitted session is open.

@@ -21,14 +21,15 @@ use crate::forward;
 use crate::queue::Outcome;
 use crate::reason::RejectReason;
 use crate::reply::display_source;
-use crate::server::gate::{Entry, Gate, Grant, HeaderWait, Live, Start};
+use crate::server::gate::{Entry, Gate, HeaderWait, Live, Start};
 
 mod open;
 mod origin;
+mod screen;
 mod wait;
 
 use origin::{upstream_header, Origin};
-use wait::Waiting;
+use wait::{Waited, Waiting};
 
 impl Gate {
     /// A connection's task, from where [`Gate::triage`] left it to the end.
@@ -59,10 +60,9 @@ impl Gate {
                     Phase::Open(opening) => match opening.await {
                         Opened::Ready(ready, relayed) => break (ready, relayed),
                         Opened::Requeue(waiting) => Phase::Wait(waiting),
-                        Opened::Refuse(client, peer, live, reason) => {
-                            let ip = peer.ip().to_canonical();
-                            let span = conn_span(peer);
-                            Phase::Refuse(self.refusal((client, reason, ip, live, span)))
+                        Opened::Refuse(client, origin, live, reason) => {
+                            let span = conn_span(origin.client);
+                            Phase::Refuse(self.refusal((client, reason, origin, live, span)))
                         }
                         Opened::Done => return,
                     },
@@ -132,6 +132,11 @@ impl Gate {
                 live,
                 peer,
             })),
+            Start::Screen(guard, live) => Phase::Open(Box::pin(
+                self.clone()
+                    .screen(client, guard, peer, live)
+                    .instrument(span),
+            )),
             Start::AfterHeader(live, wait) => {
                 let header = self.clone().after_header(client, peer, live, wait);
                 Phase::Header(Box::pin(header.instrument(span)))
@@ -179,19 +184,28 @@ impl Gate {
     /// mxgate's own answer to a client that left the queue without a slot, boxed.
     fn refusal(
         self: &Arc<Self>,
-        (client, reason, ip, live, span): Unserved,
+        (client, reason, origin, live, span): Unserved,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let gate = self.clone();
-        Box::pin(async move { gate.reject(client, reason, ip, &live).await }.instrument(span))
+        Box::pin(
+            async move {
+                let ip = origin.client.ip().to_canonical();
+                gate.count_refusal(reason, ip, &live);
+                gate.answer(client, reason, &origin, &live).await
+            }
+            .instrument(span),
+        )
     }
 
     /// Where a wait in the queue leads: the backend connect with the slot it got; or the
-    /// refusal to send (a timeout, a drain), or nothing when the client gave up.
-    fn after_wait(
-        self: &Arc<Self>,
-        waiting: Waiting,
-        outcome: Option<Outcome<Grant>>,
-    ) -> Option<Phase> {
+    /// refusal to send (a timeout, a drain, a word after the pregreet teaser), or nothing
+    /// when the client gave up.
+    fn after_wait(self: &Arc<Self>, waiting: Waiting, outcome: Waited) -> Option<Phase> {
+        let outcome = match outcome {
+            Waited::Turn(outcome) => Some(outcome),
+            Waited::Gone => None,
+            Waited::Spoke => return self.spoke_in_queue(waiting),
+        };
         let Waiting {
             client,
             mut guard,
@@ -248,8 +262,29 @@ impl Gate {
             return None;
         };
         Some(Phase::Refuse(
-            self.refusal((client, reason, ip, live, span)),
+            self.refusal((client, reason, origin, live, span)),
         ))
+    }
+
+    /// A client that spoke in the queue after the pregreet teaser: refused under `enforce` or
+    /// `drop` (its place in the queue given up), or back to its wait under `ignore`.
+    fn spoke_in_queue(self: &Arc<Self>, mut waiting: Waiting) -> Option<Phase> {
+        if !self.spoke(&mut waiting.origin, &waiting.live) {
+            return Some(Phase::Wait(Box::new(waiting)));
+        }
+        let Waiting {
+            client,
+            guard,
+            ticket,
+            origin,
+            live,
+            peer,
+        } = waiting;
+        drop((ticket, guard));
+        let client = wait::rearm(client, &origin.early)?;
+        let gate = self.clone();
+        let answer = async move { gate.answer_spoke(client, origin.early, &live).await };
+        Some(Phase::Refuse(Box::pin(answer.instrument(conn_span(peer)))))
     }
 
     /// A connection from a load balancer that must be trusted and send a PROXY header: the
@@ -360,7 +395,7 @@ struct Ready {
 }
 
 /// A client that left the queue without a slot, and what its refusal needs.
-type Unserved = (TcpStream, RejectReason, IpAddr, Arc<Live>, tracing::Span);
+type Unserved = (TcpStream, RejectReason, Origin, Arc<Live>, tracing::Span);
 
 /// A client admitted after its PROXY header: at once or to wait, and the upstream it came
 /// through (its log lines' `src`).
@@ -379,7 +414,7 @@ enum Opened {
     Requeue(Box<Waiting>),
     /// It could not go back to the queue: closed for a drain, or full for one that never
     /// waited. The reply for that reason.
-    Refuse(TcpStream, SocketAddr, Arc<Live>, RejectReason),
+    Refuse(TcpStream, Origin, Arc<Live>, RejectReason),
     /// Answered, or gone.
     Done,
 }

@@ -59,7 +59,7 @@ impl Gate {
 
     async fn open(
         self: Arc<Self>,
-        client: TcpStream,
+        mut client: TcpStream,
         (mut guard, mut first): (Guard, Option<Lease>),
         mut origin: Origin,
         live: Arc<Live>,
@@ -82,7 +82,8 @@ impl Gate {
             }
             Said::Refused(reason) => {
                 drop((guard, first));
-                self.reject(client, reason, ip, &live).await;
+                self.count_refusal(reason, ip, &live);
+                self.answer(client, reason, &origin, &live).await;
                 return Opened::Done;
             }
         }
@@ -104,7 +105,7 @@ impl Gate {
             let connected_at = Instant::now();
             if !self.opening_bytes(&client, &backend, &origin, config).await {
                 drop((backend, guard, lease));
-                return self.unavailable(client, ip, &live).await;
+                return self.unavailable(client, &origin, &live).await;
             }
             let mut kept = std::mem::take(&mut origin.early);
             let greeting = tokio::select! {
@@ -114,7 +115,21 @@ impl Gate {
             };
             let time = connected_at.elapsed();
             match greeting {
-                Greeting::Pass(first_words) => {
+                Greeting::Pass(mut first_words) => {
+                    if origin.teased {
+                        origin.early = kept;
+                        let screened = self
+                            .after_teaser(client, &backend, first_words, &mut origin, &plan, &live)
+                            .await;
+                        (client, first_words) = match screened {
+                            Some(done) => done,
+                            None => {
+                                greeting::quit(backend);
+                                return Opened::Done;
+                            }
+                        };
+                        kept = std::mem::take(&mut origin.early);
+                    }
                     let connected = (client, backend, guard, lease);
                     let said = (first_words, kept.len(), time);
                     if let Some(waited) = unrecorded.take() {
@@ -138,7 +153,7 @@ impl Gate {
                 Greeting::Silent | Greeting::Failed => {
                     tracing::debug!(backend = %lease.member.label, "backend sent no greeting");
                     drop((backend, guard, lease));
-                    return self.unavailable(client, ip, &live).await;
+                    return self.unavailable(client, &origin, &live).await;
                 }
                 Greeting::ClientGone => return Opened::Done,
             }
@@ -168,10 +183,42 @@ impl Gate {
     }
 
     /// mxgate's own backend-unavailable answer, its slots already given back.
-    async fn unavailable(&self, client: TcpStream, ip: std::net::IpAddr, live: &Live) -> Opened {
-        self.reject(client, RejectReason::BackendUnavailable, ip, live)
-            .await;
+    async fn unavailable(&self, client: TcpStream, origin: &Origin, live: &Live) -> Opened {
+        let reason = RejectReason::BackendUnavailable;
+        self.count_refusal(reason, origin.client.ip().to_canonical(), live);
+        self.answer(client, reason, origin, live).await;
         Opened::Done
+    }
+
+    /// A backend greeted a client that had the pregreet teaser: a word from the client while
+    /// it greeted fails the test, and its greeting is rewritten to end the teaser's reply. The
+    /// client and the greeting to send it, or `None` once it has been answered (the backend
+    /// is then the caller's to close).
+    async fn after_teaser(
+        &self,
+        client: TcpStream,
+        backend: &TcpStream,
+        first_words: Vec<u8>,
+        origin: &mut Origin,
+        plan: &Plan,
+        live: &Live,
+    ) -> Option<(TcpStream, Vec<u8>)> {
+        if !origin.talked && !origin.early.is_empty() && self.spoke(origin, live) {
+            let heard = std::mem::take(&mut origin.early);
+            self.answer_spoke(client, heard, live).await;
+            return None;
+        }
+        let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit);
+        match read.await {
+            Some(crate::pregreet::Rewrite::Whole(words)) => Some((client, words)),
+            // A refusal (5xx), no SMTP, a close or silence cannot end a 220 reply: the
+            // greeting is completed, and the first command gets the backend-unavailable 421.
+            _ => {
+                tracing::debug!("backend greeting cannot end the pregreet teaser's reply");
+                self.unavailable(client, origin, live).await;
+                None
+            }
+        }
     }
 
     /// No backend connected. If every backend is full (`GlobalLimit`: each said busy, or is at
@@ -196,7 +243,8 @@ impl Gate {
         };
         drop(guard);
         let ip = origin.client.ip().to_canonical();
-        self.reject(client, reason, ip, &live).await;
+        self.count_refusal(reason, ip, &live);
+        self.answer(client, reason, &origin, &live).await;
         Opened::Done
     }
 
@@ -290,9 +338,9 @@ impl Gate {
                 origin,
                 live,
             })),
-            Entered::Full => Opened::Refuse(client, origin.client, live, RejectReason::QueueFull),
+            Entered::Full => Opened::Refuse(client, origin, live, RejectReason::QueueFull),
             // Shut down meanwhile.
-            _ => Opened::Refuse(client, origin.client, live, RejectReason::Draining),
+            _ => Opened::Refuse(client, origin, live, RejectReason::Draining),
         }
     }
     /// A backend greeted (with anything but a 4xx) `time` after the connect: its first words go

@@ -18,6 +18,11 @@ pub(super) struct Origin {
     pub(super) early: Vec<u8>,
     /// How long it waited in the queue, if it did.
     pub(super) waited: Option<std::time::Duration>,
+    /// The pregreet teaser (`220-`) has gone out: the backend's greeting must end that reply,
+    /// and a refusal must complete it first.
+    pub(super) teased: bool,
+    /// It failed the pregreet test already (under `ignore`, and served anyway): not again.
+    pub(super) talked: bool,
 }
 
 impl Origin {
@@ -28,6 +33,8 @@ impl Origin {
             server: None,
             early: Vec::new(),
             waited: None,
+            teased: false,
+            talked: false,
         }
     }
 }
@@ -52,5 +59,7 @@ pub(super) async fn upstream_header(
         server,
         early,
         waited: None,
+        teased: false,
+        talked: false,
     })
 }

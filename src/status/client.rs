@@ -90,6 +90,12 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
     summary(&mut out, s);
+    if let Some(p) = &s.pregreet {
+        out.push_str(&format!(
+            "pregreet {}: {} sources cached as passed, {} as failed\n",
+            p.action, p.cached_pass, p.cached_fail
+        ));
+    }
     if let Some(c) = &s.cluster {
         cluster(&mut out, c);
     }

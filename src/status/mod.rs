@@ -108,6 +108,19 @@ pub struct Snapshot {
     /// The shared limits, when this instance is in a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterView>,
+    /// The pregreet test's cache, while the test is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pregreet: Option<PregreetView>,
+}
+
+/// The pregreet test's action and its cache's live verdicts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PregreetView {
+    /// `ignore`, `enforce` or `drop`.
+    pub action: String,
+    /// Sources remembered as passed, and as failed.
+    pub cached_pass: usize,
+    pub cached_fail: usize,
 }
 
 /// This instance's membership in a cluster, and the counts as Redis sees them.
@@ -229,6 +242,14 @@ impl Snapshot {
             top_refused,
             backends,
             cluster: gate.cluster.as_ref().map(|c| ClusterView::of(c)),
+            pregreet: (live.replies.pregreet != crate::config::Pregreet::Off).then(|| {
+                let counts = gate.pregreet.counts();
+                PregreetView {
+                    action: format!("{:?}", live.replies.pregreet).to_lowercase(),
+                    cached_pass: counts.pass,
+                    cached_fail: counts.fail,
+                }
+            }),
         }
     }
 

@@ -70,6 +70,7 @@ fn snapshot() -> Snapshot {
             },
         ],
         cluster: None,
+        pregreet: None,
     }
 }
 

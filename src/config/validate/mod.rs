@@ -9,6 +9,7 @@ use super::*;
 
 mod cluster;
 mod limits;
+mod pregreet;
 
 use cluster::cluster;
 pub use cluster::redact;
@@ -45,6 +46,7 @@ impl Settings {
         let moving = forwarding(&self)?;
         let hostname = hostname(self.hostname.clone())?;
         let cluster = cluster(&self.cluster)?;
+        let pregreet = pregreet::pregreet(&self)?;
         Ok(Config {
             listen,
             listen_set: !self.listen.is_empty(),
@@ -92,6 +94,7 @@ impl Settings {
             log_format: self.log_format.unwrap_or_default(),
             replies: self.replies.unwrap_or_default(),
             cluster,
+            pregreet,
         })
     }
 }

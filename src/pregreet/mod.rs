@@ -1,0 +1,309 @@
+//! The pregreet test (Postfix postscreen's): bots that speak before the greeting never reach
+//! the backend. This module owns the test's pieces and its cache; the session runs them
+//! (`crate::session`'s `screen` phase) and `crate::reply` answers a failed client.
+//!
+//! ```text
+//!  connect ──(allow-listed, off, cached pass)──────────────────────────▶ as before
+//!     │
+//!     ├─(cached fail: enforce/drop)──▶ refused at once (521, or the 550 dialogue)
+//!     │
+//!     ▼ per-source slots only: no global slot, no backend
+//!  "220-{hostname} ESMTP" ── pregreet_wait (pregreet_wait_busy while anyone queues) ──┐
+//!     │ spoke: fail                                                           quiet: pass
+//!     ▼                                                                                ▼
+//!  ignore: served anyway · enforce: "220 {hostname} ESMTP", then 550s · drop: 521
+//!                          global slot or the queue ─▶ backend greeting, rewritten to "220-…"/"220 …"
+//! ```
+//!
+//! After the teaser, a reply must stay valid: every later refusal completes the greeting
+//! (`220 {hostname} ESMTP`) and answers the first command with its 421. A client that speaks
+//! before the final line (while it waits in the queue or the backend greets) fails too.
+//!
+//! The cache ([`cache`]) is a verdict per address, kept in `state_dir` ([`store`]) and, with a
+//! `[cluster]`, shared through Redis ([`shared`]). It lives in the server's shared state, not
+//! in what a reload replaces: a reload keeps it.
+
+pub mod cache;
+mod shared;
+pub mod store;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+pub use cache::{Cache, Counts, Verdict, MAX_ENTRIES};
+
+use crate::config::{Pregreet, PregreetConfig};
+use crate::metrics::{Metrics, PregreetSeries};
+
+/// `drop`'s answer, as postscreen sends it after its teaser, and a cached failure's greeting.
+pub const DROP_LINE: &str = "521 5.5.1 Protocol error";
+/// `enforce`'s answer to every command but QUIT.
+pub const ENFORCE_LINE: &[u8] = b"550 5.5.1 Protocol error\r\n";
+/// `enforce`'s answer to QUIT.
+pub const BYE_LINE: &[u8] = b"221 2.0.0 Bye\r\n";
+/// The most a backend's greeting may take for a rewrite; past it, it is no greeting.
+pub const MAX_GREETING: usize = 16 * 1024;
+
+/// The teaser: the first line of the multi-line greeting.
+pub fn teaser(hostname: &str) -> Vec<u8> {
+    format!("220-{hostname} ESMTP\r\n").into_bytes()
+}
+
+/// The final line that completes the greeting mxgate began, when the backend's is not to come.
+pub fn completion(hostname: &str) -> Vec<u8> {
+    format!("220 {hostname} ESMTP\r\n").into_bytes()
+}
+
+impl Pregreet {
+    /// Whether a failure is answered by mxgate (and remembered), rather than only counted.
+    pub fn refuses(self) -> bool {
+        matches!(self, Pregreet::Enforce | Pregreet::Drop)
+    }
+}
+
+/// What the client did while it was watched.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// Nothing: it passes.
+    Quiet,
+    /// It spoke; its bytes are in `early`.
+    Talked,
+    /// It closed or reset without a word.
+    Gone,
+}
+
+/// Watches `client` for `wait`: whether it speaks before its turn. What it sends is kept in
+/// `early` (at most `max` bytes), for the backend under `ignore` or for the 550 dialogue.
+pub async fn watch(client: &TcpStream, wait: Duration, early: &mut Vec<u8>, max: usize) -> Watched {
+    let listen = async {
+        loop {
+            if client.readable().await.is_err() {
+                return Watched::Gone;
+            }
+            let mut buf = [0u8; 1024];
+            let room = max.saturating_sub(early.len()).clamp(1, buf.len());
+            match client.try_read(&mut buf[..room]) {
+                Ok(0) => return Watched::Gone,
+                Ok(n) => {
+                    early.extend_from_slice(&buf[..n]);
+                    return Watched::Talked;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Watched::Gone,
+            }
+        }
+    };
+    tokio::time::timeout(wait, listen)
+        .await
+        .unwrap_or(Watched::Quiet)
+}
+
+/// A backend's greeting made the last lines of the reply the teaser began.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Every line `220-`, the last `220 `, then whatever came after it unchanged.
+    Whole(Vec<u8>),
+    /// Its final line has not come yet.
+    More,
+    /// Not a 2xx greeting (a 5xx, or not SMTP): it cannot end a `220-` reply.
+    Not,
+}
+
+/// Rewrites a backend's greeting to end the multi-line `220` reply mxgate began: each line's
+/// code becomes `220`, and only the last keeps its own separator (RFC 5321 §4.2.1: one code
+/// for all the lines of a reply).
+pub fn rewrite(greeting: &[u8]) -> Rewrite {
+    let mut out = Vec::with_capacity(greeting.len());
+    let mut rest = greeting;
+    loop {
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            return check_partial(greeting, rest);
+        };
+        let (line, after) = rest.split_at(end + 1);
+        let code = line.get(..3).filter(|c| c.iter().all(u8::is_ascii_digit));
+        let Some(code) = code else {
+            return Rewrite::Not;
+        };
+        if code[0] != b'2' {
+            return Rewrite::Not;
+        }
+        out.extend_from_slice(b"220");
+        out.extend_from_slice(&line[3..]);
+        if line.get(3) != Some(&b'-') {
+            out.extend_from_slice(after);
+            return Rewrite::Whole(out);
+        }
+        rest = after;
+    }
+}
+
+/// A greeting cut short: more to read, unless what came already says it is no 2xx one.
+fn check_partial(whole: &[u8], rest: &[u8]) -> Rewrite {
+    if whole.len() >= MAX_GREETING {
+        return Rewrite::Not;
+    }
+    let bad = |(i, b): (usize, &u8)| match i {
+        0 => *b != b'2',
+        1 | 2 => !b.is_ascii_digit(),
+        _ => false,
+    };
+    if rest.iter().enumerate().take(3).any(bad) {
+        return Rewrite::Not;
+    }
+    Rewrite::More
+}
+
+/// Reads the rest of a backend's greeting until [`rewrite`] can decide, for at most `limit`.
+/// `None` if the backend closed, failed or took too long first.
+pub async fn read_greeting(
+    backend: &TcpStream,
+    first: Vec<u8>,
+    limit: Duration,
+) -> Option<Rewrite> {
+    let mut got = first;
+    let more = async {
+        loop {
+            match rewrite(&got) {
+                Rewrite::More => {}
+                done => return Some(done),
+            }
+            backend.readable().await.ok()?;
+            let mut buf = [0u8; 4096];
+            match backend.try_read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(limit, more).await.ok().flatten()
+}
+
+/// The pregreet cache and counts of a running instance: in the server's shared state, so a
+/// reload keeps them.
+pub struct Screen {
+    cache: Cache,
+    shared: Option<shared::Shared>,
+    series: PregreetSeries,
+    keeper: Option<store::Keeper>,
+}
+
+impl Screen {
+    /// The cache, filled from `state_dir`'s file when there is one (with one warning if it
+    /// cannot be used), and shared through `cluster`'s Redis when there is one.
+    pub fn new(
+        metrics: &Metrics,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+        state_dir: Option<&Path>,
+    ) -> Screen {
+        Screen::with_cache(
+            metrics,
+            cluster,
+            state_dir,
+            Cache::new(MAX_ENTRIES, cache::Clock::System),
+        )
+    }
+
+    pub fn with_cache(
+        metrics: &Metrics,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+        state_dir: Option<&Path>,
+        cache: Cache,
+    ) -> Screen {
+        if let Some(dir) = state_dir {
+            match store::load(dir, &cache) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "pregreet cache resumed"),
+                Err(warning) => tracing::warn!("{warning}"),
+            }
+        }
+        let screen = Screen {
+            cache,
+            shared: cluster.map(shared::Shared::new),
+            series: metrics.pregreet(),
+            keeper: state_dir.map(|d| store::Keeper::new(d.to_path_buf())),
+        };
+        screen.series.cache_entries.set(screen.cache.len() as f64);
+        screen
+    }
+
+    /// The local verdict on `ip`, counted as a cached result when there is one.
+    pub fn known(&self, ip: IpAddr) -> Option<Verdict> {
+        let verdict = self.cache.get(ip)?;
+        self.count_cached(verdict);
+        Some(verdict)
+    }
+
+    /// The cluster's verdict on `ip` after a local miss, kept locally and counted; `None`
+    /// without a cluster, or when Redis has none or does not answer in time.
+    pub async fn ask_cluster(&self, ip: IpAddr) -> Option<Verdict> {
+        let shared = self.shared.as_ref()?;
+        let entry = shared.get(ip, self.cache.now()).await?;
+        self.cache.insert(ip, entry);
+        self.series.cache_entries.set(self.cache.len() as f64);
+        self.count_cached(entry.verdict);
+        Some(entry.verdict)
+    }
+
+    fn count_cached(&self, verdict: Verdict) {
+        match verdict {
+            Verdict::Pass => self.series.cached_pass.increment(1),
+            Verdict::Fail => self.series.cached_fail.increment(1),
+        }
+    }
+
+    /// A client that waited for its turn: counted, remembered for `pregreet_pass_ttl`.
+    pub fn passed(&self, ip: IpAddr, config: &PregreetConfig) {
+        self.series.pass.increment(1);
+        self.remember(ip, Verdict::Pass, config.pass_ttl);
+    }
+
+    /// A client that spoke before its turn: counted, and remembered for `pregreet_fail_ttl`
+    /// when it is refused for it (`ignore` tests again next time, as postscreen does).
+    pub fn failed(&self, ip: IpAddr, config: &PregreetConfig, refused: bool) {
+        self.series.fail.increment(1);
+        if refused {
+            self.remember(ip, Verdict::Fail, config.fail_ttl);
+        }
+    }
+
+    fn remember(&self, ip: IpAddr, verdict: Verdict, ttl: Duration) {
+        let secs = ttl.as_secs();
+        self.cache.put(ip, verdict, secs);
+        self.series.cache_entries.set(self.cache.len() as f64);
+        if let Some(shared) = &self.shared {
+            shared.put(ip, verdict, secs);
+        }
+    }
+
+    /// Sweeps expired entries and updates the entries gauge.
+    pub fn sweep(&self) {
+        self.cache.sweep();
+        self.series.cache_entries.set(self.cache.len() as f64);
+    }
+
+    /// The live verdicts now, by kind.
+    pub fn counts(&self) -> Counts {
+        self.cache.counts()
+    }
+
+    /// Writes the cache to `state_dir` if it changed (blocking: call off the runtime's
+    /// threads, or at shutdown).
+    pub fn save(&self) {
+        if let Some(keeper) = &self.keeper {
+            keeper.keep(&self.cache);
+        }
+    }
+
+    pub fn keeps_state(&self) -> bool {
+        self.keeper.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! What a restart keeps of the pregreet cache: one file in `state_dir`, read once at start and
+//! written whole, atomically, at most every [`SAVE_INTERVAL`] while the cache changed, and once
+//! more at shutdown. Only live entries are written, with their own expiry, so a restart neither
+//! forgets a verdict nor stretches one.
+//!
+//! As with the learned limits: nothing here may stop mxgate from serving. A file that cannot be
+//! read, is damaged or of another version is one warning and an empty cache.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::cache::{Cache, Entry, Verdict};
+
+/// The file's name in `state_dir`.
+pub const FILE: &str = "pregreet-cache.json";
+pub const VERSION: u32 = 1;
+/// The most often the file is written while the cache changes.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheFile {
+    version: u32,
+    entries: Vec<Saved>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    source: IpAddr,
+    verdict: Verdict,
+    /// Seconds since the Unix epoch.
+    until: u64,
+}
+
+#[derive(Deserialize)]
+struct Versioned {
+    version: u32,
+}
+
+/// Fills `cache` from the file in `dir`; returns how many live entries it took, or the one
+/// warning to log.
+pub fn load(dir: &Path, cache: &Cache) -> Result<usize, String> {
+    let file = dir.join(FILE);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(empty(&file, &format!("cannot be read ({e})"))),
+    };
+    let version = serde_json::from_str::<Versioned>(&text)
+        .map_err(|e| empty(&file, &format!("is not a pregreet cache file ({e})")))?
+        .version;
+    if version != VERSION {
+        return Err(empty(
+            &file,
+            &format!("has version {version}, and this mxgate reads version {VERSION}"),
+        ));
+    }
+    let saved: CacheFile =
+        serde_json::from_str(&text).map_err(|e| empty(&file, &format!("is damaged ({e})")))?;
+    let before = cache.len();
+    for s in saved.entries {
+        let entry = Entry {
+            verdict: s.verdict,
+            until: s.until,
+        };
+        cache.insert(s.source.to_canonical(), entry);
+    }
+    Ok(cache.len() - before)
+}
+
+fn empty(file: &Path, why: &str) -> String {
+    format!(
+        "{} {why}; it is ignored, and the pregreet cache starts empty",
+        file.display()
+    )
+}
+
+/// Keeps the file in step with the cache: writes only when it changed, and warns once when
+/// writing starts to fail (and says so when it works again).
+pub struct Keeper {
+    dir: std::path::PathBuf,
+    /// What was written last, to skip a write that would change nothing.
+    last: Mutex<Option<Vec<(IpAddr, Entry)>>>,
+    failing: AtomicBool,
+}
+
+impl Keeper {
+    pub fn new(dir: std::path::PathBuf) -> Keeper {
+        Keeper {
+            dir,
+            last: Mutex::new(None),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes the cache's live entries unless they are what was last written.
+    pub fn keep(&self, cache: &Cache) -> bool {
+        let mut entries = cache.entries();
+        entries.sort_unstable_by_key(|(ip, _)| *ip);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&entries) {
+            return true;
+        }
+        let file = CacheFile {
+            version: VERSION,
+            entries: entries
+                .iter()
+                .map(|(ip, e)| Saved {
+                    source: *ip,
+                    verdict: e.verdict,
+                    until: e.until,
+                })
+                .collect(),
+        };
+        let written = serde_json::to_string(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|text| crate::backend::state::write_atomic(&self.dir, FILE, &(text + "\n")));
+        let path = self.dir.join(FILE);
+        match written {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(file = %path.display(), "the pregreet cache is saved again");
+                }
+                *last = Some(entries);
+                true
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot save the pregreet cache; it will not survive a restart until this is fixed");
+                }
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pregreet::cache::Clock;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("mxgate-pregreet-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn live_entries_survive_a_restart_with_their_own_expiry() {
+        let d = dir("restart");
+        let clock = Arc::new(AtomicU64::new(5000));
+        let before = Cache::new(100, Clock::Manual(clock.clone()));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let gone: IpAddr = "192.0.2.9".parse().unwrap();
+        before.put(a, Verdict::Pass, 86_400);
+        before.put(b, Verdict::Fail, 600);
+        before.put(gone, Verdict::Fail, 10);
+        clock.store(5010, Ordering::Relaxed);
+        assert!(Keeper::new(d.clone()).keep(&before));
+        let after = Cache::new(100, Clock::Manual(clock.clone()));
+        assert_eq!(load(&d, &after), Ok(2));
+        assert_eq!(after.get(a), Some(Verdict::Pass));
+        assert_eq!(after.get(b), Some(Verdict::Fail));
+        assert_eq!(after.get(gone), None);
+        clock.store(5600, Ordering::Relaxed);
+        assert_eq!(after.get(b), None, "the failure keeps its first expiry");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_damaged_file_is_one_warning_and_an_empty_cache() {
+        let d = dir("damaged");
+        std::fs::write(
+            d.join(FILE),
+            "{\"version\":1,\"entries\":[{\"source\":\"x\"",
+        )
+        .unwrap();
+        let cache = Cache::new(100, Clock::System);
+        let warning = load(&d, &cache).unwrap_err();
+        assert!(
+            warning.contains("is damaged") || warning.contains("is not a pregreet cache file"),
+            "{warning}"
+        );
+        assert!(
+            warning.ends_with("it is ignored, and the pregreet cache starts empty"),
+            "{warning}"
+        );
+        assert!(cache.is_empty());
+        std::fs::write(d.join(FILE), "{\"version\":7,\"entries\":[]}").unwrap();
+        let warning = load(&d, &cache).unwrap_err();
+        assert!(warning.contains("has version 7"), "{warning}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,107 @@
+//! The answers of the pregreet test (`crate::pregreet`): a failed client's dialogue under
+//! `enforce`, and any refusal after the teaser, which must first complete the `220` reply the
+//! teaser began (a multi-line reply keeps one code) and can only then refuse, at the client's
+//! first command (RFC 5321 §3.8).
+//!
+//! Both are bounded like the deny dialogue: [`DENY_TIME`], [`DENY_BYTES`], and the same
+//! [`super::MAX_DENYING`] places; past them, the first line and a close.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::close::{drain, WRITE_TIME};
+use super::{Closer, DENY_BYTES, DENY_TIME};
+use crate::pregreet::{BYE_LINE, ENFORCE_LINE};
+
+/// How a dialogue answers.
+#[derive(Clone, Copy)]
+enum Answer<'a> {
+    /// `enforce`: 550 to every command, 221 to QUIT, for as long as the client goes on.
+    Every,
+    /// A refusal after the teaser: this line to the first command, whatever it is, then close.
+    First(&'a [u8]),
+}
+
+impl Closer {
+    /// `enforce` for a client that failed the test: `opening` (the greeting's final line, or
+    /// nothing if it was sent), then `550 5.5.1 Protocol error` to every command, `heard`
+    /// first (what it said before its turn), until QUIT, which gets `221 2.0.0 Bye`.
+    pub async fn enforce(&self, stream: TcpStream, opening: &[u8], heard: Vec<u8>) {
+        self.dialogue(stream, opening, heard, Answer::Every).await
+    }
+
+    /// A refusal after the teaser: `completion` ends the greeting, then `answer` (the reason's
+    /// 421) goes to the client's first command, and the connection closes. `heard` is what
+    /// the client sent already.
+    pub async fn after_teaser(
+        &self,
+        stream: TcpStream,
+        completion: &[u8],
+        heard: Vec<u8>,
+        answer: &[u8],
+    ) {
+        self.dialogue(stream, completion, heard, Answer::First(answer))
+            .await
+    }
+
+    async fn dialogue(
+        &self,
+        mut stream: TcpStream,
+        opening: &[u8],
+        heard: Vec<u8>,
+        answer: Answer<'_>,
+    ) {
+        let Ok(_permit) = self.denying.try_acquire() else {
+            // Past the bound: the opening (or the answer) and a close.
+            let line = match answer {
+                Answer::First(line) => line,
+                Answer::Every if opening.is_empty() => ENFORCE_LINE,
+                Answer::Every => opening,
+            };
+            if matches!(
+                timeout(WRITE_TIME, stream.write_all(line)).await,
+                Ok(Ok(()))
+            ) {
+                let _ = stream.shutdown().await;
+            }
+            return;
+        };
+        let talk = async {
+            stream.write_all(opening).await?;
+            let mut pending = heard;
+            let mut seen = pending.len();
+            let mut buf = [0u8; 512];
+            loop {
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let verb = line
+                        .split(|b| b.is_ascii_whitespace())
+                        .next()
+                        .unwrap_or(&[]);
+                    match answer {
+                        Answer::First(reply) => {
+                            stream.write_all(reply).await?;
+                            return Ok::<bool, std::io::Error>(true);
+                        }
+                        Answer::Every if verb.eq_ignore_ascii_case(b"QUIT") => {
+                            stream.write_all(BYE_LINE).await?;
+                            return Ok(true);
+                        }
+                        Answer::Every => stream.write_all(ENFORCE_LINE).await?,
+                    }
+                }
+                let n = stream.read(&mut buf).await?;
+                if n == 0 || seen + n > DENY_BYTES {
+                    return Ok(false);
+                }
+                seen += n;
+                pending.extend_from_slice(&buf[..n]);
+            }
+        };
+        let answered = matches!(timeout(DENY_TIME, talk).await, Ok(Ok(true)));
+        if answered && stream.shutdown().await.is_ok() {
+            drain(&stream).await;
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The pregreet test in a connection's life (`crate::pregreet` owns its pieces): the decision
+//! in the accept loop, the teaser and the watch in the task, then the capacity (a global slot,
+//! or the queue) for a client that passed. Also the answers a client gets once the teaser has
+//! gone out: a failure's, under the configured action, and any later refusal's.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::origin::Origin;
+use super::wait::{Waiting, MAX_EARLY_BYTES};
+use super::Opened;
+use crate::admission::{Global, Guard};
+use crate::backend::greeting;
+use crate::config::Pregreet;
+use crate::pregreet::{Verdict, Watched};
+use crate::reason::RejectReason;
+use crate::server::gate::{Entry, Gate, Live};
+
+impl Gate {
+    /// In the accept loop, without I/O: whether a new client is screened, and if so its
+    /// per-source slots (the test holds no global slot) or its refusal, already counted.
+    /// `None`: the test does not apply (off, an allowed or denied source, a cached pass, or a
+    /// cached failure under `ignore`), and admission goes on as before.
+    pub(crate) fn screen_triage(
+        &self,
+        ip: IpAddr,
+        live: &Live,
+    ) -> Option<Result<Guard, RejectReason>> {
+        let action = live.replies.pregreet;
+        if action == Pregreet::Off || live.policy.classify(ip).listing.is_some() {
+            return None;
+        }
+        match self.pregreet.known(ip) {
+            Some(Verdict::Fail) if action.refuses() => {
+                self.count_refusal(RejectReason::Pregreet, ip, live);
+                return Some(Err(RejectReason::Pregreet));
+            }
+            Some(_) => return None,
+            None => {}
+        }
+        match self.admission.admit_with(&live.policy, ip, Global::Leave) {
+            Ok(admitted) => {
+                if let Some(r) = admitted.would_reject {
+                    self.metrics.would_reject(r).increment(1);
+                    self.summary.record_dry_run(r, admitted.guard.source());
+                }
+                Some(Ok(admitted.guard))
+            }
+            Err(refusal) => {
+                self.refused(refusal.reason, refusal.source);
+                Some(Err(refusal.reason))
+            }
+        }
+    }
+
+    /// The test itself, in the connection's task: the cluster's verdict after a local miss,
+    /// else the teaser and the watch; then, for a client that may go on, its capacity.
+    pub(super) async fn screen(
+        self: Arc<Self>,
+        client: TcpStream,
+        guard: Guard,
+        peer: SocketAddr,
+        live: Arc<Live>,
+    ) -> Opened {
+        let ip = peer.ip().to_canonical();
+        let action = live.replies.pregreet;
+        let mut origin = Origin::peer(peer);
+        match self.pregreet.ask_cluster(ip).await {
+            Some(Verdict::Fail) if action.refuses() => {
+                drop(guard);
+                self.reject(client, RejectReason::Pregreet, ip, &live).await;
+                return Opened::Done;
+            }
+            Some(_) => return self.after_screen(client, guard, origin, live).await,
+            None => {}
+        }
+        if greeting::write_all(&client, &live.replies.teaser)
+            .await
+            .is_err()
+        {
+            return Opened::Done;
+        }
+        origin.teased = true;
+        let config = &live.config.pregreet;
+        // postscreen's "stress": anyone waiting for a slot.
+        let wait = if self.queue.is_empty() {
+            config.wait
+        } else {
+            config.wait_busy
+        };
+        let watched = tokio::select! {
+            w = crate::pregreet::watch(&client, wait, &mut origin.early, MAX_EARLY_BYTES) => w,
+            // Shutdown: the drain's refusal follows, after the greeting's completion.
+            () = self.cut.cancelled() => Watched::Quiet,
+        };
+        match watched {
+            Watched::Gone => return Opened::Done,
+            Watched::Quiet => self.pregreet.passed(ip, config),
+            Watched::Talked => {
+                if self.spoke(&mut origin, &live) {
+                    drop(guard);
+                    self.answer_spoke(client, origin.early, &live).await;
+                    return Opened::Done;
+                }
+            }
+        }
+        self.after_screen(client, guard, origin, live).await
+    }
+
+    /// A client that may go on after the test: a global slot, or its place in the queue,
+    /// then the backend as for any client.
+    async fn after_screen(
+        self: Arc<Self>,
+        client: TcpStream,
+        mut guard: Guard,
+        origin: Origin,
+        live: Arc<Live>,
+    ) -> Opened {
+        let ip = origin.client.ip().to_canonical();
+        let entry = if self.draining.load(Ordering::Acquire) {
+            self.refused(RejectReason::Draining, guard.source());
+            Err(RejectReason::Draining)
+        } else if live.queues() {
+            self.enter(guard, ip, false, &live)
+        } else if live.policy.dry_run {
+            // Dry run's admission took the global slot already.
+            Ok(Entry::Now(guard, None))
+        } else if let Some(slot) = self.admission.take_global(&live.policy, false) {
+            guard.hold(slot);
+            Ok(Entry::Now(guard, None))
+        } else {
+            self.refused(RejectReason::GlobalLimit, guard.source());
+            Err(RejectReason::GlobalLimit)
+        };
+        match entry {
+            Ok(Entry::Now(guard, lease)) => {
+                self.prepare(client, (guard, lease), origin, live).await
+            }
+            Ok(Entry::Wait(guard, ticket)) => Opened::Requeue(Box::new(Waiting {
+                client,
+                guard,
+                ticket,
+                peer: origin.client,
+                origin,
+                live,
+            })),
+            // Counted already.
+            Err(reason) => {
+                self.answer(client, reason, &origin, &live).await;
+                Opened::Done
+            }
+        }
+    }
+
+    /// A client spoke after the teaser, before the greeting's end: counted and logged, and
+    /// remembered when the action refuses it. Returns whether it is refused (`enforce`,
+    /// `drop`), counted then as a `pregreet` refusal; under `ignore` it goes on, tested no more.
+    pub(super) fn spoke(&self, origin: &mut Origin, live: &Live) -> bool {
+        let ip = origin.client.ip().to_canonical();
+        let action = live.replies.pregreet;
+        origin.talked = true;
+        self.pregreet
+            .failed(ip, &live.config.pregreet, action.refuses());
+        tracing::debug!(
+            src = %ip,
+            action = ?action,
+            bytes = origin.early.len(),
+            "pregreet: the client spoke before its turn"
+        );
+        if action.refuses() {
+            self.count_refusal(RejectReason::Pregreet, ip, live);
+        }
+        action.refuses()
+    }
+
+    /// The answer to a client refused for speaking first: `drop`'s 521 and a close, or
+    /// `enforce`'s greeting completed and 550 to every command (`heard` first) until QUIT.
+    pub(super) async fn answer_spoke(&self, client: TcpStream, heard: Vec<u8>, live: &Live) {
+        if live.replies.pregreet == Pregreet::Enforce {
+            self.closer
+                .enforce(client, &live.replies.completion, heard)
+                .await
+        } else {
+            let line = live.replies.line(RejectReason::Pregreet);
+            self.closer.reply_and_close(client, line).await;
+        }
+    }
+
+    /// mxgate's own answer for `reason` (counted already): the reply line as always, or,
+    /// once the teaser has gone out, the greeting completed and the line at the client's
+    /// first command.
+    pub(super) async fn answer(
+        &self,
+        client: TcpStream,
+        reason: RejectReason,
+        origin: &Origin,
+        live: &Live,
+    ) {
+        if origin.teased {
+            let heard = origin.early.clone();
+            let line = live.replies.line(reason);
+            self.closer
+                .after_teaser(client, &live.replies.completion, heard, line)
+                .await
+        } else {
+            self.closer.refuse(client, reason, &live.replies).await
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The pregreet test through real sockets: the teaser, a pass and the rewritten greeting, a
+//! failure under each action with its exact replies, a word in the queue, a refusal after the
+//! teaser, the cache across a restart (state_dir) and between hosts (a real redis-server).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mxgate::config::{Config, Pregreet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TEASER: &[u8] = b"220-mx.test ESMTP\r\n";
+const COMPLETION: &[u8] = b"220 mx.test ESMTP\r\n";
+const DROP: &[u8] = b"521 5.5.1 Protocol error\r\n";
+const ENFORCE: &[u8] = b"550 5.5.1 Protocol error\r\n";
+const BYE: &[u8] = b"221 2.0.0 Bye\r\n";
+const MULTI: &[u8] = b"220-backend.test first\r\n220-second line\r\n220 backend.test ready\r\n";
+
+/// A backend that greets with `greeting`, then echoes; counts its connections.
+struct Backend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+async fn backend(greeting: &'static [u8]) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if s.write_all(greeting).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Backend { addr, accepted }
+}
+
+fn screened(backend: SocketAddr, action: Pregreet) -> Config {
+    let mut c = config(backend);
+    c.pregreet.action = action;
+    c.pregreet.wait = Duration::from_millis(300);
+    c.pregreet.wait_busy = Duration::from_millis(300);
+    c
+}
+
+/// Reads exactly `want.len()` bytes (5 s at most) and compares them.
+async fn expect(s: &mut TcpStream, want: &[u8], what: &str) {
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 5 s"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want),
+        "{what}"
+    );
+}
+
+async fn metrics_of(mx: &mxgate::Running) -> std::collections::HashMap<String, f64> {
+    scrape(mx.metrics_addr().unwrap()).await
+}
+
+fn result(m: &std::collections::HashMap<String, f64>, r: &str) -> f64 {
+    metric(m, &format!("mxgate_pregreet_total{{result=\"{r}\"}}"))
+}
+
+fn rejected(m: &std::collections::HashMap<String, f64>) -> f64 {
+    metric(m, "mxgate_connections_rejected_total{reason=\"pregreet\"}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_client_passes_with_one_valid_multi_line_greeting_then_is_cached() {
+    let b = backend(MULTI).await;
+    let mx = start(screened(b.addr, Pregreet::Drop)).await;
+    let at = mx.listen_addrs()[0];
+
+    let mut s = connect_from("127.0.0.2", at).await.unwrap();
+    expect(&mut s, TEASER, "the teaser first").await;
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        0,
+        "no backend during the test"
+    );
+    // The backend's three lines end the same reply, every one 220-, the last 220 .
+    expect(&mut s, MULTI, "the backend's greeting ends the reply").await;
+    s.write_all(b"EHLO c\r\n").await.unwrap();
+    expect(&mut s, b"EHLO c\r\n", "then forwarding").await;
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (1.0, 0.0));
+    assert_eq!(metric(&m, "mxgate_pregreet_cache_entries"), 1.0);
+
+    // Cached: the backend's own greeting at once, no teaser.
+    let mut again = connect_from("127.0.0.2", at).await.unwrap();
+    expect(&mut again, MULTI, "a cached pass skips the test").await;
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "cached_pass")), (1.0, 1.0));
+    let view = mx.snapshot().pregreet.expect("the view shows the cache");
+    assert_eq!(
+        (view.action.as_str(), view.cached_pass, view.cached_fail),
+        ("drop", 1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_answers_521_and_closes_and_the_failure_is_cached() {
+    let b = backend(MULTI).await;
+    let mx = start(screened(b.addr, Pregreet::Drop)).await;
+    let at = mx.listen_addrs()[0];
+    let mut s = connect_from("127.0.0.3", at).await.unwrap();
+    expect(&mut s, TEASER, "the teaser").await;
+    s.write_all(b"EHLO bot\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, DROP);
+    // The failure is remembered: the 521 is the greeting, with no test.
+    expect_refusal("127.0.0.3", at, DROP).await;
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "fail"), result(&m, "cached_fail")), (1.0, 1.0));
+    assert_eq!(rejected(&m), 2.0);
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        0,
+        "a bot never reaches the backend"
+    );
+    // A reload keeps the cache.
+    assert!(mx.reload(Ok(screened(b.addr, Pregreet::Drop))));
+    expect_refusal("127.0.0.3", at, DROP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_completes_the_greeting_then_550_until_quit() {
+    let b = backend(MULTI).await;
+    let mx = start(screened(b.addr, Pregreet::Enforce)).await;
+    let at = mx.listen_addrs()[0];
+    // A bot that speaks before reading anything.
+    let mut s = connect_from("127.0.0.4", at).await.unwrap();
+    s.write_all(b"EHLO bot\r\n").await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(COMPLETION);
+    want.extend_from_slice(ENFORCE);
+    expect(&mut s, &want, "teaser, completion, 550 to the early EHLO").await;
+    s.write_all(b"MAIL FROM:<a@b>\r\n").await.unwrap();
+    expect(&mut s, ENFORCE, "550 to every command").await;
+    s.write_all(b"QUIT\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, BYE);
+    // Cached: the completion line is its greeting.
+    let mut again = connect_from("127.0.0.4", at).await.unwrap();
+    expect(&mut again, COMPLETION, "a cached failure under enforce").await;
+    again.write_all(b"EHLO bot\r\nQUIT\r\n").await.unwrap();
+    let mut rest = ENFORCE.to_vec();
+    rest.extend_from_slice(BYE);
+    assert_eq!(read_to_end(&mut again).await, rest);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 0);
+    let m = metrics_of(&mx).await;
+    assert_eq!(rejected(&m), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_counts_a_talker_and_serves_it_and_tests_it_again() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let mx = start(screened(b.addr, Pregreet::Ignore)).await;
+    let at = mx.listen_addrs()[0];
+    for round in 1..=2 {
+        let mut s = connect_from("127.0.0.5", at).await.unwrap();
+        s.write_all(b"EHLO early\r\n").await.unwrap();
+        let mut want = TEASER.to_vec();
+        want.extend_from_slice(b"220 backend.test ready\r\nEHLO early\r\n");
+        expect(&mut s, &want, "served anyway, its words forwarded").await;
+        let m = metrics_of(&mx).await;
+        assert_eq!(result(&m, "fail"), round as f64, "tested again each time");
+        assert_eq!(rejected(&m), 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let mut c = screened(b.addr, Pregreet::Drop);
+    c.max_connections = 1;
+    c.queue_timeout = Duration::from_secs(30);
+    c.allow = vec!["127.0.0.50/32".parse().unwrap()];
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    // The allowed holder gets the backend's greeting at once, untested.
+    let mut holder = connect_from("127.0.0.50", at).await.unwrap();
+    expect(
+        &mut holder,
+        b"220 backend.test ready\r\n",
+        "allowed: no teaser",
+    )
+    .await;
+    let mut s = connect_from("127.0.0.6", at).await.unwrap();
+    expect(&mut s, TEASER, "the teaser").await;
+    eventually("the screened client waits in the queue", || {
+        mx.queued() == 1
+    })
+    .await;
+    s.write_all(b"EHLO bot\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, DROP);
+    eventually("its place is given up", || mx.queued() == 0).await;
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (1.0, 1.0));
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1, "only the holder's");
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_the_teaser_completes_the_greeting_then_answers_421() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let mut c = screened(b.addr, Pregreet::Drop);
+    c.max_connections = 1;
+    c.queue_timeout = Duration::ZERO;
+    c.allow = vec!["127.0.0.50/32".parse().unwrap()];
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let mut holder = connect_from("127.0.0.50", at).await.unwrap();
+    expect(&mut holder, b"220 backend.test ready\r\n", "the holder").await;
+    let mut s = connect_from("127.0.0.7", at).await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(COMPLETION);
+    expect(
+        &mut s,
+        &want,
+        "the greeting completed: a 421 cannot follow 220-",
+    )
+    .await;
+    s.write_all(b"EHLO c\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, GLOBAL_LINE);
+    drop(holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_refuses_after_the_teaser_gets_the_421_not_a_broken_reply() {
+    let b = backend(b"554 5.7.1 backend.test no\r\n").await;
+    let mx = start(screened(b.addr, Pregreet::Drop)).await;
+    let at = mx.listen_addrs()[0];
+    let mut s = connect_from("127.0.0.8", at).await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(COMPLETION);
+    expect(&mut s, &want, "completed").await;
+    s.write_all(b"EHLO c\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, BACKEND_LINE);
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mxgate-pregreet-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_survives_a_restart_in_state_dir() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let dir = state_dir("restart");
+    let mut c = screened(b.addr, Pregreet::Drop);
+    c.state_dir = Some(dir.clone());
+    let mx = start(c.clone()).await;
+    let at = mx.listen_addrs()[0];
+    let mut bot = connect_from("127.0.0.9", at).await.unwrap();
+    bot.write_all(b"EHLO bot\r\n").await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(DROP);
+    assert_eq!(read_to_end(&mut bot).await, want);
+    let mut good = connect_from("127.0.0.10", at).await.unwrap();
+    expect(&mut good, TEASER, "a sender's first contact").await;
+    expect(&mut good, b"220 backend.test ready\r\n", "passed").await;
+    drop(good);
+    mx.shutdown(Duration::from_secs(1)).await;
+    assert!(dir.join("pregreet-cache.json").exists());
+
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let m = metrics_of(&mx).await;
+    assert_eq!(metric(&m, "mxgate_pregreet_cache_entries"), 2.0);
+    expect_refusal("127.0.0.9", at, DROP).await;
+    let mut good = connect_from("127.0.0.10", at).await.unwrap();
+    expect(
+        &mut good,
+        b"220 backend.test ready\r\n",
+        "the pass is remembered",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `redis-server` on loopback with no persistence, killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    async fn start() -> Option<Redis> {
+        if !require_tool("redis-server") {
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let r = Redis { port, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis::Client::open(r.url().as_str())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Some(r)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn clustered(backend: SocketAddr, redis: &Redis, name: &str) -> mxgate::Running {
+    let mut c = screened(backend, Pregreet::Drop);
+    c.cluster = Some(mxgate::config::ClusterConfig {
+        redis: redis.url(),
+        name: "pg".into(),
+        instance: name.into(),
+        lease_ttl: Duration::from_secs(10),
+        fallback_share: 0.5,
+        admission_timeout: Duration::from_millis(500),
+        password_file: None,
+    });
+    let mx = start(c).await;
+    let addr = mx.metrics_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&scrape(addr).await, "mxgate_cluster_connected") != 1.0 {
+        assert!(Instant::now() < deadline, "{name} did not join the cluster");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    mx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_that_failed_at_one_host_is_refused_at_another_through_redis() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let one = clustered(b.addr, &redis, "one").await;
+    let two = clustered(b.addr, &redis, "two").await;
+    let mut bot = connect_from("127.0.0.11", one.listen_addrs()[0])
+        .await
+        .unwrap();
+    bot.write_all(b"EHLO bot\r\n").await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(DROP);
+    assert_eq!(read_to_end(&mut bot).await, want);
+    // Written through, with the failure's TTL on the key.
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = "mxgate:pg:pregreet:127.0.0.11";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Option<String> = redis::cmd("GET").arg(key).query(&mut conn).unwrap();
+        if v.is_some() {
+            assert_eq!(v.as_deref(), Some("fail"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the verdict never reached Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ttl: i64 = redis::cmd("TTL").arg(key).query(&mut conn).unwrap();
+    assert!((590..=600).contains(&ttl), "TTL {ttl}");
+    // The other host asks Redis on its local miss: the 521 at once, no teaser.
+    let mut again = connect_from("127.0.0.11", two.listen_addrs()[0])
+        .await
+        .unwrap();
+    assert_eq!(read_to_end(&mut again).await, DROP);
+    let m = metrics_of(&two).await;
+    assert_eq!((result(&m, "cached_fail"), result(&m, "fail")), (1.0, 0.0));
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 0);
+}
