@@ -9,9 +9,9 @@ the sessions delivered (greeted within the run), the clients refused (with what)
 for the greeting at p50 and p99, and, sampled half-way through, the host's own
 mxgate_connections_active and mxgate_connections_queued next to Redis's count.
 
-    python3 benches/cluster_fairness.py [ROUNDS]
+    python3 benches/cluster_fairness.py [ROUNDS] [equal|unequal]
 
-Two cases, ROUNDS rounds each (3 by default):
+Two cases (or the one named), ROUNDS rounds each (3 by default):
 - equal demand, 30 clients per host: the target is min/max delivered >= 0.8 in every round;
 - unequal demand, 30, 5 and 5: the light hosts' p99 wait is to be at most one session.
 
@@ -197,6 +197,10 @@ def wait_idle(rport):
 
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    cases = [c for c in (("equal", (30, 30, 30)), ("unequal", (30, 5, 5)))
+             if len(sys.argv) < 3 or c[0] == sys.argv[2]]
+    if not cases:
+        raise SystemExit(f"no case named {sys.argv[2]!r}: equal or unequal")
     for tool in ("redis-server", "smtp-sink"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed")
@@ -240,7 +244,8 @@ def main():
               f"smtp-sink and this client; global limit {LIMIT}, {SESSION_S:.0f} s sessions, "
               f"{RUN_S:.0f} s runs, queue_timeout {QUEUE_TIMEOUT_S} s")
         verdicts = []
-        for case, demand in (("equal", (30, 30, 30)), ("unequal", (30, 5, 5))):
+        print(f"redis port {rport}", flush=True)
+        for case, demand in cases:
             for rnd in range(rounds):
                 wait_idle(rport)
                 tag = rnd + (0 if case == "equal" else rounds)

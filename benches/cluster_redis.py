@@ -37,6 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.path.join(ROOT, "target", "release", "mxgate")
 SCRIPT_RS = os.path.join("src", "cluster", "script.rs")
+PACE_RS = os.path.join("src", "cluster", "pace.rs")
 NAME = "bench"
 INSTANCE = "mx1"
 PREFIX = f"mxgate:{NAME}:"
@@ -213,27 +214,38 @@ def session(port, source):
     s.close()
 
 
-def scripts_from(text):
-    """The scripts as mxgate builds them: the prelude, then (for ADMIT, where the source has
-    them) the max-min shares, then the body."""
+def scripts_from(text, hold_ms):
+    """The scripts as mxgate builds them: the prelude, then (where the source has them) the
+    demand's publishing with its hold in ms for ADMIT, RELEASE and REFRESH, and the max-min
+    shares for ADMIT, then the body."""
     found = dict(re.findall(r'const (\w+): &str = r#"(.*?)"#;', text, re.S))
     prelude = found.pop("PRELUDE")
     shares = found.pop("SHARES", "")
-    return {k: prelude + (shares if k == "ADMIT" else "") + v for k, v in found.items()}
+    demand = found.pop("DEMAND", "").replace("HOLD_MS", str(hold_ms))
+    return {k: prelude + (demand if k in ("ADMIT", "RELEASE", "REFRESH") else "")
+            + (shares if k == "ADMIT" else "") + v for k, v in found.items()}
+
+
+def hold_ms(text):
+    """The demand's hold, `cluster::pace::ASK_EVERY` in ms, where the source has one."""
+    found = re.search(r"ASK_EVERY: Duration = Duration::from_millis\((\d+)\)", text)
+    return int(found.group(1)) if found else 0
 
 
 def loaded_scripts(r):
     """The scripts as mxgate builds them (PRELUDE + body, hashed as redis::Script does), from
     the working tree or, if the binary was built before the last edits, from HEAD."""
     sources = []
+    pace = os.path.join(ROOT, PACE_RS)
     with open(os.path.join(ROOT, SCRIPT_RS)) as f:
-        sources.append(("working tree", f.read()))
-    head = subprocess.run(["git", "-C", ROOT, "show", f"HEAD:{SCRIPT_RS}"],
-                          capture_output=True, text=True)
-    if head.returncode == 0:
-        sources.append(("HEAD", head.stdout))
-    for where, text in sources:
-        texts = scripts_from(text)
+        sources.append(("working tree", f.read(),
+                        open(pace).read() if os.path.exists(pace) else ""))
+    head = [subprocess.run(["git", "-C", ROOT, "show", f"HEAD:{path}"],
+                           capture_output=True, text=True) for path in (SCRIPT_RS, PACE_RS)]
+    if head[0].returncode == 0:
+        sources.append(("HEAD", head[0].stdout, head[1].stdout))
+    for where, text, pace in sources:
+        texts = scripts_from(text, hold_ms(pace))
         shas = {k: hashlib.sha1(v.encode()).hexdigest() for k, v in texts.items()}
         if all(r.call("SCRIPT", "EXISTS", shas[k])[0] == 1 for k in ("ADMIT", "RELEASE")):
             return where, shas, "const SHARES" in text

@@ -379,6 +379,11 @@ impl<T> Ticket<T> {
         };
         s.lines.release(self.place);
         self.queue.update(&s);
+        // The last waiter gave up: the dispatcher looks (a cluster publishes this host's
+        // demand without it, so other hosts stop leaving slots to it).
+        if outcome.is_none() && s.lines.len() == 0 {
+            self.queue.wake.kick();
+        }
         outcome
     }
 

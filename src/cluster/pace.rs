@@ -37,6 +37,9 @@ struct PaceState {
     full: bool,
     /// While full: when the next client may ask.
     next: Option<Instant>,
+    /// A session of this host ended since the last ask went out: a refusal of that ask may
+    /// not have seen the slot it freed, so the next client asks at once.
+    freed_since_ask: bool,
 }
 
 impl Pace {
@@ -56,6 +59,7 @@ impl Pace {
             Some(next) if next > now => false,
             _ => {
                 s.next = Some(now + ASK_EVERY);
+                s.freed_since_ask = false;
                 true
             }
         }
@@ -67,11 +71,19 @@ impl Pace {
         s.full.then_some(s.next).flatten()
     }
 
-    /// The cluster refused a client for its global limit.
+    /// The cluster refused a client for its global limit. The next asks after [`ASK_EVERY`],
+    /// or at once if a session here ended while this one was asking (the slot it freed would
+    /// otherwise stay idle for a whole interval).
     pub(super) fn refused(&self) {
         let mut s = self.lock();
+        let now = Instant::now();
+        s.next = Some(if s.full && s.freed_since_ask {
+            now
+        } else {
+            now + ASK_EVERY
+        });
         s.full = true;
-        s.next = Some(Instant::now() + ASK_EVERY);
+        s.freed_since_ask = false;
     }
 
     /// The cluster admitted a client: the next in line asks at once; with nobody waiting, the
@@ -94,6 +106,7 @@ impl Pace {
         let mut s = self.lock();
         if s.full {
             s.next = Some(Instant::now());
+            s.freed_since_ask = true;
         }
     }
 }
@@ -123,5 +136,22 @@ mod tests {
         assert!(pace.admitted(0));
         assert!(pace.may_ask() && pace.may_ask());
         assert!(!pace.admitted(0), "nothing to tell while not full");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_ends_while_an_ask_is_out_lets_the_next_ask_at_once() {
+        let pace = Pace::default();
+        pace.refused();
+        tokio::time::advance(ASK_EVERY).await;
+        assert!(pace.may_ask());
+        // A session here ends, then the ask that was out comes back refused.
+        pace.freed();
+        pace.refused();
+        assert!(pace.may_ask(), "the freed slot is asked for at once");
+        // Refused with no session ended meanwhile: one interval.
+        pace.refused();
+        assert!(!pace.may_ask());
+        tokio::time::advance(ASK_EVERY).await;
+        assert!(pace.may_ask());
     }
 }

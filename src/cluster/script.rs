@@ -11,7 +11,8 @@
 //!   hosts given one name are caught) and the last registration Redis applied;
 //! - `x:{instance}`: admissions that reached Redis before the registration they came after;
 //! - `d`: a hash, instance → its demand (sessions and waiting clients), as it last said with
-//!   an admission, a release or a lease refresh;
+//!   an admission, a release or a lease refresh; a demand that fell is held at what it was for
+//!   [`DEMAND_HOLD`] (see [`DEMAND`]);
 //! - `warm`: present, with a time to live of one lease, after a registration that found no
 //!   live lease at all (see `REGISTER`).
 //!
@@ -57,18 +58,66 @@ local function warm_left()
 end
 "#;
 
+/// How long a host's demand that fell is still read at what it was: one pace of asks
+/// (`pace::ASK_EVERY`). A session that ends here is most often followed at once by the same
+/// client's next one (a sender with more mail), a millisecond later; without the hold, another
+/// host's waiter, asking in that millisecond, would find this host under its demand no more,
+/// take the freed slot, and leave this host's returning client to wait for the next session to
+/// end anywhere (up to a session's length: measured, 736 ms). With it, the freed slot stays
+/// this host's for one pace against another host's backlog; if its client does not come back,
+/// the other host's next ask, one pace later, gets it.
+pub const DEMAND_HOLD: std::time::Duration = super::pace::ASK_EVERY;
+
+/// Publishing and reading a demand. A field of `d` is `demand`, or `demand held until` while a
+/// demand that fell is held at `held` until the Redis clock reaches `until` (ms). A hold that
+/// runs keeps its end: a demand falling step by step is held at its highest for one
+/// `DEMAND_HOLD` from the first step, not for ever; a demand at or over the held one ends it.
+/// Nothing here costs a round trip: the demand rides on the calls a host makes anyway.
+const DEMAND: &str = r#"
+local function read_demand(v)
+  local d, held, till = string.match(v, '^(%d+) (%d+) (%d+)$')
+  if not d then return tonumber(v) or 0, nil, nil end
+  return tonumber(d), tonumber(held), tonumber(till)
+end
+local function demand_now(v, with_hold)
+  local d, held, till = read_demand(v)
+  if with_hold and held and till > now then return held end
+  return d
+end
+local function publish(demand)
+  demand = tonumber(demand)
+  local key = prefix .. 'd'
+  local v = tostring(demand)
+  local was = redis.call('HGET', key, me)
+  if was then
+    local d, held, till = read_demand(was)
+    if held and till > now then
+      if held > demand then v = v .. ' ' .. held .. ' ' .. till end
+    elseif d > demand then
+      v = v .. ' ' .. d .. ' ' .. (now + HOLD_MS)
+    end
+  end
+  redis.call('HSET', key, me, v)
+end
+"#;
+
 /// Max-min fair shares of the global count, by demand. `over_share(counts, cap, mine)` says
 /// whether instance `me` (demand `mine`) is to leave the next slot to another: it holds its
 /// share or more while another holds less than its own share and has clients waiting. The
 /// shares fill like water: every instance gets its whole demand if that is no more than an
 /// equal split of what is left, and the rest is split equally between the others (demands 30,
 /// 5 and 5 under 20 give 10, 5 and 5). An instance with no demand on record is taken to want
-/// what it holds. While nobody else waits, no share refuses anything.
+/// what it holds. Another's demand is read with its hold ([`DEMAND`]) only when `me` has
+/// clients waiting behind the asking one: the hold keeps a freed slot from a backlog, while
+/// one newcomer against another returning client is first come, first served (and a host
+/// whose queue is off never waits, so it is never refused by a hold). While nobody else waits,
+/// no share refuses anything.
 const SHARES: &str = r#"
 local function over_share(counts, cap, mine)
   local demands = {}
   local flat = redis.call('HGETALL', prefix .. 'd')
-  for i = 1, #flat, 2 do demands[flat[i]] = tonumber(flat[i + 1]) end
+  local backlog = mine > (counts[me] or 0) + 1
+  for i = 1, #flat, 2 do demands[flat[i]] = demand_now(flat[i + 1], backlog) end
   demands[me] = mine
   for inst, c in pairs(counts) do
     if (demands[inst] or 0) < c then demands[inst] = c end
@@ -131,7 +180,7 @@ if ARGV[5] ~= '' then
   n = prefix .. 'n:' .. ARGV[5]
   if reason == 0 and count(n) >= tonumber(ARGV[6]) then reason = 2 end
 end
-redis.call('HSET', prefix .. 'd', me, ARGV[11])
+publish(ARGV[11])
 local counts, total = {}, 0
 local flat = redis.call('HGETALL', g)
 for i = 1, #flat, 2 do
@@ -165,7 +214,7 @@ return {reason, total + 1, warming}
 /// host given the same instance name) takes nothing from the holder's counts.
 const RELEASE: &str = r#"
 if redis.call('HGET', prefix .. 'token', me) ~= ARGV[3] then return 0 end
-redis.call('HSET', prefix .. 'd', me, ARGV[4])
+publish(ARGV[4])
 local held = prefix .. 'k:' .. me
 for i = 5, #ARGV do
   local key = ARGV[i]
@@ -186,7 +235,7 @@ local held = redis.call('ZSCORE', leases, me)
 if redis.call('HGET', prefix .. 'token', me) ~= ARGV[4] then held = false end
 if held then
   redis.call('ZADD', leases, now + tonumber(ARGV[3]), me)
-  redis.call('HSET', prefix .. 'd', me, ARGV[5])
+  publish(ARGV[5])
 end
 return {held and 1 or 0, count(prefix .. 'g'), redis.call('ZCARD', leases), warm_left()}
 "#;
@@ -259,10 +308,11 @@ pub struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         let with = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        let hold = DEMAND.replace("HOLD_MS", &DEMAND_HOLD.as_millis().to_string());
         Scripts {
-            admit: redis::Script::new(&format!("{PRELUDE}{SHARES}{ADMIT}")),
-            release: with(RELEASE),
-            refresh: with(REFRESH),
+            admit: with(&format!("{hold}{SHARES}{ADMIT}")),
+            release: with(&format!("{hold}{RELEASE}")),
+            refresh: with(&format!("{hold}{REFRESH}")),
             register: with(REGISTER),
             leave: with(LEAVE),
         }
@@ -276,220 +326,4 @@ impl Default for Scripts {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    //! The scripts against a real `redis-server`, in orders the instances can produce.
-
-    use super::*;
-
-    pub(in crate::cluster) struct Server(std::process::Child);
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn server() -> Option<(Server, redis::Connection)> {
-        let (server, url) = server_url()?;
-        let client = redis::Client::open(url).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Ok(c) = client.get_connection() {
-                return Some((server, c));
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-
-    /// A fresh `redis-server` on a loopback port and its URL; `None` when it is not installed
-    /// (outside CI). It may still be starting.
-    pub(in crate::cluster) fn server_url() -> Option<(Server, String)> {
-        let found = std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "redis-server is required in CI"
-            );
-            eprintln!("SKIP: redis-server is not installed");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Some((Server(child), format!("redis://127.0.0.1:{port}/0")))
-    }
-
-    const P: &str = "mxgate:t:";
-
-    fn register(c: &mut redis::Connection, token: &str, epoch: u64, counts: &[(&str, u64)]) -> i64 {
-        let s = Scripts::new();
-        let mut call = s.register.prepare_invoke();
-        call.arg(P).arg("a").arg(10_000).arg(token).arg(epoch);
-        for (k, n) in counts {
-            call.arg(format!("{P}{k}")).arg(*n);
-        }
-        call.invoke::<(i64, u64, u64, u64)>(c).unwrap().0
-    }
-
-    fn admit(c: &mut redis::Connection, token: &str, epoch: u64, source: &str) -> i64 {
-        admit_warming(c, token, epoch, source).0
-    }
-
-    /// The code and whether the copy is warming up.
-    fn admit_warming(
-        c: &mut redis::Connection,
-        token: &str,
-        epoch: u64,
-        source: &str,
-    ) -> (i64, bool) {
-        let s = Scripts::new();
-        let mut call = s.admit.prepare_invoke();
-        call.arg(P)
-            .arg("a")
-            .arg(source)
-            .arg(3)
-            .arg("")
-            .arg(0)
-            .arg(10)
-            .arg(1)
-            .arg(token)
-            .arg(epoch)
-            .arg(1);
-        let (code, _, warming) = call.invoke::<(i64, i64, i64)>(c).unwrap();
-        (code, warming == 1)
-    }
-
-    fn global(c: &mut redis::Connection) -> i64 {
-        let v: Vec<i64> = redis::cmd("HVALS").arg(format!("{P}g")).query(c).unwrap();
-        v.iter().sum()
-    }
-
-    #[test]
-    fn an_admission_that_overtakes_its_registration_is_kept() {
-        let Some((_server, mut c)) = server() else {
-            return;
-        };
-        assert_eq!(register(&mut c, "t1", 1, &[]), 0);
-        assert_eq!(admit(&mut c, "t1", 1, "192.0.2.1/32"), 0);
-        // The instance snapshots (1 session) for registration 2; a new admission, counted
-        // after that snapshot, reaches Redis before the registration does.
-        assert_eq!(admit(&mut c, "t1", 2, "192.0.2.2/32"), 0);
-        assert_eq!(
-            register(&mut c, "t1", 2, &[("g", 1), ("s:192.0.2.1/32", 1)]),
-            0
-        );
-        assert_eq!(global(&mut c), 2, "the overtaking admission survives");
-        // One counted before the snapshot, arriving after the registration: already in it.
-        assert_eq!(
-            register(
-                &mut c,
-                "t1",
-                3,
-                &[
-                    ("g", 3),
-                    ("s:192.0.2.1/32", 1),
-                    ("s:192.0.2.2/32", 1),
-                    ("s:192.0.2.3/32", 1)
-                ]
-            ),
-            0
-        );
-        assert_eq!(admit(&mut c, "t1", 2, "192.0.2.3/32"), 0);
-        assert_eq!(global(&mut c), 3, "not counted twice");
-        // A registration that arrives late, after a newer one, is dropped.
-        assert_eq!(register(&mut c, "t1", 2, &[]), -2);
-        assert_eq!(global(&mut c), 3);
-    }
-
-    #[test]
-    fn a_second_process_under_the_same_name_cannot_take_its_counts() {
-        let Some((_server, mut c)) = server() else {
-            return;
-        };
-        assert_eq!(register(&mut c, "first", 1, &[("g", 4)]), 0);
-        assert_eq!(register(&mut c, "second", 1, &[]), -1);
-        assert_eq!(admit(&mut c, "second", 1, "192.0.2.9/32"), -1);
-        assert_eq!(global(&mut c), 4);
-        // Nor can its releases (of sessions it admitted alone) take from the first's counts.
-        let s = Scripts::new();
-        let mut call = s.release.prepare_invoke();
-        call.arg(P).arg("a").arg("second").arg(0);
-        call.arg(format!("{P}g")).arg(format!("{P}g"));
-        call.invoke::<i64>(&mut c).unwrap();
-        assert_eq!(global(&mut c), 4);
-    }
-
-    #[test]
-    fn a_copy_that_begins_empty_warms_up_for_one_lease_and_only_then() {
-        let Some((_server, mut c)) = server() else {
-            return;
-        };
-        // The first registration into a Redis with no copy starts the warm-up.
-        assert_eq!(register(&mut c, "t1", 1, &[]), 0);
-        let left: i64 = redis::cmd("PTTL")
-            .arg(format!("{P}warm"))
-            .query(&mut c)
-            .unwrap();
-        assert!(
-            left > 9_000 && left <= 10_000,
-            "one lease of 10 s: {left} ms"
-        );
-        assert_eq!(admit_warming(&mut c, "t1", 1, "192.0.2.1/32"), (0, true));
-        // A later registration (another instance, or this one again) does not extend it.
-        redis::cmd("PEXPIRE")
-            .arg(format!("{P}warm"))
-            .arg(1)
-            .query::<i64>(&mut c)
-            .unwrap();
-        while redis::cmd("EXISTS")
-            .arg(format!("{P}warm"))
-            .query::<i64>(&mut c)
-            .unwrap()
-            == 1
-        {
-            std::thread::yield_now();
-        }
-        assert_eq!(
-            register(&mut c, "t1", 2, &[("g", 1), ("s:192.0.2.1/32", 1)]),
-            0
-        );
-        assert_eq!(admit_warming(&mut c, "t1", 2, "192.0.2.2/32"), (0, false));
-        // Every lease ended while the copy stayed (Redis stalled, or away with persistence):
-        // warms again.
-        redis::cmd("ZADD")
-            .arg(format!("{P}leases"))
-            .arg(0)
-            .arg("a")
-            .query::<i64>(&mut c)
-            .unwrap();
-        assert_eq!(register(&mut c, "t1", 3, &[("g", 2)]), 0);
-        assert_eq!(admit_warming(&mut c, "t1", 3, "192.0.2.3/32"), (0, true));
-        // A warm-up made to last by hand ends at the next script.
-        redis::cmd("PERSIST")
-            .arg(format!("{P}warm"))
-            .query::<i64>(&mut c)
-            .unwrap();
-        assert_eq!(admit_warming(&mut c, "t1", 3, "192.0.2.4/32"), (0, false));
-        // The copy is lost (a restart without persistence): the next registration warms again.
-        redis::cmd("FLUSHDB").query::<()>(&mut c).unwrap();
-        assert_eq!(register(&mut c, "t1", 4, &[("g", 2)]), 0);
-        assert_eq!(admit_warming(&mut c, "t1", 4, "192.0.2.5/32"), (0, true));
-        assert_eq!(global(&mut c), 3);
-    }
-}
+pub(super) mod tests;

@@ -218,3 +218,23 @@ fn a_waiter_put_back_goes_first_and_keeps_its_deadline() {
         Entered::Closed
     ));
 }
+
+// Issue 39: a cluster publishes its demand without its waiters only when the dispatcher
+// looks; the last waiter giving up left it unwoken until the next lease refresh.
+#[tokio::test]
+async fn the_last_waiter_giving_up_wakes_the_dispatcher() {
+    let wake = Arc::new(Wake::default());
+    let q = Queue::<u32>::new(wake.clone(), Gauge::noop(), Histogram::noop());
+    let a = join(&q, "10.0.0.1/32", false);
+    let b = join(&q, "10.0.0.2/32", false);
+    // The entries' own wake-ups, taken.
+    wake.notified().await;
+    assert!(b.leave().is_none());
+    let quiet = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
+    assert!(quiet.is_err(), "one still waits: nothing to look at");
+    assert!(a.leave().is_none());
+    assert_eq!(q.len(), 0);
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("the dispatcher is woken");
+}

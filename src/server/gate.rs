@@ -247,15 +247,18 @@ impl Gate {
     /// that said full, only when this host's waiters may ask it again
     /// ([`crate::cluster::Cluster::may_ask`]): a client granted here asks the cluster next.
     pub(crate) fn capacity(&self, live: &Live, waiter: &Waiter) -> Option<Grant> {
-        if self.cluster.as_ref().is_some_and(|c| !c.may_ask()) {
-            return None;
-        }
         let family = live.config.transparent.then_some(waiter.ip);
         let capped = live.pool.capped();
         if capped && live.pool.full(family) {
             return None;
         }
         let global = self.admission.take_global(&live.policy, waiter.allowed)?;
+        // Asked only with a local slot in hand: a turn to ask spent while this host is full
+        // too would hold its next ask back a whole interval after a slot frees here.
+        if self.cluster.as_ref().is_some_and(|c| !c.may_ask()) {
+            global.give_back();
+            return None;
+        }
         let lease = if capped {
             match live.pool.select(&[], family) {
                 Ok(lease) => Some(lease),
