@@ -215,6 +215,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         cut: CancellationToken::new(),
         headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
         cluster,
+        local: Default::default(),
     })
 }
 
