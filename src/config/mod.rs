@@ -244,6 +244,9 @@ pub struct Config {
     pub dry_run: bool,
     /// Whether the metrics listener serves the live view, which names client addresses.
     pub status: bool,
+    /// Host names `/status` and the page answer to, besides the listen address and
+    /// localhost; lower case.
+    pub status_hosts: Vec<String>,
     pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
     /// Limits shared with other instances through Redis; `None` counts alone.
@@ -391,6 +394,7 @@ impl Config {
             adaptive_initial: Some(self.adaptive_initial),
             dry_run: Some(self.dry_run),
             status: Some(self.status),
+            status_hosts: self.status_hosts.clone(),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
             // The password, if the URL has one, is not printed.

@@ -230,6 +230,13 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<bool>,
 
+    /// Host names, besides the metrics listen address and localhost, under which `/status` and
+    /// the page may be asked for (any other Host header gets 403, against DNS rebinding);
+    /// repeatable
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status_hosts: Vec<String>,
+
     /// Shared limits across several mxgate hosts (`[cluster]`)
     #[command(flatten)]
     #[serde(default, skip_serializing_if = "ClusterSettings::is_empty")]
@@ -340,6 +347,9 @@ impl Settings {
         }
         if !over.allow.is_empty() {
             self.allow = over.allow;
+        }
+        if !over.status_hosts.is_empty() {
+            self.status_hosts = over.status_hosts;
         }
         if !over.deny.is_empty() {
             self.deny = over.deny;

@@ -151,7 +151,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         workers,
     };
     if let Some(l) = metrics_listener {
-        running.background.spawn(crate::status::http::serve(
+        running.background.spawn(crate::status::accept::serve(
             l,
             gate.clone(),
             running.stop.clone(),
