@@ -68,19 +68,28 @@ async fn waiters_whose_backend_socket_fails_locally_wait_again_instead_of_gettin
     }
     eventually("every waiter queued", || mx.queued() == WAITERS).await;
 
+    // The reload below raises the limit when the config's descriptor budget does not fit:
+    // enough are opened first that it fits, so the limit stays where this test puts it.
+    let mut raised = mx.config();
+    raised.max_connections = 8;
+    let budget = mxgate::descriptors::Budget::of(&raised, 1).total() as usize;
+    let held: Arc<Mutex<Vec<OwnedFd>>> = Arc::default();
+    let devnull = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    while fd_count(std::process::id()) < budget {
+        held.lock().unwrap().push(devnull.try_clone().unwrap());
+    }
     // Out of descriptors: the limit just above what is open, and every free one taken.
     set_soft_nofile(fd_count(std::process::id()) as u64 + 16);
-    let (stop, held) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let stop = Arc::new(AtomicBool::new(false));
     let grabber = {
         let (stop, held) = (stop.clone(), Arc::clone(&held));
         std::thread::spawn(move || grab_every_free_descriptor(stop, held))
     };
     let taken = || held.lock().unwrap().len();
-    eventually("the descriptors taken", || taken() >= 10).await;
+    let before = taken();
+    eventually("the descriptors taken", || taken() >= before + 10).await;
     // Four more slots (a reload raises the limit): each grant's backend socket fails with
     // EMFILE, and nothing frees a descriptor meanwhile.
-    let mut raised = mx.config();
-    raised.max_connections = 8;
     assert!(mx.reload(Ok(raised)));
     let failures = r#"mxgate_local_errors_total{op="backend_socket",errno="EMFILE"}"#;
     let unavailable = r#"mxgate_connections_rejected_total{reason="backend_unavailable"}"#;
@@ -109,4 +118,70 @@ async fn waiters_whose_backend_socket_fails_locally_wait_again_instead_of_gettin
     }
     assert_eq!(metric_of(&mx, unavailable), 0.0);
     println!("{failed} local failures, 0 backend_unavailable, {WAITERS} waiters served");
+}
+
+/// The soft limit of a real process under `prlimit`, read from /proc.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soft_limit_is_raised_toward_the_hard_one_and_a_short_hard_one_warned_of() {
+    if !require_tool("prlimit") {
+        return;
+    }
+    let backend = GreetingBackend::start().await;
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Defaults (max_connections 1000) need a few thousand: 256 is raised to the hard 8192.
+    let mut run = std::process::Command::new("prlimit");
+    run.args(["--nofile=256:8192", "--"])
+        .arg(env!("CARGO_BIN_EXE_mxgate"))
+        .args([
+            "run",
+            "--hostname",
+            HOST,
+            "--metrics",
+            "off",
+            "--threads",
+            "1",
+        ])
+        .args([
+            "--backend",
+            &backend.addr.to_string(),
+            "--listen",
+            &listen.to_string(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = KillOnDrop(run.spawn().unwrap());
+    let pid = child.0.id();
+    // `prlimit` execs mxgate in place: the pid is mxgate's once it listens.
+    eventually("mxgate listening", || {
+        std::net::TcpStream::connect(listen).is_ok()
+    })
+    .await;
+    let soft = soft_nofile(pid);
+    assert!(soft > 256 && soft <= 8192, "soft limit {soft}");
+    drop(child);
+    // A hard limit that falls short: `check` under it says so, with the numbers.
+    let out = std::process::Command::new("prlimit")
+        .args(["--nofile=512:512", "--"])
+        .arg(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["check", "--hostname", HOST, "--backend", "192.0.2.1:25"])
+        .args(["--max-connections", "20", "--max-queued", "2000"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("RLIMIT_NOFILE soft 512, hard 512")
+            && text.contains("sessions 40 + queue 2000"),
+        "{text}"
+    );
 }

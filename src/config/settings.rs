@@ -162,7 +162,8 @@ pub struct Settings {
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 
     /// Networks of upstream load balancers that send a PROXY protocol header; repeatable.
-    /// When set, every connection must come from one of them and carry a header
+    /// When set, every connection must come from one of them and carry a header, and the
+    /// header's address is the client's for allow, deny and reserved_for_allowed too
     #[arg(long, value_name = "CIDR")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_proxy_protocol: Vec<Cidr>,
