@@ -17,6 +17,8 @@
 //! | Prometheus series, the process's own included | [`metrics`] |
 //! | the live view: `/status`, the page, `/metrics` endpoint, `mxgate status`, systemd's `STATUS=` | [`status`] |
 //! | listening sockets, accept errors | [`listener`] |
+//! | the descriptor budget against RLIMIT_NOFILE | [`descriptors`] |
+//! | mxgate's own resource failures (EMFILE, ENOBUFS): counted, paced, logged at a bounded rate | [`local_errors`] |
 //! | log lines under systemd: journald priorities | [`logging`] |
 //! | shared state, worker threads, accept loops, reload, shutdown | [`server`] |
 //! | one connection's life | [`session`] |
@@ -31,9 +33,11 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod descriptors;
 pub mod forward;
 pub mod listener;
 pub mod load;
+pub mod local_errors;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -48,6 +48,32 @@ pub fn accept_raw(
     Ok((stream, peer))
 }
 
+/// A descriptor held for the moment the process runs out: given up for one accept, so a
+/// client in the backlog can still be answered, then opened again once there is room.
+pub struct Reserve(Option<std::os::fd::OwnedFd>);
+
+impl Reserve {
+    pub fn open() -> Reserve {
+        let mut r = Reserve(None);
+        r.restore();
+        r
+    }
+
+    /// Closes the reserve, if held; whether there was one to give up.
+    pub fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    /// Opens the reserve again if it was given up; a no-op while descriptors are still short.
+    pub fn restore(&mut self) {
+        if self.0.is_none() {
+            use rustix::fs::{Mode, OFlags};
+            self.0 =
+                rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok();
+        }
+    }
+}
+
 /// Back-off and log throttling for accept() failures.
 pub struct AcceptErrors {
     /// The next pause; doubles while failures go on, resets on success.
@@ -70,6 +96,12 @@ impl Default for AcceptErrors {
 
 impl AcceptErrors {
     pub fn success(&mut self) {
+        self.backoff = BACKOFF_MIN;
+    }
+
+    /// A failure after which clients were still answered (from the reserve): the next pause
+    /// stays short, so the backlog keeps being answered, while the warning stays rate-limited.
+    pub fn answered(&mut self) {
         self.backoff = BACKOFF_MIN;
     }
 

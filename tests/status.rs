@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 /// One GET on the metrics listener: the status code, the content type and the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let text = String::from_utf8(read_to_end(&mut s).await).unwrap();

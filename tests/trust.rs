@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use mxgate::config::{Config, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 fn config_toml(backend: SocketAddr, toml: &str) -> Config {
     let text = format!(
@@ -243,38 +242,6 @@ async fn a_client_admitted_after_its_proxy_header_during_a_drain_gets_the_draini
         b"421 4.3.2 mx.test Service shutting down, try again later\r\n"
     );
     assert_eq!(backend.accepted(), 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_metrics_endpoint_serves_a_bounded_number_of_connections() {
-    let backend = GreetingBackend::start().await;
-    let mx = start(config_toml(backend.addr, "")).await;
-    let metrics = mx.metrics_addr().unwrap();
-    let bound = mxgate::status::http::MAX_METRICS_CONNECTIONS;
-    // Clients that connect and say nothing hold every slot...
-    let mut idle = Vec::new();
-    for _ in 0..bound {
-        idle.push(TcpStream::connect(metrics).await.unwrap());
-    }
-    // ... and are noticed once they are taken: the next request waits in the kernel's backlog
-    // instead of getting a task of its own.
-    let mut scrape_conn = TcpStream::connect(metrics).await.unwrap();
-    scrape_conn
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut first = [0u8; 1];
-    let early =
-        tokio::time::timeout(Duration::from_millis(300), scrape_conn.read(&mut first)).await;
-    assert!(early.is_err(), "answered while every slot was held");
-    // One idle client leaves: the waiting request is answered.
-    drop(idle.pop());
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), scrape_conn.read_to_end(&mut got))
-        .await
-        .expect("answered once a slot is free")
-        .unwrap();
-    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

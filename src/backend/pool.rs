@@ -27,6 +27,8 @@ use crate::queue::Wake;
 use crate::reason::RejectReason;
 
 use super::limit::{Learned, Signal};
+use super::ConnectError;
+use crate::local_errors::Errno;
 
 mod busy;
 mod learned;
@@ -277,6 +279,16 @@ impl Drop for Lease {
     }
 }
 
+/// Why [`Pool::connect`] made no backend connection.
+#[derive(Debug)]
+pub enum Unconnected {
+    /// The answer the client gets (or, for a full house, the queue it goes back to).
+    Refused(RejectReason),
+    /// mxgate's own socket could not be made: out of descriptors or socket memory. Neither
+    /// the client's nor any backend's doing.
+    Local(Errno, std::io::Error),
+}
+
 /// Why no backend could be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoBackend {
@@ -430,7 +442,8 @@ impl Pool {
         deadline: Instant,
         mut first: Option<Lease>,
         tried: &mut Vec<SocketAddr>,
-    ) -> Result<(TcpStream, Lease), RejectReason> {
+    ) -> Result<(TcpStream, Lease), Unconnected> {
+        use Unconnected::Refused;
         loop {
             let chosen = match first.take() {
                 Some(l) => Ok(l),
@@ -438,17 +451,25 @@ impl Pool {
             };
             let lease = match chosen {
                 Ok(l) => l,
-                Err(_) if !tried.is_empty() => return Err(RejectReason::BackendUnavailable),
-                Err(NoBackend::AllFull) => return Err(RejectReason::GlobalLimit),
-                Err(NoBackend::AllDown) => return Err(RejectReason::BackendUnavailable),
+                Err(_) if !tried.is_empty() => {
+                    return Err(Refused(RejectReason::BackendUnavailable))
+                }
+                Err(NoBackend::AllFull) => return Err(Refused(RejectReason::GlobalLimit)),
+                Err(NoBackend::AllDown) => return Err(Refused(RejectReason::BackendUnavailable)),
             };
             let addr = lease.member.addr;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(RejectReason::BackendUnavailable);
+                return Err(Refused(RejectReason::BackendUnavailable));
             }
             match super::connect(addr, left, source).await {
                 Ok(s) => return Ok((s, lease)),
+                // Out of descriptors or socket memory: no other backend would fare better, and
+                // none of them is to blame. The lease goes back with this return.
+                Err(ConnectError::Local(e)) if Errno::of(&e).is_some() => {
+                    let errno = Errno::of(&e).expect("checked in the guard");
+                    return Err(Unconnected::Local(errno, e));
+                }
                 Err(e) => {
                     tracing::debug!(backend = %lease.member.label, error = %e, "backend connect failed; trying the next");
                     // From the client's own address (transparent mode) a refusal or timeout

@@ -278,6 +278,9 @@ pub struct Config {
     pub backend_trusts_mxgate: bool,
     /// Whether the metrics listener serves the live view, which names client addresses.
     pub status: bool,
+    /// Host names `/status` and the page answer to, besides the listen address and
+    /// localhost; lower case.
+    pub status_hosts: Vec<String>,
     pub networks: Vec<NetworkRule>,
     pub replies: ReplyOverrides,
     /// Limits shared with other instances through Redis; `None` counts alone.
@@ -443,6 +446,7 @@ impl Config {
             dry_run: Some(self.dry_run),
             backend_trusts_mxgate: Some(self.backend_trusts_mxgate),
             status: Some(self.status),
+            status_hosts: self.status_hosts.clone(),
             networks: self.networks.clone(),
             replies: Some(self.replies.clone()),
             pregreet: Some(self.pregreet.action),

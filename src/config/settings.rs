@@ -164,7 +164,8 @@ pub struct Settings {
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 
     /// Networks of upstream load balancers that send a PROXY protocol header; repeatable.
-    /// When set, every connection must come from one of them and carry a header [default: none]
+    /// When set, every connection must come from one of them and carry a header, and the
+    /// header's address is the client's for allow, deny and reserved_for_allowed too [default: none]
     #[arg(long, value_name = "CIDR")]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accept_proxy_protocol: Vec<Cidr>,
@@ -274,6 +275,13 @@ pub struct Settings {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<bool>,
+
+    /// Host names, besides the metrics listen address and localhost, under which `/status` and
+    /// the page may be asked for (any other Host header gets 403, against DNS rebinding);
+    /// repeatable [default: none]
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status_hosts: Vec<String>,
 
     /// Shared limits across several mxgate hosts (`[cluster]`)
     #[command(flatten)]
@@ -394,6 +402,9 @@ impl Settings {
         }
         if !over.allow.is_empty() {
             self.allow = over.allow;
+        }
+        if !over.status_hosts.is_empty() {
+            self.status_hosts = over.status_hosts;
         }
         if !over.deny.is_empty() {
             self.deny = over.deny;

@@ -178,6 +178,11 @@ pub const HELP: &[(&str, Option<Unit>, &str)] = &[
         "Splice pipes in existence, pooled or in use.",
     ),
     (
+        "mxgate_local_errors_total",
+        None,
+        "mxgate's own resource failures, by operation (accept, metrics_accept, backend_socket) and errno (EMFILE, ENFILE, ENOBUFS, ENOMEM): never counted against a client or a backend.",
+    ),
+    (
         "mxgate_config_reloads_total",
         None,
         "Config reloads, by result (success, failure).",

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub splice_fallbacks: Counter,
     pub splice_pool_exhausted: Counter,
     pub splice_pipes: Gauge,
+    /// mxgate's own resource failures, by operation and errno.
+    pub local_errors: crate::local_errors::LocalErrorCounters,
     pub reloads_ok: Counter,
     pub reloads_failed: Counter,
     pub rate_untracked: Counter,
@@ -200,6 +202,9 @@ impl Metrics {
             splice_fallbacks: r.counter("mxgate_splice_fallbacks_total", &[]),
             splice_pool_exhausted: r.counter("mxgate_splice_pool_exhausted_total", &[]),
             splice_pipes: r.gauge("mxgate_splice_pipes", &[]),
+            local_errors: crate::local_errors::LocalErrorCounters::new(|op, errno| {
+                r.counter("mxgate_local_errors_total", &[("op", op), ("errno", errno)])
+            }),
             // Config reloads.
             last_reload_successful,
             last_reload_success_timestamp,

@@ -2,6 +2,7 @@
 //! listener; an accept loop decides admission ([`Gate::triage`]), sends refusals to its
 //! [`Door`], and gives every other connection its own task on the same worker.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use tokio_util::task::TaskTracker;
 
 use super::gate::{Gate, Triage};
 use crate::config::Config;
-use crate::listener::{self, AcceptErrors};
+use crate::listener::{self, AcceptErrors, Reserve};
+use crate::local_errors::{Errno, Op};
+use crate::reason::RejectReason;
 use crate::reply::Door;
 
 /// How often an idle accept loop wakes to show it is alive; the watchdog needs a period of at
@@ -110,6 +113,7 @@ impl AcceptLoop {
     ) {
         let (listener, door) = (&self.listener, &mut self.door);
         let mut errors = AcceptErrors::default();
+        let mut reserve = Reserve::open();
         // Wake now and then even when idle, so the heartbeat shows the loop is alive.
         let mut alive = tokio::time::interval(HEARTBEAT_INTERVAL);
         alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -139,6 +143,10 @@ impl AcceptLoop {
                         dispatch(door, &gate, &sessions, stream, peer);
                     }
                     Err(e) => {
+                        if exhausted(listener.get_ref(), &gate, &mut reserve, &e) > 0 {
+                            errors.answered();
+                        }
+                        reserve.restore();
                         let pause = errors.failure(self.addr, &e);
                         tokio::select! {
                             () = &mut stopped => return,
@@ -160,6 +168,41 @@ impl AcceptLoop {
             }
         }
     }
+}
+
+/// Out of descriptors: counts the failure and, giving up the reserve descriptor, answers the
+/// clients in the backlog with the global-limit 421 and closes each at once, so none sits
+/// there unanswered. Returns how many were answered.
+fn exhausted(
+    listener: &std::net::TcpListener,
+    gate: &Gate,
+    reserve: &mut Reserve,
+    e: &std::io::Error,
+) -> usize {
+    let Some(errno) = Errno::of(e) else { return 0 };
+    gate.metrics
+        .local_errors
+        .get(Op::Accept, errno)
+        .increment(1);
+    if !matches!(errno, Errno::Emfile | Errno::Enfile) || !reserve.release() {
+        return 0;
+    }
+    let live = gate.live.load_full();
+    let line = live.replies.line(RejectReason::GlobalLimit);
+    let mut answered = 0;
+    while answered < ACCEPT_BATCH {
+        let Ok((stream, peer)) = listener::accept_raw(listener) else {
+            break;
+        };
+        gate.metrics.accepted.increment(1);
+        gate.count_refusal(RejectReason::GlobalLimit, peer.ip().to_canonical(), &live);
+        // One short line into an empty send buffer: it fits. No linger: the descriptor is
+        // needed back at once. A client at connect time has sent nothing, so no reset.
+        let _ = (&stream).write(line);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        answered += 1;
+    }
+    answered
 }
 
 /// Sends a new connection where triage says: a task of its own, or the refusal door.

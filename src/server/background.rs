@@ -31,8 +31,9 @@ impl Running {
     }
 
     /// The wait queue's one dispatcher: whenever a slot may have freed, hands out every slot
-    /// there is, in the queue's order; at the next deadline, ends the waits that reached it.
-    /// In a cluster that said full, it also looks at each turn of the waiters to ask it.
+    /// there is, in the queue's order; at the next deadline, ends the waits that reached it;
+    /// when a pause after a local failure ends, looks again. In a cluster that said full, it
+    /// also looks at each turn of the waiters to ask it.
     pub(super) fn spawn_queue_dispatcher(&self) {
         let (gate, stop) = (self.gate.clone(), self.stop.clone());
         self.background.spawn(async move {
@@ -59,7 +60,11 @@ impl Running {
                     expiry.into_iter().chain(ask).min()
                 }));
                 next = match turn {
-                    Ok(next) => next,
+                    // A pause after a local failure ends with a look of its own.
+                    Ok(next) => match gate.local.paused_until().map(|t| t.into_std()) {
+                        Some(resume) => Some(next.map_or(resume, |n| n.min(resume))),
+                        None => next,
+                    },
                     Err(_) => {
                         tracing::error!("the wait queue's dispatcher panicked; it goes on");
                         Some(std::time::Instant::now() + std::time::Duration::from_secs(1))

@@ -113,6 +113,8 @@ pub struct Gate {
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The pregreet test's cache and counts; here, not in [`Live`], so a reload keeps them.
     pub(crate) pregreet: Arc<crate::pregreet::Screen>,
+    /// The pause after a backend socket failed locally: no slot is granted while it lasts.
+    pub(crate) local: crate::local_errors::Backoff,
 }
 
 /// How many connections may wait for their PROXY header at once; past it a new one gets the
@@ -243,10 +245,15 @@ impl Gate {
     }
 
     /// A slot for `waiter`, if one is free: a global slot open to its class and, when
-    /// backends have caps, a backend's slot. Nothing is taken unless both are. In a cluster
-    /// that said full, only when this host's waiters may ask it again
-    /// ([`crate::cluster::Cluster::may_ask`]): a client granted here asks the cluster next.
+    /// backends have caps, a backend's slot. Nothing is taken unless both are, nor while
+    /// grants pause after a local failure. In a cluster that said full, only when this host's
+    /// waiters may ask it again ([`crate::cluster::Cluster::may_ask`]): a client granted here
+    /// asks the cluster next.
     pub(crate) fn capacity(&self, live: &Live, waiter: &Waiter) -> Option<Grant> {
+        // Out of descriptors a moment ago: a slot granted now would fail the same way.
+        if self.local.paused_until().is_some() {
+            return None;
+        }
         let family = live.config.transparent.then_some(waiter.ip);
         let capped = live.pool.capped();
         if capped && live.pool.full(family) {

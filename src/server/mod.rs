@@ -74,7 +74,9 @@ pub struct Running {
 /// What `mxgate check` does beyond validation: builds the runtime state exactly as start-up
 /// and reload do, and returns the warnings start-up would log.
 pub fn check(config: Config) -> Vec<String> {
-    let warnings = crate::config::warnings(&config, &config.listen);
+    let mut warnings = crate::config::warnings(&config, &config.listen);
+    let budget = crate::descriptors::Budget::of(&config, worker_count(&config));
+    warnings.extend(crate::descriptors::fit(&budget, false));
     drop(Live::build(
         config,
         None,
@@ -105,9 +107,14 @@ pub async fn start_with(
     serve(listeners, config).await
 }
 
-/// What must hold before anything is served: transparent mode's capability (checked once per
-/// backend family) and routing.
+/// What must hold before anything is served: descriptors for what the config can hold open
+/// (the soft limit raised when short, a warning when it stays short), transparent mode's
+/// capability (checked once per backend family) and routing.
 fn preflight(config: &Config) -> anyhow::Result<()> {
+    let budget = crate::descriptors::Budget::of(config, worker_count(config));
+    if let Some(warning) = crate::descriptors::fit(&budget, true) {
+        tracing::warn!("{warning}");
+    }
     if !config.transparent {
         return Ok(());
     }
@@ -162,7 +169,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         keeper,
     };
     if let Some(l) = metrics_listener {
-        running.background.spawn(crate::status::http::serve(
+        running.background.spawn(crate::status::accept::serve(
             l,
             gate.clone(),
             running.stop.clone(),
@@ -257,6 +264,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         cut: CancellationToken::new(),
         headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
         cluster,
+        local: Default::default(),
     })
 }
 

@@ -31,7 +31,8 @@ impl Running {
                 "reload cannot change this setting; the old value stays in force until a restart"
             );
         }
-        // A backend of a family transparent mode has not checked yet is checked now.
+        // The descriptor budget is checked again, and a backend of a family transparent mode
+        // has not checked yet is checked now.
         if let Err(e) = preflight(&new) {
             self.reload_failed();
             tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");

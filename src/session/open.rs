@@ -1,7 +1,8 @@
 //! The opening of a session: from its slots to a greeted backend. The backend is connected,
 //! sent the PROXY header and the client's early bytes, and its greeting is read before the
 //! client sees it; a busy (4xx) greeting is absorbed, and the client tries another backend or
-//! goes back to the head of the queue.
+//! goes back to the head of the queue. So does a client whose backend socket mxgate could not
+//! open (out of descriptors or socket memory): that failure is nobody's but mxgate's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use super::origin::Origin;
 use super::wait::Waiting;
 use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
-use crate::backend::{greeting, Greeting, Lease};
+use crate::backend::{greeting, Greeting, Lease, Unconnected};
 use crate::config::Config;
 use crate::forward;
+use crate::local_errors::{Errno, Op};
 use crate::policy::Listing;
 use crate::proxy_protocol;
 use crate::queue::{Entered, Waiter};
@@ -95,11 +97,15 @@ impl Gate {
                 .await;
             let (backend, lease) = match connected {
                 Ok(connected) => connected,
-                Err(reason) => {
+                Err(Unconnected::Refused(reason)) => {
                     let left = (client, guard, origin);
                     return self
                         .not_connected(reason, absorbed, left, live, started)
                         .await;
+                }
+                Err(Unconnected::Local(errno, e)) => {
+                    let left = (client, guard, origin);
+                    return self.failed_locally((errno, e), left, live, started).await;
                 }
             };
             let connected_at = Instant::now();
@@ -169,13 +175,14 @@ impl Gate {
         first: Option<Lease>,
         tried: &mut Vec<SocketAddr>,
         started: Instant,
-    ) -> Result<(TcpStream, Lease), RejectReason> {
+    ) -> Result<(TcpStream, Lease), Unconnected> {
         let config = &live.config;
         let deadline = deadline_after(config.connect_timeout);
         let connected = live
             .pool
             .connect(config, source, deadline, first, tried)
             .await?;
+        self.local.succeeded();
         self.metrics
             .backend_connect_seconds
             .record(started.elapsed().as_secs_f64());
@@ -248,6 +255,34 @@ impl Gate {
         Opened::Done
     }
 
+    /// mxgate could not open its own backend socket (out of descriptors or socket memory).
+    /// Neither the client's doing nor the backend's: the client goes back to the head of the
+    /// queue, and grants pause for a short, growing while ([`crate::local_errors::Backoff`]),
+    /// so the slot it gives back is not handed to the next waiter to fail the same way at
+    /// once. With no queue there is nowhere to wait: mxgate is out of room, which is what the
+    /// global-limit answer says.
+    async fn failed_locally(
+        &self,
+        (errno, error): (Errno, std::io::Error),
+        (client, guard, origin): (TcpStream, Guard, Origin),
+        live: Arc<Live>,
+        started: Instant,
+    ) -> Opened {
+        self.metrics
+            .local_errors
+            .get(Op::BackendSocket, errno)
+            .increment(1);
+        self.local.failed(errno, &error);
+        if live.queues() {
+            return self.requeue(client, guard, origin, live, started);
+        }
+        drop(guard);
+        let ip = origin.client.ip().to_canonical();
+        self.reject(client, RejectReason::GlobalLimit, ip, &live)
+            .await;
+        Opened::Done
+    }
+
     /// The cluster's admission, when limits are shared, in the connection's task, never the
     /// accept loop.
     async fn cluster_verdict(&self, guard: &mut Guard, origin: &Origin, live: &Live) -> Said {
@@ -299,9 +334,10 @@ impl Gate {
     }
 
     /// A client that found every backend full (each said busy, or filled up between its grant
-    /// and its connect), or the cluster full, waits again, at the head of the queue, with the
-    /// deadline of its first wait; its global slot and its cluster claim go back meanwhile.
-    /// One that never waited takes a place in the queue only if `max_queued` has room.
+    /// and its connect), or the cluster full, or whose backend socket failed locally, waits
+    /// again, at the head of the queue, with the deadline of its first wait; its global slot
+    /// and its cluster claim go back meanwhile. One that never waited takes a place in the
+    /// queue only if `max_queued` has room.
     fn requeue(
         &self,
         client: TcpStream,

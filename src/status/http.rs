@@ -1,26 +1,28 @@
 //! The metrics listener: `/metrics` for Prometheus, `/status` (JSON) and `/` (the page) for
 //! people. A deliberately tiny HTTP/1.x responder: it reads one bounded request head, answers
-//! it and closes. Anything it cannot parse gets a 400, never a crash. With `status = false`,
-//! `/status` is a 404 and `/` says where the metrics are, so no client address is shown.
+//! it and closes. Anything it cannot parse gets a 400, never a crash; a version other than
+//! HTTP/1.0 and 1.1 a 505; a method other than GET and HEAD a 405 with `Allow`. With
+//! `status = false`, `/status` is a 404 and `/` says where the metrics are, so no client
+//! address is shown; with it on, they answer only a Host that names this listener (its
+//! address, `localhost`, or a name in `status_hosts`), so a page elsewhere cannot read them
+//! through DNS rebinding. `/metrics` answers any Host. The accept loop is `accept`'s.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use super::Snapshot;
 use crate::server::gate::Gate;
 
 /// A request head larger than this is not a scrape.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// A client that has not sent its request head by then is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many connections are served at once; past it new ones wait in the kernel's backlog,
-/// so slow or idle clients of the endpoint cannot pile up tasks.
-pub const MAX_METRICS_CONNECTIONS: usize = 32;
+/// A client that has not sent its whole request head by then is dropped: Prometheus and a
+/// browser send theirs at once, so only a slow or idle client ever waits this long.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// The whole exchange, the answer's write included, ends by then.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The page, self-contained: its script asks `/status` every few seconds.
 const PAGE: &str = include_str!("page.html");
@@ -36,6 +38,8 @@ struct Answer {
     status: &'static str,
     kind: &'static str,
     body: String,
+    /// A HEAD request: the head alone.
+    head_only: bool,
 }
 
 impl Answer {
@@ -44,41 +48,61 @@ impl Answer {
             status,
             kind: TEXT,
             body: body.to_string(),
+            head_only: false,
         }
     }
 }
 
-/// Serves the listener until `stop` is cancelled. Each request is handled in its own task.
-pub async fn serve(listener: TcpListener, gate: Arc<Gate>, stop: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
-    loop {
-        // A slot first: with every slot taken, new connections wait in the kernel's backlog
-        // rather than each getting a task.
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-        };
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &gate)).await;
-            drop(slot);
-        });
-    }
+/// Answers one connection: its request head within [`HEAD_TIMEOUT`], the whole exchange within
+/// a few seconds more. `head_read` is told once the head is in, so the connection is no longer
+/// idle and may not be pre-empted.
+pub(super) async fn exchange(stream: TcpStream, gate: &Gate, head_read: impl FnOnce()) {
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(stream, gate, head_read)).await;
 }
 
 /// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, gate: &Gate) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    gate: &Gate,
+    head_read: impl FnOnce(),
+) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(head) => head?,
+        // Too slow for a scrape: dropped without a word.
+        Err(_) => return Ok(()),
+    };
+    head_read();
+    let local = stream.local_addr().ok();
+    let a = match head {
+        Some(head) => route(&head, gate, local),
+        None => Answer::text("400 Bad Request", "bad request\n"),
+    };
+    let is_head = a.head_only;
+    let policy = if a.kind.starts_with("text/html") {
+        format!("Content-Security-Policy: {PAGE_POLICY}\r\n")
+    } else {
+        String::new()
+    };
+    let allow = if a.status.starts_with("405") {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let response = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{allow}{policy}Connection: close\r\n\r\n",
+        a.status,
+        a.kind,
+        a.body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    if !is_head {
+        stream.write_all(a.body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+/// One request head, or `None` for a client that closed first or sent too much.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let complete = loop {
@@ -94,31 +118,10 @@ async fn answer(mut stream: TcpStream, gate: &Gate) -> std::io::Result<()> {
             break false;
         }
     };
-    let a = if complete {
-        route(&head, gate)
-    } else {
-        Answer::text("400 Bad Request", "bad request\n")
-    };
-    let is_head = head.starts_with(b"HEAD ");
-    let policy = if a.kind.starts_with("text/html") {
-        format!("Content-Security-Policy: {PAGE_POLICY}\r\n")
-    } else {
-        String::new()
-    };
-    let response = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{policy}Connection: close\r\n\r\n",
-        a.status,
-        a.kind,
-        a.body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    if !is_head {
-        stream.write_all(a.body.as_bytes()).await?;
-    }
-    stream.shutdown().await
+    Ok(complete.then_some(head))
 }
 
-fn route(head: &[u8], gate: &Gate) -> Answer {
+fn route(head: &[u8], gate: &Gate, local: Option<SocketAddr>) -> Answer {
     let line_end = head
         .iter()
         .position(|&b| b == b'\r' || b == b'\n')
@@ -132,15 +135,31 @@ fn route(head: &[u8], gate: &Gate) -> Answer {
     else {
         return Answer::text("400 Bad Request", "bad request\n");
     };
-    if !version.starts_with("HTTP/1.") {
+    if !version.starts_with("HTTP/") {
         return Answer::text("400 Bad Request", "bad request\n");
+    }
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Answer::text("505 HTTP Version Not Supported", "only HTTP/1.0 and 1.1\n");
     }
     if method != "GET" && method != "HEAD" {
         return Answer::text("405 Method Not Allowed", "only GET and HEAD\n");
     }
     let path = target.split('?').next().unwrap_or("");
-    let status_on = gate.live.load().config.status;
-    match path {
+    let live = gate.live.load();
+    let status_on = live.config.status;
+    // The view names client addresses: a page on another origin must not read it through
+    // DNS rebinding, so it answers only a Host that names this listener.
+    if matches!(path, "/status" | "/") && status_on {
+        let known =
+            host_header(head).is_some_and(|h| host_allowed(h, local, &live.config.status_hosts));
+        if !known {
+            return Answer::text(
+                "403 Forbidden",
+                "unknown Host: use the listen address, localhost, or a name in status_hosts\n",
+            );
+        }
+    }
+    let mut a = match path {
         "/metrics" => {
             // Counted at the scrape, so it is never a tick behind.
             let refused = gate.sources.refused_sources();
@@ -149,21 +168,58 @@ fn route(head: &[u8], gate: &Gate) -> Answer {
                 status: "200 OK",
                 kind: PROMETHEUS,
                 body: gate.metrics.render(),
+                head_only: false,
             }
         }
         "/status" if status_on => Answer {
             status: "200 OK",
             kind: "application/json",
             body: serde_json::to_string(&Snapshot::take(gate)).expect("a snapshot serialises"),
+            head_only: false,
         },
         "/status" => Answer::text("404 Not Found", "the live view is off (status = false)\n"),
         "/" if status_on => Answer {
             status: "200 OK",
             kind: "text/html; charset=utf-8",
             body: PAGE.to_string(),
+            head_only: false,
         },
         "/" => Answer::text("200 OK", "mxgate: metrics at /metrics\n"),
         _ => Answer::text("404 Not Found", "not found\n"),
+    };
+    a.head_only = method == "HEAD";
+    a
+}
+
+/// The value of the request's Host header, if it has one.
+fn host_header(head: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim())
+    })
+}
+
+/// Whether `host` (a Host header's value, perhaps with a port) names this listener: its
+/// address, `localhost`, or one of `names`.
+fn host_allowed(host: &str, local: Option<SocketAddr>, names: &[String]) -> bool {
+    // Without the port: `[::1]:9925`, `127.0.0.1:9925`, `name:9925`, or bare.
+    let bare = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let bare = bare.trim_end_matches('.').to_ascii_lowercase();
+    if bare.is_empty() {
+        return false;
+    }
+    if bare == "localhost" || names.iter().any(|n| n.trim_end_matches('.') == bare) {
+        return true;
+    }
+    match (bare.parse::<std::net::IpAddr>(), local) {
+        (Ok(ip), Some(l)) => ip.to_canonical() == l.ip().to_canonical(),
+        _ => false,
     }
 }
 

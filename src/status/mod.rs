@@ -3,7 +3,7 @@
 //!
 //! | form | module |
 //! | --- | --- |
-//! | `/status` (JSON), `/` (the HTML page) and `/metrics`, on the metrics listener | `http` |
+//! | `/status` (JSON), `/` (the HTML page) and `/metrics`, on the metrics listener | `http`, its accept loop `accept` |
 //! | `mxgate status`, tables for a person or the raw JSON | `client` |
 //! | the systemd `STATUS=` line | [`Snapshot::status_line`] |
 //!
@@ -22,6 +22,7 @@ use crate::metrics::unix_now;
 use crate::reply::display_source;
 use crate::server::gate::Gate;
 
+pub mod accept;
 pub mod client;
 pub mod http;
 

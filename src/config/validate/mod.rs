@@ -76,6 +76,7 @@ impl Settings {
             dry_run: self.dry_run.unwrap_or(false),
             backend_trusts_mxgate: self.backend_trusts_mxgate.unwrap_or(true),
             status: self.status.unwrap_or(true),
+            status_hosts: status_hosts(&self.status_hosts)?,
             networks: self.networks,
             hostname,
             connect_timeout: timeouts.connect,
@@ -390,6 +391,22 @@ fn forwarding(s: &Settings) -> Result<Moving, Bad> {
         pipe_size,
         threads,
     })
+}
+
+/// The names `/status` answers to: host names, or IP addresses, as a Host header gives them
+/// (without a port); kept in lower case, as they are compared.
+fn status_hosts(names: &[String]) -> Result<Vec<String>, Bad> {
+    names
+        .iter()
+        .map(|n| {
+            let bare = n.trim_start_matches('[').trim_end_matches(']');
+            if bare.parse::<std::net::IpAddr>().is_err() {
+                value::validate_hostname(n)
+                    .map_err(|e| bad("status_hosts", format!("{n:?}: {e}")))?;
+            }
+            Ok(bare.to_ascii_lowercase())
+        })
+        .collect()
 }
 
 /// The name in mxgate's own replies: as set, or the system's.
