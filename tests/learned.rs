@@ -314,3 +314,41 @@ async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--state-dir ""` turns the state directory off, even under systemd's `$STATE_DIRECTORY`.
+#[test]
+fn an_empty_state_dir_flag_turns_it_off() {
+    use std::process::Command;
+    let dir = state_dir("off");
+    let out = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["check", "--backend", "127.0.0.1:2526,max_connections=auto"])
+        .args(["--state-dir", ""])
+        .env("STATE_DIRECTORY", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: mxgate::config::Settings,
+    }
+    let flags = <Flags as clap::Parser>::try_parse_from([
+        "mxgate",
+        "--backend",
+        "127.0.0.1:2526",
+        "--state-dir",
+        "",
+    ])
+    .unwrap();
+    assert_eq!(
+        flags.settings.state_dir.as_deref(),
+        Some(std::path::Path::new(""))
+    );
+    let config = flags.settings.validate(None).unwrap();
+    assert_eq!(config.state_dir, None);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -219,7 +219,8 @@ pub struct Settings {
 
     /// Directory where learned backend limits are kept across restarts; "" turns it off
     /// [default: $STATE_DIRECTORY (systemd's StateDirectory=) when set, otherwise off]
-    #[arg(long, value_name = "DIR")]
+    // Parsed as any OS string: clap's path parser refuses the empty value that turns it off.
+    #[arg(long, value_name = "DIR", value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), std::path::PathBuf::from))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<std::path::PathBuf>,
 
