@@ -746,7 +746,7 @@ async fn a_host_whose_redis_connection_keeps_dropping_never_loses_its_counts_to_
 /// The body of one GET on an instance's metrics listener.
 async fn get_body(metrics: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(metrics).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
