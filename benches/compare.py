@@ -119,6 +119,17 @@ def cpu_seconds(pids):
     return total / tick
 
 
+def machine_seconds():
+    """Busy CPU time over all CPUs since boot (user, nice, system, irq, softirq from
+    /proc/stat): every process's and the kernel's work, softirq and kernel workers included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    assert fields[0] == "cpu", fields
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+    return (user + nice + system + irq + softirq) / tick
+
+
 # Targets whose processes are running, so a failed run still stops them all.
 LIVE = []
 
@@ -253,10 +264,10 @@ def iperf(port, streams, pids):
     # iperf3's server runs one test at a time and may still be closing the last one ("the
     # server is busy"): try again a few times, then give up with its own words.
     for attempt in range(4):
-        cpu0 = cpu_seconds(pids)
+        cpu0, machine0 = cpu_seconds(pids), machine_seconds()
         out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(IPERF_SECONDS),
                               "-P", str(streams), "-J"], capture_output=True, text=True, timeout=120)
-        cpu = cpu_seconds(pids) - cpu0
+        cpu, machine = cpu_seconds(pids) - cpu0, machine_seconds() - machine0
         report = None
         try:
             report = json.loads(out.stdout)
@@ -269,7 +280,7 @@ def iperf(port, streams, pids):
     else:
         raise RuntimeError(f"iperf3 kept failing: {error}")
     gib = end["bytes"] / 2**30
-    return end["bits_per_second"] / 1e9, (cpu / gib if pids and gib else None)
+    return end["bits_per_second"] / 1e9, (cpu / gib if pids and gib else None), machine / gib
 
 
 def smtp_sessions(port):
@@ -308,10 +319,13 @@ def hold(port, pids):
 def measure(t):
     pids = t.pids()
     r = {}
-    r["iperf1_gbps"], r["cpu_s_per_gib"] = iperf(t.iperf_port, 1, pids)
-    r["iperf4_gbps"], _ = iperf(t.iperf_port, 4, pids)
-    cpu0 = cpu_seconds(pids)
+    r["iperf1_gbps"], r["cpu_s_per_gib"], r["machine_s_per_gib"] = iperf(t.iperf_port, 1, pids)
+    r["iperf4_gbps"], _, _ = iperf(t.iperf_port, 4, pids)
+    cpu0, machine0 = cpu_seconds(pids), machine_seconds()
     r["smtp_sessions_per_s"] = smtp_sessions(t.smtp_port)
+    # The whole machine's busy CPU per session, the load generator and smtp-sink included:
+    # direct's figure is the floor, a proxy's overhead is its figure minus direct's.
+    r["smtp_machine_us"] = 1e6 * (machine_seconds() - machine0) / SMTP_MESSAGES
     if pids:
         # The proxy's own CPU time (user and system, every thread) per session.
         r["smtp_cpu_us"] = 1e6 * (cpu_seconds(pids) - cpu0) / SMTP_MESSAGES
@@ -347,9 +361,10 @@ def measure_reject(t):
     cpu0 = cpu_seconds(pids)
     r = netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS)
     r["cpu_us"] = 1e6 * (cpu_seconds(pids) - cpu0) / max(turned_away(r), 1)
-    cpu0 = cpu_seconds(pids)
+    cpu0, machine0 = cpu_seconds(pids), machine_seconds()
     paced = netload("reject", f"127.0.0.1:{t.smtp_port}", 32, REJECT_SECONDS, REJECT_RATE)
     r["paced_cpu_us"] = 1e6 * (cpu_seconds(pids) - cpu0) / max(turned_away(paced), 1)
+    r["paced_machine_us"] = 1e6 * (machine_seconds() - machine0) / max(turned_away(paced), 1)
     r["paced_per_second"] = paced["per_second"]
     # Every paced client must have had its whole line too (or HAProxy's reset).
     r["paced_complete_421"], r["paced_turned_away"] = paced["complete_421"], turned_away(paced)
@@ -538,6 +553,15 @@ def cpu_targets(rounds, spreads, paced_rate):
     out.append(f"| SMTP session: proxy CPU (µs) | {cells(lambda nm: med(nm, 'smtp_cpu_us'))} | {session} "
                f"| ≤ 0.9 × HAProxy, in every round "
                f"| {verdict(max(session.values) <= 0.9 if session.values else None)} |")
+    out.append(f"| refusal, paced: whole machine (µs) | {cells(rmed('paced_machine_us'))} "
+               f"| {per_round(rounds, reject_cpu_vs('mxgate-splice', 'paced_machine_us'))} | reported | – |")
+    over = lambda key: lambda nm: median(res[nm][key] - res["direct"][key] for res, _ in rounds)
+    out.append(f"| SMTP session: whole-machine overhead over direct (µs) | {cells(over('smtp_machine_us'))} "
+               f"| {per_round(rounds, lambda res, _: (res['mxgate-splice']['smtp_machine_us'] - res['direct']['smtp_machine_us']) / (res['haproxy']['smtp_machine_us'] - res['direct']['smtp_machine_us']))} "
+               "| reported | – |")
+    out.append(f"| bulk: whole-machine overhead, CPU seconds per GiB | {cells(over('machine_s_per_gib'))} "
+               f"| {per_round(rounds, lambda res, _: (res['mxgate-splice']['machine_s_per_gib'] - res['direct']['machine_s_per_gib']) / (res['haproxy']['machine_s_per_gib'] - res['direct']['machine_s_per_gib']))} "
+               "| reported | – |")
     out.append(f"| bulk: CPU seconds per GiB | {cells(lambda nm: med(nm, 'cpu_s_per_gib'))} | {bulk} "
                f"| ≤ 0.4 × HAProxy | {verdict(bulk.median is not None and bulk.median <= 0.4)} |")
     out.append(f"| idle session: RSS (KiB) and fds | "
