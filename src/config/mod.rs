@@ -92,9 +92,6 @@ pub enum Forwarding {
     Splice,
     /// Userspace copy.
     Copy,
-    /// A BPF sockmap redirect inside the kernel after the greeting; Linux with CAP_BPF and
-    /// CAP_NET_ADMIN.
-    Sockmap,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]

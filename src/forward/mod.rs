@@ -21,8 +21,6 @@
 
 mod copy;
 #[cfg(target_os = "linux")]
-pub mod sockmap;
-#[cfg(target_os = "linux")]
 pub mod splice;
 
 use std::future::Future;
@@ -42,9 +40,6 @@ pub enum Mode {
     Copy,
     #[cfg(target_os = "linux")]
     Splice(Arc<splice::PipePool>),
-    /// A BPF sockmap redirect moves the bytes inside the kernel after the handover.
-    #[cfg(target_os = "linux")]
-    Sockmap(Arc<sockmap::Redirector>),
 }
 
 /// Which peer a fault came from.
@@ -74,11 +69,11 @@ impl Timeouts {
         }
     }
 
-    pub(crate) fn idle(self) -> Duration {
+    fn idle(self) -> Duration {
         Duration::from_millis(self.idle_ms.into())
     }
 
-    pub(crate) fn half_close(self) -> Duration {
+    fn half_close(self) -> Duration {
         Duration::from_millis(self.half_close_ms.into())
     }
 }
@@ -247,10 +242,6 @@ pub async fn forward(
     relayed: Relayed,
     cancel: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
 ) -> Report {
-    #[cfg(target_os = "linux")]
-    if let Mode::Sockmap(r) = mode {
-        return sockmap::forward(client, backend, r, timeouts, traffic, relayed, cancel).await;
-    }
     let shared = Shared::new(traffic, relayed);
     let mut cancel = cancel;
     let up = Flow::new(client, backend, Side::Backend, &shared);
@@ -398,8 +389,6 @@ async fn slow_step(
     }
     let (end, moved) = match mode {
         Mode::Copy => copy::burst(flow).await?,
-        #[cfg(target_os = "linux")]
-        Mode::Sockmap(_) => copy::burst(flow).await?,
         #[cfg(target_os = "linux")]
         Mode::Splice(pool) => splice::burst(flow, pool).await?,
     };

@@ -150,7 +150,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let gate = build_gate(config, &metrics)?;
+    let gate = build_gate(config, &metrics);
     let keeper = resume_learned(&gate);
     let stop = CancellationToken::new();
     let running = Running {
@@ -227,7 +227,7 @@ fn prepare_listeners(listeners: &[std::net::TcpListener]) -> std::io::Result<Vec
 
 /// The state every accept loop and connection task shares, built for `config`; joins the
 /// cluster when one is configured.
-fn build_gate(config: Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Gate>> {
+fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
     let traffic = Traffic {
         client_to_backend: metrics.bytes_client_to_backend.clone(),
         backend_to_client: metrics.bytes_backend_to_client.clone(),
@@ -243,9 +243,9 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Gate
     set_limit_gauges(metrics, &live.config);
     let pregreet =
         crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
-    Ok(Arc::new(Gate {
+    Arc::new(Gate {
         pregreet: Arc::new(pregreet),
-        mode: forwarding_mode(&live.config, metrics)?,
+        mode: forwarding_mode(&live.config, metrics),
         live: ArcSwap::from_pointee(live),
         admission: Admission::with_wake(metrics.clone(), wake.clone()),
         queue: Queue::new(
@@ -265,7 +265,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Gate
         headers: Arc::new(tokio::sync::Semaphore::new(gate::MAX_PENDING_HEADERS)),
         cluster,
         local: Default::default(),
-    }))
+    })
 }
 
 impl Running {
@@ -468,19 +468,9 @@ impl Drop for Running {
     }
 }
 
-fn forwarding_mode(config: &Config, metrics: &Metrics) -> anyhow::Result<Mode> {
-    Ok(match config.forwarding {
+fn forwarding_mode(config: &Config, metrics: &Metrics) -> Mode {
+    match config.forwarding {
         Forwarding::Copy => Mode::Copy,
-        #[cfg(target_os = "linux")]
-        Forwarding::Sockmap => {
-            let sessions = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
-            Mode::Sockmap(Arc::new(
-                forward::sockmap::Redirector::new(sessions)
-                    .context("forwarding = \"sockmap\": cannot set up the BPF sockmap")?,
-            ))
-        }
-        #[cfg(not(target_os = "linux"))]
-        Forwarding::Sockmap => anyhow::bail!("forwarding = \"sockmap\" is only available on Linux"),
         #[cfg(target_os = "linux")]
         Forwarding::Auto | Forwarding::Splice => Mode::Splice(forward::splice::PipePool::new(
             config.pipe_size,
@@ -492,7 +482,7 @@ fn forwarding_mode(config: &Config, metrics: &Metrics) -> anyhow::Result<Mode> {
             let _ = metrics;
             Mode::Copy
         }
-    })
+    }
 }
 
 /// A write to a peer that has gone must be an error on that session, never a signal that
