@@ -119,6 +119,10 @@ def cpu_seconds(pids):
     return total / tick
 
 
+# The line in docs/benchmarks.md after which the page is written by hand and kept by a new run.
+KEPT = "<!-- written by hand below: compare.py keeps it -->"
+
+
 def machine_seconds():
     """Busy CPU time over all CPUs since boot (user, nice, system, irq, softirq from
     /proc/stat): every process's and the kernel's work, softirq and kernel workers included."""
@@ -675,8 +679,16 @@ def write_report(rounds, meta):
                 break
     out.append(f"\n![ratios to HAProxy]({REPORT}.svg)\n")
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-    with open(os.path.join(ROOT, f"docs/{REPORT}.md"), "w") as f:
-        f.write("\n".join(out) + "\n")
+    path = os.path.join(ROOT, f"docs/{REPORT}.md")
+    # Hand-written records of experiments (below KEPT) survive a new run.
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if KEPT in old:
+            kept = "\n" + old[old.index(KEPT):]
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n" + kept)
     write_svg(spreads)
     print("\n".join(out))
 
