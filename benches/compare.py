@@ -559,7 +559,8 @@ def cpu_targets(rounds, spreads, paced_rate):
                f"| {verdict(max(session.values) <= 0.9 if session.values else None)} |")
     out.append(f"| refusal, paced: whole machine (µs) | {cells(rmed('paced_machine_us'))} "
                f"| {per_round(rounds, reject_cpu_vs('mxgate-splice', 'paced_machine_us'))} | reported | – |")
-    over = lambda key: lambda nm: median(res[nm][key] - res["direct"][key] for res, _ in rounds)
+    over = lambda key: lambda nm: median(res[nm][key] - res["direct"][key] for res, _ in rounds
+                                         if key in res[nm] and key in res["direct"])
     out.append(f"| SMTP session: whole-machine overhead over direct (µs) | {cells(over('smtp_machine_us'))} "
                f"| {per_round(rounds, lambda res, _: (res['mxgate-splice']['smtp_machine_us'] - res['direct']['smtp_machine_us']) / (res['haproxy']['smtp_machine_us'] - res['direct']['smtp_machine_us']))} "
                "| reported | – |")
