@@ -79,7 +79,11 @@ fn seen(line: &[u8]) -> Seen {
 }
 
 async fn get_metrics(m: SocketAddr) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(m).await.ok()?;
+    get_metrics_from("127.0.0.1", m).await
+}
+
+async fn get_metrics_from(source: &str, m: SocketAddr) -> Option<String> {
+    let mut s = connect_from(source, m).await.ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .ok()?;
@@ -183,6 +187,7 @@ async fn out_of_descriptors_waiters_are_served_and_newcomers_answered() {
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     let child = KillOnDrop(run.spawn().unwrap());
+    let started = Instant::now();
     let pid = child.0.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     while get_metrics(metrics).await.is_none() {
@@ -256,6 +261,20 @@ async fn out_of_descriptors_waiters_are_served_and_newcomers_answered() {
         unavailable.clone(),
     );
     let before = sample(&scrape_within_2s(metrics).await, emfile);
+    // Scrapers that keep asking meanwhile, so the metrics listener meets EMFILE too.
+    let scrapers: Vec<_> = (0..8)
+        .map(|i| {
+            let stop = stop.clone();
+            // Other addresses than the asserted scrapes', as other scrapers would be.
+            let source = format!("127.0.3.{}", i + 1);
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let scrape = get_metrics_from(&source, metrics);
+                    let _ = tokio::time::timeout(Duration::from_secs(3), scrape).await;
+                }
+            })
+        })
+        .collect();
     let mut waits = Vec::new();
     for i in 0..5 {
         let t = Instant::now();
@@ -281,6 +300,34 @@ async fn out_of_descriptors_waiters_are_served_and_newcomers_answered() {
         "descriptors were not exhausted during the probes"
     );
     stop.store(true, Ordering::Relaxed);
+    for s in scrapers {
+        s.await.unwrap();
+    }
+    // The metrics listener met EMFILE, and logged it at the SMTP listeners' bounded rate
+    // (once per 10 s per loop), not at every retry.
+    let page = scrape_within_2s(metrics).await;
+    let metrics_emfile = sample(
+        &page,
+        r#"mxgate_local_errors_total{op="metrics_accept",errno="EMFILE"}"#,
+    );
+    // At least two: logging each would pass the bound.
+    assert!(metrics_emfile >= 2.0, "the metrics listener ran out {metrics_emfile} times");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let lines = |addr: SocketAddr| {
+        logged
+            .lines()
+            .filter(|l| l.contains("accept failed") && l.contains(&addr.to_string()))
+            .count()
+    };
+    let bound = 1 + started.elapsed().as_secs() as usize / 10;
+    assert!(
+        lines(metrics) <= bound && lines(listen) <= THREADS * bound,
+        "{} metrics and {} SMTP accept-failure lines for {metrics_emfile} metrics \
+         failures in {:?}:\n{logged}",
+        lines(metrics),
+        lines(listen),
+        started.elapsed()
+    );
 
     // The holders quit together: their 20 slots go to 20 waiters, and nobody gets
     // backend_unavailable.
@@ -311,7 +358,7 @@ async fn out_of_descriptors_waiters_are_served_and_newcomers_answered() {
     println!(
         "figures: clients {n}, max_queued held at {}, backend_unavailable {refused}, \
          waiters served {HOLDERS} of {HOLDERS}, backend socket EMFILE {local}, accept EMFILE \
-         {during}, new client's 421 at exhaustion: worst {} ms of {} probes, open descriptors \
+         {during}, metrics accept EMFILE {metrics_emfile}, new client's 421 at exhaustion: worst {} ms of {} probes, open descriptors \
          {}",
         caps.max_queued,
         worst.as_millis(),
