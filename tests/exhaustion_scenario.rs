@@ -311,7 +311,10 @@ async fn out_of_descriptors_waiters_are_served_and_newcomers_answered() {
         r#"mxgate_local_errors_total{op="metrics_accept",errno="EMFILE"}"#,
     );
     // At least two: logging each would pass the bound.
-    assert!(metrics_emfile >= 2.0, "the metrics listener ran out {metrics_emfile} times");
+    assert!(
+        metrics_emfile >= 2.0,
+        "the metrics listener ran out {metrics_emfile} times"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     let lines = |addr: SocketAddr| {
         logged
