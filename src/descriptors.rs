@@ -1,9 +1,9 @@
 //! The descriptor budget: how many file descriptors a config can hold open at once, checked
 //! against `RLIMIT_NOFILE` at start-up, on reload and by `mxgate check`. A soft limit that
 //! falls short is raised toward the hard one, as HAProxy does from its `maxconn`; a hard
-//! limit that still falls short is warned about, with the numbers.
-//!
-//! This module only counts and raises the limit; it does not change the config.
+//! limit that still falls short is warned about, with the numbers, and `max_connections`
+//! and `max_queued` are held to what fits under it ([`caps`]), so that a client granted a slot
+//! always has its backend descriptor.
 
 use crate::config::Config;
 
@@ -95,10 +95,78 @@ pub fn limits() -> (Option<u64>, Option<u64>) {
     (l.current, l.maximum)
 }
 
-/// Raises the soft limit toward the hard one when it falls short of `budget` (only `raise`
-/// does: `mxgate check` reports without changing its own process). Returns the warning when
-/// the limit in force, after that, still falls short.
-pub fn fit(budget: &Budget, raise: bool) -> Option<String> {
+/// The limits held while the descriptor limit cannot hold what the config asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub max_connections: usize,
+    pub max_queued: usize,
+}
+
+/// A descriptor limit short of a config's budget: what it is, and the caps that fit under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    pub budget: Budget,
+    /// The soft limit in force.
+    pub soft: u64,
+    pub hard: Option<u64>,
+    /// `max_connections` and `max_queued` held to what fits under the reachable limit.
+    pub caps: Caps,
+}
+
+impl Shortfall {
+    /// Holds `config`'s admission and queue to the caps; the caller logs the warning.
+    pub fn apply(&self, config: &mut Config) {
+        config.max_connections = self.caps.max_connections;
+        config.max_queued = self.caps.max_queued;
+    }
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the descriptor limit (RLIMIT_NOFILE soft {}, hard {}) is below what this config \
+             can hold open, {}: until it is raised, max_connections is held at {} and \
+             max_queued at {}, so that a client granted a slot has its backend descriptor; \
+             raise LimitNOFILE to at least {}, or lower max_connections or max_queued",
+            self.soft,
+            self.hard.map_or("unlimited".to_string(), |h| h.to_string()),
+            self.budget,
+            self.caps.max_connections,
+            self.caps.max_queued,
+            self.budget.total(),
+        )
+    }
+}
+
+/// `max_connections` and `max_queued` held to what fits under `limit` descriptors. The
+/// listeners, PROXY-header waits and the margin come first; the refused clients lingering get
+/// at most a quarter of the rest (past their share they are closed sooner, or wait in the
+/// backlog); sessions (two descriptors, and a pipe's two when splicing) at most half of what
+/// is left, and the queue the remainder. A waiter granted a slot then finds its backend
+/// descriptor free: every waiter's and session's descriptors are counted.
+pub fn caps(config: &Config, budget: &Budget, limit: u64) -> Caps {
+    let rest = limit.saturating_sub(budget.headers + budget.listeners + budget.margin);
+    let room = rest - budget.lingering.min(rest / 4);
+    let per_session = if budget.pipes > 0 { 4 } else { 2 };
+    let configured = config.max_connections as u64;
+    // Never 0 from a nonzero limit: 0 would refuse everyone.
+    let sessions = configured
+        .min(room / 2 / per_session)
+        .max(configured.min(1));
+    let queue = (config.max_queued as u64).min(room.saturating_sub(sessions * per_session));
+    Caps {
+        max_connections: sessions as usize,
+        max_queued: queue as usize,
+    }
+}
+
+/// Raises the soft limit toward the hard one when it falls short of the budget of `config`
+/// served by `workers` threads (only `raise` does: `mxgate check` reports without changing
+/// its own process). Returns the shortfall, with the caps that fit, when the limit that can
+/// be reached still falls short.
+pub fn fit(config: &Config, workers: usize, raise: bool) -> Option<Shortfall> {
+    let budget = Budget::of(config, workers);
     let need = budget.total();
     let (soft, hard) = limits();
     if soft.is_none_or(|s| s >= need) {
@@ -124,14 +192,11 @@ pub fn fit(budget: &Budget, raise: bool) -> Option<String> {
     }
     let now = limits().0.unwrap_or(u64::MAX);
     let reachable = if raise { now } else { target };
-    (reachable < need).then(|| {
-        format!(
-            "the descriptor limit (RLIMIT_NOFILE soft {now}, hard {}) is below what this \
-             config can hold open, {budget}: raise LimitNOFILE to at least {need}, or lower \
-             max_connections or max_queued; until then a flood can run mxgate out of \
-             descriptors, when waiting clients wait longer and new ones get the 421 at once",
-            hard.map_or("unlimited".to_string(), |h| h.to_string()),
-        )
+    (reachable < need).then(|| Shortfall {
+        budget,
+        soft: now,
+        hard,
+        caps: caps(config, &budget, reachable),
     })
 }
 
@@ -149,5 +214,45 @@ mod tests {
         assert_eq!((b.sessions, b.queue, b.pipes), (40, 2000, 0));
         assert_eq!(b.listeners, 3 * 2 + 34);
         assert_eq!(b.total(), 40 + 2000 + 1280 + 40 + MARGIN);
+    }
+
+    #[test]
+    fn under_a_short_limit_sessions_keep_their_slots_and_the_queue_gets_what_fits() {
+        let mut c = Config::for_backend("127.0.0.1:25".parse().unwrap());
+        c.max_connections = 20;
+        c.max_queued = 2000;
+        c.forwarding = crate::config::Forwarding::Copy;
+        let b = Budget::of(&c, 2);
+        // 512 - (listeners 40 + margin 64) = 408; lingering 102 of it; 306 left.
+        let got = caps(&c, &b, 512);
+        assert_eq!(
+            got,
+            Caps {
+                max_connections: 20,
+                max_queued: 306 - 40
+            }
+        );
+        // Sessions, splicing, take at most half of what is left.
+        c.max_connections = 1000;
+        c.forwarding = crate::config::Forwarding::Auto;
+        let b = Budget::of(&c, 2);
+        let got = caps(&c, &b, 512);
+        assert_eq!(
+            got,
+            Caps {
+                max_connections: 306 / 2 / 4,
+                max_queued: 306 - 38 * 4
+            }
+        );
+        // What is counted under the caps fits the limit.
+        let mut held = c.clone();
+        held.max_connections = got.max_connections;
+        held.max_queued = got.max_queued;
+        let b = Budget::of(&held, 2);
+        assert!(b.sessions + b.queue + 2 * got.max_connections as u64 <= 306);
+        // Nothing left: one session still, never 0, which would refuse everyone.
+        assert_eq!(caps(&c, &b, 10).max_connections, 1);
+        c.max_connections = 0;
+        assert_eq!(caps(&c, &b, 10).max_connections, 0);
     }
 }

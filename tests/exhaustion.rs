@@ -137,7 +137,8 @@ async fn a_short_soft_limit_is_raised_toward_the_hard_one_and_a_short_hard_one_w
     }
     let backend = GreetingBackend::start().await;
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    // Defaults (max_connections 1000) need a few thousand: 256 is raised to the hard 8192.
+    // Defaults (max_connections 1000, max_queued 5000) need about 10,000: 256 is raised to
+    // the hard 8192.
     let mut run = std::process::Command::new("prlimit");
     run.args(["--nofile=256:8192", "--"])
         .arg(env!("CARGO_BIN_EXE_mxgate"))

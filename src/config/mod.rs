@@ -43,6 +43,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may wait in the queue for a slot before it gets the global-limit 421.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `max_queued`'s default, in `max_connections`: a waiting client costs one descriptor and
+/// about 1.5 KiB, so a burst five times the backend's limit waits instead of being refused.
+/// Where the descriptor limit cannot hold that, the queue is held to what fits
+/// ([`crate::descriptors`]).
+pub const DEFAULT_QUEUED_PER_CONNECTION: usize = 5;
 /// The longest queue_timeout: RFC 5321 §4.5.3.2 gives a client 5 minutes for the greeting,
 /// and a wait past it would only be cut by the client.
 pub const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(300);

@@ -201,8 +201,8 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_timeout: Option<Dur>,
 
-    /// How many clients may wait in the queue at once; past it a newcomer gets the 421 at once
-    /// [default: max_connections]
+    /// How many clients may wait in the queue at once; past it a newcomer gets the 421 at once.
+    /// Held lower while the descriptor limit cannot hold it [default: 5 × max_connections]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<usize>,

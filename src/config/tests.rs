@@ -251,7 +251,7 @@ fn the_default_ipv6_network_tier_is_a_tenth_of_the_global_limit_per_48() {
 }
 
 #[test]
-fn the_queue_defaults_to_30s_and_max_connections_and_is_bounded() {
+fn the_queue_defaults_to_30s_and_five_times_max_connections_and_is_bounded() {
     let c = Settings::from_toml(
         "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nmax_connections = 40",
     )
@@ -260,8 +260,24 @@ fn the_queue_defaults_to_30s_and_max_connections_and_is_bounded() {
     .unwrap();
     assert_eq!(
         (c.queue_timeout, c.max_queued),
-        (Duration::from_secs(30), 40)
+        (Duration::from_secs(30), 200)
     );
+    // In front of a backend that takes 20, a burst of 100 waits: 20 slots, 80 in the queue.
+    let burst = Settings::from_toml(
+        "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nmax_connections = 20",
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    assert!(burst.max_connections + burst.max_queued >= 100);
+    // The default stays within the largest value the key accepts.
+    let most = Settings::from_toml(
+        "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nmax_connections = 1000000",
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    assert_eq!(most.max_queued, MAX_CONNECTIONS);
     let off = Settings::from_toml(
         "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nqueue_timeout = \"0\"\nmax_queued = 5",
     )

@@ -75,8 +75,9 @@ pub struct Running {
 /// and reload do, and returns the warnings start-up would log.
 pub fn check(config: Config) -> Vec<String> {
     let mut warnings = crate::config::warnings(&config, &config.listen);
-    let budget = crate::descriptors::Budget::of(&config, worker_count(&config));
-    warnings.extend(crate::descriptors::fit(&budget, false));
+    warnings.extend(
+        crate::descriptors::fit(&config, worker_count(&config), false).map(|s| s.to_string()),
+    );
     drop(Live::build(
         config,
         None,
@@ -88,8 +89,8 @@ pub fn check(config: Config) -> Vec<String> {
 }
 
 /// Binds every listener and the metrics endpoint, then starts serving.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
-    preflight(&config)?;
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+    preflight(&mut config)?;
     let listeners = config
         .listen
         .iter()
@@ -101,19 +102,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// Starts serving on listeners the caller already holds (socket activation, tests).
 pub async fn start_with(
     listeners: Vec<std::net::TcpListener>,
-    config: Config,
+    mut config: Config,
 ) -> anyhow::Result<Running> {
-    preflight(&config)?;
+    preflight(&mut config)?;
     serve(listeners, config).await
 }
 
 /// What must hold before anything is served: descriptors for what the config can hold open
-/// (the soft limit raised when short, a warning when it stays short), transparent mode's
-/// capability (checked once per backend family) and routing.
-fn preflight(config: &Config) -> anyhow::Result<()> {
-    let budget = crate::descriptors::Budget::of(config, worker_count(config));
-    if let Some(warning) = crate::descriptors::fit(&budget, true) {
-        tracing::warn!("{warning}");
+/// (the soft limit raised when short; when it stays short, a warning and admission and the
+/// queue held to what fits), transparent mode's capability (checked once per backend family)
+/// and routing.
+fn preflight(config: &mut Config) -> anyhow::Result<()> {
+    if let Some(shortfall) = crate::descriptors::fit(config, worker_count(config), true) {
+        tracing::warn!("{shortfall}");
+        shortfall.apply(config);
     }
     if !config.transparent {
         return Ok(());

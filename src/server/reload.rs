@@ -31,9 +31,10 @@ impl Running {
                 "reload cannot change this setting; the old value stays in force until a restart"
             );
         }
-        // The descriptor budget is checked again, and a backend of a family transparent mode
-        // has not checked yet is checked now.
-        if let Err(e) = preflight(&new) {
+        // The descriptor budget is checked again (the caps that hold the limits to it are
+        // recomputed), and a backend of a family transparent mode has not checked yet is
+        // checked now.
+        if let Err(e) = preflight(&mut new) {
             self.reload_failed();
             tracing::error!(error = %format!("{e:#}"), "reload failed; the old config stays in force");
             return false;

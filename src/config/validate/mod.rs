@@ -270,7 +270,11 @@ fn queue(s: &Settings, max_connections: usize) -> Result<QueueSettings, Bad> {
             ),
         ));
     }
-    let max_queued = s.max_queued.unwrap_or(max_connections);
+    let max_queued = s.max_queued.unwrap_or(
+        max_connections
+            .saturating_mul(DEFAULT_QUEUED_PER_CONNECTION)
+            .min(MAX_CONNECTIONS),
+    );
     if max_queued > MAX_CONNECTIONS {
         return Err(bad(
             "max_queued",
