@@ -35,6 +35,7 @@ pub mod config;
 pub mod demo;
 pub mod descriptors;
 pub mod forward;
+pub mod gate;
 pub mod listener;
 pub mod load;
 pub mod local_errors;

@@ -185,7 +185,7 @@ async fn connections_waiting_for_a_proxy_header_are_bounded_and_counted() {
     ))
     .await;
     let at = mx.listen_addrs()[0];
-    let bound = mxgate::server::gate::MAX_PENDING_HEADERS;
+    let bound = mxgate::gate::MAX_PENDING_HEADERS;
     let mut waiting = Vec::new();
     for _ in 0..bound {
         waiting.push(connect_from("127.0.0.2", at).await.unwrap());

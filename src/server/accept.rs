@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::gate::{Gate, Triage};
 use crate::config::Config;
+use crate::gate::{Gate, Triage};
 use crate::listener::{self, AcceptErrors, Reserve};
 use crate::local_errors::{Errno, Op};
 use crate::reason::RejectReason;

@@ -3,7 +3,7 @@
 //! [`start`] binds everything (or adopts inherited listeners), starts the worker threads and
 //! returns a [`Running`] handle; tests use it to run the real server in-process on port 0.
 //! Every worker runs an accept loop on every listener (`accept`). An accept loop decides
-//! admission with the shared state in [`gate`] (no I/O, unless a PROXY header must be read
+//! admission with the shared state in [`crate::gate`] (no I/O, unless a PROXY header must be read
 //! first), sends refusals to [`crate::reply`], and gives every other connection its own task
 //! ([`crate::session`]).
 //!
@@ -36,12 +36,11 @@ use crate::queue::{Queue, Wake};
 use crate::reply::Closer;
 mod accept;
 mod background;
-pub mod gate;
 mod reload;
 
 use accept::{worker_count, AcceptLoop, Workers};
 
-use gate::{Gate, Live};
+use crate::gate::{self, Gate, Live};
 use reload::set_limit_gauges;
 pub use reload::{keep_restart_only, RESTART_ONLY};
 

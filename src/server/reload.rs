@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-use super::gate::Live;
 use super::{preflight, Running};
+use crate::gate::Live;
 
 impl Running {
     /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed

@@ -18,10 +18,10 @@ use tracing::Instrument;
 use crate::admission::Guard;
 use crate::backend::Lease;
 use crate::forward;
+use crate::gate::{Entry, Gate, HeaderWait, Live, Start};
 use crate::queue::Outcome;
 use crate::reason::RejectReason;
 use crate::reply::display_source;
-use crate::server::gate::{Entry, Gate, HeaderWait, Live, Start};
 
 mod open;
 mod origin;

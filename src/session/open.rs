@@ -17,12 +17,12 @@ use crate::admission::Guard;
 use crate::backend::{greeting, Greeting, Lease, Unconnected};
 use crate::config::Config;
 use crate::forward;
+use crate::gate::{Gate, Live};
 use crate::local_errors::{Errno, Op};
 use crate::policy::Listing;
 use crate::proxy_protocol;
 use crate::queue::{Entered, Waiter};
 use crate::reason::RejectReason;
-use crate::server::gate::{Gate, Live};
 
 /// What the cluster said of a client admitted here.
 enum Said {

@@ -15,9 +15,9 @@ use super::Opened;
 use crate::admission::{Global, Guard};
 use crate::backend::greeting;
 use crate::config::Pregreet;
+use crate::gate::{Entry, Gate, Live};
 use crate::pregreet::{Verdict, Watched};
 use crate::reason::RejectReason;
-use crate::server::gate::{Entry, Gate, Live};
 
 impl Gate {
     /// In the accept loop, without I/O: whether a new client is screened, and if so its

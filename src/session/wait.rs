@@ -8,8 +8,8 @@ use tokio::net::TcpStream;
 
 use super::origin::Origin;
 use crate::admission::Guard;
+use crate::gate::{Grant, Live};
 use crate::queue::{Outcome, Ticket};
-use crate::server::gate::{Grant, Live};
 
 /// How many bytes a client that talks while it waits in the queue may send before mxgate stops
 /// reading (TCP flow control then holds the rest). Every byte is forwarded, in order, once a

@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Member;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::gate::Gate;
 use crate::metrics::unix_now;
 use crate::reply::display_source;
-use crate::server::gate::Gate;
 
 pub mod accept;
 pub mod client;
