@@ -26,8 +26,8 @@ use metrics::Counter;
 
 use crate::metrics::Metrics;
 use crate::policy::{mask, Listing, Policy, RateCheck};
-use crate::queue::Wake;
 pub use crate::reason::RejectReason;
+use crate::wake::Wake;
 
 /// A refusal, with the source key it was decided for: the same key the summaries, the
 /// per-source logs and the live view count it under.

@@ -53,6 +53,7 @@ pub mod service;
 pub mod session;
 pub mod smtp;
 pub mod status;
+pub mod wake;
 
 pub use config::Config;
 pub use server::{start, start_with, Running};

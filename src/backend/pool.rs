@@ -23,8 +23,8 @@ use tokio::time::Instant;
 
 use crate::config::{BackendSpec, Balance, Config};
 use crate::metrics::Metrics;
-use crate::queue::Wake;
 use crate::reason::RejectReason;
+use crate::wake::Wake;
 
 use super::limit::{Learned, Signal};
 use super::ConnectError;

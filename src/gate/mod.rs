@@ -17,9 +17,13 @@ use crate::config::Config;
 use crate::forward::{Mode, Traffic};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::queue::{Entered, Queue, Ticket, Waiter, Wake};
+use crate::queue::{Entered, Queue, Ticket, Waiter};
+use crate::wake::Wake;
+
+mod reloads;
 use crate::reason::RejectReason;
 use crate::reply::{Closer, RejectSummary, Replies, SourceRefusals};
+pub use reloads::{LastReload, Reloads};
 
 /// What a reload replaces, as one unit, so a connection never sees half of a new config.
 pub struct Live {
@@ -94,7 +98,7 @@ pub struct Gate {
     /// Refusals by source: the live view's "refused now" and the per-source log lines.
     pub(crate) sources: Arc<SourceRefusals>,
     /// The last reload's outcome and time, for the live view.
-    pub(crate) reloads: crate::status::Reloads,
+    pub(crate) reloads: Reloads,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mode: Mode,
     pub(crate) traffic: Traffic,

@@ -32,8 +32,9 @@ use crate::forward::{self, Mode, Traffic};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::policy::PolicyClock;
-use crate::queue::{Queue, Wake};
+use crate::queue::Queue;
 use crate::reply::Closer;
+use crate::wake::Wake;
 mod accept;
 mod background;
 mod reload;
@@ -256,7 +257,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         closer: Closer::default(),
         summary: Arc::default(),
         sources: Arc::default(),
-        reloads: crate::status::Reloads::default(),
+        reloads: crate::gate::Reloads::default(),
         metrics: metrics.clone(),
         traffic,
         draining: AtomicBool::new(false),

@@ -10,7 +10,6 @@
 //! A snapshot is taken only when asked for: nothing on the connection path pays for the view.
 //! It names client addresses, so the `status` key turns `/status` and the page off.
 
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Member;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::gate::Gate;
+use crate::gate::{Gate, Reloads};
 use crate::metrics::unix_now;
 use crate::reply::display_source;
 
@@ -29,49 +28,13 @@ pub mod http;
 /// How many sources each "top" table lists.
 pub const TOP: usize = 20;
 
-/// The last reload's outcome, kept for the view.
-pub struct Reloads {
-    state: Mutex<ReloadState>,
-}
-
-#[derive(Clone, Copy)]
-struct ReloadState {
-    /// When the config in force was loaded: the last successful reload, or the start.
-    loaded: SystemTime,
-    /// Whether the last reload tried succeeded (`true` before any).
-    last_ok: bool,
-    reloads: u64,
-}
-
-impl Default for Reloads {
-    fn default() -> Self {
-        Reloads {
-            state: Mutex::new(ReloadState {
-                loaded: SystemTime::now(),
-                last_ok: true,
-                reloads: 0,
-            }),
-        }
-    }
-}
-
-impl Reloads {
-    pub fn record(&self, ok: bool) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.last_ok = ok;
-        s.reloads += 1;
-        if ok {
-            s.loaded = SystemTime::now();
-        }
-    }
-
-    fn view(&self) -> ReloadView {
-        let s = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-        ReloadView {
-            loaded_at: unix_seconds(s.loaded),
-            last_successful: s.last_ok,
-            reloads: s.reloads,
-        }
+/// What `/status` shows of the reloads, from the gate's record of them.
+fn reload_view(reloads: &Reloads) -> ReloadView {
+    let last = reloads.last();
+    ReloadView {
+        loaded_at: unix_seconds(last.loaded),
+        last_successful: last.ok,
+        reloads: last.reloads,
     }
 }
 
@@ -232,7 +195,7 @@ impl Snapshot {
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             time: unix_now(),
-            reload: gate.reloads.view(),
+            reload: reload_view(&gate.reloads),
             limits,
             active: gate.admission.active(),
             active_max: gate.admission.peak(),
