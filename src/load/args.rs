@@ -21,6 +21,8 @@ pub struct LoadArgs {
     pub rate: Option<Rate>,
     /// Open loop at the rate of the administrator's numbers, sizes drawn around their mean:
     /// users=N,per-user-per-hour=N[,peak=F][,size=BYTES]
+    // The doc comment is clap's help text: its brackets are flag syntax, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "ramp")]
     pub profile: Option<crate::load::profile::Profile>,
     /// Stop after this many sessions [default: 1000; a ramp step or a profile runs for a time]
@@ -48,6 +50,7 @@ pub struct LoadArgs {
     pub from: String,
     /// RCPT TO, repeatable, one per session in turn: for Exchange, a mailbox of an accepted
     /// domain, or a journaling or discard address, never a real user's [default: sink@mxgate.test]
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "ADDRESS", value_parser = address)]
     pub to: Vec<String>,
     /// The EHLO name

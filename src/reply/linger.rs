@@ -3,7 +3,7 @@
 //! Most refused connections need nothing but their one reply line and a clean close, and a
 //! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
 //! hands the socket to its [`Lingerer`], which waits for the client's FIN, reading and
-//! discarding what the client sends, for at most [`LINGER_TIME`](super::LINGER_TIME) and
+//! discarding what the client sends, for at most [`LINGER_TIME`] and
 //! [`LINGER_BYTES`](super::LINGER_BYTES), with the same drain step as a task's close
 //! (`close::discard`).
 //!

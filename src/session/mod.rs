@@ -2,8 +2,8 @@
 //! connection and forwarding until the session ends.
 //!
 //! Everything here runs in the connection's own task, on the worker thread that accepted it,
-//! from where [`Gate::triage`] (in `server::gate`) left it: admitted, or waiting in the queue
-//! ([`Gate::wait_turn`]) for its slot. The settings a reload may change
+//! from where [`Gate::triage`] (in [`crate::gate`]) left it: admitted, or waiting in the queue
+//! ([`wait::Waiting::turn`]) for its slot. The settings a reload may change
 //! live in [`Live`], swapped whole; a session reads them once when it starts. This module keeps
 //! one connection's life and nothing else.
 
