@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Global, GlobalSlot, Guard};
@@ -21,7 +20,7 @@ use crate::queue::{Entered, Queue, Ticket, Waiter};
 use crate::wake::Wake;
 
 mod reloads;
-use crate::reason::RejectReason;
+use crate::reason::{Refusal, RejectReason};
 use crate::reply::{Closer, RejectSummary, Replies, SourceRefusals};
 pub use reloads::{LastReload, Reloads};
 
@@ -140,8 +139,8 @@ impl Drop for HeaderWait {
 
 /// What the accept loop does with a new connection, decided without waiting.
 pub enum Triage {
-    /// Refused, and already counted: the accept loop's [`crate::reply::Door`] answers it.
-    Refuse(RejectReason, Arc<Live>),
+    /// Refused: the accept loop's [`crate::reply::Door`] answers it and counts it.
+    Refuse(Refusal, Arc<Live>),
     /// Anything else goes on in the connection's own task.
     Task(Start),
 }
@@ -165,13 +164,12 @@ impl Gate {
         let live = self.live.load_full();
         let ip = peer.ip().to_canonical();
         if self.draining.load(Ordering::Acquire) {
-            self.count_refusal(RejectReason::Draining, ip, &live);
-            return Triage::Refuse(RejectReason::Draining, live);
+            return Triage::Refuse(self.refusal_of(RejectReason::Draining, ip, &live), live);
         }
         if !live.config.accept_proxy_protocol.is_empty() {
             let Ok(slot) = self.headers.clone().try_acquire_owned() else {
-                self.count_refusal(RejectReason::GlobalLimit, ip, &live);
-                return Triage::Refuse(RejectReason::GlobalLimit, live);
+                let refusal = self.refusal_of(RejectReason::GlobalLimit, ip, &live);
+                return Triage::Refuse(refusal, live);
             };
             let gauge = self.metrics.proxy_headers_pending.clone();
             gauge.increment(1.0);
@@ -180,29 +178,23 @@ impl Gate {
         if let Some(screened) = self.screen_triage(ip, &live) {
             return match screened {
                 Ok(guard) => Triage::Task(Start::Screen(guard, live)),
-                Err(reason) => Triage::Refuse(reason, live),
+                Err(refusal) => Triage::Refuse(refusal, live),
             };
         }
         match self.admit(ip, &live) {
             Ok(Entry::Now(guard, lease)) => Triage::Task(Start::Admitted(guard, lease, live)),
             Ok(Entry::Wait(guard, ticket)) => Triage::Task(Start::Queued(guard, ticket, live)),
-            Err(reason) => Triage::Refuse(reason, live),
+            Err(refusal) => Triage::Refuse(refusal, live),
         }
     }
 
     /// Admission for `ip`: the policy first, then the capacity, at once or through the wait
-    /// queue. A dry run's would-be refusal, or a refusal, is counted under the source key
-    /// admission decided with.
-    pub(crate) fn admit(&self, ip: IpAddr, live: &Live) -> Result<Entry, RejectReason> {
+    /// queue. A dry run's would-be refusal is counted here; a refusal carries the source key
+    /// admission decided with, for whoever answers it to count.
+    pub(crate) fn admit(&self, ip: IpAddr, live: &Live) -> Result<Entry, Refusal> {
         let queues = live.queues();
         let global = if queues { Global::Leave } else { Global::Take };
-        let admitted = match self.admission.admit_with(&live.policy, ip, global) {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                self.refused(refusal.reason, refusal.source);
-                return Err(refusal.reason);
-            }
-        };
+        let admitted = self.admission.admit_with(&live.policy, ip, global)?;
         if let Some(r) = admitted.would_reject {
             self.metrics.would_reject(r).increment(1);
             self.summary.record_dry_run(r, admitted.guard.source());
@@ -222,13 +214,14 @@ impl Gate {
         ip: IpAddr,
         allowed: bool,
         live: &Live,
-    ) -> Result<Entry, RejectReason> {
+    ) -> Result<Entry, Refusal> {
         // No slot is ever open to this class (every one reserved for allowed sources): a
         // wait could only end in the 421, so it comes at once.
         if crate::admission::global_cap(&live.policy, allowed) == 0 {
-            let reason = RejectReason::GlobalLimit;
-            self.refused(reason, guard.source());
-            return Err(reason);
+            return Err(Refusal {
+                reason: RejectReason::GlobalLimit,
+                source: guard.source(),
+            });
         }
         let waiter = Waiter { ip, allowed };
         let bounds = (live.config.max_queued, live.config.queue_timeout);
@@ -244,8 +237,10 @@ impl Gate {
             Entered::Full => RejectReason::QueueFull,
             Entered::Closed => RejectReason::Draining,
         };
-        self.refused(reason, guard.source());
-        Err(reason)
+        Err(Refusal {
+            reason,
+            source: guard.source(),
+        })
     }
 
     /// A slot for `waiter`, if one is free: a global slot open to its class and, when
@@ -287,15 +282,12 @@ impl Gate {
         Some(Grant { global, lease })
     }
 
-    /// Counts a refusal of `ip` in the metrics, the periodic summary and the per-source view.
-    pub(crate) fn count_refusal(&self, reason: RejectReason, ip: IpAddr, live: &Live) {
-        self.refused(reason, live.policy.classify(ip).rule.source_key(ip));
-    }
-
-    /// Counts a refusal of the source key `source`.
-    pub(crate) fn refused(&self, reason: RejectReason, source: IpNet) {
-        self.metrics.rejected(reason).increment(1);
-        self.summary.record(reason, source);
-        self.sources.record(reason, source);
+    /// A refusal of `ip` for `reason`, under the source key the policy gives it: what
+    /// [`crate::reply`] answers and counts.
+    pub(crate) fn refusal_of(&self, reason: RejectReason, ip: IpAddr, live: &Live) -> Refusal {
+        Refusal {
+            reason,
+            source: live.policy.classify(ip).rule.source_key(ip),
+        }
     }
 }

@@ -33,7 +33,7 @@ use crate::listener;
 use crate::metrics::Metrics;
 use crate::policy::PolicyClock;
 use crate::queue::Queue;
-use crate::reply::Closer;
+use crate::reply::{Closer, Tally};
 use crate::wake::Wake;
 mod accept;
 mod background;
@@ -243,6 +243,8 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
     set_limit_gauges(metrics, &live.config);
     let pregreet =
         crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
+    let (summary, sources) = (Arc::default(), Arc::default());
+    let tally = Tally::new(metrics.clone(), Arc::clone(&summary), Arc::clone(&sources));
     Arc::new(Gate {
         pregreet: Arc::new(pregreet),
         mode: forwarding_mode(&live.config, metrics),
@@ -254,9 +256,9 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
             metrics.queue_wait_seconds.clone(),
         ),
         wake,
-        closer: Closer::default(),
-        summary: Arc::default(),
-        sources: Arc::default(),
+        closer: Closer::new(tally),
+        summary,
+        sources,
         reloads: crate::gate::Reloads::default(),
         metrics: metrics.clone(),
         traffic,

@@ -190,8 +190,8 @@ impl Gate {
         Box::pin(
             async move {
                 let ip = origin.client.ip().to_canonical();
-                gate.count_refusal(reason, ip, &live);
-                gate.answer(client, reason, &origin, &live).await
+                let refusal = gate.refusal_of(reason, ip, &live);
+                gate.answer(client, refusal, &origin, &live).await
             }
             .instrument(span),
         )
@@ -258,7 +258,7 @@ impl Gate {
         // Counted under the client's own address: behind a PROXY upstream, not the upstream's.
         let ip = origin.client.ip().to_canonical();
         let Some(client) = wait::rearm(client, &origin.early) else {
-            self.count_refusal(reason, ip, &live);
+            self.closer.gone(self.refusal_of(reason, ip, &live));
             return None;
         };
         Some(Phase::Refuse(
@@ -281,9 +281,14 @@ impl Gate {
             peer,
         } = waiting;
         drop((ticket, guard));
-        let client = wait::rearm(client, &origin.early)?;
+        let ip = origin.client.ip().to_canonical();
+        let Some(client) = wait::rearm(client, &origin.early) else {
+            let refusal = self.refusal_of(RejectReason::Pregreet, ip, &live);
+            self.closer.gone(refusal);
+            return None;
+        };
         let gate = self.clone();
-        let answer = async move { gate.answer_spoke(client, origin.early, &live).await };
+        let answer = async move { gate.answer_spoke(client, origin.early, ip, &live).await };
         Some(Phase::Refuse(Box::pin(answer.instrument(conn_span(peer)))))
     }
 
@@ -325,17 +330,17 @@ impl Gate {
         }
         match self.admit(ip, &live) {
             Ok(entry) => Some((client, origin, live, entry, peer)),
-            Err(reason) => {
-                self.closer.refuse(client, reason, &live.replies).await;
+            Err(refusal) => {
+                self.closer.refuse(client, refusal, &live.replies).await;
                 None
             }
         }
     }
 
-    /// Counts a refusal, answers the client for `reason` and closes; no backend is involved.
+    /// Answers the client for `reason`, counted, and closes; no backend is involved.
     async fn reject(&self, client: TcpStream, reason: RejectReason, ip: IpAddr, live: &Live) {
-        self.count_refusal(reason, ip, live);
-        self.closer.refuse(client, reason, &live.replies).await
+        let refusal = self.refusal_of(reason, ip, live);
+        self.closer.refuse(client, refusal, &live.replies).await
     }
 
     /// Records and logs how a forwarded session went.

@@ -84,8 +84,8 @@ impl Gate {
             }
             Said::Refused(reason) => {
                 drop((guard, first));
-                self.count_refusal(reason, ip, &live);
-                self.answer(client, reason, &origin, &live).await;
+                let refusal = self.refusal_of(reason, ip, &live);
+                self.answer(client, refusal, &origin, &live).await;
                 return Opened::Done;
             }
         }
@@ -191,9 +191,9 @@ impl Gate {
 
     /// mxgate's own backend-unavailable answer, its slots already given back.
     async fn unavailable(&self, client: TcpStream, origin: &Origin, live: &Live) -> Opened {
-        let reason = RejectReason::BackendUnavailable;
-        self.count_refusal(reason, origin.client.ip().to_canonical(), live);
-        self.answer(client, reason, origin, live).await;
+        let ip = origin.client.ip().to_canonical();
+        let refusal = self.refusal_of(RejectReason::BackendUnavailable, ip, live);
+        self.answer(client, refusal, origin, live).await;
         Opened::Done
     }
 
@@ -212,7 +212,8 @@ impl Gate {
     ) -> Option<(TcpStream, Vec<u8>)> {
         if !origin.talked && !origin.early.is_empty() && self.spoke(origin, live) {
             let heard = std::mem::take(&mut origin.early);
-            self.answer_spoke(client, heard, live).await;
+            let ip = origin.client.ip().to_canonical();
+            self.answer_spoke(client, heard, ip, live).await;
             return None;
         }
         let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit);
@@ -250,8 +251,8 @@ impl Gate {
         };
         drop(guard);
         let ip = origin.client.ip().to_canonical();
-        self.count_refusal(reason, ip, &live);
-        self.answer(client, reason, &origin, &live).await;
+        let refusal = self.refusal_of(reason, ip, &live);
+        self.answer(client, refusal, &origin, &live).await;
         Opened::Done
     }
 
