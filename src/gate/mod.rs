@@ -54,13 +54,9 @@ impl Live {
         }
     }
 
-    /// Whether a client that finds the capacity full waits for a slot. Dry run never queues:
-    /// it admits everyone and only counts. Nor does a limit of 0, which closes the door:
-    /// nobody could ever be served.
+    /// Whether a client that finds the capacity full waits for a slot ([`Config::queues`]).
     pub(crate) fn queues(&self) -> bool {
-        !self.config.queue_timeout.is_zero()
-            && !self.policy.dry_run
-            && self.policy.max_connections > 0
+        self.config.queues()
     }
 }
 

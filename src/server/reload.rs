@@ -80,12 +80,11 @@ pub(super) fn set_limit_gauges(metrics: &Metrics, config: &Config) {
         .limit_max_per_source
         .set(config.max_per_source as f64);
     // With the queue off, or no slot ever to wait for, nobody may wait.
-    let max_queued =
-        if config.queue_timeout.is_zero() || config.max_connections == 0 || config.dry_run {
-            0
-        } else {
-            config.max_queued
-        };
+    let max_queued = if config.queues() {
+        config.max_queued
+    } else {
+        0
+    };
     metrics.limit_max_queued.set(max_queued as f64);
     metrics
         .limit_reserved_for_allowed

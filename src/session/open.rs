@@ -458,7 +458,7 @@ impl Plan {
             // Without a greeting timeout of its own, a backend has what RFC 5321 gives it.
             greeting_limit: config
                 .backend_greeting_timeout
-                .unwrap_or(crate::config::MAX_QUEUE_TIMEOUT)
+                .unwrap_or(crate::smtp::GREETING_TIMEOUT)
                 .min(config.idle_timeout),
             client_seen: config.transparent || config.proxy_protocol.is_some(),
         }
@@ -479,7 +479,8 @@ fn absorb_busy(
     tried: &mut Vec<SocketAddr>,
 ) {
     tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
-    let capacity = !client_seen || words.get(4..9) == Some(&b"4.3.2"[..]);
+    let capacity =
+        !client_seen || crate::smtp::enhanced_code(words) == Some(crate::smtp::NOT_ACCEPTING);
     lease.member.busy(time, capacity);
     if !capacity {
         tried.push(lease.member.addr);

@@ -275,7 +275,7 @@ fn top_refused(gate: &Gate) -> Vec<SourceRefused> {
 impl Limits {
     /// The limits `c` puts in force; the queue's count as 0 while it is off.
     fn of(c: &Config) -> Limits {
-        let queue_on = !c.queue_timeout.is_zero() && c.max_connections != 0 && !c.dry_run;
+        let queue_on = c.queues();
         Limits {
             max_connections: c.max_connections,
             max_per_source: c.max_per_source,
