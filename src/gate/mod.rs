@@ -145,10 +145,8 @@ pub enum Triage {
 pub enum Start {
     /// Admission waits for a trusted upstream's PROXY header, which has to be read first.
     AfterHeader(Arc<Live>, HeaderWait),
-    /// Admitted by the accept loop.
-    Admitted(Guard, Option<Lease>, Arc<Live>),
-    /// Put in the wait queue by the accept loop.
-    Queued(Guard, Ticket<Grant>, Arc<Live>),
+    /// Admitted by the accept loop, or put in the wait queue.
+    Entered(Entry, Arc<Live>),
     /// To be screened by the pregreet test first, holding its per-source slots only.
     Screen(Guard, Arc<Live>),
 }
@@ -178,8 +176,7 @@ impl Gate {
             };
         }
         match self.admit(ip, &live) {
-            Ok(Entry::Now(guard, lease)) => Triage::Task(Start::Admitted(guard, lease, live)),
-            Ok(Entry::Wait(guard, ticket)) => Triage::Task(Start::Queued(guard, ticket, live)),
+            Ok(entry) => Triage::Task(Start::Entered(entry, live)),
             Err(refusal) => Triage::Refuse(refusal, live),
         }
     }

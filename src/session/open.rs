@@ -14,7 +14,7 @@ use super::origin::Origin;
 use super::wait::Waiting;
 use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
-use crate::backend::{greeting, Greeting, Lease, Unconnected};
+use crate::backend::{greeting, BusyAbout, Greeting, Lease, Unconnected};
 use crate::config::Config;
 use crate::forward;
 use crate::gate::{Gate, Live};
@@ -481,7 +481,12 @@ fn absorb_busy(
     tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
     let capacity =
         !client_seen || crate::smtp::enhanced_code(words) == Some(crate::smtp::NOT_ACCEPTING);
-    lease.member.busy(time, capacity);
+    let about = if capacity {
+        BusyAbout::Backend
+    } else {
+        BusyAbout::Client
+    };
+    lease.member.busy(time, about);
     if !capacity {
         tried.push(lease.member.addr);
     }
