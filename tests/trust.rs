@@ -18,10 +18,6 @@ fn config_toml(backend: SocketAddr, toml: &str) -> Config {
     Settings::from_toml(&text).unwrap().validate(None).unwrap()
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 /// `backend` is still up, and no failed check was counted against it.
 fn assert_up_without_failures(m: &std::collections::HashMap<String, f64>, backend: SocketAddr) {
     let label = format!("backend=\"{backend}\"");
