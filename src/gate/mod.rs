@@ -1,7 +1,15 @@
-//! The server's shared state: [`Gate`], which every accept loop and connection task holds, and
-//! [`Live`], the part a reload swaps whole. Admission of a new connection is decided here, in
-//! the accept loop, without I/O ([`Gate::triage`]): admitted, refused, or put in the wait
-//! queue, whose slots [`Gate::capacity`] hands out.
+//! Where a connection is admitted. [`Gate`] is the shared state every accept loop and
+//! connection task holds, [`Live`] the part a reload swaps whole. Admission of a new connection
+//! is decided here, in the accept loop, without I/O ([`Gate::triage`]): admitted, refused, or
+//! put in the wait queue, whose slots [`Gate::capacity`] hands out. After a PROXY header the
+//! connection's task asks [`Gate::admit`]. The record of reloads ([`Reloads`]) is kept here too.
+//!
+//! Why a folder of its own, apart from `admission` and `policy`: those two count and apply the
+//! rules, with no I/O and nothing above them (the benches and property tests drive them alone);
+//! the gate joins them with the queue, the backends' caps and the cluster. Folded into
+//! `admission`, the counting would import the queue and the backends, the upward imports this
+//! layout removes. The gate never writes or counts a refusal: it hands a [`Refusal`] to
+//! [`crate::reply`], which answers and counts it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
