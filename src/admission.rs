@@ -26,16 +26,8 @@ use metrics::Counter;
 
 use crate::metrics::Metrics;
 use crate::policy::{mask, Listing, Policy, RateCheck};
-use crate::queue::Wake;
-pub use crate::reason::RejectReason;
-
-/// A refusal, with the source key it was decided for: the same key the summaries, the
-/// per-source logs and the live view count it under.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub reason: RejectReason,
-    pub source: IpNet,
-}
+pub use crate::reason::{Refusal, RejectReason};
+use crate::wake::Wake;
 
 /// The shared counting state behind every guard.
 struct Inner {

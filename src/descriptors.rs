@@ -45,7 +45,7 @@ impl Budget {
             headers: if config.accept_proxy_protocol.is_empty() {
                 0
             } else {
-                crate::server::gate::MAX_PENDING_HEADERS as u64
+                crate::gate::MAX_PENDING_HEADERS as u64
             },
             // Pipes are borrowed only for bulk, and fall back to copying when none is free:
             // counted at one per session, up to the pool's usual bound.

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use mxgate::cli::{init_logging, Cli, Command, RunArgs};
+use mxgate::cli::{Cli, Command, RunArgs};
+use mxgate::logging::init_logging;
 use mxgate::Config;
 
 fn main() -> ExitCode {

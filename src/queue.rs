@@ -16,55 +16,20 @@
 //! channel and its client socket, and nothing wakes while nothing happens.
 //!
 //! The queue knows nothing of slots: what a grant is (`T`) and whether one can be had is the
-//! caller's, so this module depends on no other.
+//! caller's, so this module depends on no other but the leaf [`crate::wake`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use metrics::{Gauge, Histogram};
 use std::task::{Context, Poll};
-use tokio::sync::Notify;
+
+use crate::wake::Wake;
 
 mod lines;
 use lines::{Lines, Place, Turn};
-
-/// The signal that a slot may have freed, shared by everything that holds slots. Cheap when
-/// nobody waits: one atomic load.
-#[derive(Default)]
-pub struct Wake {
-    /// Waiters in the queue now.
-    waiting: AtomicUsize,
-    notify: Notify,
-}
-
-impl Wake {
-    /// A slot was given back: the dispatcher looks again, if anyone waits.
-    pub fn freed(&self) {
-        // SeqCst pairs with the store in `Queue::enter`: either this load sees the new
-        // waiter, or the waiter's own kick sees the freed slot.
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.notify.notify_one();
-        }
-    }
-
-    /// Capacity may have grown (a reload): the dispatcher looks again.
-    pub fn kick(&self) {
-        self.notify.notify_one();
-    }
-
-    /// Waiters in the queue now.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
-    /// Resolves when the dispatcher should look at the queue.
-    pub async fn notified(&self) {
-        self.notify.notified().await
-    }
-}
 
 /// What a waiter carries for the dispatcher's capacity check.
 #[derive(Clone, Copy, Debug)]
@@ -312,7 +277,7 @@ impl<T> Queue<T> {
     }
 
     fn update(&self, s: &State<T>) {
-        self.wake.waiting.store(s.lines.len(), Ordering::SeqCst);
+        self.wake.set_waiting(s.lines.len());
         self.gauge.set(s.lines.len() as f64);
     }
 }

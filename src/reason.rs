@@ -3,6 +3,15 @@
 //! reasons, the session others (backend unavailable, draining, a bad PROXY header), the wait
 //! queue two (its timeout, and a full queue); none of them lives in any of those.
 
+/// A refusal, with the source key it was decided for: the same key the summaries, the
+/// per-source logs and the live view count it under. What [`crate::reply`]'s `Door` and
+/// `Closer` take, and count as they answer it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RejectReason,
+    pub source: ipnet::IpNet,
+}
+
 /// Why a client was not admitted. This one enum chooses the reply, the metric label and the log
 /// line, so the three can never disagree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

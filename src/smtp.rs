@@ -11,6 +11,28 @@ use tokio::time::timeout;
 const MAX_REPLY_LINE: usize = 2048;
 const MAX_REPLY_LINES: usize = 64;
 
+/// RFC 5321 §4.5.3.2.1: a client waits 5 minutes for the initial 220 greeting. A backend
+/// without a greeting timeout of its own has this much.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// RFC 3463's X.3.2, "system not accepting network messages": a 4xx with it speaks of the
+/// server's capacity (Exchange's connection limit), not of the client.
+pub const NOT_ACCEPTING: &[u8] = b"4.3.2";
+
+/// The enhanced status code (RFC 3463) of a reply line, `421 4.3.2 text` → `4.3.2`: the word
+/// after the three-digit code and its separator, if it is one.
+pub fn enhanced_code(line: &[u8]) -> Option<&[u8]> {
+    let rest = line.get(4..)?;
+    let word = rest.split(|b| b.is_ascii_whitespace()).next()?;
+    let mut parts = word.split(|&b| b == b'.');
+    let valid = (0..3).all(|_| {
+        parts
+            .next()
+            .is_some_and(|p| (1..=3).contains(&p.len()) && p.iter().all(u8::is_ascii_digit))
+    }) && parts.next().is_none();
+    valid.then_some(word)
+}
+
 /// One complete reply: its code and its last line's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -93,6 +115,18 @@ pub async fn reply_code<R: AsyncBufRead + Unpin>(r: &mut R, step: Duration) -> O
 mod tests {
     use super::*;
     use tokio::io::BufReader;
+
+    #[test]
+    fn the_enhanced_code_is_the_word_after_the_code() {
+        assert_eq!(enhanced_code(b"421 4.3.2 busy\r\n"), Some(&b"4.3.2"[..]));
+        assert_eq!(enhanced_code(b"421-4.3.2\r\n"), Some(&b"4.3.2"[..]));
+        assert_eq!(enhanced_code(b"421 4.7.0 go away"), Some(&b"4.7.0"[..]));
+        assert_eq!(enhanced_code(b"554 5.7.1"), Some(&b"5.7.1"[..]));
+        assert_eq!(enhanced_code(b"421 Too busy"), None);
+        assert_eq!(enhanced_code(b"421 4.3"), None);
+        assert_eq!(enhanced_code(b"421 4.3.2.1 x"), None);
+        assert_eq!(enhanced_code(b"421"), None);
+    }
 
     #[tokio::test]
     async fn every_line_is_kept_when_asked() {

@@ -26,10 +26,6 @@ fn ok(out: &Output) -> String {
     text
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
 #[test]
 fn alert_rules_pass_promtool() {
     if !require_tool("promtool") {

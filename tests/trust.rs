@@ -18,10 +18,6 @@ fn config_toml(backend: SocketAddr, toml: &str) -> Config {
     Settings::from_toml(&text).unwrap().validate(None).unwrap()
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 /// `backend` is still up, and no failed check was counted against it.
 fn assert_up_without_failures(m: &std::collections::HashMap<String, f64>, backend: SocketAddr) {
     let label = format!("backend=\"{backend}\"");
@@ -185,7 +181,7 @@ async fn connections_waiting_for_a_proxy_header_are_bounded_and_counted() {
     ))
     .await;
     let at = mx.listen_addrs()[0];
-    let bound = mxgate::server::gate::MAX_PENDING_HEADERS;
+    let bound = mxgate::gate::MAX_PENDING_HEADERS;
     let mut waiting = Vec::new();
     for _ in 0..bound {
         waiting.push(connect_from("127.0.0.2", at).await.unwrap());

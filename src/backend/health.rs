@@ -25,7 +25,7 @@ impl Pool {
                     m.checked(result);
                     // A check mxgate could not even start (no descriptor left) says nothing.
                     if let Some(ok) = result.counts() {
-                        m.observe(ok, fall, rise);
+                        m.health_checked(ok, fall, rise);
                     }
                 })
             })

@@ -22,4 +22,4 @@ pub mod state;
 pub use connect::{connect, set_transparent, transparent_preflight, ConnectError};
 pub use greeting::Greeting;
 pub use health::{check, examine, probe, Check};
-pub use pool::{Lease, Member, NoBackend, Pool, Unconnected};
+pub use pool::{BusyAbout, Lease, Member, NoBackend, Pool, Unconnected};

@@ -23,14 +23,15 @@ use tokio::time::Instant;
 
 use crate::config::{BackendSpec, Balance, Config};
 use crate::metrics::Metrics;
-use crate::queue::Wake;
 use crate::reason::RejectReason;
+use crate::wake::Wake;
 
 use super::limit::{Learned, Signal};
 use super::ConnectError;
 use crate::local_errors::Errno;
 
 mod busy;
+pub use busy::BusyAbout;
 mod learned;
 
 use busy::Hold;
@@ -240,7 +241,7 @@ impl Member {
     }
 
     /// Records one health observation and moves the up/down state by `fall`/`rise`.
-    pub fn observe(&self, ok: bool, fall: u32, rise: u32) {
+    pub fn health_checked(&self, ok: bool, fall: u32, rise: u32) {
         if ok {
             self.m_ok.increment(1);
             self.fails.store(0, Ordering::Relaxed);
@@ -476,7 +477,7 @@ impl Pool {
                     // may be aimed at that client (a firewall ban, its own network): only
                     // health checks, made from mxgate's address, judge the backend then.
                     if config.health_checks && source.is_none() && e.is_backend_fault() {
-                        lease.member.observe(false, config.fall, config.rise);
+                        lease.member.health_checked(false, config.fall, config.rise);
                     }
                     // From the client's own address a timeout may be aimed at that client.
                     if e.is_timeout() && source.is_none() {

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
 use crate::metrics::{ClusterSeries, Metrics};
-use crate::queue::Wake;
 use crate::reason::RejectReason;
+use crate::wake::Wake;
 
 mod admit;
 mod claim;

@@ -58,6 +58,13 @@ pub const DEFAULT_CLUSTER_NAME: &str = "mxgate";
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_FALLBACK_SHARE: f64 = 0.5;
 pub const DEFAULT_CLUSTER_ADMISSION_TIMEOUT: Duration = Duration::from_millis(50);
+/// The shortest `cluster.lease_ttl`: the lease is refreshed every third of it, and each refresh
+/// may wait a second for Redis.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
+/// The bounds of `cluster.admission_timeout`: below a loopback round trip every admission would
+/// fall back; above, every clustered client waits too long before its greeting.
+pub const MIN_CLUSTER_ADMISSION_TIMEOUT: Duration = Duration::from_millis(5);
+pub const MAX_CLUSTER_ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// The pregreet test's wait, and its wait while clients wait in the queue (postscreen's
 /// `postscreen_greet_wait`, 6 s, and 2 s under stress).
 pub const DEFAULT_PREGREET_WAIT: Duration = Duration::from_secs(6);
@@ -321,6 +328,13 @@ pub struct ClusterConfig {
 }
 
 impl Config {
+    /// Whether a client that finds the capacity full waits for a slot. Dry run never queues:
+    /// it admits everyone and only counts. Nor does a limit of 0, which closes the door:
+    /// nobody could ever be served. The queue, its gauge and the live view all ask this.
+    pub fn queues(&self) -> bool {
+        !self.queue_timeout.is_zero() && !self.dry_run && self.max_connections > 0
+    }
+
     /// Loads the file (if any), overlays the flags, and validates the result. An error names
     /// where the bad value came from: the flag, or the file's key and line.
     pub fn load(file: Option<&Path>, flags: Settings) -> Result<Config, ConfigError> {

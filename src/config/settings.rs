@@ -20,6 +20,8 @@ pub struct Settings {
 
     /// The mail server to forward admitted clients to; repeat for several:
     /// HOST:PORT[,weight=N][,max_connections=N][,backup]
+    // The doc comment is clap's help text: its brackets are flag syntax, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "ADDR")]
     #[serde(
         default,

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 
-use crate::cli::{LoadArgs, SinkArgs};
+use super::args::{LoadArgs, SinkArgs};
 
 use super::{
     nth_source, plot, profile, ramp, run, smtp, Arrivals, Bound, Options, Sizes, Transaction,

@@ -12,6 +12,7 @@
 //! its session or duration bound, open-loop runs hold at most `max_in_flight` sessions, and
 //! targets that are not loopback are refused unless `--allow-remote` is given.
 
+pub mod args;
 mod command;
 pub mod plot;
 pub mod profile;

@@ -175,9 +175,13 @@ fn range(key: &str) -> Option<String> {
         "threads" => format!("0 to {MAX_THREADS}"),
         "rate_per_source" => format!("up to {MAX_RATE_PER_SECOND}/s"),
         "rate_burst" => format!("up to {MAX_RATE_BURST}"),
-        "cluster.lease_ttl" => dur("3s", MAX_DURATION),
+        "cluster.lease_ttl" => dur(&Dur(MIN_LEASE_TTL).to_string(), MAX_DURATION),
         "cluster.fallback_share" => "above 0, at most 1".into(),
-        "cluster.admission_timeout" => "5ms to 5s".into(),
+        "cluster.admission_timeout" => format!(
+            "{} to {}",
+            Dur(MIN_CLUSTER_ADMISSION_TIMEOUT),
+            Dur(MAX_CLUSTER_ADMISSION_TIMEOUT)
+        ),
         "cluster.name" | "cluster.instance" => "1 to 128 of A-Z a-z 0-9 - _ .".into(),
         _ => return None,
     })

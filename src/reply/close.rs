@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
 
-use super::Replies;
-use crate::reason::RejectReason;
+use super::{Replies, Tally};
+use crate::reason::{Refusal, RejectReason};
 
 /// How long a refused connection is read and discarded after the reply, at most.
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -33,24 +33,47 @@ pub(super) const WRITE_TIME: Duration = Duration::from_secs(2);
 /// the slots other refused clients need to read their 421.
 pub const MAX_DENYING: usize = 256;
 
-/// Bounds the connections that linger after a reply, and the denied clients' dialogues.
-/// Cheap to clone: every clone shares the same bounds.
+/// Answers refused connections and counts each refusal it answers ([`Tally`]); bounds the
+/// connections that linger after a reply, and the denied clients' dialogues. Cheap to clone:
+/// every clone shares the same bounds and counts.
 #[derive(Clone)]
 pub struct Closer {
     pub(super) lingering: Arc<Semaphore>,
     pub(super) denying: Arc<Semaphore>,
-}
-
-impl Default for Closer {
-    fn default() -> Self {
-        Closer {
-            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
-            denying: Arc::new(Semaphore::new(MAX_DENYING)),
-        }
-    }
+    tally: Arc<Tally>,
 }
 
 impl Closer {
+    pub fn new(tally: Tally) -> Closer {
+        Closer {
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            denying: Arc::new(Semaphore::new(MAX_DENYING)),
+            tally: Arc::new(tally),
+        }
+    }
+
+    /// Counts `refusal`: for the answers in this module's siblings, each of which counts the
+    /// refusal it writes.
+    pub(super) fn count(&self, refusal: Refusal) {
+        self.tally.count(refusal);
+    }
+
+    /// Counts a refusal whose client went away before it could be answered.
+    pub fn gone(&self, refusal: Refusal) {
+        self.count(refusal);
+    }
+
+    /// Counts `refusal` and answers it with `line` at once, without waiting and without a
+    /// linger: for the accept loop out of descriptors, which needs this one back at once. A
+    /// client at connect time has sent nothing, so the close is no reset.
+    pub fn refuse_now(&self, stream: &std::net::TcpStream, refusal: Refusal, line: &[u8]) {
+        use std::io::Write;
+        self.count(refusal);
+        // One short line into an empty send buffer: it fits.
+        let _ = (&*stream).write(line);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+
     /// The bound, for the accept loops' own lingering sets.
     pub fn bound(&self) -> Arc<Semaphore> {
         self.lingering.clone()
@@ -98,13 +121,7 @@ impl Closer {
         let Ok(_permit) = self.denying.try_acquire() else {
             // Past the bound: the greeting and a close, without taking one of the lingering
             // slots the other refused clients need.
-            if matches!(
-                timeout(WRITE_TIME, stream.write_all(greeting)).await,
-                Ok(Ok(()))
-            ) {
-                let _ = stream.shutdown().await;
-            }
-            return;
+            return line_and_close(stream, greeting).await;
         };
         let dialogue = async {
             stream.write_all(greeting).await?;
@@ -137,6 +154,17 @@ impl Closer {
             // The dialogue's own slot covers this short drain after the 221.
             drain(&stream).await;
         }
+    }
+}
+
+/// Writes `line` (within [`WRITE_TIME`]) and half-closes, with no drain: the answer of a
+/// dialogue past its bound, which must not take a lingering slot.
+pub(super) async fn line_and_close(mut stream: TcpStream, line: &[u8]) {
+    if matches!(
+        timeout(WRITE_TIME, stream.write_all(line)).await,
+        Ok(Ok(()))
+    ) {
+        let _ = stream.shutdown().await;
     }
 }
 

@@ -1,7 +1,7 @@
 //! The one entry point for a refused connection: [`Door::refuse`] in the accept loop, which
 //! answers a one-line refusal from its own lingering set and gives anything longer (the deny
-//! dialogue, a line the kernel would not take at once) a task running [`Closer::refuse`], the
-//! entry point for connections already in a task.
+//! dialogue, a line the kernel would not take at once) a task, and [`Closer::refuse`], the
+//! entry point for connections already in a task. Each counts the refusal it is given, once.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
 use super::{Closer, Replies};
-use crate::reason::RejectReason;
+use crate::reason::{Refusal, RejectReason};
 
 /// Where an accept loop sends each refused connection.
 pub struct Door {
@@ -41,15 +41,17 @@ impl Door {
         std::future::pending::<()>().await;
     }
 
-    /// Answers a refused connection for `reason` (already counted) and closes it: here when a
-    /// line is all it needs, else in a task of `tasks`. Never waits.
+    /// Counts `refusal`, answers its connection and closes it: here when a line is all it
+    /// needs, else in a task of `tasks`. Never waits.
     pub fn refuse(
         &mut self,
         stream: std::net::TcpStream,
-        reason: RejectReason,
+        refusal: Refusal,
         replies: &Arc<Replies>,
         tasks: &TaskTracker,
     ) {
+        self.closer.count(refusal);
+        let reason = refusal.reason;
         #[cfg(target_os = "linux")]
         let stream = match reason {
             RejectReason::Denied | RejectReason::BadProxyHeader => stream,
@@ -59,8 +61,8 @@ impl Door {
             _ => {
                 let line = replies.line(reason);
                 match self.lingerer.refuse(stream, line) {
-                    super::linger::Refusal::Done => return,
-                    super::linger::Refusal::Partial { socket, written } => {
+                    super::linger::Lingered::Done => return,
+                    super::linger::Lingered::Partial { socket, written } => {
                         // Only a zero window at connect time gets here: finish in a task.
                         let rest = line[written..].to_vec();
                         if let Ok(s) = TcpStream::from_std(socket) {
@@ -82,13 +84,19 @@ impl Door {
             }
         };
         let (closer, replies) = (self.closer.clone(), replies.clone());
-        tasks.spawn(async move { closer.refuse(stream, reason, &replies).await });
+        tasks.spawn(async move { closer.answer(stream, reason, &replies).await });
     }
 }
 
 impl Closer {
-    /// Answers, in a task, a connection refused for `reason` (already counted), and closes it.
-    pub async fn refuse(&self, client: TcpStream, reason: RejectReason, replies: &Replies) {
+    /// Counts `refusal`, answers its connection, in a task, and closes it.
+    pub async fn refuse(&self, client: TcpStream, refusal: Refusal, replies: &Replies) {
+        self.count(refusal);
+        self.answer(client, refusal.reason, replies).await
+    }
+
+    /// The answer for `reason`, counted by the caller.
+    async fn answer(&self, client: TcpStream, reason: RejectReason, replies: &Replies) {
         match reason {
             RejectReason::Denied => self.deny(client, replies).await,
             // A cached failure under `enforce`: greeted, then 550 to every command.

@@ -3,7 +3,7 @@
 //! Most refused connections need nothing but their one reply line and a clean close, and a
 //! flood consists of nothing else. So the accept loop writes the line at once, half-closes, and
 //! hands the socket to its [`Lingerer`], which waits for the client's FIN, reading and
-//! discarding what the client sends, for at most [`LINGER_TIME`](super::LINGER_TIME) and
+//! discarding what the client sends, for at most [`LINGER_TIME`] and
 //! [`LINGER_BYTES`](super::LINGER_BYTES), with the same drain step as a task's close
 //! (`close::discard`).
 //!
@@ -92,7 +92,7 @@ struct Entry {
 }
 
 /// What became of a refusal.
-pub enum Refusal {
+pub enum Lingered {
     /// The line was written and the socket half-closed; it lingers or is closed.
     Done,
     /// The client's window could not take the whole line at once (it has a zero window): the
@@ -134,29 +134,29 @@ impl Lingerer {
 
     /// Answers a refused client with `line`, half-closes, and lingers on the socket (or closes
     /// it at once past the bound). Never waits.
-    pub fn refuse(&mut self, socket: TcpStream, line: &[u8]) -> Refusal {
+    pub fn refuse(&mut self, socket: TcpStream, line: &[u8]) -> Lingered {
         let written = match send_more(&socket, line) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             // Reset or gone already: nobody to answer.
-            Err(_) => return Refusal::Done,
+            Err(_) => return Lingered::Done,
         };
         if written < line.len() {
-            return Refusal::Partial { socket, written };
+            return Lingered::Partial { socket, written };
         }
         // FIN after the line, in the same segment: the client reads the reply, then the end.
         if socket.shutdown(std::net::Shutdown::Write).is_err() {
-            return Refusal::Done;
+            return Lingered::Done;
         }
         let Ok(permit) = self.bound.clone().try_acquire_owned() else {
-            return Refusal::Done;
+            return Lingered::Done;
         };
         self.fresh.push_back(Fresh {
             socket,
             since: Instant::now(),
             _permit: permit,
         });
-        Refusal::Done
+        Lingered::Done
     }
 
     /// Takes the first looks due by `now`: closes the sockets whose client has finished, and

@@ -22,6 +22,7 @@ mod door;
 pub mod linger;
 mod sources;
 mod summary;
+mod tally;
 mod teased;
 
 pub use close::{
@@ -30,6 +31,7 @@ pub use close::{
 pub use door::Door;
 pub use sources::{Refused, SourceLine, SourceRefusals, LINE_INTERVAL, MAX_SOURCES};
 pub use summary::{display_source, RejectSummary, SummaryLine, SUMMARY_INTERVAL};
+pub use tally::Tally;
 
 use crate::config::ReplyOverrides;
 use crate::reason::RejectReason;

@@ -10,9 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::close::{drain, WRITE_TIME};
-use super::{Closer, DENY_BYTES, DENY_TIME};
+use super::close::{drain, line_and_close};
+use super::{Closer, Replies, DENY_BYTES, DENY_TIME};
+use crate::config::Pregreet;
 use crate::pregreet::{BYE_LINE, ENFORCE_LINE};
+use crate::reason::{Refusal, RejectReason};
 
 /// How a dialogue answers.
 #[derive(Clone, Copy)]
@@ -24,24 +26,46 @@ enum Answer<'a> {
 }
 
 impl Closer {
-    /// `enforce` for a client that failed the test: `opening` (the greeting's final line, or
-    /// nothing if it was sent), then `550 5.5.1 Protocol error` to every command, `heard`
-    /// first (what it said before its turn), until QUIT, which gets `221 2.0.0 Bye`.
-    pub async fn enforce(&self, stream: TcpStream, opening: &[u8], heard: Vec<u8>) {
+    /// `enforce` for a client that failed the test, counted by the caller: `opening` (the
+    /// greeting's final line, or nothing if it was sent), then `550 5.5.1 Protocol error` to
+    /// every command, `heard` first (what it said before its turn), until QUIT, which gets
+    /// `221 2.0.0 Bye`.
+    pub(super) async fn enforce(&self, stream: TcpStream, opening: &[u8], heard: Vec<u8>) {
         self.dialogue(stream, opening, heard, Answer::Every).await
     }
 
-    /// A refusal after the teaser: `completion` ends the greeting, then `answer` (the reason's
-    /// 421) goes to the client's first command, and the connection closes. `heard` is what
-    /// the client sent already.
+    /// Counts the `pregreet` refusal of a client that spoke after the teaser, before the
+    /// greeting's end, and answers it: `drop`'s 521 and a close, or `enforce`'s greeting
+    /// completed and 550 to every command (`heard` first) until QUIT.
+    pub async fn refuse_spoke(
+        &self,
+        stream: TcpStream,
+        refusal: Refusal,
+        heard: Vec<u8>,
+        replies: &Replies,
+    ) {
+        self.count(refusal);
+        if replies.pregreet == Pregreet::Enforce {
+            self.enforce(stream, &replies.completion, heard).await
+        } else {
+            let line = replies.line(RejectReason::Pregreet);
+            self.reply_and_close(stream, line).await;
+        }
+    }
+
+    /// Counts a refusal after the teaser and answers it: the completion ends the greeting,
+    /// then the reason's line goes to the client's first command, and the connection closes.
+    /// `heard` is what the client sent already.
     pub async fn after_teaser(
         &self,
         stream: TcpStream,
-        completion: &[u8],
+        refusal: Refusal,
         heard: Vec<u8>,
-        answer: &[u8],
+        replies: &Replies,
     ) {
-        self.dialogue(stream, completion, heard, Answer::First(answer))
+        self.count(refusal);
+        let answer = Answer::First(replies.line(refusal.reason));
+        self.dialogue(stream, &replies.completion, heard, answer)
             .await
     }
 
@@ -59,13 +83,7 @@ impl Closer {
                 Answer::Every if opening.is_empty() => ENFORCE_LINE,
                 Answer::Every => opening,
             };
-            if matches!(
-                timeout(WRITE_TIME, stream.write_all(line)).await,
-                Ok(Ok(()))
-            ) {
-                let _ = stream.shutdown().await;
-            }
-            return;
+            return line_and_close(stream, line).await;
         };
         let talk = async {
             stream.write_all(opening).await?;

@@ -2,7 +2,6 @@
 //! listener; an accept loop decides admission ([`Gate::triage`]), sends refusals to its
 //! [`Door`], and gives every other connection its own task on the same worker.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::gate::{Gate, Triage};
 use crate::config::Config;
+use crate::gate::{Gate, Triage};
 use crate::listener::{self, AcceptErrors, Reserve};
 use crate::local_errors::{Errno, Op};
 use crate::reason::RejectReason;
@@ -195,11 +194,9 @@ fn exhausted(
             break;
         };
         gate.metrics.accepted.increment(1);
-        gate.count_refusal(RejectReason::GlobalLimit, peer.ip().to_canonical(), &live);
-        // One short line into an empty send buffer: it fits. No linger: the descriptor is
-        // needed back at once. A client at connect time has sent nothing, so no reset.
-        let _ = (&stream).write(line);
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let ip = peer.ip().to_canonical();
+        let refusal = gate.refusal_of(RejectReason::GlobalLimit, ip, &live);
+        gate.closer.refuse_now(&stream, refusal, line);
         answered += 1;
     }
     answered
@@ -214,7 +211,7 @@ fn dispatch(
     peer: SocketAddr,
 ) {
     match gate.triage(peer) {
-        Triage::Refuse(reason, live) => door.refuse(stream, reason, &live.replies, sessions),
+        Triage::Refuse(refusal, live) => door.refuse(stream, refusal, &live.replies, sessions),
         Triage::Task(start) => match TcpStream::from_std(stream) {
             Ok(s) => {
                 sessions.spawn(gate.clone().run(s, peer, start));

@@ -47,7 +47,9 @@ impl Running {
                 }
                 let live = gate.live.load_full();
                 // The queue's only dispatcher must outlive a bug in one turn: a panic here
-                // would leave every waiter unserved until its client gave up.
+                // would leave every waiter unserved until its client gave up. This relies on
+                // `panic = "unwind"` (Cargo.toml's profiles keep it): under `abort`,
+                // catch_unwind catches nothing and the process ends.
                 let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     gate.queue.serve(|waiter| gate.capacity(&live, waiter));
                     let expiry = gate.queue.expire(std::time::Instant::now());

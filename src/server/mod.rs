@@ -3,7 +3,7 @@
 //! [`start`] binds everything (or adopts inherited listeners), starts the worker threads and
 //! returns a [`Running`] handle; tests use it to run the real server in-process on port 0.
 //! Every worker runs an accept loop on every listener (`accept`). An accept loop decides
-//! admission with the shared state in [`gate`] (no I/O, unless a PROXY header must be read
+//! admission with the shared state in [`crate::gate`] (no I/O, unless a PROXY header must be read
 //! first), sends refusals to [`crate::reply`], and gives every other connection its own task
 //! ([`crate::session`]).
 //!
@@ -32,16 +32,16 @@ use crate::forward::{self, Mode, Traffic};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::policy::PolicyClock;
-use crate::queue::{Queue, Wake};
-use crate::reply::Closer;
+use crate::queue::Queue;
+use crate::reply::{Closer, Tally};
+use crate::wake::Wake;
 mod accept;
 mod background;
-pub mod gate;
 mod reload;
 
 use accept::{worker_count, AcceptLoop, Workers};
 
-use gate::{Gate, Live};
+use crate::gate::{self, Gate, Live};
 use reload::set_limit_gauges;
 pub use reload::{keep_restart_only, RESTART_ONLY};
 
@@ -245,6 +245,8 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
     set_limit_gauges(metrics, &live.config);
     let pregreet =
         crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
+    let (summary, sources) = (Arc::default(), Arc::default());
+    let tally = Tally::new(metrics.clone(), Arc::clone(&summary), Arc::clone(&sources));
     Arc::new(Gate {
         pregreet: Arc::new(pregreet),
         mode: forwarding_mode(&live.config, metrics),
@@ -256,10 +258,10 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
             metrics.queue_wait_seconds.clone(),
         ),
         wake,
-        closer: Closer::default(),
-        summary: Arc::default(),
-        sources: Arc::default(),
-        reloads: crate::status::Reloads::default(),
+        closer: Closer::new(tally),
+        summary,
+        sources,
+        reloads: crate::gate::Reloads::default(),
         metrics: metrics.clone(),
         traffic,
         draining: AtomicBool::new(false),

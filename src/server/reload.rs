@@ -9,8 +9,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-use super::gate::Live;
 use super::{preflight, Running};
+use crate::gate::Live;
 
 impl Running {
     /// Applies a reloaded config, or counts and logs why it could not be loaded. A failed
@@ -81,12 +81,11 @@ pub(super) fn set_limit_gauges(metrics: &Metrics, config: &Config) {
         .limit_max_per_source
         .set(config.max_per_source as f64);
     // With the queue off, or no slot ever to wait for, nobody may wait.
-    let max_queued =
-        if config.queue_timeout.is_zero() || config.max_connections == 0 || config.dry_run {
-            0
-        } else {
-            config.max_queued
-        };
+    let max_queued = if config.queues() {
+        config.max_queued
+    } else {
+        0
+    };
     metrics.limit_max_queued.set(max_queued as f64);
     metrics
         .limit_reserved_for_allowed

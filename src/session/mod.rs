@@ -2,10 +2,36 @@
 //! connection and forwarding until the session ends.
 //!
 //! Everything here runs in the connection's own task, on the worker thread that accepted it,
-//! from where [`Gate::triage`] (in `server::gate`) left it: admitted, or waiting in the queue
-//! ([`Gate::wait_turn`]) for its slot. The settings a reload may change
+//! from where [`Gate::triage`] (in [`crate::gate`]) left it: admitted, or waiting in the queue
+//! ([`wait::Waiting::turn`]) for its slot. The settings a reload may change
 //! live in [`Live`], swapped whole; a session reads them once when it starts. This module keeps
 //! one connection's life and nothing else.
+//!
+//! A connection's life, from accept to close. The accept loop decides ([`crate::gate::Triage`]);
+//! the task goes through its phases (`Phase`), each of which ends in the next one; every
+//! refusal is answered and counted by [`crate::reply`].
+//!
+//! ```text
+//! accept ─► Gate::triage (accept loop, no I/O)
+//!   ├─ Triage::Refuse ──────────────────────────────► Door: answer, count, close
+//!   └─ Triage::Task(Start) ─► the connection's task:
+//!        Start::AfterHeader ─► Phase::Header: the PROXY header, then Gate::admit ─► Placed
+//!        Start::Entered(Entry) ────────────────────────────────────────────────► Placed
+//!        Start::Screen ─► Phase::Open: the pregreet test, then the capacity, as Placed does
+//!
+//! Placed ─┬─ Entry::Now  ─► Phase::Open
+//!         └─ Entry::Wait ─► Phase::Wait
+//!
+//! Phase::Wait ─┬─ a Grant ─────────────────────────► Phase::Open
+//!              ├─ its timeout, a drain (Unserved) ─► Phase::Refuse
+//!              └─ the client left ─────────────────► counted, closed
+//!
+//! Phase::Open (the cluster's word, the backend connect, its greeting) ─► Opened:
+//!   Opened::Ready ───► forwarding ─► close, the session line
+//!   Opened::Requeue ─► Phase::Wait (every backend full)
+//!   Opened::Refuse ──► Phase::Refuse (Unserved): Closer answers, counts, closes
+//!   Opened::Done ────► answered already, or the client is gone
+//! ```
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -18,10 +44,10 @@ use tracing::Instrument;
 use crate::admission::Guard;
 use crate::backend::Lease;
 use crate::forward;
+use crate::gate::{Entry, Gate, HeaderWait, Live, Start};
 use crate::queue::Outcome;
 use crate::reason::RejectReason;
 use crate::reply::display_source;
-use crate::server::gate::{Entry, Gate, HeaderWait, Live, Start};
 
 mod open;
 mod origin;
@@ -62,16 +88,24 @@ impl Gate {
                         Opened::Requeue(waiting) => Phase::Wait(waiting),
                         Opened::Refuse(client, origin, live, reason) => {
                             let span = conn_span(origin.client);
-                            Phase::Refuse(self.refusal((client, reason, origin, live, span)))
+                            let unserved = Unserved {
+                                client,
+                                reason,
+                                origin,
+                                live,
+                                span,
+                            };
+                            Phase::Refuse(self.refusal(unserved))
                         }
                         Opened::Done => return,
                     },
                     Phase::Refuse(refusal) => return refusal.await,
                     Phase::Header(header) => {
-                        let Some(past) = header.await else {
+                        let Some(placed) = header.await else {
                             return;
                         };
-                        self.past_header(past)
+                        let span = conn_span(placed.peer);
+                        self.placed(placed, span)
                     }
                     Phase::Wait(waiting) => {
                         // Moved out of its box, which is freed here: a box moved out of
@@ -117,21 +151,16 @@ impl Gate {
         span: tracing::Span,
     ) -> Phase {
         match start {
-            Start::Admitted(guard, lease, live) => {
-                let origin = Origin::peer(peer);
-                Phase::Open(
-                    self.clone()
-                        .opening(client, (guard, lease), origin, live, span),
-                )
+            Start::Entered(entry, live) => {
+                let placed = Placed {
+                    client,
+                    origin: Origin::peer(peer),
+                    live,
+                    entry,
+                    peer,
+                };
+                self.placed(placed, span)
             }
-            Start::Queued(guard, ticket, live) => Phase::Wait(Box::new(Waiting {
-                client,
-                guard,
-                ticket,
-                origin: Origin::peer(peer),
-                live,
-                peer,
-            })),
             Start::Screen(guard, live) => Phase::Open(Box::pin(
                 self.clone()
                     .screen(client, guard, peer, live)
@@ -144,15 +173,18 @@ impl Gate {
         }
     }
 
-    /// The phase after a trusted upstream's PROXY header: the backend connect with the slots
-    /// admission gave, or the queue.
-    fn past_header(
-        self: &Arc<Self>,
-        (client, origin, live, entry, peer): (TcpStream, Origin, Arc<Live>, Entry, SocketAddr),
-    ) -> Phase {
+    /// The phase after admission placed a client (in the accept loop, or after its PROXY
+    /// header): the backend connect with the slots admission gave, or the queue.
+    fn placed(self: &Arc<Self>, placed: Placed, span: tracing::Span) -> Phase {
+        let Placed {
+            client,
+            origin,
+            live,
+            entry,
+            peer,
+        } = placed;
         match entry {
             Entry::Now(guard, lease) => {
-                let span = conn_span(peer);
                 Phase::Open(
                     self.clone()
                         .opening(client, (guard, lease), origin, live, span),
@@ -184,14 +216,21 @@ impl Gate {
     /// mxgate's own answer to a client that left the queue without a slot, boxed.
     fn refusal(
         self: &Arc<Self>,
-        (client, reason, origin, live, span): Unserved,
+        unserved: Unserved,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let gate = self.clone();
+        let Unserved {
+            client,
+            reason,
+            origin,
+            live,
+            span,
+        } = unserved;
         Box::pin(
             async move {
                 let ip = origin.client.ip().to_canonical();
-                gate.count_refusal(reason, ip, &live);
-                gate.answer(client, reason, &origin, &live).await
+                let refusal = gate.refusal_of(reason, ip, &live);
+                gate.answer(client, refusal, &origin, &live).await
             }
             .instrument(span),
         )
@@ -258,12 +297,17 @@ impl Gate {
         // Counted under the client's own address: behind a PROXY upstream, not the upstream's.
         let ip = origin.client.ip().to_canonical();
         let Some(client) = wait::rearm(client, &origin.early) else {
-            self.count_refusal(reason, ip, &live);
+            self.closer.gone(self.refusal_of(reason, ip, &live));
             return None;
         };
-        Some(Phase::Refuse(
-            self.refusal((client, reason, origin, live, span)),
-        ))
+        let unserved = Unserved {
+            client,
+            reason,
+            origin,
+            live,
+            span,
+        };
+        Some(Phase::Refuse(self.refusal(unserved)))
     }
 
     /// A client that spoke in the queue after the pregreet teaser: refused under `enforce` or
@@ -281,9 +325,14 @@ impl Gate {
             peer,
         } = waiting;
         drop((ticket, guard));
-        let client = wait::rearm(client, &origin.early)?;
+        let ip = origin.client.ip().to_canonical();
+        let Some(client) = wait::rearm(client, &origin.early) else {
+            let refusal = self.refusal_of(RejectReason::Pregreet, ip, &live);
+            self.closer.gone(refusal);
+            return None;
+        };
         let gate = self.clone();
-        let answer = async move { gate.answer_spoke(client, origin.early, &live).await };
+        let answer = async move { gate.answer_spoke(client, origin.early, ip, &live).await };
         Some(Phase::Refuse(Box::pin(answer.instrument(conn_span(peer)))))
     }
 
@@ -295,7 +344,7 @@ impl Gate {
         peer: SocketAddr,
         live: Arc<Live>,
         wait: HeaderWait,
-    ) -> Option<Admitted> {
+    ) -> Option<Placed> {
         let header = tokio::select! {
             h = upstream_header(&mut client, peer, &live.config) => h,
             // Shutdown: a header still on its way is not waited for past the drain.
@@ -324,18 +373,24 @@ impl Gate {
             return None;
         }
         match self.admit(ip, &live) {
-            Ok(entry) => Some((client, origin, live, entry, peer)),
-            Err(reason) => {
-                self.closer.refuse(client, reason, &live.replies).await;
+            Ok(entry) => Some(Placed {
+                client,
+                origin,
+                live,
+                entry,
+                peer,
+            }),
+            Err(refusal) => {
+                self.closer.refuse(client, refusal, &live.replies).await;
                 None
             }
         }
     }
 
-    /// Counts a refusal, answers the client for `reason` and closes; no backend is involved.
+    /// Answers the client for `reason`, counted, and closes; no backend is involved.
     async fn reject(&self, client: TcpStream, reason: RejectReason, ip: IpAddr, live: &Live) {
-        self.count_refusal(reason, ip, live);
-        self.closer.refuse(client, reason, &live.replies).await
+        let refusal = self.refusal_of(reason, ip, live);
+        self.closer.refuse(client, refusal, &live.replies).await
     }
 
     /// Records and logs how a forwarded session went.
@@ -395,11 +450,24 @@ struct Ready {
 }
 
 /// A client that left the queue without a slot, and what its refusal needs.
-type Unserved = (TcpStream, RejectReason, Origin, Arc<Live>, tracing::Span);
+struct Unserved {
+    client: TcpStream,
+    reason: RejectReason,
+    origin: Origin,
+    live: Arc<Live>,
+    span: tracing::Span,
+}
 
-/// A client admitted after its PROXY header: at once or to wait, and the upstream it came
-/// through (its log lines' `src`).
-type Admitted = (TcpStream, Origin, Arc<Live>, Entry, SocketAddr);
+/// A client admission has placed: admitted at once or to wait in the queue.
+struct Placed {
+    client: TcpStream,
+    origin: Origin,
+    live: Arc<Live>,
+    entry: Entry,
+    /// The connection's peer (after a PROXY header, the upstream it came through): its log
+    /// lines' `src`.
+    peer: SocketAddr,
+}
 
 type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Opened> + Send>>;
 
@@ -419,7 +487,7 @@ enum Opened {
     Done,
 }
 
-type BoxedHeader = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Admitted>> + Send>>;
+type BoxedHeader = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Placed>> + Send>>;
 
 /// Where a connection's task is: each phase is one small value.
 enum Phase {

@@ -14,15 +14,15 @@ use super::origin::Origin;
 use super::wait::Waiting;
 use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
-use crate::backend::{greeting, Greeting, Lease, Unconnected};
+use crate::backend::{greeting, BusyAbout, Greeting, Lease, Unconnected};
 use crate::config::Config;
 use crate::forward;
+use crate::gate::{Gate, Live};
 use crate::local_errors::{Errno, Op};
 use crate::policy::Listing;
 use crate::proxy_protocol;
 use crate::queue::{Entered, Waiter};
 use crate::reason::RejectReason;
-use crate::server::gate::{Gate, Live};
 
 /// What the cluster said of a client admitted here.
 enum Said {
@@ -84,8 +84,8 @@ impl Gate {
             }
             Said::Refused(reason) => {
                 drop((guard, first));
-                self.count_refusal(reason, ip, &live);
-                self.answer(client, reason, &origin, &live).await;
+                let refusal = self.refusal_of(reason, ip, &live);
+                self.answer(client, refusal, &origin, &live).await;
                 return Opened::Done;
             }
         }
@@ -191,9 +191,9 @@ impl Gate {
 
     /// mxgate's own backend-unavailable answer, its slots already given back.
     async fn unavailable(&self, client: TcpStream, origin: &Origin, live: &Live) -> Opened {
-        let reason = RejectReason::BackendUnavailable;
-        self.count_refusal(reason, origin.client.ip().to_canonical(), live);
-        self.answer(client, reason, origin, live).await;
+        let ip = origin.client.ip().to_canonical();
+        let refusal = self.refusal_of(RejectReason::BackendUnavailable, ip, live);
+        self.answer(client, refusal, origin, live).await;
         Opened::Done
     }
 
@@ -212,7 +212,8 @@ impl Gate {
     ) -> Option<(TcpStream, Vec<u8>)> {
         if !origin.talked && !origin.early.is_empty() && self.spoke(origin, live) {
             let heard = std::mem::take(&mut origin.early);
-            self.answer_spoke(client, heard, live).await;
+            let ip = origin.client.ip().to_canonical();
+            self.answer_spoke(client, heard, ip, live).await;
             return None;
         }
         let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit);
@@ -250,8 +251,8 @@ impl Gate {
         };
         drop(guard);
         let ip = origin.client.ip().to_canonical();
-        self.count_refusal(reason, ip, &live);
-        self.answer(client, reason, &origin, &live).await;
+        let refusal = self.refusal_of(reason, ip, &live);
+        self.answer(client, refusal, &origin, &live).await;
         Opened::Done
     }
 
@@ -457,7 +458,7 @@ impl Plan {
             // Without a greeting timeout of its own, a backend has what RFC 5321 gives it.
             greeting_limit: config
                 .backend_greeting_timeout
-                .unwrap_or(crate::config::MAX_QUEUE_TIMEOUT)
+                .unwrap_or(crate::smtp::GREETING_TIMEOUT)
                 .min(config.idle_timeout),
             client_seen: config.transparent || config.proxy_protocol.is_some(),
         }
@@ -478,8 +479,14 @@ fn absorb_busy(
     tried: &mut Vec<SocketAddr>,
 ) {
     tracing::debug!(backend = %lease.member.label, "backend busy; greeting absorbed");
-    let capacity = !client_seen || words.get(4..9) == Some(&b"4.3.2"[..]);
-    lease.member.busy(time, capacity);
+    let capacity =
+        !client_seen || crate::smtp::enhanced_code(words) == Some(crate::smtp::NOT_ACCEPTING);
+    let about = if capacity {
+        BusyAbout::Backend
+    } else {
+        BusyAbout::Client
+    };
+    lease.member.busy(time, about);
     if !capacity {
         tried.push(lease.member.addr);
     }

@@ -15,28 +15,23 @@ use super::Opened;
 use crate::admission::{Global, Guard};
 use crate::backend::greeting;
 use crate::config::Pregreet;
+use crate::gate::{Entry, Gate, Live};
 use crate::pregreet::{Verdict, Watched};
-use crate::reason::RejectReason;
-use crate::server::gate::{Entry, Gate, Live};
+use crate::reason::{Refusal, RejectReason};
 
 impl Gate {
     /// In the accept loop, without I/O: whether a new client is screened, and if so its
-    /// per-source slots (the test holds no global slot) or its refusal, already counted.
+    /// per-source slots (the test holds no global slot) or its refusal.
     /// `None`: the test does not apply (off, an allowed or denied source, a cached pass, or a
     /// cached failure under `ignore`), and admission goes on as before.
-    pub(crate) fn screen_triage(
-        &self,
-        ip: IpAddr,
-        live: &Live,
-    ) -> Option<Result<Guard, RejectReason>> {
+    pub(crate) fn screen_triage(&self, ip: IpAddr, live: &Live) -> Option<Result<Guard, Refusal>> {
         let action = live.replies.pregreet;
         if action == Pregreet::Off || live.policy.classify(ip).listing.is_some() {
             return None;
         }
         match self.pregreet.known(ip) {
             Some(Verdict::Fail) if action.refuses() => {
-                self.count_refusal(RejectReason::Pregreet, ip, live);
-                return Some(Err(RejectReason::Pregreet));
+                return Some(Err(self.refusal_of(RejectReason::Pregreet, ip, live)));
             }
             Some(_) => return None,
             None => {}
@@ -49,10 +44,7 @@ impl Gate {
                 }
                 Some(Ok(admitted.guard))
             }
-            Err(refusal) => {
-                self.refused(refusal.reason, refusal.source);
-                Some(Err(refusal.reason))
-            }
+            Err(refusal) => Some(Err(refusal)),
         }
     }
 
@@ -102,7 +94,7 @@ impl Gate {
             Watched::Talked => {
                 if self.spoke(&mut origin, &live) {
                     drop(guard);
-                    self.answer_spoke(client, origin.early, &live).await;
+                    self.answer_spoke(client, origin.early, ip, &live).await;
                     return Opened::Done;
                 }
             }
@@ -121,8 +113,10 @@ impl Gate {
     ) -> Opened {
         let ip = origin.client.ip().to_canonical();
         let entry = if self.draining.load(Ordering::Acquire) {
-            self.refused(RejectReason::Draining, guard.source());
-            Err(RejectReason::Draining)
+            Err(Refusal {
+                reason: RejectReason::Draining,
+                source: guard.source(),
+            })
         } else if live.queues() {
             self.enter(guard, ip, false, &live)
         } else if live.policy.dry_run {
@@ -132,8 +126,10 @@ impl Gate {
             guard.hold(slot);
             Ok(Entry::Now(guard, None))
         } else {
-            self.refused(RejectReason::GlobalLimit, guard.source());
-            Err(RejectReason::GlobalLimit)
+            Err(Refusal {
+                reason: RejectReason::GlobalLimit,
+                source: guard.source(),
+            })
         };
         match entry {
             Ok(Entry::Now(guard, lease)) => {
@@ -147,9 +143,8 @@ impl Gate {
                 origin,
                 live,
             })),
-            // Counted already.
-            Err(reason) => {
-                self.answer(client, reason, &origin, &live).await;
+            Err(refusal) => {
+                self.answer(client, refusal, &origin, &live).await;
                 Opened::Done
             }
         }
@@ -157,7 +152,8 @@ impl Gate {
 
     /// A client spoke after the teaser, before the greeting's end: counted and logged, and
     /// remembered when the action refuses it. Returns whether it is refused (`enforce`,
-    /// `drop`), counted then as a `pregreet` refusal; under `ignore` it goes on, tested no more.
+    /// `drop`: [`Gate::answer_spoke`] answers and counts the refusal); under `ignore` it goes
+    /// on, tested no more.
     pub(super) fn spoke(&self, origin: &mut Origin, live: &Live) -> bool {
         let ip = origin.client.ip().to_canonical();
         let action = live.replies.pregreet;
@@ -170,43 +166,40 @@ impl Gate {
             bytes = origin.early.len(),
             "pregreet: the client spoke before its turn"
         );
-        if action.refuses() {
-            self.count_refusal(RejectReason::Pregreet, ip, live);
-        }
         action.refuses()
     }
 
-    /// The answer to a client refused for speaking first: `drop`'s 521 and a close, or
+    /// The answer to `ip`, refused for speaking first, counted: `drop`'s 521 and a close, or
     /// `enforce`'s greeting completed and 550 to every command (`heard` first) until QUIT.
-    pub(super) async fn answer_spoke(&self, client: TcpStream, heard: Vec<u8>, live: &Live) {
-        if live.replies.pregreet == Pregreet::Enforce {
-            self.closer
-                .enforce(client, &live.replies.completion, heard)
-                .await
-        } else {
-            let line = live.replies.line(RejectReason::Pregreet);
-            self.closer.reply_and_close(client, line).await;
-        }
+    pub(super) async fn answer_spoke(
+        &self,
+        client: TcpStream,
+        heard: Vec<u8>,
+        ip: IpAddr,
+        live: &Live,
+    ) {
+        let refusal = self.refusal_of(RejectReason::Pregreet, ip, live);
+        self.closer
+            .refuse_spoke(client, refusal, heard, &live.replies)
+            .await
     }
 
-    /// mxgate's own answer for `reason` (counted already): the reply line as always, or,
-    /// once the teaser has gone out, the greeting completed and the line at the client's
-    /// first command.
+    /// mxgate's own answer to `refusal`, counted: the reply line as always, or, once the
+    /// teaser has gone out, the greeting completed and the line at the client's first command.
     pub(super) async fn answer(
         &self,
         client: TcpStream,
-        reason: RejectReason,
+        refusal: Refusal,
         origin: &Origin,
         live: &Live,
     ) {
         if origin.teased {
             let heard = origin.early.clone();
-            let line = live.replies.line(reason);
             self.closer
-                .after_teaser(client, &live.replies.completion, heard, line)
+                .after_teaser(client, refusal, heard, &live.replies)
                 .await
         } else {
-            self.closer.refuse(client, reason, &live.replies).await
+            self.closer.refuse(client, refusal, &live.replies).await
         }
     }
 }

@@ -8,8 +8,8 @@ use tokio::net::TcpStream;
 
 use super::origin::Origin;
 use crate::admission::Guard;
+use crate::gate::{Grant, Live};
 use crate::queue::{Outcome, Ticket};
-use crate::server::gate::{Grant, Live};
 
 /// How many bytes a client that talks while it waits in the queue may send before mxgate stops
 /// reading (TCP flow control then holds the rest). Every byte is forwarded, in order, once a
@@ -33,8 +33,8 @@ impl Waiting {
     /// that talks meanwhile has its bytes kept, in order, for the backend. No wake-up happens
     /// while nothing does: the task sleeps on its channel and its socket, and the queue's
     /// dispatcher keeps the deadline.
-    pub(super) fn turn(&mut self) -> Turn<'_> {
-        Turn {
+    pub(super) fn turn(&mut self) -> WaitTurn<'_> {
+        WaitTurn {
             client: &self.client,
             ticket: &mut self.ticket,
             // After the pregreet teaser, a word before the greeting's end fails the test.
@@ -57,14 +57,14 @@ pub(super) enum Waited {
 /// A wait in the queue: ready with the queue's outcome, once the client has closed or reset its
 /// side, or once it spoke after the pregreet teaser. Polls the socket's readiness directly, so the wait holds no waiter node
 /// or timer of its own.
-pub(super) struct Turn<'a> {
+pub(super) struct WaitTurn<'a> {
     pub(super) client: &'a TcpStream,
     pub(super) ticket: &'a mut Ticket<Grant>,
     stop_on_word: bool,
     early: &'a mut Vec<u8>,
 }
 
-impl std::future::Future for Turn<'_> {
+impl std::future::Future for WaitTurn<'_> {
     type Output = Waited;
 
     fn poll(

@@ -21,9 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::http;
+use crate::gate::Gate;
 use crate::listener::{AcceptErrors, Reserve};
 use crate::local_errors::{Errno, Op};
-use crate::server::gate::Gate;
 
 /// How many connections are open at once, at most.
 pub const MAX_METRICS_CONNECTIONS: usize = 32;

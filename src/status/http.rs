@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Snapshot;
-use crate::server::gate::Gate;
+use crate::gate::Gate;
 
 /// A request head larger than this is not a scrape.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;

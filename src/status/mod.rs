@@ -10,7 +10,6 @@
 //! A snapshot is taken only when asked for: nothing on the connection path pays for the view.
 //! It names client addresses, so the `status` key turns `/status` and the page off.
 
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -18,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Member;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::gate::{Gate, Reloads};
 use crate::metrics::unix_now;
 use crate::reply::display_source;
-use crate::server::gate::Gate;
 
 pub mod accept;
 pub mod client;
@@ -29,49 +28,13 @@ pub mod http;
 /// How many sources each "top" table lists.
 pub const TOP: usize = 20;
 
-/// The last reload's outcome, kept for the view.
-pub struct Reloads {
-    state: Mutex<ReloadState>,
-}
-
-#[derive(Clone, Copy)]
-struct ReloadState {
-    /// When the config in force was loaded: the last successful reload, or the start.
-    loaded: SystemTime,
-    /// Whether the last reload tried succeeded (`true` before any).
-    last_ok: bool,
-    reloads: u64,
-}
-
-impl Default for Reloads {
-    fn default() -> Self {
-        Reloads {
-            state: Mutex::new(ReloadState {
-                loaded: SystemTime::now(),
-                last_ok: true,
-                reloads: 0,
-            }),
-        }
-    }
-}
-
-impl Reloads {
-    pub fn record(&self, ok: bool) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.last_ok = ok;
-        s.reloads += 1;
-        if ok {
-            s.loaded = SystemTime::now();
-        }
-    }
-
-    fn view(&self) -> ReloadView {
-        let s = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-        ReloadView {
-            loaded_at: unix_seconds(s.loaded),
-            last_successful: s.last_ok,
-            reloads: s.reloads,
-        }
+/// What `/status` shows of the reloads, from the gate's record of them.
+fn reload_view(reloads: &Reloads) -> ReloadView {
+    let last = reloads.last();
+    ReloadView {
+        loaded_at: unix_seconds(last.loaded),
+        last_successful: last.ok,
+        reloads: last.reloads,
     }
 }
 
@@ -232,7 +195,7 @@ impl Snapshot {
         Snapshot {
             version: env!("CARGO_PKG_VERSION").to_string(),
             time: unix_now(),
-            reload: gate.reloads.view(),
+            reload: reload_view(&gate.reloads),
             limits,
             active: gate.admission.active(),
             active_max: gate.admission.peak(),
@@ -312,7 +275,7 @@ fn top_refused(gate: &Gate) -> Vec<SourceRefused> {
 impl Limits {
     /// The limits `c` puts in force; the queue's count as 0 while it is off.
     fn of(c: &Config) -> Limits {
-        let queue_on = !c.queue_timeout.is_zero() && c.max_connections != 0 && !c.dry_run;
+        let queue_on = c.queues();
         Limits {
             max_connections: c.max_connections,
             max_per_source: c.max_per_source,

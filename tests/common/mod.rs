@@ -210,6 +210,12 @@ pub fn digest(data: &[u8]) -> u64 {
     })
 }
 
+/// Whether this run is CI's (`CI=true`), where a test that cannot run fails instead of
+/// skipping. The one test of it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
 /// Whether an outside program is on PATH. Locally a missing tool skips with a printed reason;
 /// in CI (`CI=true`) it fails the test, so nothing is silently skipped there.
 pub fn require_tool(name: &str) -> bool {
@@ -221,7 +227,7 @@ pub fn require_tool(name: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
+        if in_ci() {
             panic!("{name} is required in CI but is not installed");
         }
         eprintln!("SKIP: {name} is not installed");
@@ -230,8 +236,7 @@ pub fn require_tool(name: &str) -> bool {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 /// A free loopback TCP port, for outside programs that cannot take port 0.

@@ -14,6 +14,16 @@ use super::Member;
 /// once, and a backend that turns everyone away is asked again only this often.
 pub const BUSY_HOLD: Duration = Duration::from_millis(500);
 
+/// What a busy (4xx) greeting is about, as the session that got it can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusyAbout {
+    /// The backend's own capacity: its ceiling and the learned limit take it.
+    Backend,
+    /// This client only, such as a per-client limit of a backend that sees the client's
+    /// address: counted, and nothing else.
+    Client,
+}
+
 /// The state of a backend's busy ceiling.
 #[derive(Default)]
 pub(super) struct Hold {
@@ -27,13 +37,13 @@ pub(super) struct Hold {
 
 impl Member {
     /// The backend greeted a session with a 4xx: it is full, not down. When the 4xx is about
-    /// the backend (`signal`; not, say, a per-client limit of a backend that sees the client's
-    /// address), it gets no more sessions than it holds besides that one for [`BUSY_HOLD`]
-    /// after the last such greeting, and the learned limit takes the signal.
-    pub fn busy(self: &Arc<Self>, time: Duration, signal: bool) {
+    /// the backend ([`BusyAbout::Backend`]), it gets no more sessions than it holds besides
+    /// that one for [`BUSY_HOLD`] after the last such greeting, and the learned limit takes the
+    /// signal.
+    pub fn busy(self: &Arc<Self>, time: Duration, about: BusyAbout) {
         self.m_busy.increment(1);
         self.m_greeting.record(time.as_secs_f64());
-        if !signal {
+        if about == BusyAbout::Client {
             return;
         }
         let held = self.active().saturating_sub(1);

@@ -46,11 +46,14 @@ pub(super) fn cluster(c: &ClusterSettings) -> Result<Option<ClusterConfig>, Bad>
     };
     key_part("cluster.instance", &instance)?;
     let lease_ttl = positive("cluster.lease_ttl", c.lease_ttl, DEFAULT_LEASE_TTL)?;
-    if lease_ttl < Duration::from_secs(3) {
+    if lease_ttl < MIN_LEASE_TTL {
         return Err(bad(
             "cluster.lease_ttl",
-            "must be at least 3s: the lease is refreshed every third of it, and each refresh \
-             may wait a second for Redis",
+            format!(
+                "must be at least {}: the lease is refreshed every third of it, and each \
+                 refresh may wait a second for Redis",
+                Dur(MIN_LEASE_TTL)
+            ),
         ));
     }
     let fallback_share = c.fallback_share.unwrap_or(DEFAULT_FALLBACK_SHARE);
@@ -68,16 +71,22 @@ pub(super) fn cluster(c: &ClusterSettings) -> Result<Option<ClusterConfig>, Bad>
         c.admission_timeout,
         DEFAULT_CLUSTER_ADMISSION_TIMEOUT,
     )?;
-    if admission_timeout < Duration::from_millis(5) {
+    if admission_timeout < MIN_CLUSTER_ADMISSION_TIMEOUT {
         return Err(bad(
             "cluster.admission_timeout",
-            "must be at least 5ms: below a loopback round trip, every admission would fall back",
+            format!(
+                "must be at least {}: below a loopback round trip, every admission would fall back",
+                Dur(MIN_CLUSTER_ADMISSION_TIMEOUT)
+            ),
         ));
     }
-    if admission_timeout > Duration::from_secs(5) {
+    if admission_timeout > MAX_CLUSTER_ADMISSION_TIMEOUT {
         return Err(bad(
             "cluster.admission_timeout",
-            "must be at most 5s: every clustered client waits for it before its greeting",
+            format!(
+                "must be at most {}: every clustered client waits for it before its greeting",
+                Dur(MAX_CLUSTER_ADMISSION_TIMEOUT)
+            ),
         ));
     }
     Ok(Some(ClusterConfig {

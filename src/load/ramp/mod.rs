@@ -20,8 +20,6 @@ use super::{run, Bound, Options, Stats};
 pub const FLAT_GAIN: f64 = 0.05;
 /// Rounds of bisection between the last good step and the first bad one.
 pub const BISECT_ROUNDS: usize = 3;
-/// The default `--max-errors`.
-pub const DEFAULT_MAX_ERRORS: f64 = 0.01;
 
 /// Whether a point ran well, judged against the last good one.
 #[derive(Clone, Debug, PartialEq)]

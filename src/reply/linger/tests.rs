@@ -30,7 +30,7 @@ async fn drive_until(l: &mut Lingerer, done: impl Fn(&Lingerer) -> bool) {
 async fn the_client_reads_the_line_then_the_end_and_the_socket_closes() {
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (mut c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     assert_eq!(l.lingering(), 1);
     let mut got = Vec::new();
     c.read_to_end(&mut got).await.unwrap();
@@ -43,7 +43,7 @@ async fn the_client_reads_the_line_then_the_end_and_the_socket_closes() {
 async fn a_client_that_has_closed_by_the_first_look_is_closed_there_and_never_watched() {
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (mut c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     let mut got = Vec::new();
     c.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, LINE);
@@ -71,7 +71,7 @@ async fn a_client_whose_fin_comes_after_the_first_look_is_closed_on_its_fin() {
     // (here 30 s).
     let mut l = Lingerer::with_time(Arc::new(Semaphore::new(8)), Duration::from_secs(30)).unwrap();
     let (mut c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     drive_until(&mut l, |l| l.open.len() == 1).await;
     assert_eq!(l.closed_at_first_look, 0);
     // The scenario: this client closes a while after its first look.
@@ -93,7 +93,7 @@ async fn a_client_whose_fin_comes_after_the_first_look_is_closed_on_its_fin() {
 async fn a_client_that_reads_late_still_reads_the_whole_line() {
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (mut c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     // The scenario, not a synchronisation: this client looks at its socket a while after
     // mxgate has answered it.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -109,7 +109,7 @@ async fn a_client_that_sends_quit_after_the_line_gets_no_reset() {
     // As Postfix does: read the 421, then QUIT, then close.
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     let mut c = tokio::io::BufReader::new(c);
     let mut line = Vec::new();
     tokio::io::AsyncBufReadExt::read_until(&mut c, b'\n', &mut line)
@@ -132,7 +132,7 @@ async fn a_client_that_talks_only_after_its_line_was_sent_can_still_write_and_re
     // its bytes would draw a reset and its writes fail before it reads the reply.
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (mut c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     let mut head = [0u8; 1];
     c.read_exact(&mut head).await.unwrap();
     let drive = async {
@@ -161,7 +161,7 @@ async fn bytes_the_client_sends_are_read_so_no_reset_loses_the_line() {
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (mut c, s) = pair().await;
     c.write_all(&[b'x'; 20_000]).await.unwrap();
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     c.write_all(b"QUIT\r\n").await.unwrap();
     // Past the first look (which read what was there) and watched, until every byte is
     // read: the early ones counted at the first look carry into the watched entry.
@@ -180,7 +180,7 @@ async fn bytes_the_client_sends_are_read_so_no_reset_loses_the_line() {
 async fn a_client_that_keeps_sending_is_closed_past_the_byte_cap() {
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     let mut c = c.into_std().unwrap();
     c.set_nonblocking(false).unwrap();
     let writer = std::thread::spawn(move || {
@@ -197,7 +197,7 @@ async fn reap_closes_what_is_ready_without_the_event_loop() {
     // A busy accept loop calls reap() every few accepts instead of waiting in turn().
     let mut l = Lingerer::new(Arc::new(Semaphore::new(8))).unwrap();
     let (mut c, s) = pair().await;
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     let mut got = Vec::new();
     c.read_to_end(&mut got).await.unwrap();
     drop(c);
@@ -217,7 +217,7 @@ async fn a_silent_client_is_closed_when_its_time_is_up() {
     let mut l = Lingerer::with_time(Arc::new(Semaphore::new(8)), time).unwrap();
     let (_c, s) = pair().await;
     let start = Instant::now();
-    assert!(matches!(l.refuse(s, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s, LINE), Lingered::Done));
     drive_until(&mut l, |l| l.lingering() == 0).await;
     assert!(start.elapsed() >= time, "not before its time");
     assert!(l.deadlines.is_empty());
@@ -229,8 +229,8 @@ async fn past_the_bound_the_socket_is_closed_right_after_the_line() {
     let mut l = Lingerer::new(bound).unwrap();
     let (_held, s1) = pair().await;
     let (mut c2, s2) = pair().await;
-    assert!(matches!(l.refuse(s1, LINE), Refusal::Done));
-    assert!(matches!(l.refuse(s2, LINE), Refusal::Done));
+    assert!(matches!(l.refuse(s1, LINE), Lingered::Done));
+    assert!(matches!(l.refuse(s2, LINE), Lingered::Done));
     assert_eq!(l.lingering(), 1, "the second is not kept");
     let mut got = Vec::new();
     c2.read_to_end(&mut got).await.unwrap();

@@ -1,14 +1,21 @@
-//! The server's shared state: [`Gate`], which every accept loop and connection task holds, and
-//! [`Live`], the part a reload swaps whole. Admission of a new connection is decided here, in
-//! the accept loop, without I/O ([`Gate::triage`]): admitted, refused, or put in the wait
-//! queue, whose slots [`Gate::capacity`] hands out.
+//! Where a connection is admitted. [`Gate`] is the shared state every accept loop and
+//! connection task holds, [`Live`] the part a reload swaps whole. Admission of a new connection
+//! is decided here, in the accept loop, without I/O ([`Gate::triage`]): admitted, refused, or
+//! put in the wait queue, whose slots [`Gate::capacity`] hands out. After a PROXY header the
+//! connection's task asks [`Gate::admit`]. The record of reloads ([`Reloads`]) is kept here too.
+//!
+//! Why a folder of its own, apart from `admission` and `policy`: those two count and apply the
+//! rules, with no I/O and nothing above them (the benches and property tests drive them alone);
+//! the gate joins them with the queue, the backends' caps and the cluster. Folded into
+//! `admission`, the counting would import the queue and the backends, the upward imports this
+//! layout removes. The gate never writes or counts a refusal: it hands a [`Refusal`] to
+//! [`crate::reply`], which answers and counts it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, Global, GlobalSlot, Guard};
@@ -17,9 +24,13 @@ use crate::config::Config;
 use crate::forward::{Mode, Traffic};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::queue::{Entered, Queue, Ticket, Waiter, Wake};
-use crate::reason::RejectReason;
+use crate::queue::{Entered, Queue, Ticket, Waiter};
+use crate::wake::Wake;
+
+mod reloads;
+use crate::reason::{Refusal, RejectReason};
 use crate::reply::{Closer, RejectSummary, Replies, SourceRefusals};
+pub use reloads::{LastReload, Reloads};
 
 /// What a reload replaces, as one unit, so a connection never sees half of a new config.
 pub struct Live {
@@ -51,13 +62,9 @@ impl Live {
         }
     }
 
-    /// Whether a client that finds the capacity full waits for a slot. Dry run never queues:
-    /// it admits everyone and only counts. Nor does a limit of 0, which closes the door:
-    /// nobody could ever be served.
+    /// Whether a client that finds the capacity full waits for a slot ([`Config::queues`]).
     pub(crate) fn queues(&self) -> bool {
-        !self.config.queue_timeout.is_zero()
-            && !self.policy.dry_run
-            && self.policy.max_connections > 0
+        self.config.queues()
     }
 }
 
@@ -94,7 +101,7 @@ pub struct Gate {
     /// Refusals by source: the live view's "refused now" and the per-source log lines.
     pub(crate) sources: Arc<SourceRefusals>,
     /// The last reload's outcome and time, for the live view.
-    pub(crate) reloads: crate::status::Reloads,
+    pub(crate) reloads: Reloads,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mode: Mode,
     pub(crate) traffic: Traffic,
@@ -136,8 +143,8 @@ impl Drop for HeaderWait {
 
 /// What the accept loop does with a new connection, decided without waiting.
 pub enum Triage {
-    /// Refused, and already counted: the accept loop's [`crate::reply::Door`] answers it.
-    Refuse(RejectReason, Arc<Live>),
+    /// Refused: the accept loop's [`crate::reply::Door`] answers it and counts it.
+    Refuse(Refusal, Arc<Live>),
     /// Anything else goes on in the connection's own task.
     Task(Start),
 }
@@ -146,10 +153,8 @@ pub enum Triage {
 pub enum Start {
     /// Admission waits for a trusted upstream's PROXY header, which has to be read first.
     AfterHeader(Arc<Live>, HeaderWait),
-    /// Admitted by the accept loop.
-    Admitted(Guard, Option<Lease>, Arc<Live>),
-    /// Put in the wait queue by the accept loop.
-    Queued(Guard, Ticket<Grant>, Arc<Live>),
+    /// Admitted by the accept loop, or put in the wait queue.
+    Entered(Entry, Arc<Live>),
     /// To be screened by the pregreet test first, holding its per-source slots only.
     Screen(Guard, Arc<Live>),
 }
@@ -161,13 +166,12 @@ impl Gate {
         let live = self.live.load_full();
         let ip = peer.ip().to_canonical();
         if self.draining.load(Ordering::Acquire) {
-            self.count_refusal(RejectReason::Draining, ip, &live);
-            return Triage::Refuse(RejectReason::Draining, live);
+            return Triage::Refuse(self.refusal_of(RejectReason::Draining, ip, &live), live);
         }
         if !live.config.accept_proxy_protocol.is_empty() {
             let Ok(slot) = self.headers.clone().try_acquire_owned() else {
-                self.count_refusal(RejectReason::GlobalLimit, ip, &live);
-                return Triage::Refuse(RejectReason::GlobalLimit, live);
+                let refusal = self.refusal_of(RejectReason::GlobalLimit, ip, &live);
+                return Triage::Refuse(refusal, live);
             };
             let gauge = self.metrics.proxy_headers_pending.clone();
             gauge.increment(1.0);
@@ -176,29 +180,22 @@ impl Gate {
         if let Some(screened) = self.screen_triage(ip, &live) {
             return match screened {
                 Ok(guard) => Triage::Task(Start::Screen(guard, live)),
-                Err(reason) => Triage::Refuse(reason, live),
+                Err(refusal) => Triage::Refuse(refusal, live),
             };
         }
         match self.admit(ip, &live) {
-            Ok(Entry::Now(guard, lease)) => Triage::Task(Start::Admitted(guard, lease, live)),
-            Ok(Entry::Wait(guard, ticket)) => Triage::Task(Start::Queued(guard, ticket, live)),
-            Err(reason) => Triage::Refuse(reason, live),
+            Ok(entry) => Triage::Task(Start::Entered(entry, live)),
+            Err(refusal) => Triage::Refuse(refusal, live),
         }
     }
 
     /// Admission for `ip`: the policy first, then the capacity, at once or through the wait
-    /// queue. A dry run's would-be refusal, or a refusal, is counted under the source key
-    /// admission decided with.
-    pub(crate) fn admit(&self, ip: IpAddr, live: &Live) -> Result<Entry, RejectReason> {
+    /// queue. A dry run's would-be refusal is counted here; a refusal carries the source key
+    /// admission decided with, for whoever answers it to count.
+    pub(crate) fn admit(&self, ip: IpAddr, live: &Live) -> Result<Entry, Refusal> {
         let queues = live.queues();
         let global = if queues { Global::Leave } else { Global::Take };
-        let admitted = match self.admission.admit_with(&live.policy, ip, global) {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                self.refused(refusal.reason, refusal.source);
-                return Err(refusal.reason);
-            }
-        };
+        let admitted = self.admission.admit_with(&live.policy, ip, global)?;
         if let Some(r) = admitted.would_reject {
             self.metrics.would_reject(r).increment(1);
             self.summary.record_dry_run(r, admitted.guard.source());
@@ -218,13 +215,14 @@ impl Gate {
         ip: IpAddr,
         allowed: bool,
         live: &Live,
-    ) -> Result<Entry, RejectReason> {
+    ) -> Result<Entry, Refusal> {
         // No slot is ever open to this class (every one reserved for allowed sources): a
         // wait could only end in the 421, so it comes at once.
         if crate::admission::global_cap(&live.policy, allowed) == 0 {
-            let reason = RejectReason::GlobalLimit;
-            self.refused(reason, guard.source());
-            return Err(reason);
+            return Err(Refusal {
+                reason: RejectReason::GlobalLimit,
+                source: guard.source(),
+            });
         }
         let waiter = Waiter { ip, allowed };
         let bounds = (live.config.max_queued, live.config.queue_timeout);
@@ -240,8 +238,10 @@ impl Gate {
             Entered::Full => RejectReason::QueueFull,
             Entered::Closed => RejectReason::Draining,
         };
-        self.refused(reason, guard.source());
-        Err(reason)
+        Err(Refusal {
+            reason,
+            source: guard.source(),
+        })
     }
 
     /// A slot for `waiter`, if one is free: a global slot open to its class and, when
@@ -283,15 +283,12 @@ impl Gate {
         Some(Grant { global, lease })
     }
 
-    /// Counts a refusal of `ip` in the metrics, the periodic summary and the per-source view.
-    pub(crate) fn count_refusal(&self, reason: RejectReason, ip: IpAddr, live: &Live) {
-        self.refused(reason, live.policy.classify(ip).rule.source_key(ip));
-    }
-
-    /// Counts a refusal of the source key `source`.
-    pub(crate) fn refused(&self, reason: RejectReason, source: IpNet) {
-        self.metrics.rejected(reason).increment(1);
-        self.summary.record(reason, source);
-        self.sources.record(reason, source);
+    /// A refusal of `ip` for `reason`, under the source key the policy gives it: what
+    /// [`crate::reply`] answers and counts.
+    pub(crate) fn refusal_of(&self, reason: RejectReason, ip: IpAddr, live: &Live) -> Refusal {
+        Refusal {
+            reason,
+            source: live.policy.classify(ip).rule.source_key(ip),
+        }
     }
 }

@@ -1,54 +1,7 @@
-//! The command line: subcommands and their flags, and the logging set-up they share.
-//!
-//! The flag set of `run` is [`Settings`] itself, so every flag has its config key by construction.
+//! The flags of `mxgate load` and `mxgate sink`, and the values they parse: the load tool's
+//! own, so `load` needs nothing from the command line module ([`crate::cli`] only lists them).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-
-use clap::{Parser, Subcommand};
-
-use crate::config::{LogFormat, Settings};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "mxgate",
-    version,
-    about = "Connection-limiting SMTP proxy: caps connections globally and per source, \
-             answers the rest with 421, forwards everything else byte for byte"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Accept clients and forward them to the backend
-    Run(RunArgs),
-    /// Validate a config and print the effective settings; exit non-zero if invalid
-    Check(CheckArgs),
-    /// Show a running instance's live view: sessions, queue, top sources, refusals, backends
-    Status(StatusArgs),
-    /// Drive real SMTP sessions at a server to size its limits
-    Load(LoadArgs),
-    /// Show the whole job on this machine: a sink, mxgate in front, load from many sources
-    /// and from one greedy source, and the resulting counts
-    Demo,
-    /// Run the embedded SMTP sink on its own, optionally Exchange-like (a hidden connection
-    /// limit, a greeting delay that grows with load): a backend for trials and benchmarks
-    #[command(hide = true)]
-    Sink(SinkArgs),
-    /// Print a man page (roff), generated from these very flags: mxgate(1), or the page of a
-    /// subcommand (`run`, `check`, `load`, `demo`, `status`), or mxgate.toml(5) (`mxgate.toml`)
-    #[command(hide = true)]
-    Man { subcommand: Option<String> },
-    /// Print shell completions, generated from these very flags
-    #[command(hide = true)]
-    Completions {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-}
 
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
@@ -68,6 +21,8 @@ pub struct LoadArgs {
     pub rate: Option<Rate>,
     /// Open loop at the rate of the administrator's numbers, sizes drawn around their mean:
     /// users=N,per-user-per-hour=N[,peak=F][,size=BYTES]
+    // The doc comment is clap's help text: its brackets are flag syntax, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "KEY=VALUE,...", conflicts_with = "ramp")]
     pub profile: Option<crate::load::profile::Profile>,
     /// Stop after this many sessions [default: 1000; a ramp step or a profile runs for a time]
@@ -95,6 +50,7 @@ pub struct LoadArgs {
     pub from: String,
     /// RCPT TO, repeatable, one per session in turn: for Exchange, a mailbox of an accepted
     /// domain, or a journaling or discard address, never a real user's [default: sink@mxgate.test]
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "ADDRESS", value_parser = address)]
     pub to: Vec<String>,
     /// The EHLO name
@@ -200,28 +156,6 @@ fn is_host_name(s: &str) -> bool {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct CheckArgs {
-    #[command(flatten)]
-    pub run: RunArgs,
-    /// Print nothing on success but warnings, on stderr (for `ExecReload=`)
-    #[arg(long, short)]
-    pub quiet: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct StatusArgs {
-    /// The instance's metrics listener [default: 127.0.0.1:9925, or the `metrics` of --config]
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
-    /// Read the metrics address from this config file
-    #[arg(long, value_name = "FILE", conflicts_with = "metrics")]
-    pub config: Option<PathBuf>,
-    /// Print the raw JSON of `/status`
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, clap::Args)]
 pub struct SinkArgs {
     /// Where to listen (loopback)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2525")]
@@ -244,66 +178,4 @@ pub struct SinkArgs {
     /// STARTTLS offered (and refused with 454)
     #[arg(long)]
     pub exchange: bool,
-}
-
-/// Writes the man page of the whole command, or of one subcommand (`mxgate-run(1)`), to `out`.
-pub fn write_man(subcommand: Option<&str>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    use clap::CommandFactory;
-    let top = Cli::command();
-    let cmd = match subcommand {
-        None => top,
-        Some(name) => {
-            let sub = top.find_subcommand(name).cloned().ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no subcommand {name:?}"),
-                )
-            })?;
-            let full: &'static str = Box::leak(format!("mxgate-{name}").into_boxed_str());
-            sub.name(full)
-        }
-    };
-    clap_mangen::Man::new(cmd).render(out)
-}
-
-/// Writes mxgate.toml(5): every key of the config file, from the reference the docs are
-/// generated from ([`crate::reference`]), so the page cannot drift from what `mxgate check`
-/// accepts.
-pub fn write_config_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    out.write_all(crate::reference::config_man().as_bytes())
-}
-
-/// Writes completions for `shell` to `out`.
-pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
-    use clap::CommandFactory;
-    clap_complete::generate(shell, &mut Cli::command(), "mxgate", out);
-}
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct RunArgs {
-    /// TOML config file; flags override its keys
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    #[command(flatten)]
-    pub settings: Settings,
-}
-
-/// Installs the tracing subscriber. `RUST_LOG` overrides the default level (info).
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour only for a person at a terminal: journald and files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let writer = crate::logging::Stderr {
-        priorities: crate::logging::stderr_is_journal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
 }
