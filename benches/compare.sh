@@ -8,6 +8,8 @@
 #   QUICK=1 benches/compare.sh    # one short round, for a smoke test
 #   MXBIN_BEFORE=/path/to/older/mxgate benches/compare.sh   # also measure an older build
 #                                 # beside this one, as "mxgate-before", in the same run
+# Refusals beside Postfix postscreen's 421 (a private Postfix instance; needs root):
+#   benches/refusals.py. Benches are not run by CI, so their tools are installed by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n "$(ulimit -Hn)"
