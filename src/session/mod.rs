@@ -134,7 +134,7 @@ impl Gate {
             })),
             Start::Screen(guard, live) => Phase::Open(Box::pin(
                 self.clone()
-                    .screen(client, guard, peer, live)
+                    .screen(client, guard, Origin::peer(peer), live)
                     .instrument(span),
             )),
             Start::AfterHeader(live, wait) => {
@@ -144,12 +144,20 @@ impl Gate {
         }
     }
 
-    /// The phase after a trusted upstream's PROXY header: the backend connect with the slots
-    /// admission gave, or the queue.
-    fn past_header(
-        self: &Arc<Self>,
-        (client, origin, live, entry, peer): (TcpStream, Origin, Arc<Live>, Entry, SocketAddr),
-    ) -> Phase {
+    /// The phase after a trusted upstream's PROXY header: the pregreet test of the client it
+    /// names, or the backend connect with the slots admission gave, or the queue.
+    fn past_header(self: &Arc<Self>, (client, origin, live, entry, peer): Admitted) -> Phase {
+        let entry = match entry {
+            Past::Screen(guard) => {
+                let span = conn_span(origin.client);
+                return Phase::Open(Box::pin(
+                    self.clone()
+                        .screen(client, guard, origin, live)
+                        .instrument(span),
+                ));
+            }
+            Past::Entry(entry) => entry,
+        };
         match entry {
             Entry::Now(guard, lease) => {
                 let span = conn_span(peer);
@@ -323,8 +331,18 @@ impl Gate {
             self.reject(client, RejectReason::Draining, ip, &live).await;
             return None;
         }
+        // The client the header names is tested as any client is, under its own address.
+        if let Some(screened) = self.screen_triage(ip, &live) {
+            return match screened {
+                Ok(guard) => Some((client, origin, live, Past::Screen(guard), peer)),
+                Err(reason) => {
+                    self.closer.refuse(client, reason, &live.replies).await;
+                    None
+                }
+            };
+        }
         match self.admit(ip, &live) {
-            Ok(entry) => Some((client, origin, live, entry, peer)),
+            Ok(entry) => Some((client, origin, live, Past::Entry(entry), peer)),
             Err(reason) => {
                 self.closer.refuse(client, reason, &live.replies).await;
                 None
@@ -399,7 +417,15 @@ type Unserved = (TcpStream, RejectReason, Origin, Arc<Live>, tracing::Span);
 
 /// A client admitted after its PROXY header: at once or to wait, and the upstream it came
 /// through (its log lines' `src`).
-type Admitted = (TcpStream, Origin, Arc<Live>, Entry, SocketAddr);
+type Admitted = (TcpStream, Origin, Arc<Live>, Past, SocketAddr);
+
+/// Where a client named by a trusted upstream's header goes next.
+enum Past {
+    /// The pregreet test first, holding its per-source slots only.
+    Screen(Guard),
+    /// Admitted, or in the queue.
+    Entry(Entry),
+}
 
 type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Opened> + Send>>;
 
