@@ -223,7 +223,7 @@ def main():
             procs.append(subprocess.Popen(
                 [MXGATE, "run", "--backend", f"127.0.0.1:{sport}",
                  "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}",
-                 "--hostname", "mx.test", "--max-connections", str(LIMIT),
+                 "--hostname", "mx.test", "--pregreet", "off", "--max-connections", str(LIMIT),
                  "--max-per-source", "100", "--max-queued", "1000",
                  "--queue-timeout", f"{QUEUE_TIMEOUT_S}s",
                  "--cluster-redis", f"redis://127.0.0.1:{rport}/0", "--cluster-name", NAME,

@@ -95,7 +95,7 @@ def main():
             procs.append(subprocess.Popen(
                 [MXGATE, "run", "--backend", f"127.0.0.1:{sport}", "--listen",
                  f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}", "--hostname",
-                 "mx.test", "--max-per-source", "1000"] + extra,
+                 "mx.test", "--pregreet", "off", "--max-per-source", "1000"] + extra,
                 env=dict(os.environ, RUST_LOG="error")))
             wait_port(port)
             wait_port(mport)

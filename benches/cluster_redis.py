@@ -296,7 +296,7 @@ def main():
         port, mport = free_port(), free_port()
         procs.append(subprocess.Popen(
             [MXGATE, "run", "--backend", f"127.0.0.1:{sport}", "--listen", f"127.0.0.1:{port}",
-             "--metrics", f"127.0.0.1:{mport}", "--hostname", "mx.test",
+             "--metrics", f"127.0.0.1:{mport}", "--hostname", "mx.test", "--pregreet", "off",
              "--max-per-source", "1000",
              "--cluster-redis", f"redis://127.0.0.1:{rport}/0", "--cluster-name", NAME,
              "--cluster-instance", INSTANCE, "--cluster-lease-ttl", f"{LEASE_TTL_S}s"],

@@ -47,6 +47,7 @@ fn bench(c: &mut Criterion) {
                 let mut config = Config::for_backend(backend(size).await);
                 config.forwarding = mode;
                 config.metrics = None;
+                config.pregreet.action = mxgate::config::Pregreet::Off;
                 let mx = mxgate::start(config).await.unwrap();
                 let client = TcpStream::connect(mx.listen_addrs()[0]).await.unwrap();
                 client.set_nodelay(true).unwrap();

@@ -91,7 +91,7 @@ def start_mxgate(port, metrics, sink_port, state):
     p = subprocess.Popen(
         [MXGATE, "run", "--listen", f"127.0.0.1:{port}",
          "--backend", f"127.0.0.1:{sink_port},max_connections=auto",
-         "--metrics", f"127.0.0.1:{metrics}", "--hostname", "mx.bench",
+         "--metrics", f"127.0.0.1:{metrics}", "--hostname", "mx.bench", "--pregreet", "off",
          "--max-connections", "1000", "--max-per-source", "1000",
          "--max-per-ipv6-network", "1000", "--queue-timeout", "30s", "--max-queued", "2000",
          "--state-dir", state],

@@ -8,24 +8,29 @@ is for. Load, all on loopback, each client from its own address:
 - BOTS sources (127.60.x.y) that speak at once after connecting, then hold the connection HOLD s;
 - SLOW sources (127.61.x.y) that speak after 1 s, then hold it HOLD s;
 - GOOD well-behaved senders (127.62.0.x), each a first contact: they wait for the whole greeting
-  (its `220 ` line), say EHLO, MAIL, RCPT, DATA, QUIT. Then each sends once more (cached).
-Measured for each `pregreet` action: backend sessions bots got, senders' failures, their
-connect -> final greeting line (first contact, then cached), mxgate's RSS and descriptors at the
-flood's peak.
+  (its `220 ` line), say EHLO, MAIL, RCPT, DATA, QUIT, timing connect -> the greeting's final
+  line. Then each sends once more (cached);
+- SWAKS runs of swaks, each from its own address (127.64.0.x), each a first contact;
+- a real Postfix (a private instance, run as root, relaying everything to mxgate from 127.63.0.1)
+  given MESSAGES messages at the start of the flood.
+Measured for each `pregreet` action: backend sessions bots got, Postfix's deferrals, the
+senders' connect -> final greeting line (first contact, then cached), swaks' deliveries,
+mxgate's largest RSS and descriptor count while the flood lasts (sampled every 0.5 s).
 
     cargo build --release --bin mxgate
-    python3 benches/pregreet_bots.py                                  # the issue's sizes
-    BOTS=200 SLOW=20 GOOD=10 HOLD=3 WAIT=1s python3 benches/pregreet_bots.py   # brief
+    sudo python3 benches/pregreet_bots.py                                  # the issue's sizes
+    BOTS=200 SLOW=20 GOOD=10 SWAKS=5 MESSAGES=10 HOLD=3 WAIT=1s python3 benches/pregreet_bots.py
 
-The issue's full set also has a real Postfix relaying 100 messages; this script's senders are
-its own SMTP clients (no Postfix queue is set up here).
+Without root (or without postfix or swaks installed) those parts are left out, and said so.
 """
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +41,8 @@ GOOD = int(os.environ.get("GOOD") or 50)
 HOLD = float(os.environ.get("HOLD") or 30)
 WAIT = os.environ.get("WAIT") or "6s"
 ACTIONS = (os.environ.get("ACTIONS") or "drop,ignore").split(",")
+SWAKS = int(os.environ.get("SWAKS") or 50)
+MESSAGES = int(os.environ.get("MESSAGES") or 100)
 SLOTS = 50
 SESSION = 0.5
 
@@ -54,13 +61,15 @@ class Backend:
     """Greets, holds each session SESSION s (or until QUIT), records who each was for."""
 
     def __init__(self):
-        self.sessions = {"bot": 0, "slow": 0, "good": 0}
+        self.sessions = {"bot": 0, "slow": 0, "good": 0, "postfix": 0, "swaks": 0}
+        self.delivered = {"postfix": 0, "swaks": 0, "good": 0}
 
     async def handle(self, r, w):
         try:
             header = await asyncio.wait_for(r.readline(), 5)
             src = header.split()[2].decode() if header.startswith(b"PROXY") else "?"
-            kind = {"60": "bot", "61": "slow", "62": "good"}.get(src.split(".")[1], "good")
+            kind = {"60": "bot", "61": "slow", "62": "good", "63": "postfix",
+                    "64": "swaks"}.get(src.split(".")[1], "good")
             self.sessions[kind] += 1
             w.write(b"220-backend.bench first\r\n220 backend.bench ready\r\n")
             await w.drain()
@@ -76,6 +85,8 @@ class Backend:
                     await w.drain()
                     while (await r.readline()) not in (b".\r\n", b""):
                         pass
+                    if kind in self.delivered:
+                        self.delivered[kind] += 1
                     w.write(b"250 2.0.0 queued\r\n")
                 elif verb == b"QUIT":
                     w.write(b"221 bye\r\n")
@@ -155,19 +166,122 @@ def usage(pid):
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+MASTER_CF = """pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+smtp unix - - n - - smtp
+relay unix - - n - - smtp
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix that relays everything to mxgate from 127.63.0.1; no smtpd listener."""
+
+    def __init__(self, port):
+        self.dir = tempfile.mkdtemp(prefix="mxgate-bench-postfix-")
+        os.chmod(self.dir, 0o755)
+        for sub in ("etc", "queue", "data"):
+            os.mkdir(os.path.join(self.dir, sub))
+        shutil.chown(os.path.join(self.dir, "data"), "postfix")
+        d = self.dir
+        with open(os.path.join(d, "etc/main.cf"), "w") as f:
+            f.write(f"""compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+relayhost = [127.0.0.1]:{port}
+smtp_bind_address = 127.63.0.1
+smtp_dns_support_level = disabled
+smtp_tls_security_level = none
+alias_maps =
+alias_database =
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+syslog_name = postfix-bench
+""")
+        with open(os.path.join(d, "etc/master.cf"), "w") as f:
+            f.write(MASTER_CF)
+        subprocess.run(["postfix", "-c", f"{d}/etc", "start"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def send(self, n):
+        for i in range(n):
+            subprocess.run(["sendmail", "-C", f"{self.dir}/etc", "-f", "a@postfix.bench",
+                            f"rcpt{i}@example.net"], input=b"Subject: bench\n\nhi\n", check=True)
+
+    def log(self):
+        try:
+            with open(os.path.join(self.dir, "maillog")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self):
+        subprocess.run(["postfix", "-c", f"{self.dir}/etc", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def swaks(src, port):
+    p = await asyncio.create_subprocess_exec(
+        "swaks", "--server", f"127.0.0.1:{port}", "--local-interface", src,
+        "--from", "a@swaks.bench", "--to", "b@example.net", "--timeout", "120",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await p.wait() == 0
+
+
+def have(tool):
+    return shutil.which(tool) is not None
+
+
+async def sample(pid, peak, stop):
+    while not stop.is_set():
+        try:
+            rss, fds = usage(pid)
+        except OSError:
+            return
+        peak[0], peak[1] = max(peak[0], rss), max(peak[1], fds)
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def run(action):
     backend = Backend()
-    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0, backlog=4096)
     bport = server.sockets[0].getsockname()[1]
     port, mport = free_port(), free_port()
     mx = subprocess.Popen(
         [MXGATE, "run", "--hostname", "mx.bench", "--backend", f"127.0.0.1:{bport}",
          "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}",
-         "--max-connections", str(SLOTS), "--max-per-source", "5", "--queue-timeout", "60s",
+         "--max-connections", str(SLOTS), "--max-per-source", "25", "--queue-timeout", "60s",
+         "--max-queued", "5000",
          "--proxy-protocol", "v1", "--pregreet", action, "--pregreet-wait", WAIT,
          "--pregreet-wait-busy", WAIT],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={k: v for k, v in {**os.environ, "RUST_LOG": "error"}.items() if k != "STATE_DIRECTORY"})
+    postfix = None
     try:
         for _ in range(500):
             try:
@@ -175,33 +289,57 @@ async def run(action):
                 break
             except OSError:
                 await asyncio.sleep(0.02)
+        use_postfix = os.geteuid() == 0 and have("postfix") and MESSAGES > 0
+        use_swaks = have("swaks") and SWAKS > 0
+        peak, stop = [0, 0], asyncio.Event()
+        sampler = asyncio.create_task(sample(mx.pid, peak, stop))
         flood = [asyncio.create_task(bot(addr(60, i), port, 0)) for i in range(BOTS)]
         flood += [asyncio.create_task(bot(addr(61, i), port, 1.0)) for i in range(SLOW)]
         await asyncio.sleep(0.5)
+        if use_postfix:
+            postfix = Postfix(port)
+            await asyncio.get_running_loop().run_in_executor(None, postfix.send, MESSAGES)
+        swaked = asyncio.gather(*(swaks(addr(64, i), port) for i in range(SWAKS))) if use_swaks else None
         first = await asyncio.gather(*(sender(addr(62, i), port) for i in range(GOOD)))
-        peak = usage(mx.pid)
         again = await asyncio.gather(*(sender(addr(62, i), port) for i in range(GOOD)))
-        peak = max(peak, usage(mx.pid))
-        for t in flood:
-            t.cancel()
+        swaks_ok = sum(await swaked) if swaked else None
+        deadline = time.monotonic() + 120
+        while postfix and backend.delivered["postfix"] < MESSAGES and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         await asyncio.gather(*flood, return_exceptions=True)
+        stop.set()
+        await sampler
+        log = postfix.log() if postfix else ""
     finally:
+        if postfix:
+            postfix.stop()
         mx.terminate()
         mx.wait()
         server.close()
         await asyncio.sleep(0.1)
     ok1 = [x for x in first if x is not None]
     ok2 = [x for x in again if x is not None]
-    print(f"pregreet = {action}: bots {BOTS} + slow {SLOW}, senders {GOOD} x 2, wait {WAIT}, hold {HOLD}s")
-    print(f"  backend sessions: bots {backend.sessions['bot']}, slow bots {backend.sessions['slow']}, senders {backend.sessions['good']}")
+    print(f"pregreet = {action}: bots {BOTS} + slow {SLOW}, senders {GOOD} x 2, swaks {SWAKS}, "
+          f"postfix {MESSAGES if postfix else 'left out'}, wait {WAIT}, hold {HOLD}s")
+    s = backend.sessions
+    print(f"  backend sessions: bots {s['bot']}, slow bots {s['slow']}, senders {s['good']}, "
+          f"swaks {s['swaks']}, postfix {s['postfix']}")
+    if postfix:
+        sent = sum(1 for l in log.splitlines() if "status=sent" in l)
+        deferred = sum(1 for l in log.splitlines() if "status=deferred" in l)
+        print(f"  postfix: {backend.delivered['postfix']} of {MESSAGES} delivered, "
+              f"{sent} sent, {deferred} deferrals")
+    if swaks_ok is not None:
+        print(f"  swaks: {swaks_ok} of {SWAKS} delivered")
     print(f"  senders failed: first contact {GOOD - len(ok1)}, cached {GOOD - len(ok2)}")
     print(f"  greeting wait p99: first contact {p99(ok1) * 1000:.0f} ms, cached {p99(ok2) * 1000:.0f} ms")
-    print(f"  mxgate at the flood: RSS {peak[0] / 1024:.1f} MiB, {peak[1]} descriptors")
+    print(f"  mxgate during the flood, largest: RSS {peak[0] / 1024:.1f} MiB, {peak[1]} descriptors")
 
 
 def main():
     if not os.path.exists(MXGATE):
         sys.exit(f"pregreet_bots: build first: {MXGATE} is missing")
+    print(f"load average before: {os.getloadavg()[0]:.2f} (a shared machine: figures under load)")
     for action in ACTIONS:
         asyncio.run(run(action))
 

@@ -150,7 +150,8 @@ backend mail
 def start_mxgate(port, backend_port):
     return subprocess.Popen(
         [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}",
-         "--metrics", "off", "--hostname", "mx.bench", "--max-connections", str(LIMIT),
+         "--metrics", "off", "--hostname", "mx.bench", "--pregreet", "off",
+         "--max-connections", str(LIMIT),
          "--max-per-source", "1000", "--queue-timeout", "30s", "--max-queued", "1000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RUST_LOG": "error"})

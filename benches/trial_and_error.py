@@ -103,7 +103,7 @@ def start_mxgate(port, metrics, sink_port, limit):
         flags = ["--max-connections", "1000"]
     p = subprocess.Popen(
         [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", backend,
-         "--metrics", f"127.0.0.1:{metrics}", "--hostname", "mx.bench",
+         "--metrics", f"127.0.0.1:{metrics}", "--hostname", "mx.bench", "--pregreet", "off",
          "--max-per-source", "1000", "--max-per-ipv6-network", "1000",
          "--queue-timeout", "30s", "--max-queued", "1000", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -18,7 +18,7 @@ const SINK_GREETING: &[u8] = b"220 sink.mxgate.test ESMTP\r\n";
 
 fn config_toml(toml: &str) -> Config {
     let text = format!(
-        "hostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nmetrics = \"127.0.0.1:0\"\n{toml}"
+        "hostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nmetrics = \"127.0.0.1:0\"\npregreet = \"off\"\n{toml}"
     );
     Settings::from_toml(&text).unwrap().validate(None).unwrap()
 }

@@ -144,7 +144,7 @@ impl Instance {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args(["run", "--hostname", HOST])
+            .args(["run", "--hostname", HOST, "--pregreet", "off"])
             .args(["--backend", &backend.to_string()])
             .args(["--listen", &listen.to_string()])
             .args(["--metrics", &metrics.to_string()])

@@ -150,6 +150,8 @@ async fn a_short_soft_limit_is_raised_toward_the_hard_one_and_a_short_hard_one_w
             "off",
             "--threads",
             "1",
+            "--pregreet",
+            "off",
         ])
         .args([
             "--backend",

@@ -232,7 +232,15 @@ async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_
     let run = |log: &Path| {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args(["run", "--metrics", "off", "--backend", &backend])
+            .args([
+                "run",
+                "--metrics",
+                "off",
+                "--pregreet",
+                "off",
+                "--backend",
+                &backend,
+            ])
             .args(["--listen", &listen.to_string()])
             .env("STATE_DIRECTORY", &dir)
             .env("RUST_LOG", "warn")

@@ -294,20 +294,28 @@ async fn a_learned_limit_that_moves_more_than_ten_percent_is_logged_with_its_rea
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mxgate"));
-    cmd.args(["run", "--hostname", "mx.test", "--metrics", "off"])
-        .args([
-            "--backend",
-            &format!("{backend},max_connections=auto"),
-            "--listen",
-            &listen.to_string(),
-            "--adaptive-min",
-            "5",
-            "--adaptive-initial",
-            "20",
-            "--queue-timeout",
-            "10s",
-        ])
-        .stdout(Stdio::null());
+    cmd.args([
+        "run",
+        "--hostname",
+        "mx.test",
+        "--metrics",
+        "off",
+        "--pregreet",
+        "off",
+    ])
+    .args([
+        "--backend",
+        &format!("{backend},max_connections=auto"),
+        "--listen",
+        &listen.to_string(),
+        "--adaptive-min",
+        "5",
+        "--adaptive-initial",
+        "20",
+        "--queue-timeout",
+        "10s",
+    ])
+    .stdout(Stdio::null());
     cmd.env("RUST_LOG", "info")
         .env("NOTIFY_SOCKET", &notify_path)
         .env_remove("JOURNAL_STREAM")

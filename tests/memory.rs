@@ -67,7 +67,14 @@ async fn growth_with_metrics(metrics: &str) -> u64 {
         .args(["run", "--hostname", HOST, "--metrics", metrics])
         .args(["--backend", &backend.to_string()])
         .args(["--listen", &listen.to_string()])
-        .args(["--max-per-source", "100", "--threads", "1"])
+        .args([
+            "--max-per-source",
+            "100",
+            "--threads",
+            "1",
+            "--pregreet",
+            "off",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

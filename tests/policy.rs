@@ -18,7 +18,7 @@ const NETWORK_LINE: &[u8] =
 /// A config from TOML keys, pointed at `backend`, on port 0.
 fn config_toml(backend: SocketAddr, toml: &str) -> Config {
     let text = format!(
-        "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nmetrics = \"127.0.0.1:0\"\n{toml}"
+        "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\nmetrics = \"127.0.0.1:0\"\npregreet = \"off\"\n{toml}"
     );
     Settings::from_toml(&text).unwrap().validate(None).unwrap()
 }

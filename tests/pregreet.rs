@@ -247,16 +247,258 @@ async fn a_refusal_after_the_teaser_completes_the_greeting_then_answers_421() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_that_refuses_after_the_teaser_gets_the_421_not_a_broken_reply() {
-    let b = backend(b"554 5.7.1 backend.test no\r\n").await;
+async fn a_backend_refusal_after_the_teaser_stays_its_own_permanent_reply() {
+    // A multi-line 5xx, its second line under another 5xx code: one reply, one code.
+    let b = backend(b"554-5.7.1 backend.test no\r\n550-not you\r\n554 5.7.1 go away\r\n").await;
     let mx = start(screened(b.addr, Pregreet::Drop)).await;
     let at = mx.listen_addrs()[0];
     let mut s = connect_from("127.0.0.8", at).await.unwrap();
     let mut want = TEASER.to_vec();
     want.extend_from_slice(COMPLETION);
-    expect(&mut s, &want, "completed").await;
+    expect(&mut s, &want, "the greeting completed").await;
+    const REFUSAL: &[u8] = b"554-5.7.1 backend.test no\r\n554-not you\r\n554 5.7.1 go away\r\n";
     s.write_all(b"EHLO c\r\n").await.unwrap();
-    assert_eq!(read_to_end(&mut s).await, BACKEND_LINE);
+    expect(&mut s, REFUSAL, "the backend's refusal, not a 421").await;
+    // A client that tries HELO after a refused EHLO is refused again, not cut off.
+    s.write_all(b"HELO c\r\n").await.unwrap();
+    expect(&mut s, REFUSAL, "again at the next command").await;
+    s.write_all(b"QUIT\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, BYE, "then 221 and a clean close");
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    let m = metrics_of(&mx).await;
+    assert_eq!(
+        metric(
+            &m,
+            "mxgate_connections_rejected_total{reason=\"backend_unavailable\"}"
+        ),
+        0.0,
+        "the backend refused, not mxgate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_is_no_smtp_or_busy_after_the_teaser_gets_the_421_at_the_first_command() {
+    for greeting in [
+        &b"SSH-2.0-OpenSSH\r\n"[..],
+        b"421 4.3.2 backend.test busy\r\n",
+    ] {
+        let b = backend(greeting).await;
+        let mut c = screened(b.addr, Pregreet::Drop);
+        c.queue_timeout = Duration::ZERO;
+        let mx = start(c).await;
+        let at = mx.listen_addrs()[0];
+        let mut s = connect_from("127.0.0.8", at).await.unwrap();
+        let mut want = TEASER.to_vec();
+        want.extend_from_slice(COMPLETION);
+        expect(&mut s, &want, "completed").await;
+        s.write_all(b"EHLO c\r\n").await.unwrap();
+        assert_eq!(
+            read_to_end(&mut s).await,
+            BACKEND_LINE,
+            "{}",
+            String::from_utf8_lossy(greeting)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_a_trusted_proxy_upstream_is_tested_under_its_own_address() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let mut c = screened(b.addr, Pregreet::Drop);
+    c.accept_proxy_protocol = vec!["127.0.0.40/32".parse().unwrap()];
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let header = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 25\r\n");
+    // A quiet client: the teaser, the wait, then the backend's greeting.
+    let mut s = connect_from("127.0.0.40", at).await.unwrap();
+    s.write_all(header("192.0.2.7").as_bytes()).await.unwrap();
+    expect(&mut s, TEASER, "the client the header names is tested").await;
+    expect(&mut s, b"220 backend.test ready\r\n", "it passed").await;
+    drop(s);
+    // A bot behind the same upstream: the 521, remembered under its own address only.
+    let mut bot = connect_from("127.0.0.40", at).await.unwrap();
+    bot.write_all(header("192.0.2.8").as_bytes()).await.unwrap();
+    expect(&mut bot, TEASER, "the teaser").await;
+    bot.write_all(b"EHLO bot\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut bot).await, DROP);
+    // One that spoke with its header, before any greeting, fails too.
+    let mut early = connect_from("127.0.0.40", at).await.unwrap();
+    let mut said = header("192.0.2.9").into_bytes();
+    said.extend_from_slice(b"EHLO bot\r\n");
+    early.write_all(&said).await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(DROP);
+    assert_eq!(read_to_end(&mut early).await, want);
+    // The pass is 192.0.2.7's: cached, no teaser; the bot's failure is 192.0.2.8's.
+    let mut again = connect_from("127.0.0.40", at).await.unwrap();
+    again
+        .write_all(header("192.0.2.7").as_bytes())
+        .await
+        .unwrap();
+    expect(&mut again, b"220 backend.test ready\r\n", "a cached pass").await;
+    let mut bot = connect_from("127.0.0.40", at).await.unwrap();
+    bot.write_all(header("192.0.2.8").as_bytes()).await.unwrap();
+    assert_eq!(read_to_end(&mut bot).await, DROP, "a cached failure");
+    let m = metrics_of(&mx).await;
+    assert_eq!(
+        (
+            result(&m, "pass"),
+            result(&m, "fail"),
+            result(&m, "cached_pass"),
+            result(&m, "cached_fail")
+        ),
+        (1.0, 2.0, 1.0, 1.0)
+    );
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        2,
+        "the sender's two only"
+    );
+    drop(again);
+}
+
+#[test]
+fn ignore_is_the_default() {
+    let c = Config::for_backend("127.0.0.1:25".parse().unwrap());
+    assert_eq!(c.pregreet.action, Pregreet::Ignore);
+    assert_eq!(
+        (c.pregreet.wait, c.pregreet.wait_busy),
+        (Duration::from_secs(6), Duration::from_secs(2))
+    );
+    assert_eq!(
+        (c.pregreet.pass_ttl, c.pregreet.fail_ttl),
+        (Duration::from_secs(86_400), Duration::from_secs(600))
+    );
+}
+
+/// The real binary with no `pregreet` key: a failure is served, tested again, and logged per
+/// source at the default log level, in one line for both; a pass is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_failure_is_served_and_logged_once_per_source_and_a_pass_is_cached() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = state_dir("default-log");
+    let log = dir.join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+        .args(["run", "--hostname", HOST, "--pregreet-wait", "300ms"])
+        .args([
+            "--backend",
+            &b.addr.to_string(),
+            "--listen",
+            &listen.to_string(),
+        ])
+        .args(["--metrics", &metrics.to_string()])
+        .env_remove("RUST_LOG")
+        .env_remove("STATE_DIRECTORY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(metrics).await.is_err() {
+        assert!(Instant::now() < deadline, "mxgate serves metrics");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.31", listen).await.unwrap();
+        s.write_all(b"EHLO early\r\n").await.unwrap();
+        let mut want = TEASER.to_vec();
+        want.extend_from_slice(b"220 backend.test ready\r\nEHLO early\r\n");
+        expect(&mut s, &want, "tested every time, served anyway").await;
+    }
+    let mut good = connect_from("127.0.0.32", listen).await.unwrap();
+    expect(&mut good, TEASER, "a first contact").await;
+    expect(&mut good, b"220 backend.test ready\r\n", "passed").await;
+    let mut good = connect_from("127.0.0.32", listen).await.unwrap();
+    expect(&mut good, b"220 backend.test ready\r\n", "cached").await;
+    let m = scrape(metrics).await;
+    assert_eq!(
+        (
+            result(&m, "fail"),
+            result(&m, "pass"),
+            result(&m, "cached_pass")
+        ),
+        (2.0, 1.0, 1.0)
+    );
+    assert_eq!(rejected(&m), 0.0, "nobody refused");
+    assert_eq!(
+        metric(&m, "mxgate_pregreet_cache_entries"),
+        1.0,
+        "the pass only"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("pregreet failure ignored"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].contains(" INFO ")
+            && lines[0].ends_with(
+                "pregreet failure ignored source=127.0.0.31 reason=pregreet count=2 window_secs=60"
+            ),
+        "{text}"
+    );
+    assert!(!text.contains("source refused"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bad value for each key: `mxgate check` names the file, the key and the reason, and fails.
+#[test]
+fn a_bad_value_names_its_file_key_and_reason() {
+    let dir = state_dir("keys");
+    let cases: [(&str, &str); 8] = [
+        (
+            "pregreet = \"reject\"",
+            "unknown variant `reject`, expected one of `off`, `ignore`, `enforce`, `drop`",
+        ),
+        ("pregreet_wait = \"0s\"", "must be more than zero"),
+        (
+            "pregreet_wait = \"2m\"",
+            "2m is more than 1m: every new sender waits this long for the greeting",
+        ),
+        ("pregreet_wait_busy = \"0s\"", "must be more than zero"),
+        (
+            "pregreet_wait_busy = \"10s\"",
+            "10s is more than pregreet_wait (6s): the busy wait is the shorter one",
+        ),
+        (
+            "pregreet_pass_ttl = \"1500ms\"",
+            "1500ms is not a whole number of seconds",
+        ),
+        ("pregreet_fail_ttl = \"2.5s\"", "invalid duration \"2.5s\""),
+        ("pregreet_fail_ttl = \"soon\"", "invalid duration \"soon\""),
+    ];
+    for (line, reason) in cases {
+        let key = line.split(' ').next().unwrap();
+        let file = dir.join("mxgate.toml");
+        std::fs::write(
+            &file,
+            format!("backend = \"127.0.0.1:2525\"\nhostname = \"{HOST}\"\n{line}\n"),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mxgate"))
+            .args(["check", "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{line}: accepted\n{err}");
+        assert!(
+            err.contains(&format!(
+                "config file {}: key `{key}`: {reason}",
+                file.display()
+            )),
+            "{line}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn state_dir(tag: &str) -> PathBuf {

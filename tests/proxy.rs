@@ -46,7 +46,7 @@ async fn header_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
 
 fn config_toml(backend: SocketAddr, listen: &str, toml: &str) -> Config {
     let text = format!(
-        "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"{listen}\"]\nmetrics = \"127.0.0.1:0\"\n{toml}"
+        "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"{listen}\"]\nmetrics = \"127.0.0.1:0\"\npregreet = \"off\"\n{toml}"
     );
     Settings::from_toml(&text).unwrap().validate(None).unwrap()
 }

@@ -663,7 +663,15 @@ async fn spawn_mxgate(
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
-        .args(["run", "--hostname", HOST, "--threads", "1"])
+        .args([
+            "run",
+            "--hostname",
+            HOST,
+            "--threads",
+            "1",
+            "--pregreet",
+            "off",
+        ])
         .args(["--backend", &backend.to_string()])
         .args(["--listen", &listen.to_string()])
         .args(["--metrics", &metrics.to_string()])

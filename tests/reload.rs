@@ -61,7 +61,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     let dir = std::env::temp_dir().join(format!("mxgate-reload-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("mxgate.toml");
-    let common = format!("backend = \"{backend}\"\nhostname = \"{HOST}\"\n");
+    let common = format!("backend = \"{backend}\"\nhostname = \"{HOST}\"\npregreet = \"off\"\n");
     std::fs::write(
         &file,
         format!(
@@ -211,7 +211,7 @@ async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_proce
     let file = dir.join("mxgate.toml");
     let base = format!(
         "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"{listen}\"]\n\
-         metrics = \"{metrics}\"\nmax_per_source = 1\n"
+         metrics = \"{metrics}\"\nmax_per_source = 1\npregreet = \"off\"\n"
     );
     std::fs::write(&file, &base).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))

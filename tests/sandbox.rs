@@ -76,7 +76,7 @@ fn the_transparent_start_up_check_runs_once() {
             "--transparent",
         ])
         .args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:2525"])
-        .args(["--backend", "127.0.0.1:2526"])
+        .args(["--backend", "127.0.0.1:2526", "--pregreet", "off"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

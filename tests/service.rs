@@ -224,7 +224,15 @@ fn activated(listener: &std::net::TcpListener, backend: SocketAddr, extra: &[&st
     cmd.arg("-c")
         .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_mxgate"))
-        .args(["run", "--hostname", HOST, "--metrics", "off"])
+        .args([
+            "run",
+            "--hostname",
+            HOST,
+            "--metrics",
+            "off",
+            "--pregreet",
+            "off",
+        ])
         .args(["--backend", &backend.to_string()])
         .args(extra)
         .env("RUST_LOG", "warn")

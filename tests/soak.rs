@@ -74,6 +74,7 @@ async fn soak() {
     let child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_mxgate"))
             .args(["run", "--hostname", HOST, "--max-per-source", "16"])
+            .args(["--pregreet", "off"])
             .args([
                 "--backend",
                 &backend_addr.to_string(),

@@ -44,6 +44,7 @@ fn spawn_unprivileged(backend: SocketAddr, listen: SocketAddr, metrics: SocketAd
         .args(["--backend", &backend.to_string()])
         .args(["--metrics", &metrics.to_string()])
         .args(["--max-connections", "5000", "--max-per-source", "5000"])
+        .args(["--pregreet", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

@@ -177,7 +177,7 @@ fn mxgate(ns: &str, transparent: bool) -> KillOnDrop {
             "--backend",
             "198.51.100.20:2525",
         ])
-        .args(["--metrics", "off", "--hostname", HOST])
+        .args(["--metrics", "off", "--hostname", HOST, "--pregreet", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
     if transparent {
@@ -251,6 +251,7 @@ fn transparent_mode_without_the_capability_fails_at_start_up() {
                 "off",
             ])
             .args(["--backend", "127.0.0.1:25", "--hostname", HOST])
+            .args(["--pregreet", "off"])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),

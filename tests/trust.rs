@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn config_toml(backend: SocketAddr, toml: &str) -> Config {
     let text = format!(
         "backend = \"{backend}\"\nhostname = \"{HOST}\"\nlisten = [\"127.0.0.1:0\"]\n\
-         metrics = \"127.0.0.1:0\"\n{toml}"
+         metrics = \"127.0.0.1:0\"\npregreet = \"off\"\n{toml}"
     );
     Settings::from_toml(&text).unwrap().validate(None).unwrap()
 }

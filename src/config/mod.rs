@@ -115,14 +115,14 @@ pub enum LogFormat {
 }
 
 /// What the pregreet test does to a client that speaks before its turn (postscreen's
-/// `postscreen_greet_action`), or `off`: no test at all.
+/// `postscreen_greet_action`, whose default, `ignore`, is this one's), or `off`: no test at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pregreet {
     /// No test: the greeting is the backend's own, as before the test existed.
-    #[default]
     Off,
     /// Run the test, log and count a failure, and serve the client anyway (a dry run).
+    #[default]
     Ignore,
     /// Complete the greeting, then answer every command with 550 until QUIT.
     Enforce,

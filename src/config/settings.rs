@@ -227,8 +227,9 @@ pub struct Settings {
     pub state_dir: Option<std::path::PathBuf>,
 
     /// The pregreet test (postscreen's): mxgate sends `220-{hostname} ESMTP` first and waits;
-    /// a client that speaks before the greeting ends fails. off: no test; ignore: test, log
-    /// and count only; enforce: 550 to every command; drop: 521 and close [default: off]
+    /// a client that speaks before the greeting ends fails. ignore: test, log and count only
+    /// (a dry run); enforce: 550 to every command; drop: 521 and close; off: no test at all
+    /// [default: ignore]
     #[arg(long, value_name = "ACTION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pregreet: Option<crate::config::Pregreet>,

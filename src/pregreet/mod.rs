@@ -36,8 +36,12 @@ use tokio::net::TcpStream;
 
 pub use cache::{Cache, Counts, Verdict, MAX_ENTRIES};
 
+use ipnet::IpNet;
+
 use crate::config::{Pregreet, PregreetConfig};
 use crate::metrics::{Metrics, PregreetSeries};
+use crate::reason::RejectReason;
+use crate::reply::{SourceRefusals, LINE_INTERVAL, MAX_SOURCES};
 
 /// `drop`'s answer, as postscreen sends it after its teaser, and a cached failure's greeting.
 pub const DROP_LINE: &str = "521 5.5.1 Protocol error";
@@ -107,33 +111,50 @@ pub async fn watch(client: &TcpStream, wait: Duration, early: &mut Vec<u8>, max:
 pub enum Rewrite {
     /// Every line `220-`, the last `220 `, then whatever came after it unchanged.
     Whole(Vec<u8>),
+    /// A refusal (a 5xx, or a 4xx that reached here): it cannot end a `220-` reply, so it is
+    /// kept whole, every line under its first line's code, to answer the client's commands.
+    Refused(Vec<u8>),
     /// Its final line has not come yet.
     More,
-    /// Not a 2xx greeting (a 5xx, or not SMTP): it cannot end a `220-` reply.
+    /// Not an SMTP reply (nor one that can be relayed as a refusal).
     Not,
 }
 
 /// Rewrites a backend's greeting to end the multi-line `220` reply mxgate began: each line's
 /// code becomes `220`, and only the last keeps its own separator (RFC 5321 §4.2.1: one code
-/// for all the lines of a reply).
+/// for all the lines of a reply). A 4xx or 5xx greeting is kept as its own reply instead,
+/// each line's code made its first line's, so a multi-line one stays valid.
 pub fn rewrite(greeting: &[u8]) -> Rewrite {
+    let Some(&class) = greeting.first() else {
+        return Rewrite::More;
+    };
+    if !matches!(class, b'2' | b'4' | b'5') {
+        return Rewrite::Not;
+    }
+    let mut code = *b"220";
     let mut out = Vec::with_capacity(greeting.len());
     let mut rest = greeting;
     loop {
         let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-            return check_partial(greeting, rest);
+            return check_partial(greeting, rest, class);
         };
         let (line, after) = rest.split_at(end + 1);
-        let code = line.get(..3).filter(|c| c.iter().all(u8::is_ascii_digit));
-        let Some(code) = code else {
+        let Some(this) = line.get(..3).filter(|c| c.iter().all(u8::is_ascii_digit)) else {
             return Rewrite::Not;
         };
-        if code[0] != b'2' {
+        if this[0] != class {
             return Rewrite::Not;
         }
-        out.extend_from_slice(b"220");
+        if class != b'2' && out.is_empty() {
+            code.copy_from_slice(this);
+        }
+        out.extend_from_slice(&code);
         out.extend_from_slice(&line[3..]);
         if line.get(3) != Some(&b'-') {
+            if class != b'2' {
+                // Nothing after a refusal is the client's: the backend is done with it.
+                return Rewrite::Refused(out);
+            }
             out.extend_from_slice(after);
             return Rewrite::Whole(out);
         }
@@ -141,13 +162,14 @@ pub fn rewrite(greeting: &[u8]) -> Rewrite {
     }
 }
 
-/// A greeting cut short: more to read, unless what came already says it is no 2xx one.
-fn check_partial(whole: &[u8], rest: &[u8]) -> Rewrite {
+/// A greeting cut short: more to read, unless what came already says it is no reply of the
+/// first line's class.
+fn check_partial(whole: &[u8], rest: &[u8], class: u8) -> Rewrite {
     if whole.len() >= MAX_GREETING {
         return Rewrite::Not;
     }
     let bad = |(i, b): (usize, &u8)| match i {
-        0 => *b != b'2',
+        0 => *b != class,
         1 | 2 => !b.is_ascii_digit(),
         _ => false,
     };
@@ -191,6 +213,9 @@ pub struct Screen {
     shared: Option<shared::Shared>,
     series: PregreetSeries,
     keeper: Option<store::Keeper>,
+    /// Failures served anyway (`ignore`), by source: one log line per source a minute at most,
+    /// as the refusals' own lines are bounded; not refusals, so not in those lines' table.
+    ignored: SourceRefusals,
 }
 
 impl Screen {
@@ -227,6 +252,7 @@ impl Screen {
             shared: cluster.map(shared::Shared::new),
             series: metrics.pregreet(),
             keeper: state_dir.map(|d| store::Keeper::new(d.to_path_buf())),
+            ignored: SourceRefusals::default(),
         };
         screen.series.cache_entries.set(screen.cache.len() as f64);
         screen
@@ -264,11 +290,37 @@ impl Screen {
     }
 
     /// A client that spoke before its turn: counted, and remembered for `pregreet_fail_ttl`
-    /// when it is refused for it (`ignore` tests again next time, as postscreen does).
-    pub fn failed(&self, ip: IpAddr, config: &PregreetConfig, refused: bool) {
+    /// when it is refused for it. Under `ignore` it is served, tested again next time (as
+    /// postscreen does), and its source (the key `source`) is in the next flush's lines.
+    pub fn failed(&self, ip: IpAddr, config: &PregreetConfig, refused: bool, source: IpNet) {
         self.series.fail.increment(1);
         if refused {
             self.remember(ip, Verdict::Fail, config.fail_ttl);
+        } else {
+            self.ignored.record(RejectReason::Pregreet, source);
+        }
+    }
+
+    /// Writes the lines due now for failures served anyway: `pregreet failure ignored
+    /// source=ADDR reason=pregreet count=N`, one per source a minute at most. Info, not a
+    /// warning, and not `source refused`: nobody was refused, and fail2ban must not ban for it.
+    pub fn flush_ignored(&self) {
+        let (lines, untracked) = self.ignored.take_at(std::time::Instant::now());
+        for l in lines {
+            tracing::info!(
+                source = %crate::reply::display_source(&l.source),
+                reason = %l.reason.label(),
+                count = l.count,
+                window_secs = LINE_INTERVAL.as_secs(),
+                "pregreet failure ignored"
+            );
+        }
+        if untracked > 0 {
+            tracing::info!(
+                untracked,
+                max_sources = MAX_SOURCES,
+                "pregreet failures ignored past the per-source table: counted in mxgate_pregreet_total only"
+            );
         }
     }
 

@@ -37,15 +37,35 @@ fn a_multi_line_greeting_keeps_one_code_and_its_own_last_line() {
 }
 
 #[test]
-fn a_greeting_cut_short_asks_for_more_and_a_refusal_is_not_rewritten() {
+fn a_greeting_cut_short_asks_for_more_and_no_smtp_is_not_rewritten() {
     assert_eq!(rewrite(b""), Rewrite::More);
     assert_eq!(rewrite(b"22"), Rewrite::More);
+    assert_eq!(rewrite(b"55"), Rewrite::More);
     assert_eq!(rewrite(b"220-first\r\n220 la"), Rewrite::More);
-    assert_eq!(rewrite(b"554 5.7.1 go away\r\n"), Rewrite::Not);
-    assert_eq!(rewrite(b"55"), Rewrite::Not);
+    assert_eq!(rewrite(b"554-first\r\n554 la"), Rewrite::More);
     assert_eq!(rewrite(b"220-ok\r\n554 no\r\n"), Rewrite::Not);
+    assert_eq!(rewrite(b"554-no\r\n220 ok\r\n"), Rewrite::Not);
+    assert_eq!(rewrite(b"354 go on\r\n"), Rewrite::Not);
     assert_eq!(rewrite(b"SSH-2.0-OpenSSH\r\n"), Rewrite::Not);
     assert_eq!(rewrite(&vec![b'2'; MAX_GREETING]), Rewrite::Not);
+}
+
+#[test]
+fn a_refusal_is_kept_whole_under_its_first_code() {
+    assert_eq!(
+        rewrite(b"554 5.7.1 go away\r\n"),
+        Rewrite::Refused(b"554 5.7.1 go away\r\n".to_vec())
+    );
+    // A multi-line one stays one reply: its first line's code on every line, and nothing
+    // after its last line.
+    assert_eq!(
+        rewrite(b"554-5.7.1 first\r\n550-second\r\n554 5.7.1 last\r\nmore"),
+        Rewrite::Refused(b"554-5.7.1 first\r\n554-second\r\n554 5.7.1 last\r\n".to_vec())
+    );
+    assert_eq!(
+        rewrite(b"452 4.3.1 full\r\n"),
+        Rewrite::Refused(b"452 4.3.1 full\r\n".to_vec())
+    );
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! The answers of the pregreet test (`crate::pregreet`): a failed client's dialogue under
-//! `enforce`, and any refusal after the teaser, which must first complete the `220` reply the
-//! teaser began (a multi-line reply keeps one code) and can only then refuse, at the client's
-//! first command (RFC 5321 §3.8).
+//! `enforce`, a backend's own refusal in its greeting, and any of mxgate's refusals after the
+//! teaser. Each must first complete the `220` reply the teaser began (a multi-line reply keeps
+//! one code) and can only then refuse, at the client's commands: mxgate's 421 at the first
+//! (RFC 5321 §3.8), a 5xx at every one until QUIT (§3.1's refusal at the greeting).
 //!
-//! Both are bounded like the deny dialogue: [`DENY_TIME`], [`DENY_BYTES`], and the same
-//! [`super::MAX_DENYING`] places; past them, the first line and a close.
+//! All are bounded like the deny dialogue: [`DENY_TIME`], [`DENY_BYTES`], and the same
+//! [`super::MAX_DENYING`] places; past them, the completion, the answer and a close.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,8 +20,9 @@ use crate::reason::{Refusal, RejectReason};
 /// How a dialogue answers.
 #[derive(Clone, Copy)]
 enum Answer<'a> {
-    /// `enforce`: 550 to every command, 221 to QUIT, for as long as the client goes on.
-    Every,
+    /// This reply to every command (`enforce`'s 550, or a backend's refusal), 221 to QUIT,
+    /// for as long as the client goes on.
+    Every(&'a [u8]),
     /// A refusal after the teaser: this line to the first command, whatever it is, then close.
     First(&'a [u8]),
 }
@@ -31,7 +33,24 @@ impl Closer {
     /// every command, `heard` first (what it said before its turn), until QUIT, which gets
     /// `221 2.0.0 Bye`.
     pub(super) async fn enforce(&self, stream: TcpStream, opening: &[u8], heard: Vec<u8>) {
-        self.dialogue(stream, opening, heard, Answer::Every).await
+        self.dialogue(stream, opening, heard, Answer::Every(ENFORCE_LINE))
+            .await
+    }
+
+    /// A backend that refused in its greeting (a 5xx) after the teaser: `completion` ends the
+    /// greeting, then the backend's own `refusal` answers every command (`heard` first), until
+    /// QUIT gets `221 2.0.0 Bye`. The refusal stays permanent: a client that tries HELO after
+    /// a refused EHLO is refused again, not cut off into a retry. It is the backend's answer,
+    /// not a refusal of mxgate's: nothing is counted here.
+    pub async fn backend_refused(
+        &self,
+        stream: TcpStream,
+        completion: &[u8],
+        heard: Vec<u8>,
+        refusal: &[u8],
+    ) {
+        self.dialogue(stream, completion, heard, Answer::Every(refusal))
+            .await
     }
 
     /// Counts the `pregreet` refusal of a client that spoke after the teaser, before the
@@ -77,13 +96,12 @@ impl Closer {
         answer: Answer<'_>,
     ) {
         let Ok(_permit) = self.denying.try_acquire() else {
-            // Past the bound: the opening (or the answer) and a close.
+            // Past the bound: the opening, the answer (the client reads it as its first
+            // command's) and a close.
             let line = match answer {
-                Answer::First(line) => line,
-                Answer::Every if opening.is_empty() => ENFORCE_LINE,
-                Answer::Every => opening,
+                Answer::First(line) | Answer::Every(line) => line,
             };
-            return line_and_close(stream, line).await;
+            return line_and_close(stream, &[opening, line].concat()).await;
         };
         let talk = async {
             stream.write_all(opening).await?;
@@ -102,11 +120,11 @@ impl Closer {
                             stream.write_all(reply).await?;
                             return Ok::<bool, std::io::Error>(true);
                         }
-                        Answer::Every if verb.eq_ignore_ascii_case(b"QUIT") => {
+                        Answer::Every(_) if verb.eq_ignore_ascii_case(b"QUIT") => {
                             stream.write_all(BYE_LINE).await?;
                             return Ok(true);
                         }
-                        Answer::Every => stream.write_all(ENFORCE_LINE).await?,
+                        Answer::Every(reply) => stream.write_all(reply).await?,
                     }
                 }
                 let n = stream.read(&mut buf).await?;

@@ -115,6 +115,7 @@ impl Running {
                     _ = summary.tick() => {
                         gate.summary.flush();
                         gate.sources.flush();
+                        gate.pregreet.flush_ignored();
                         gate.metrics.sources_refused.set(gate.sources.refused_sources() as f64);
                     }
                     _ = upkeep.tick() => gate.metrics.upkeep(),

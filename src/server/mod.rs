@@ -448,6 +448,7 @@ impl Running {
         }
         self.gate.summary.flush();
         self.gate.sources.flush();
+        self.gate.pregreet.flush_ignored();
         if let Some(keeper) = &self.keeper {
             keeper.keep(self.gate.live.load().pool.learned_limits());
         }

@@ -15,12 +15,14 @@
 //! accept ─► Gate::triage (accept loop, no I/O)
 //!   ├─ Triage::Refuse ──────────────────────────────► Door: answer, count, close
 //!   └─ Triage::Task(Start) ─► the connection's task:
-//!        Start::AfterHeader ─► Phase::Header: the PROXY header, then Gate::admit ─► Placed
+//!        Start::AfterHeader ─► Phase::Header: the PROXY header, then the pregreet test's
+//!                              triage or Gate::admit ─────────────────────────► Placed
 //!        Start::Entered(Entry) ────────────────────────────────────────────────► Placed
 //!        Start::Screen ─► Phase::Open: the pregreet test, then the capacity, as Placed does
 //!
 //! Placed ─┬─ Entry::Now  ─► Phase::Open
-//!         └─ Entry::Wait ─► Phase::Wait
+//!         ├─ Entry::Wait ─► Phase::Wait
+//!         └─ Placement::Screen (named by a PROXY header) ─► Phase::Open, as Start::Screen
 //!
 //! Phase::Wait ─┬─ a Grant ─────────────────────────► Phase::Open
 //!              ├─ its timeout, a drain (Unserved) ─► Phase::Refuse
@@ -156,14 +158,14 @@ impl Gate {
                     client,
                     origin: Origin::peer(peer),
                     live,
-                    entry,
+                    entry: Placement::Entry(entry),
                     peer,
                 };
                 self.placed(placed, span)
             }
             Start::Screen(guard, live) => Phase::Open(Box::pin(
                 self.clone()
-                    .screen(client, guard, peer, live)
+                    .screen(client, guard, Origin::peer(peer), live)
                     .instrument(span),
             )),
             Start::AfterHeader(live, wait) => {
@@ -174,7 +176,8 @@ impl Gate {
     }
 
     /// The phase after admission placed a client (in the accept loop, or after its PROXY
-    /// header): the backend connect with the slots admission gave, or the queue.
+    /// header): the pregreet test of a client a trusted upstream's header names, or the
+    /// backend connect with the slots admission gave, or the queue.
     fn placed(self: &Arc<Self>, placed: Placed, span: tracing::Span) -> Phase {
         let Placed {
             client,
@@ -183,6 +186,17 @@ impl Gate {
             entry,
             peer,
         } = placed;
+        let entry = match entry {
+            Placement::Screen(guard) => {
+                let span = conn_span(origin.client);
+                return Phase::Open(Box::pin(
+                    self.clone()
+                        .screen(client, guard, origin, live)
+                        .instrument(span),
+                ));
+            }
+            Placement::Entry(entry) => entry,
+        };
         match entry {
             Entry::Now(guard, lease) => {
                 Phase::Open(
@@ -372,12 +386,28 @@ impl Gate {
             self.reject(client, RejectReason::Draining, ip, &live).await;
             return None;
         }
+        // The client the header names is tested as any client is, under its own address.
+        if let Some(screened) = self.screen_triage(ip, &live) {
+            return match screened {
+                Ok(guard) => Some(Placed {
+                    client,
+                    origin,
+                    live,
+                    entry: Placement::Screen(guard),
+                    peer,
+                }),
+                Err(refusal) => {
+                    self.closer.refuse(client, refusal, &live.replies).await;
+                    None
+                }
+            };
+        }
         match self.admit(ip, &live) {
             Ok(entry) => Some(Placed {
                 client,
                 origin,
                 live,
-                entry,
+                entry: Placement::Entry(entry),
                 peer,
             }),
             Err(refusal) => {
@@ -458,15 +488,24 @@ struct Unserved {
     span: tracing::Span,
 }
 
-/// A client admission has placed: admitted at once or to wait in the queue.
+/// A client admission has placed: admitted at once or to wait in the queue, or (named by a
+/// trusted upstream's header) to the pregreet test first.
 struct Placed {
     client: TcpStream,
     origin: Origin,
     live: Arc<Live>,
-    entry: Entry,
+    entry: Placement,
     /// The connection's peer (after a PROXY header, the upstream it came through): its log
     /// lines' `src`.
     peer: SocketAddr,
+}
+
+/// Where a placed client goes next.
+enum Placement {
+    /// The pregreet test first, holding its per-source slots only.
+    Screen(Guard),
+    /// Admitted, or in the queue.
+    Entry(Entry),
 }
 
 type BoxedOpening = std::pin::Pin<Box<dyn std::future::Future<Output = Opened> + Send>>;

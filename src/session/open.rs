@@ -20,6 +20,7 @@ use crate::forward;
 use crate::gate::{Gate, Live};
 use crate::local_errors::{Errno, Op};
 use crate::policy::Listing;
+use crate::pregreet::Rewrite;
 use crate::proxy_protocol;
 use crate::queue::{Entered, Waiter};
 use crate::reason::RejectReason;
@@ -61,7 +62,7 @@ impl Gate {
 
     async fn open(
         self: Arc<Self>,
-        mut client: TcpStream,
+        client: TcpStream,
         (mut guard, mut first): (Guard, Option<Lease>),
         mut origin: Origin,
         live: Arc<Live>,
@@ -125,12 +126,14 @@ impl Gate {
                     if origin.teased {
                         origin.early = kept;
                         let screened = self
-                            .after_teaser(client, &backend, first_words, &mut origin, &plan, &live)
+                            .after_teaser(&backend, first_words, &mut origin, &plan, &live)
                             .await;
-                        (client, first_words) = match screened {
-                            Some(done) => done,
-                            None => {
+                        first_words = match screened {
+                            Teased::Greeted(words) => words,
+                            other => {
                                 greeting::quit(backend);
+                                drop((guard, lease));
+                                self.answer_teased(client, other, &origin, &live).await;
                                 return Opened::Done;
                             }
                         };
@@ -198,33 +201,52 @@ impl Gate {
     }
 
     /// A backend greeted a client that had the pregreet teaser: a word from the client while
-    /// it greeted fails the test, and its greeting is rewritten to end the teaser's reply. The
-    /// client and the greeting to send it, or `None` once it has been answered (the backend
-    /// is then the caller's to close).
+    /// it greeted fails the test, and its greeting is rewritten to end the teaser's reply.
     async fn after_teaser(
         &self,
-        client: TcpStream,
         backend: &TcpStream,
         first_words: Vec<u8>,
         origin: &mut Origin,
         plan: &Plan,
         live: &Live,
-    ) -> Option<(TcpStream, Vec<u8>)> {
+    ) -> Teased {
         if !origin.talked && !origin.early.is_empty() && self.spoke(origin, live) {
-            let heard = std::mem::take(&mut origin.early);
-            let ip = origin.client.ip().to_canonical();
-            self.answer_spoke(client, heard, ip, live).await;
-            return None;
+            return Teased::Spoke;
         }
         let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit);
         match read.await {
-            Some(crate::pregreet::Rewrite::Whole(words)) => Some((client, words)),
-            // A refusal (5xx), no SMTP, a close or silence cannot end a 220 reply: the
-            // greeting is completed, and the first command gets the backend-unavailable 421.
-            _ => {
+            Some(Rewrite::Whole(words)) => Teased::Greeted(words),
+            Some(Rewrite::Refused(reply)) => Teased::Refused(reply),
+            // No SMTP, a close or silence: the backend is not there for this client.
+            _ => Teased::Unusable,
+        }
+    }
+
+    /// The answer to a teased client whose backend will not serve it, its slots given back
+    /// and its backend closed: each completes the greeting first.
+    async fn answer_teased(&self, client: TcpStream, teased: Teased, origin: &Origin, live: &Live) {
+        match teased {
+            Teased::Greeted(_) => {}
+            Teased::Spoke => {
+                let ip = origin.client.ip().to_canonical();
+                self.answer_spoke(client, origin.early.clone(), ip, live)
+                    .await
+            }
+            // The backend's own refusal, permanent as it said it: its code and text answer
+            // the client's commands (RFC 5321 §3.1), not mxgate's transient 421.
+            Teased::Refused(reply) => {
+                tracing::debug!(
+                    code = %String::from_utf8_lossy(&reply[..3]),
+                    "backend refused in its greeting after the pregreet teaser; relayed at the client's commands"
+                );
+                let heard = origin.early.clone();
+                self.closer
+                    .backend_refused(client, &live.replies.completion, heard, &reply)
+                    .await
+            }
+            Teased::Unusable => {
                 tracing::debug!("backend greeting cannot end the pregreet teaser's reply");
                 self.unavailable(client, origin, live).await;
-                None
             }
         }
     }
@@ -429,6 +451,18 @@ impl Gate {
             relayed,
         )
     }
+}
+
+/// What became of a teased client's backend greeting.
+enum Teased {
+    /// A 2xx greeting, rewritten to end the teaser's reply.
+    Greeted(Vec<u8>),
+    /// The client spoke while the backend greeted: it failed the test and is refused.
+    Spoke,
+    /// The backend refused in its greeting (a 4xx or 5xx reply, kept whole).
+    Refused(Vec<u8>),
+    /// No SMTP greeting came: a close, silence, or something else.
+    Unusable,
 }
 
 /// What a session's backend tries share.

@@ -3,7 +3,7 @@
 //! or the queue) for a client that passed. Also the answers a client gets once the teaser has
 //! gone out: a failure's, under the configured action, and any later refusal's.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -54,12 +54,11 @@ impl Gate {
         self: Arc<Self>,
         client: TcpStream,
         guard: Guard,
-        peer: SocketAddr,
+        mut origin: Origin,
         live: Arc<Live>,
     ) -> Opened {
-        let ip = peer.ip().to_canonical();
+        let ip = origin.client.ip().to_canonical();
         let action = live.replies.pregreet;
-        let mut origin = Origin::peer(peer);
         match self.pregreet.ask_cluster(ip).await {
             Some(Verdict::Fail) if action.refuses() => {
                 drop(guard);
@@ -83,10 +82,15 @@ impl Gate {
         } else {
             config.wait_busy
         };
-        let watched = tokio::select! {
-            w = crate::pregreet::watch(&client, wait, &mut origin.early, MAX_EARLY_BYTES) => w,
-            // Shutdown: the drain's refusal follows, after the greeting's completion.
-            () = self.cut.cancelled() => Watched::Quiet,
+        let watched = if !origin.early.is_empty() {
+            // Bytes behind an upstream's PROXY header came before the teaser: it spoke first.
+            Watched::Talked
+        } else {
+            tokio::select! {
+                w = crate::pregreet::watch(&client, wait, &mut origin.early, MAX_EARLY_BYTES) => w,
+                // Shutdown: the drain's refusal follows, after the greeting's completion.
+                () = self.cut.cancelled() => Watched::Quiet,
+            }
         };
         match watched {
             Watched::Gone => return Opened::Done,
@@ -150,16 +154,17 @@ impl Gate {
         }
     }
 
-    /// A client spoke after the teaser, before the greeting's end: counted and logged, and
-    /// remembered when the action refuses it. Returns whether it is refused (`enforce`,
-    /// `drop`: [`Gate::answer_spoke`] answers and counts the refusal); under `ignore` it goes
-    /// on, tested no more.
+    /// A client spoke after the teaser, before the greeting's end: logged (under `ignore`, its
+    /// own per-source line) and remembered when the action refuses it. Returns whether it is
+    /// refused (`enforce`, `drop`: [`Gate::answer_spoke`] answers and counts the refusal);
+    /// under `ignore` it goes on, tested no more.
     pub(super) fn spoke(&self, origin: &mut Origin, live: &Live) -> bool {
         let ip = origin.client.ip().to_canonical();
         let action = live.replies.pregreet;
         origin.talked = true;
+        let source = live.policy.classify(ip).rule.source_key(ip);
         self.pregreet
-            .failed(ip, &live.config.pregreet, action.refuses());
+            .failed(ip, &live.config.pregreet, action.refuses(), source);
         tracing::debug!(
             src = %ip,
             action = ?action,

@@ -25,8 +25,12 @@ pub const SOURCE_LINE: &[u8] =
 pub const BACKEND_LINE: &[u8] = b"421 4.3.2 mx.test Service not available, try again later\r\n";
 
 /// A config for tests: loopback port 0 for clients and metrics.
+/// The tests' config: loopback, port 0, and no pregreet test (on by default as `ignore`), so
+/// that a test not about it sees the backend's own greeting at once. Pregreet's tests set it.
 pub fn config(backend: SocketAddr) -> Config {
-    Config::for_backend(backend)
+    let mut c = Config::for_backend(backend);
+    c.pregreet.action = mxgate::config::Pregreet::Off;
+    c
 }
 
 pub fn config_mode(backend: SocketAddr, mode: Forwarding) -> Config {
@@ -347,21 +351,29 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
-/// The real binary's `run` with the test host name, metrics off and quiet logs, in front of
-/// `backend` on `listen`; `extra` flags are appended.
+/// The real binary's `run` with the test host name, metrics off, quiet logs and no pregreet
+/// test, in front of `backend` on `listen`; `extra` flags are appended.
 pub fn mxgate_command(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mxgate"));
-    c.args(["run", "--hostname", HOST, "--metrics", "off"])
-        .args([
-            "--backend",
-            &backend.to_string(),
-            "--listen",
-            &listen.to_string(),
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    c.args([
+        "run",
+        "--hostname",
+        HOST,
+        "--metrics",
+        "off",
+        "--pregreet",
+        "off",
+    ])
+    .args([
+        "--backend",
+        &backend.to_string(),
+        "--listen",
+        &listen.to_string(),
+    ])
+    .args(extra)
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     c
 }
 

@@ -208,6 +208,8 @@ fn install_and_start(ct: &Container) -> String {
     let conf = ct.read(CONF);
     let conf = set_key(&conf, "backend", &format!("\"{SINK}\""));
     let conf = set_key(&conf, "hostname", "\"mx.test\"");
+    // These tests are about the package, not the pregreet test (on by default).
+    let conf = set_key(&conf, "pregreet", "\"off\"");
     ct.write(CONF, conf.as_bytes());
     ct.ok("mxgate check --config /etc/mxgate/mxgate.toml");
     ct.ok("systemctl enable --now mxgate.service");
