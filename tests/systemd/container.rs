@@ -3,9 +3,12 @@
 //!
 //! - The root is built once with debootstrap (`--variant=minbase`), from the mirror and the
 //!   release in the machine's own apt sources (the package under test is built here, against
-//!   this release's libc), with Postfix installed for its `smtp-sink` under the
-//!   "No configuration" preset. It is cached under `target/systemd-root/`, keyed by what goes
-//!   into it; an unfinished build is never reused.
+//!   this release's libc), then the packages the tests run inside ([`EXTRAS`]: Postfix for
+//!   its `smtp-sink` under the "No configuration" preset, swaks as the administrator's client)
+//!   installed with apt. It is cached under `target/systemd-root/`, keyed by the base recipe;
+//!   the extras it holds are listed in a stamp file, and a cached root whose stamp lacks one
+//!   is upgraded on a copy with apt rather than rebuilt. An unfinished build or upgrade is
+//!   never reused.
 //! - Every boot runs a copy of it, removed when the [`Container`] is dropped (after a
 //!   poweroff, or a kill past a deadline), so nothing a test installs reaches the next run.
 //! - Commands run inside with `nsenter -t PID -a`, PID being the container's systemd; client
@@ -23,8 +26,18 @@ use std::time::{Duration, Instant};
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,iproute2,adduser";
 /// Installed after debootstrap, with debconf answers set first.
 const POSTFIX_PRESET: &str = "postfix postfix/main_mailer_type select No configuration";
-/// Bumped whenever the steps below change what the root holds.
+/// Bumped whenever the base steps below (debootstrap and the preset) change what the root
+/// holds; a change to [`EXTRAS`] alone upgrades a cached root instead.
 const RECIPE: &str = "1";
+/// Installed with apt after debootstrap, and each checked by the file it must provide:
+/// smtp-sink as the backend, swaks as the client an administrator tries the install with.
+pub const EXTRAS: &[(&str, &str)] = &[
+    ("postfix", "usr/sbin/smtp-sink"),
+    ("swaks", "usr/bin/swaks"),
+];
+/// The stamp in a cached root that lists the [`EXTRAS`] it holds, one name a line. A root
+/// from before the stamp holds postfix only.
+const EXTRAS_STAMP: &str = ".extras";
 
 /// The build's log and how long it took, for the test's report.
 pub struct Root {
@@ -134,17 +147,40 @@ impl Root {
         );
         let cache = target.join("systemd-root");
         let dir = cache.join(&key);
+        let partial = cache.join(format!("{key}.partial"));
+        let _ = std::fs::remove_dir_all(&partial);
         if dir.join(".complete").exists() {
+            let missing = missing_extras(&dir);
+            if missing.is_empty() {
+                return Root {
+                    dir,
+                    built_in: None,
+                };
+            }
+            // Upgraded on a copy, swapped in only once done.
+            let started = Instant::now();
+            run_ok(
+                Command::new("cp")
+                    .args(["-a", "--reflink=auto"])
+                    .arg(&dir)
+                    .arg(&partial),
+                "copying the cached root",
+            );
+            install_extras(&partial, &missing, true);
+            let old = cache.join(format!("{key}.old"));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&dir, &old).unwrap();
+            std::fs::rename(&partial, &dir).unwrap();
+            let _ = std::fs::remove_dir_all(&old);
+            eprintln!("cached root upgraded with {missing:?}");
             return Root {
                 dir,
-                built_in: None,
+                built_in: Some(started.elapsed()),
             };
         }
         let mirror = host_mirror(&suite)
             .unwrap_or_else(|| panic!("no mirror for {suite} in the machine's apt sources"));
         let started = Instant::now();
-        let partial = cache.join(format!("{key}.partial"));
-        let _ = std::fs::remove_dir_all(&partial);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&cache).unwrap();
         run_ok(
@@ -158,13 +194,8 @@ impl Root {
                 .arg(&mirror),
             "debootstrap",
         );
-        install_postfix(&partial);
-        // Nothing but the test's own processes may listen in the container.
-        std::os::unix::fs::symlink(
-            "/dev/null",
-            partial.join("etc/systemd/system/postfix.service"),
-        )
-        .unwrap();
+        let all: Vec<&str> = EXTRAS.iter().map(|(name, _)| *name).collect();
+        install_extras(&partial, &all, false);
         std::fs::write(partial.join(".complete"), format!("{key}\n{mirror}\n")).unwrap();
         std::fs::rename(&partial, &dir).unwrap();
         Root {
@@ -174,8 +205,22 @@ impl Root {
     }
 }
 
-/// Postfix for `smtp-sink`, with "No configuration": no main.cf, no daemon.
-fn install_postfix(root: &Path) {
+/// The [`EXTRAS`] a cached root lacks by its stamp (postfix only without one).
+fn missing_extras(root: &Path) -> Vec<&'static str> {
+    let stamp = std::fs::read_to_string(root.join(EXTRAS_STAMP))
+        .unwrap_or_else(|_| "postfix\n".to_string());
+    EXTRAS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !stamp.lines().any(|l| l.trim() == *name))
+        .collect()
+}
+
+/// Installs `names` in the root with apt (the package lists refreshed first when `update`,
+/// for a cached root whose lists may be stale), checks that every extra's file is there, and
+/// writes the stamp. Postfix gets its "No configuration" answer first, and its service is
+/// masked: nothing but the test's own processes may listen in the container.
+fn install_extras(root: &Path, names: &[&str], update: bool) {
     let chroot = |script: &str| {
         let mut cmd = Command::new("chroot");
         cmd.arg(root)
@@ -188,11 +233,28 @@ fn install_postfix(root: &Path) {
         &mut chroot(&format!("echo '{POSTFIX_PRESET}' | debconf-set-selections")),
         "debconf-set-selections",
     );
+    if update {
+        run_ok(
+            &mut chroot("apt-get update -q"),
+            "apt-get update in the root",
+        );
+    }
     run_ok(
-        &mut chroot("apt-get install -y -q --no-install-recommends postfix && apt-get clean"),
-        "apt-get install postfix in the root",
+        &mut chroot(&format!(
+            "apt-get install -y -q --no-install-recommends {} && apt-get clean",
+            names.join(" ")
+        )),
+        "apt-get install in the root",
     );
-    assert!(root.join("usr/sbin/smtp-sink").exists());
+    let mask = root.join("etc/systemd/system/postfix.service");
+    if std::fs::symlink_metadata(&mask).is_err() {
+        std::os::unix::fs::symlink("/dev/null", &mask).unwrap();
+    }
+    for (name, file) in EXTRAS {
+        assert!(root.join(file).exists(), "{name}: no {file} in the root");
+    }
+    let stamp: String = EXTRAS.iter().map(|(name, _)| format!("{name}\n")).collect();
+    std::fs::write(root.join(EXTRAS_STAMP), stamp).unwrap();
 }
 
 /// A booted copy of a [`Root`].

@@ -1,6 +1,7 @@
 //! The Debian package under a real systemd: a minimal Debian booted in a container
 //! (`container`), the freshly built `.deb` installed with dpkg, Postfix's `smtp-sink` inside
-//! as the backend, and what an operator does checked for real: enable and start, a reload
+//! as the backend, and what an operator does checked for real: enable and start, a message
+//! sent with swaks through the installed mxgate as a new administrator would try it, a reload
 //! with a bad config, an upgrade under socket activation with clients arriving throughout,
 //! the watchdog, the unit's exposure score, and warnings in the journal.
 //!
@@ -166,6 +167,7 @@ fn the_package_under_a_real_systemd() {
         "installed and started in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    swaks_through_mxgate(&ct, &sink_greeting);
     reload_with_a_bad_config(&ct, &sink_greeting);
     warnings_reach_the_journal(&ct);
     exposure_score(&ct);
@@ -226,6 +228,90 @@ fn install_and_start(ct: &Container) -> String {
     );
     c.mail_transaction();
     sink_greeting
+}
+
+/// Where swaks sends from inside the container: its session line names this address and port.
+const SWAKS_SOURCE: &str = "127.0.0.5";
+const SWAKS_PORT: &str = "40125";
+
+/// The README's first try, as a new administrator makes it once the package is installed
+/// and started: a message with swaks, run on the mxgate host, through mxgate on port 25 to
+/// the backend (smtp-sink), which queues it. swaks exits 0, the end of DATA gets smtp-sink's
+/// own `250 2.0.0 Ok` through mxgate, and mxgate's session line for that connection reaches
+/// the journal with exactly the bytes swaks sent and received.
+fn swaks_through_mxgate(ct: &Container, greeting: &str) {
+    let out = ct.exec(&[
+        "swaks",
+        "--server",
+        PORT_25,
+        "--local-interface",
+        SWAKS_SOURCE,
+        "--local-port",
+        SWAKS_PORT,
+        "--helo",
+        "client.test",
+        "--from",
+        "a@client.test",
+        "--to",
+        "b@backend.test",
+        "--header",
+        "Subject: swaks through mxgate",
+        "--body",
+        "hello",
+    ]);
+    let transcript = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "swaks through mxgate:\n{transcript}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = transcript.lines().collect();
+    // swaks marks what it received with "<-  " and what it sent with " -> ".
+    assert_eq!(
+        lines.iter().find(|l| l.starts_with("<-  ")).copied(),
+        Some(format!("<-  {}", greeting.trim_end()).as_str()),
+        "the backend's greeting through mxgate:\n{transcript}"
+    );
+    let end_of_data = lines
+        .iter()
+        .position(|l| *l == " -> .")
+        .unwrap_or_else(|| panic!("no end of DATA:\n{transcript}"));
+    assert_eq!(
+        lines.get(end_of_data + 1).copied(),
+        Some("<-  250 2.0.0 Ok"),
+        "smtp-sink's queued reply through mxgate:\n{transcript}"
+    );
+    // Each transcript line is one SMTP line without its CRLF.
+    let bytes = |mark: &str| -> usize {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(mark))
+            .map(|l| l.len() + 2)
+            .sum()
+    };
+    let (sent, received) = (bytes(" -> "), bytes("<-  "));
+    let session = format!(
+        "session finished src={SWAKS_SOURCE} port={SWAKS_PORT} source={SWAKS_SOURCE} \
+         backend={SINK} "
+    );
+    let counts = format!(" client_to_backend={sent} backend_to_client={received} ");
+    let found = ct.wait_for(
+        "journalctl --no-pager -u mxgate.service -o cat",
+        Duration::from_secs(10),
+        |o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.contains(&session))
+        },
+    );
+    let journal = String::from_utf8_lossy(&found.stdout).to_string();
+    let line = journal.lines().find(|l| l.contains(&session)).unwrap();
+    assert!(
+        line.contains(&counts) && line.ends_with(" end=closed"),
+        "want{counts}and end=closed in:\n{line}"
+    );
+    eprintln!("swaks through mxgate: exit 0, `250 2.0.0 Ok`, journal: {line}");
 }
 
 /// `systemctl reload` with a bad config fails where the operator sees it, names the file and
