@@ -316,7 +316,7 @@ impl Gate {
             return Said::Admitted;
         }
         let ip = origin.client.ip().to_canonical();
-        let ask = crate::admission::cluster_ask(&live.policy, ip, guard);
+        let ask = live.cluster_ask(ip, guard);
         match cluster.admit(&ask).await {
             crate::cluster::Verdict::Admitted(claim, would_reject) => {
                 if let Some(r) = would_reject {
