@@ -140,8 +140,8 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         }
     }
     // The one list reload enforces and the docs print: every key in it changed above.
-    assert!(!mxgate::server::RESTART_ONLY.is_empty());
-    for key in mxgate::server::RESTART_ONLY {
+    assert!(!mxgate::config::RESTART_ONLY.is_empty());
+    for key in mxgate::config::RESTART_ONLY {
         assert!(
             named.iter().any(|l| l.contains(&format!("key=\"{key}\""))),
             "a warning names {key}: {named:#?}"
@@ -149,7 +149,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     }
     assert_eq!(
         named.len(),
-        mxgate::server::RESTART_ONLY.len(),
+        mxgate::config::RESTART_ONLY.len(),
         "{named:#?}"
     );
     assert!(relay_warned, "the relay warning is logged on reload");

@@ -12,8 +12,9 @@
 //!
 //! A reload (`reload`) swaps the policy, replies, backend and timeouts for new connections at
 //! once. Sessions already forwarding are never cut and keep their slots. Settings that would
-//! need new sockets, threads, a new forwarder or a new security check ([`RESTART_ONLY`]) keep
-//! their old values in force, with a warning naming each.
+//! need new sockets, threads, a new forwarder or a new security check
+//! ([`RESTART_ONLY`](crate::config::RESTART_ONLY)) keep their old values in force, with a
+//! warning naming each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,7 +44,6 @@ use accept::{worker_count, AcceptLoop, Workers};
 
 use crate::gate::{self, Gate, Live};
 use reload::set_limit_gauges;
-pub use reload::{keep_restart_only, RESTART_ONLY};
 
 /// A running mxgate instance.
 pub struct Running {
