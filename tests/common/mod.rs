@@ -351,6 +351,22 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// A config whose one backend learns its limit (`max_connections=auto`), with global and
+/// per-source limits far above it, so the learned limit is the one that binds; clients over it
+/// wait up to `queue_timeout`, at most `max_queued` of them.
+pub fn auto_config(backend: SocketAddr, max_queued: usize, queue_timeout: Duration) -> Config {
+    let mut c = config(backend);
+    let spec: mxgate::config::BackendSpec =
+        format!("{backend},max_connections=auto").parse().unwrap();
+    c.backends = vec![spec];
+    c.max_connections = 1000;
+    c.max_per_source = 1000;
+    c.max_per_ipv6_network = 1000;
+    c.max_queued = max_queued;
+    c.queue_timeout = queue_timeout;
+    c
+}
+
 /// The real binary's `run` with the test host name, metrics off, quiet logs and no pregreet
 /// test, in front of `backend` on `listen`; `extra` flags are appended.
 pub fn mxgate_command(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
