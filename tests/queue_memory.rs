@@ -107,22 +107,20 @@ fn nth_source(i: usize) -> String {
     format!("127.13.{}.{}", 2 + i / 100, 1 + i % 100)
 }
 
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit, which must allow `need`.
 fn raise_nofile(need: usize) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // `None` is unlimited.
+    let hard = getrlimit(Resource::Nofile).maximum;
+    assert!(
+        hard.is_none_or(|max| max >= need as u64),
+        "RLIMIT_NOFILE hard limit {hard:?} is too low for this test ({need})"
+    );
+    let raised = Rlimit {
+        current: hard,
+        maximum: hard,
     };
-    // SAFETY: getrlimit and setrlimit write and read only the struct passed.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        assert!(
-            lim.rlim_max >= need as u64,
-            "RLIMIT_NOFILE hard limit {} is too low for this test ({need})",
-            lim.rlim_max
-        );
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
+    setrlimit(Resource::Nofile, raised).unwrap();
 }
 
 /// KiB of RSS per idle session, measured as the waiters are: `count` admitted sessions that

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
+use rustix::process::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -119,8 +120,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         ),
     )
     .unwrap();
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
+    send_signal(child.0.id(), Signal::HUP).unwrap();
     let mut named = Vec::new();
     // The reloaded config's warnings are logged like start-up's (a loopback backend without
     // proxy_protocol or transparent in force).
@@ -239,8 +239,7 @@ async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_proce
     .enumerate()
     {
         std::fs::write(&file, format!("{base}{bad}")).unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
+        send_signal(child.0.id(), Signal::HUP).unwrap();
         let want = (round + 1) as f64;
         let mut failed = 0.0;
         for _ in 0..1000 {

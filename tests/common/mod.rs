@@ -318,6 +318,12 @@ pub fn modes() -> Vec<Forwarding> {
     m
 }
 
+/// Sends `sig` to the test's own child `pid`, with rustix's safe `kill`.
+pub fn send_signal(pid: u32, sig: rustix::process::Signal) -> rustix::io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+    rustix::process::kill_process(pid, sig)
+}
+
 /// A child process that is killed when the test ends, even by a panic.
 pub struct KillOnDrop(pub Child);
 
