@@ -144,11 +144,8 @@ impl Instance {
     ) -> Instance {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args(["run", "--hostname", HOST, "--pregreet", "off"])
-            .args(["--backend", &backend.to_string()])
-            .args(["--listen", &listen.to_string()])
-            .args(["--metrics", &metrics.to_string()])
+        let child = Spawn::new(backend, listen)
+            .metrics(metrics)
             .args(
                 (!extra.contains(&"--cluster-redis"))
                     .then(|| ["--cluster-redis".to_string(), redis.url()])
@@ -157,8 +154,7 @@ impl Instance {
             )
             .args(["--cluster-name", cluster, "--cluster-instance", name])
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .command()
             .stderr(log)
             .spawn()
             .expect("mxgate starts");

@@ -226,20 +226,10 @@ async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_
     let backend = format!("{},max_connections=auto", sink.addr);
     let run = |log: &Path| {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args([
-                "run",
-                "--metrics",
-                "off",
-                "--pregreet",
-                "off",
-                "--backend",
-                &backend,
-            ])
-            .args(["--listen", &listen.to_string()])
+        let child = Spawn::new(&backend, listen)
+            .default_hostname()
+            .command()
             .env("STATE_DIRECTORY", &dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
             .spawn()
             .unwrap();

@@ -42,19 +42,10 @@ async fn spawn_mxgate(
 ) -> (KillOnDrop, SocketAddr, SocketAddr) {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mxgate"))
-        .args([
-            "run",
-            "--hostname",
-            HOST,
-            "--threads",
-            "1",
-            "--pregreet",
-            "off",
-        ])
-        .args(["--backend", &backend.to_string()])
-        .args(["--listen", &listen.to_string()])
-        .args(["--metrics", &metrics.to_string()])
+    let child = Spawn::new(backend, listen)
+        .metrics(metrics)
+        .log(Some("info"))
+        .args(["--threads", "1"])
         .args(["--max-connections", &max_connections.to_string()])
         .args([
             "--max-per-source",
@@ -63,8 +54,7 @@ async fn spawn_mxgate(
             "20000",
         ])
         .args(["--max-queued", "20000", "--queue-timeout", "5m"])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
+        .command()
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
