@@ -51,7 +51,7 @@ pub enum WaitEnd<T> {
     Draining,
 }
 
-struct State<T> {
+struct QueueState<T> {
     lines: Lines,
     /// Outcomes decided and not yet taken by their waiter.
     decided: HashMap<Place, WaitEnd<T>>,
@@ -61,7 +61,7 @@ struct State<T> {
 
 /// The fair wait queue.
 pub struct Queue<T> {
-    state: Mutex<State<T>>,
+    state: Mutex<QueueState<T>>,
     wake: Arc<Wake>,
     gauge: Gauge,
     wait_seconds: Histogram,
@@ -92,7 +92,7 @@ impl<T> Queue<T> {
     pub fn new(wake: Arc<Wake>, gauge: Gauge, wait_seconds: Histogram) -> Arc<Queue<T>> {
         gauge.set(0.0);
         Arc::new(Queue {
-            state: Mutex::new(State {
+            state: Mutex::new(QueueState {
                 lines: Lines::new(),
                 decided: HashMap::new(),
                 closed: false,
@@ -103,7 +103,7 @@ impl<T> Queue<T> {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState<T>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -161,7 +161,7 @@ impl<T> Queue<T> {
 
     fn line_up(
         &self,
-        s: &mut State<T>,
+        s: &mut QueueState<T>,
         source: IpNet,
         waiter: Waiter,
         turn: Turn,
@@ -276,13 +276,13 @@ impl<T> Queue<T> {
         self.wait_seconds.record(waited.as_secs_f64());
     }
 
-    fn update(&self, s: &State<T>) {
+    fn update(&self, s: &QueueState<T>) {
         self.wake.set_waiting(s.lines.len());
         self.gauge.set(s.lines.len() as f64);
     }
 }
 
-impl<T> State<T> {
+impl<T> QueueState<T> {
     /// Takes a waiter out of line with its outcome, and wakes it to collect it. `served`: it
     /// had its turn, so its class's round moves on to its tag.
     fn decide(&mut self, place: Place, served: bool, outcome: WaitEnd<T>) {

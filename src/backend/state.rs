@@ -30,18 +30,18 @@ pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 struct StateFile {
     version: u32,
     /// By backend address, as configured.
-    backends: BTreeMap<String, Entry>,
+    backends: BTreeMap<String, SavedBackend>,
 }
 
 /// Only the version, read first, so that a file of a newer layout is named as such.
 #[derive(Deserialize)]
-struct Versioned {
+struct VersionedState {
     version: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
+struct SavedBackend {
     #[serde(flatten)]
     saved: Saved,
     /// When it was written, seconds since the Unix epoch.
@@ -126,7 +126,7 @@ pub fn load(dir: &Path, learning: &Learning<'_>, now: SystemTime) -> Found {
 
 /// The file's contents, or why they cannot be used.
 fn parse(text: &str) -> Result<StateFile, String> {
-    let version = serde_json::from_str::<Versioned>(text)
+    let version = serde_json::from_str::<VersionedState>(text)
         .map_err(|e| format!("is not a learned-limits file ({e})"))?
         .version;
     if version != VERSION {
@@ -155,7 +155,7 @@ pub fn save(dir: &Path, limits: &BTreeMap<String, Saved>, now: SystemTime) -> st
             .map(|(b, s)| {
                 (
                     b.clone(),
-                    Entry {
+                    SavedBackend {
                         saved: *s,
                         saved_at,
                     },

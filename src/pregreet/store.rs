@@ -26,12 +26,12 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(30);
 #[serde(deny_unknown_fields)]
 struct CacheFile {
     version: u32,
-    entries: Vec<Saved>,
+    entries: Vec<SavedStore>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Saved {
+struct SavedStore {
     source: IpAddr,
     verdict: Verdict,
     /// Seconds since the Unix epoch.
@@ -39,7 +39,7 @@ struct Saved {
 }
 
 #[derive(Deserialize)]
-struct Versioned {
+struct VersionedStore {
     version: u32,
 }
 
@@ -52,7 +52,7 @@ pub fn load(dir: &Path, cache: &Cache) -> Result<usize, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(empty(&file, &format!("cannot be read ({e})"))),
     };
-    let version = serde_json::from_str::<Versioned>(&text)
+    let version = serde_json::from_str::<VersionedStore>(&text)
         .map_err(|e| empty(&file, &format!("is not a pregreet cache file ({e})")))?
         .version;
     if version != VERSION {
@@ -111,7 +111,7 @@ impl Keeper {
             version: VERSION,
             entries: entries
                 .iter()
-                .map(|(ip, e)| Saved {
+                .map(|(ip, e)| SavedStore {
                     source: *ip,
                     verdict: e.verdict,
                     until: e.until,
