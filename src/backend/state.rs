@@ -190,15 +190,15 @@ pub fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
 
 /// Keeps the file in step with the learned limits: writes only what changed, and warns once
 /// when writing starts to fail (and says so when it works again), not at every attempt.
-pub struct Keeper {
+pub struct LimitKeeper {
     dir: PathBuf,
     last: std::sync::Mutex<Option<BTreeMap<String, Saved>>>,
     failing: std::sync::atomic::AtomicBool,
 }
 
-impl Keeper {
-    pub fn new(dir: PathBuf) -> Keeper {
-        Keeper {
+impl LimitKeeper {
+    pub fn new(dir: PathBuf) -> LimitKeeper {
+        LimitKeeper {
             dir,
             last: std::sync::Mutex::new(None),
             failing: std::sync::atomic::AtomicBool::new(false),

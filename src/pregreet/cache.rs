@@ -49,14 +49,14 @@ pub struct Counts {
 
 /// One address's verdict and when it ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub struct Cached {
     pub verdict: Verdict,
     /// Seconds since the Unix epoch.
     pub until: u64,
 }
 
 pub struct Cache {
-    table: Mutex<HashMap<IpAddr, Entry>>,
+    table: Mutex<HashMap<IpAddr, Cached>>,
     bound: usize,
     clock: Clock,
 }
@@ -74,7 +74,7 @@ impl Cache {
         self.clock.now()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Cached>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -98,11 +98,11 @@ impl Cache {
             return;
         }
         let until = self.now().saturating_add(ttl_secs);
-        self.insert(ip, Entry { verdict, until });
+        self.insert(ip, Cached { verdict, until });
     }
 
     /// Keeps `entry` for `ip` (from the state file or Redis) unless it has expired.
-    pub fn insert(&self, ip: IpAddr, entry: Entry) {
+    pub fn insert(&self, ip: IpAddr, entry: Cached) {
         let now = self.now();
         if entry.until <= now {
             return;
@@ -145,7 +145,7 @@ impl Cache {
     }
 
     /// Every live entry, for the state file.
-    pub fn entries(&self) -> Vec<(IpAddr, Entry)> {
+    pub fn entries(&self) -> Vec<(IpAddr, Cached)> {
         let now = self.now();
         let table = self.lock();
         table
@@ -159,7 +159,7 @@ impl Cache {
 /// A full table makes room for a tenth of its bound at once, so that a flood of new addresses
 /// costs one scan per tenth, not one per address: the expired go first, then failures (cheap to
 /// lose: a bot is tested again), then the entries that would expire soonest.
-fn make_room(table: &mut HashMap<IpAddr, Entry>, bound: usize, now: u64) {
+fn make_room(table: &mut HashMap<IpAddr, Cached>, bound: usize, now: u64) {
     table.retain(|_, e| e.until > now);
     let keep = bound - bound.div_ceil(10);
     if table.len() <= keep {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::cache::{Cache, Entry, Verdict};
+use super::cache::{Cache, Cached, Verdict};
 
 /// The file's name in `state_dir`.
 pub const FILE: &str = "pregreet-cache.json";
@@ -65,7 +65,7 @@ pub fn load(dir: &Path, cache: &Cache) -> Result<usize, String> {
         serde_json::from_str(&text).map_err(|e| empty(&file, &format!("is damaged ({e})")))?;
     let before = cache.len();
     for s in saved.entries {
-        let entry = Entry {
+        let entry = Cached {
             verdict: s.verdict,
             until: s.until,
         };
@@ -86,7 +86,7 @@ fn empty(file: &Path, why: &str) -> String {
 pub struct Keeper {
     dir: std::path::PathBuf,
     /// What was written last, to skip a write that would change nothing.
-    last: Mutex<Option<Vec<(IpAddr, Entry)>>>,
+    last: Mutex<Option<Vec<(IpAddr, Cached)>>>,
     failing: AtomicBool,
 }
 

@@ -80,14 +80,14 @@ fn an_expired_entry_from_outside_is_not_kept() {
     let (c, _) = manual(1000);
     c.insert(
         ip(1),
-        Entry {
+        Cached {
             verdict: Verdict::Pass,
             until: 1000,
         },
     );
     c.insert(
         ip(2),
-        Entry {
+        Cached {
             verdict: Verdict::Pass,
             until: 1001,
         },
