@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::limit::Phase;
+use crate::backend::limit::LimitPhase;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -11,7 +11,7 @@ fn saved(limit: usize) -> Saved {
     Saved {
         limit,
         baseline: Some(0.000_25),
-        phase: Phase::Steady,
+        phase: LimitPhase::Steady,
         threshold: Some(limit / 2),
     }
 }
