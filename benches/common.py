@@ -9,6 +9,7 @@ as `python3 NAME.py` from benches/.
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -52,3 +53,27 @@ def stop(p, sig=signal.SIGKILL):
     except ProcessLookupError:
         pass
     return p.wait()
+
+
+def start_haproxy(tmp, port, backend_port, maxconn):
+    """HAProxy in TCP mode on `port` in front of `backend_port`, at most `maxconn` sessions to
+    it and the others waiting in its queue for up to 30 s: the queue mxgate's is compared with.
+    Its config is written to `tmp`. Returns at once, without waiting for it to listen."""
+    cfg = os.path.join(tmp, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(f"""global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout queue 30s
+frontend smtp
+    bind 127.0.0.1:{port}
+    default_backend mail
+backend mail
+    server mx 127.0.0.1:{backend_port} maxconn {maxconn}
+""")
+    return subprocess.Popen(["haproxy", "-f", cfg], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)

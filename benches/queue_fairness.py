@@ -109,27 +109,6 @@ def summarise(greedy, light):
     return out
 
 
-def start_haproxy(tmp, port, backend_port):
-    cfg = os.path.join(tmp, "haproxy.cfg")
-    with open(cfg, "w") as f:
-        f.write(f"""global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 30s
-frontend smtp
-    bind 127.0.0.1:{port}
-    default_backend mail
-backend mail
-    server mx 127.0.0.1:{backend_port} maxconn {LIMIT}
-""")
-    return subprocess.Popen(["haproxy", "-f", cfg], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
 def start_mxgate(port, backend_port):
     return subprocess.Popen(
         [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}",
@@ -151,7 +130,7 @@ async def main():
     await ready.wait()
     tmp = tempfile.mkdtemp(prefix="mxgate-queue-")
     starters = {"mxgate": lambda p: start_mxgate(p, backend_port),
-                "haproxy": lambda p: start_haproxy(tmp, p, backend_port)}
+                "haproxy": lambda p: common.start_haproxy(tmp, p, backend_port, LIMIT)}
     rounds = []
     try:
         for r in range(ROUNDS):

@@ -87,29 +87,6 @@ def start_mxgate(port, metrics, sink_port, limit):
     return p
 
 
-def start_haproxy(tmp, port, sink_port):
-    cfg = os.path.join(tmp, "haproxy.cfg")
-    with open(cfg, "w") as f:
-        f.write(f"""global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 30s
-frontend smtp
-    bind 127.0.0.1:{port}
-    default_backend mail
-backend mail
-    server mx 127.0.0.1:{sink_port} maxconn 60
-""")
-    p = subprocess.Popen(["haproxy", "-f", cfg], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    common.wait_port(port)
-    return p
-
-
 def scrape(metrics, name):
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
     total = 0.0
@@ -132,7 +109,8 @@ def run_one(tmp, name, limit):
     sink_port, port, metrics = common.free_port(), common.free_port(), common.free_port()
     sink = start_sink(sink_port)
     if name == "haproxy":
-        proxy = start_haproxy(tmp, port, sink_port)
+        proxy = common.start_haproxy(tmp, port, sink_port, 60)
+        common.wait_port(port)
     else:
         proxy = start_mxgate(port, metrics, sink_port, limit)
     stats = load(port)
