@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.path.join(ROOT, "target", "release", "mxgate")
 NAME = "fair"
@@ -34,25 +36,6 @@ SESSION_S = 1.0
 RUN_S = 10.0
 QUEUE_TIMEOUT_S = 5
 HOSTS = ("a", "b", "c")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, deadline=10.0):
-    end = time.time() + deadline
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def redis_call(port, *args):
@@ -208,18 +191,18 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--bin", "mxgate"], cwd=ROOT, check=True)
     procs = []
     try:
-        rport, sport = free_port(), free_port()
+        rport, sport = common.free_port(), common.free_port()
         procs.append(subprocess.Popen(
             ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"], stdout=subprocess.DEVNULL))
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         procs.append(subprocess.Popen(["smtp-sink"] + user + [f"127.0.0.1:{sport}", "1000"],
                                       stdout=subprocess.DEVNULL))
-        wait_port(rport)
-        wait_port(sport)
+        common.wait_port(rport)
+        common.wait_port(sport)
         hosts = {}
         for h in HOSTS:
-            port, mport = free_port(), free_port()
+            port, mport = common.free_port(), common.free_port()
             procs.append(subprocess.Popen(
                 [MXGATE, "run", "--backend", f"127.0.0.1:{sport}",
                  "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}",
@@ -232,7 +215,7 @@ def main():
                 env=dict(os.environ, RUST_LOG="error")))
             hosts[h] = (port, mport)
         for h, (port, mport) in hosts.items():
-            wait_port(port)
+            common.wait_port(port)
             end = time.time() + 20
             while not (gauge(mport, "mxgate_cluster_connected") == 1
                        and gauge(mport, "mxgate_cluster_warming") in (None, 0)):

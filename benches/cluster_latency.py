@@ -18,39 +18,10 @@ import subprocess
 import sys
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.path.join(ROOT, "target", "release", "mxgate")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, deadline=10.0):
-    end = time.time() + deadline
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def metrics(port):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    out = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        out += b
-    return out.decode()
 
 
 def one(port, source):
@@ -78,31 +49,31 @@ def main():
             raise SystemExit(f"{tool} is not installed")
     procs = []
     try:
-        rport = free_port()
+        rport = common.free_port()
         procs.append(subprocess.Popen(
             ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        sport = free_port()
+        sport = common.free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         procs.append(subprocess.Popen(["smtp-sink"] + user + [f"127.0.0.1:{sport}", "256"]))
-        wait_port(rport)
-        wait_port(sport)
+        common.wait_port(rport)
+        common.wait_port(sport)
         modes = {}
         for name, extra in (("alone", []),
                             ("cluster", ["--cluster-redis", f"redis://127.0.0.1:{rport}/0",
                                          "--cluster-instance", "bench"])):
-            port, mport = free_port(), free_port()
+            port, mport = common.free_port(), common.free_port()
             procs.append(subprocess.Popen(
                 [MXGATE, "run", "--backend", f"127.0.0.1:{sport}", "--listen",
                  f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}", "--hostname",
                  "mx.test", "--pregreet", "off", "--max-per-source", "1000"] + extra,
                 env=dict(os.environ, RUST_LOG="error")))
-            wait_port(port)
-            wait_port(mport)
+            common.wait_port(port)
+            common.wait_port(mport)
             modes[name] = (port, mport)
         # The cluster instance registers in the background: wait for it.
         end = time.time() + 10
-        while "mxgate_cluster_connected 1" not in metrics(modes["cluster"][1]):
+        while "mxgate_cluster_connected 1" not in common.metrics_text(modes["cluster"][1]):
             if time.time() > end:
                 raise SystemExit("the cluster instance never connected")
             time.sleep(0.05)
@@ -117,7 +88,7 @@ def main():
             p50 = sorted(v["p50"])[len(v["p50"]) // 2] * 1e6
             p99 = sorted(v["p99"])[len(v["p99"]) // 2] * 1e6
             print(f"  {m:8} p50 {p50:7.0f} us   p99 {p99:7.0f} us")
-        text = metrics(modes["cluster"][1])
+        text = common.metrics_text(modes["cluster"][1])
         for line in text.splitlines():
             if line.startswith("mxgate_cluster_admission_seconds_") and not line.startswith("#"):
                 if "_bucket" in line and 'le="0.0005"' not in line and 'le="0.001"' not in line \

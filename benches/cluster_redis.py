@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.path.join(ROOT, "target", "release", "mxgate")
 SCRIPT_RS = os.path.join("src", "cluster", "script.rs")
@@ -46,38 +48,6 @@ HUGE = 10 ** 12
 # (clients, pipeline, requests) per redis-benchmark run.
 LOADS = [(1, 1, 20000), (16, 1, 50000), (50, 1, 50000), (1, 16, 50000), (50, 16, 100000)]
 KEYSPACE = 100000
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, deadline=10.0):
-    end = time.time() + deadline
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def metrics(port):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    out = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        out += b
-    s.close()
-    return out.decode()
 
 
 def gauge(text, name):
@@ -271,16 +241,16 @@ def main():
     procs = []
     started = time.monotonic()
     try:
-        rport = free_port()
+        rport = common.free_port()
         procs.append(subprocess.Popen(
             ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"], stdout=subprocess.DEVNULL))
-        sport = free_port()
+        sport = common.free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         procs.append(subprocess.Popen(["smtp-sink"] + user + [f"127.0.0.1:{sport}", "1000"],
                                       stdout=subprocess.DEVNULL))
-        wait_port(rport)
-        wait_port(sport)
+        common.wait_port(rport)
+        common.wait_port(sport)
         r = Redis(rport)
         version = r.info("server")[0]["redis_version"]
 
@@ -293,7 +263,7 @@ def main():
         if check["in"] or check["out"] or check["commands"] or check["cmd"]:
             raise SystemExit(f"own-traffic accounting is off on an idle Redis: {check}")
 
-        port, mport = free_port(), free_port()
+        port, mport = common.free_port(), common.free_port()
         procs.append(subprocess.Popen(
             [MXGATE, "run", "--backend", f"127.0.0.1:{sport}", "--listen", f"127.0.0.1:{port}",
              "--metrics", f"127.0.0.1:{mport}", "--hostname", "mx.test", "--pregreet", "off",
@@ -301,13 +271,13 @@ def main():
              "--cluster-redis", f"redis://127.0.0.1:{rport}/0", "--cluster-name", NAME,
              "--cluster-instance", INSTANCE, "--cluster-lease-ttl", f"{LEASE_TTL_S}s"],
             env=dict(os.environ, RUST_LOG="error")))
-        wait_port(port)
-        wait_port(mport)
+        common.wait_port(port)
+        common.wait_port(mport)
         # Connected, and past the warm-up of a fresh Redis (one lease; its end brings one
         # extra refresh, which must not fall in a measured window).
         end = time.time() + LEASE_TTL_S + 10
         while True:
-            text = metrics(mport)
+            text = common.metrics_text(mport)
             if gauge(text, "mxgate_cluster_connected") == 1 \
                     and gauge(text, "mxgate_cluster_warming") in (None, 0) \
                     and r.call("EXISTS", PREFIX + "warm") == 0:
@@ -335,7 +305,7 @@ def main():
         b = snapshot(r)
         t_window = time.monotonic() - t0
         busy = delta(r, a, b)
-        fallback = gauge(metrics(mport), "mxgate_cluster_fallback_admissions_total") or 0
+        fallback = gauge(common.metrics_text(mport), "mxgate_cluster_fallback_admissions_total") or 0
 
         # The lease refreshes alone: an idle window of at least one lease (3 refreshes).
         t_idle = max(t_window, LEASE_TTL_S)

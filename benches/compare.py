@@ -11,12 +11,13 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
@@ -41,23 +42,6 @@ REPORT = os.environ.get("REPORT") or "benchmarks"
 RAW = os.path.join(ROOT, f"docs/{REPORT}.json")
 # Every proxy gets the same number of threads (workers for nginx): one per CPU by default.
 THREADS = int(os.environ.get("THREADS") or os.cpu_count())
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def spawn(cmd, **kw):
@@ -171,7 +155,7 @@ def mxgate_target(name, mode, smtp, iperf, greet, reject=False, binary=None):
     t = Target(name)
     limits = ["--max-connections", "0"] if reject else ["--max-connections", "100000"]
     for backend, attr in ((smtp, "smtp_port"), (iperf, "iperf_port"), (greet, "hold_port")):
-        port = free_port()
+        port = common.free_port()
         cmd = [binary or MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
                "--metrics", "off", "--forwarding", mode, "--hostname", "mx.bench",
                "--max-per-source", "100000", "--threads", str(THREADS), *limits]
@@ -182,13 +166,13 @@ def mxgate_target(name, mode, smtp, iperf, greet, reject=False, binary=None):
         t.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         env={**os.environ, "RUST_LOG": "error"}, start_new_session=True))
         setattr(t, attr, port)
-        wait_port(port)
+        common.wait_port(port, timeout=30.0)
     return t
 
 
 def haproxy_target(smtp, iperf, greet, reject=False):
     t = Target("haproxy")
-    t.smtp_port, t.iperf_port, t.hold_port = free_port(), free_port(), free_port()
+    t.smtp_port, t.iperf_port, t.hold_port = common.free_port(), common.free_port(), common.free_port()
     rule = "    tcp-request connection reject\n" if reject else ""
     cfg = f"""global
     maxconn 7000
@@ -221,13 +205,13 @@ backend bulk_b
         f.write(cfg)
     t.procs.append(subprocess.Popen(["haproxy", "-f", path, "-db"], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True))
-    wait_port(t.smtp_port)
+    common.wait_port(t.smtp_port, timeout=30.0)
     return t
 
 
 def nginx_target(smtp, iperf, greet, reject=False):
     t = Target("nginx")
-    t.smtp_port, t.iperf_port, t.hold_port = free_port(), free_port(), free_port()
+    t.smtp_port, t.iperf_port, t.hold_port = common.free_port(), common.free_port(), common.free_port()
     deny = "            deny all;\n" if reject else ""
     prefix = os.path.join(TMP, "nginx")
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
@@ -258,7 +242,7 @@ stream {{
         f.write(cfg)
     t.procs.append(subprocess.Popen(["nginx", "-p", prefix, "-c", path], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True))
-    wait_port(t.smtp_port)
+    common.wait_port(t.smtp_port, timeout=30.0)
     return t
 
 
@@ -401,15 +385,15 @@ def main():
     helpers = []
     rounds = []
     try:
-        sink_port, iperf_port = free_port(), free_port()
+        sink_port, iperf_port = common.free_port(), common.free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         helpers.append(spawn(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"]))
         helpers.append(spawn(["iperf3", "-s", "-p", str(iperf_port)]))
         greeter = subprocess.Popen([NETLOAD, "greet", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
         helpers.append(greeter)
         greet_port = int(greeter.stdout.readline())
-        wait_port(sink_port)
-        wait_port(iperf_port)
+        common.wait_port(sink_port, timeout=30.0)
+        common.wait_port(iperf_port, timeout=30.0)
         ports = (sink_port, iperf_port, greet_port)
         builders = [
             ("direct", lambda: direct_target(*ports)),

@@ -28,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare as C  # noqa: E402
+import common  # noqa: E402
 
 MESSAGES = int(os.environ.get("MESSAGES", "10000"))
 REJECT_SECONDS = 3
@@ -128,10 +129,10 @@ def main():
         sys.exit("usage: cpu_per_connection.py smtp|reject [ROUNDS] [--syscalls]")
     if count_syscalls and not shutil.which("strace"):
         sys.exit("--syscalls needs strace (apt-get install strace)")
-    sink_port = C.free_port()
+    sink_port = common.free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = C.spawn(["smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"])
-    C.wait_port(sink_port)
+    common.wait_port(sink_port, timeout=30.0)
     reject = what == "reject"
     builders = {
         "mxgate-splice": lambda: C.mxgate_target("mxgate-splice", "splice", sink_port, 1, 1, reject),

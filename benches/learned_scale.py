@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
@@ -50,29 +51,12 @@ TARGET = HIDDEN * 85 // 100
 DOCS = os.path.join(ROOT, "docs")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"learned_scale: nothing listens on {port}")
-
-
 def start_sink(port):
     p = subprocess.Popen(
         [MXGATE, "sink", "--listen", f"127.0.0.1:{port}", "--limit", str(HIDDEN),
          "--hold", SESSION],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    wait_port(port)
+    common.wait_port(port)
     return p
 
 
@@ -150,11 +134,11 @@ def reached(samples):
 
 def one_round(n):
     state = tempfile.mkdtemp(prefix="mxgate-scale-")
-    sink_port, port, metrics = free_port(), free_port(), free_port()
+    sink_port, port, metrics = common.free_port(), common.free_port(), common.free_port()
     sink = start_sink(sink_port)
     started = time.monotonic()
     mx = start_mxgate(port, metrics, sink_port, state)
-    wait_port(port)
+    common.wait_port(port)
     cold, cold_stats = phase(port, metrics, COLD, started)
     t85, at = reached(cold)
     end = cold[-1][1]
@@ -169,7 +153,7 @@ def one_round(n):
     # The restart: the same state directory and ports.
     restarted = time.monotonic()
     mx = start_mxgate(port, metrics, sink_port, state)
-    wait_port(port)
+    common.wait_port(port)
     warm, warm_stats = phase(port, metrics, WARM, restarted)
     w85, _ = reached(warm)
     absorbed += warm[-1][1].get("mxgate_backend_busy_total", 0)

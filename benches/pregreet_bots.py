@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
 BOTS = int(os.environ.get("BOTS") or 2000)
@@ -45,12 +47,6 @@ SWAKS = int(os.environ.get("SWAKS") or 50)
 MESSAGES = int(os.environ.get("MESSAGES") or 100)
 SLOTS = 50
 SESSION = 0.5
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def addr(prefix, i):
@@ -271,7 +267,7 @@ async def run(action):
     backend = Backend()
     server = await asyncio.start_server(backend.handle, "127.0.0.1", 0, backlog=4096)
     bport = server.sockets[0].getsockname()[1]
-    port, mport = free_port(), free_port()
+    port, mport = common.free_port(), common.free_port()
     mx = subprocess.Popen(
         [MXGATE, "run", "--hostname", "mx.bench", "--backend", f"127.0.0.1:{bport}",
          "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{mport}",

@@ -21,13 +21,13 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
@@ -39,23 +39,6 @@ LIGHT = 20
 LIGHT_AFTER = 0.1
 GREETING = b"220 bench.test ESMTP\r\n"
 DOCS = os.path.join(ROOT, "docs")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"queue_fairness: nothing listens on {port}")
 
 
 async def backend(port, ready):
@@ -126,27 +109,6 @@ def summarise(greedy, light):
     return out
 
 
-def start_haproxy(tmp, port, backend_port):
-    cfg = os.path.join(tmp, "haproxy.cfg")
-    with open(cfg, "w") as f:
-        f.write(f"""global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 30s
-frontend smtp
-    bind 127.0.0.1:{port}
-    default_backend mail
-backend mail
-    server mx 127.0.0.1:{backend_port} maxconn {LIMIT}
-""")
-    return subprocess.Popen(["haproxy", "-f", cfg], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
 def start_mxgate(port, backend_port):
     return subprocess.Popen(
         [MXGATE, "run", "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}",
@@ -157,39 +119,31 @@ def start_mxgate(port, backend_port):
         env={**os.environ, "RUST_LOG": "error"})
 
 
-def stop(p):
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait()
-
-
 async def main():
     if not shutil.which("haproxy"):
         sys.exit("queue_fairness: haproxy is not installed")
     if not os.path.exists(MXGATE):
         sys.exit(f"queue_fairness: build mxgate first ({MXGATE})")
-    backend_port = free_port()
+    backend_port = common.free_port()
     ready = asyncio.Event()
     server = asyncio.create_task(backend(backend_port, ready))
     await ready.wait()
     tmp = tempfile.mkdtemp(prefix="mxgate-queue-")
     starters = {"mxgate": lambda p: start_mxgate(p, backend_port),
-                "haproxy": lambda p: start_haproxy(tmp, p, backend_port)}
+                "haproxy": lambda p: common.start_haproxy(tmp, p, backend_port, LIMIT)}
     rounds = []
     try:
         for r in range(ROUNDS):
             order = list(starters) if r % 2 == 0 else list(reversed(starters))
             result = {}
             for name in order:
-                port = free_port()
+                port = common.free_port()
                 proc = starters[name](port)
                 try:
-                    wait_port(port)
+                    common.wait_port(port)
                     result[name] = summarise(*await load(port))
                 finally:
-                    stop(proc)
+                    common.stop(proc)
                 s = result[name]
                 ms = lambda v: "–" if v is None else f"{v:.0f}"
                 print(f"round {r + 1}/{ROUNDS} {name}: delivered {s['delivered']}, refused "

@@ -39,6 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare as c  # noqa: E402
+import common  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS") or 6)
 REJECT_RATE = int(os.environ.get("REJECT_RATE") or c.REJECT_RATE)
@@ -71,7 +72,7 @@ class Postscreen(c.Target):
             os.makedirs(d, exist_ok=True)
         owner = pwd.getpwnam("postfix")
         os.chown(data, owner.pw_uid, owner.pw_gid)
-        self.smtp_port = c.free_port()
+        self.smtp_port = common.free_port()
         self.log = os.path.join(self.dir, "maillog")
         # Loopback is in the default mynetworks, and the default postscreen_access_list
         # (permit_mynetworks) and smtpd_client_event_limit_exceptions ($mynetworks) would exempt
@@ -201,7 +202,7 @@ def main():
     for tool in ("haproxy", "postfix", "smtp-sink"):
         if not shutil.which(tool):
             sys.exit(f"refusals: {tool} is not installed")
-    sink = c.free_port()
+    sink = common.free_port()
     helpers = [c.spawn(["smtp-sink", "-u", "nobody", f"127.0.0.1:{sink}", "1024"])]
     ports = (sink, sink, sink)
     builders = [
@@ -211,7 +212,7 @@ def main():
     ]
     rounds = []
     try:
-        c.wait_port(sink)
+        common.wait_port(sink, timeout=30.0)
         for name, build in builders[:2]:
             t = build()
             try:

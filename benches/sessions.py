@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare as c  # noqa: E402
+import common  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS") or 9)
 MESSAGES = int(os.environ.get("MESSAGES") or 10000)
@@ -91,7 +92,7 @@ def one(t):
 
 
 def main():
-    sink = c.free_port()
+    sink = common.free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     helpers = [c.spawn(["smtp-sink", *user, f"127.0.0.1:{sink}", "1024"])]
     bulk = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
@@ -100,8 +101,8 @@ def main():
     greeter = subprocess.Popen([c.NETLOAD, "greet", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
     helpers.append(greeter)
     greet = int(greeter.stdout.readline())
-    c.wait_port(sink)
-    c.wait_port(iperf)
+    common.wait_port(sink, timeout=30.0)
+    common.wait_port(iperf, timeout=30.0)
     ports = (sink, iperf, greet)
     builders = [("direct", lambda: c.direct_target(*ports)), ("haproxy", lambda: c.haproxy_target(*ports))]
     for m in MODES:

@@ -34,13 +34,13 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from datetime import datetime, timezone
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MXGATE = os.environ.get("MXBIN") or os.path.join(ROOT, "target/release/mxgate")
@@ -51,43 +51,18 @@ HIDDEN = 37
 DOCS = os.path.join(ROOT, "docs")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"trial_and_error: nothing listens on {port}")
-
-
-def stop(p, sig=signal.SIGKILL):
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
-    return p.wait()
-
-
 def start_sink(port):
     p = subprocess.Popen(
         [MXGATE, "sink", "--listen", f"127.0.0.1:{port}", "--limit", str(HIDDEN),
          "--delay-per-session-us", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    wait_port(port)
+    common.wait_port(port)
     return p
 
 
 def sink_counts(p):
     """Stops the sink and returns its last counts line as a dict."""
-    stop(p, signal.SIGINT)
+    common.stop(p, signal.SIGINT)
     last = {}
     for line in p.stdout.read().splitlines():
         if line.startswith("delivered="):
@@ -108,30 +83,7 @@ def start_mxgate(port, metrics, sink_port, limit):
          "--queue-timeout", "30s", "--max-queued", "1000", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RUST_LOG": "error"})
-    wait_port(port)
-    return p
-
-
-def start_haproxy(tmp, port, sink_port):
-    cfg = os.path.join(tmp, "haproxy.cfg")
-    with open(cfg, "w") as f:
-        f.write(f"""global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout queue 30s
-frontend smtp
-    bind 127.0.0.1:{port}
-    default_backend mail
-backend mail
-    server mx 127.0.0.1:{sink_port} maxconn 60
-""")
-    p = subprocess.Popen(["haproxy", "-f", cfg], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_port(port)
+    common.wait_port(port)
     return p
 
 
@@ -154,10 +106,11 @@ def load(port):
 
 
 def run_one(tmp, name, limit):
-    sink_port, port, metrics = free_port(), free_port(), free_port()
+    sink_port, port, metrics = common.free_port(), common.free_port(), common.free_port()
     sink = start_sink(sink_port)
     if name == "haproxy":
-        proxy = start_haproxy(tmp, port, sink_port)
+        proxy = common.start_haproxy(tmp, port, sink_port, 60)
+        common.wait_port(port)
     else:
         proxy = start_mxgate(port, metrics, sink_port, limit)
     stats = load(port)
@@ -165,7 +118,7 @@ def run_one(tmp, name, limit):
     if name != "haproxy":
         absorbed = scrape(metrics, "mxgate_backend_busy_total")
         learned = scrape(metrics, "mxgate_backend_limit")
-    stop(proxy)
+    common.stop(proxy)
     counts = sink_counts(sink)
     refused = sum(stats["refused"].values()) + stats["refused_later"]
     backend_visible = max(0, counts.get("busy", 0) - int(absorbed))

@@ -361,26 +361,6 @@ impl Admission {
     }
 }
 
-/// What the cluster is asked for a session admitted here: the same keys and limits this
-/// instance decided with.
-pub fn cluster_ask(policy: &Policy, ip: IpAddr, guard: &Guard) -> crate::cluster::Ask {
-    let class = policy.classify(ip);
-    let allowed = class.listing == Some(Listing::Allow);
-    let rule = class.rule;
-    crate::cluster::Ask {
-        source: guard.source,
-        source_cap: (!allowed).then_some(rule.max_per_source),
-        network: if allowed {
-            None
-        } else {
-            rule.network_cap(ip)
-                .map(|(len, cap)| (mask(ip, len, len), cap))
-        },
-        global_cap: global_cap(policy, allowed),
-        enforce: !policy.dry_run,
-    }
-}
-
 /// The global slots open to a source: all of them for allowed sources, the others less the
 /// ones reserved for allowed sources.
 pub fn global_cap(policy: &Policy, allowed: bool) -> usize {

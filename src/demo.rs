@@ -75,7 +75,7 @@ pub async fn run() -> anyhow::Result<String> {
     mx.reload(Ok(off));
     let unqueued = load::run(&burst).await;
     settle(&mx).await;
-    let burst = Burst {
+    let burst = BurstResults {
         queued,
         unqueued,
         config,
@@ -163,7 +163,7 @@ async fn settle(mx: &crate::Running) {
 }
 
 /// The burst, with the queue and without.
-struct Burst {
+struct BurstResults {
     queued: Stats,
     unqueued: Stats,
     config: Config,
@@ -173,7 +173,7 @@ fn report(
     sink: &Sink,
     at: std::net::SocketAddr,
     (many, greedy): (&Stats, &Stats),
-    burst: &Burst,
+    burst: &BurstResults,
     metrics: &str,
 ) -> String {
     let mut out = format!(
@@ -235,7 +235,7 @@ fn sources_table(many: &Stats, greedy: &Stats) -> String {
 }
 
 /// The burst with the queue on and off, side by side, and the queue's settings.
-fn burst_table(burst: &Burst) -> String {
+fn burst_table(burst: &BurstResults) -> String {
     let mut out = format!(
         "\na burst of {BURST} sessions at once from 127.88.0.0/16, ten times max_connections:\n"
     );

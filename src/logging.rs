@@ -47,12 +47,12 @@ pub struct Stderr {
 
 /// One event's writer: the prefix goes out with the event's first write. The formatter
 /// writes a whole line at a time, so each line gets exactly one prefix.
-pub struct Line {
+pub struct LineWriter {
     prefix: Option<&'static [u8]>,
     out: std::io::Stderr,
 }
 
-impl Write for Line {
+impl Write for LineWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self.prefix.take() {
             Some(p) => {
@@ -72,17 +72,17 @@ impl Write for Line {
 }
 
 impl<'a> MakeWriter<'a> for Stderr {
-    type Writer = Line;
+    type Writer = LineWriter;
 
-    fn make_writer(&'a self) -> Line {
-        Line {
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter {
             prefix: None,
             out: std::io::stderr(),
         }
     }
 
-    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Line {
-        Line {
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> LineWriter {
+        LineWriter {
             prefix: self.priorities.then(|| priority(meta.level())),
             out: std::io::stderr(),
         }

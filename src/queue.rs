@@ -42,7 +42,7 @@ pub struct Waiter {
 }
 
 /// How a wait ended from the queue's side.
-pub enum Outcome<T> {
+pub enum WaitEnd<T> {
     /// A slot, handed over by the dispatcher.
     Granted(T),
     /// The wait reached its deadline.
@@ -51,17 +51,17 @@ pub enum Outcome<T> {
     Draining,
 }
 
-struct State<T> {
+struct QueueState<T> {
     lines: Lines,
     /// Outcomes decided and not yet taken by their waiter.
-    decided: HashMap<Place, Outcome<T>>,
+    decided: HashMap<Place, WaitEnd<T>>,
     /// Set by [`Queue::close`]: nobody enters any more.
     closed: bool,
 }
 
 /// The fair wait queue.
 pub struct Queue<T> {
-    state: Mutex<State<T>>,
+    state: Mutex<QueueState<T>>,
     wake: Arc<Wake>,
     gauge: Gauge,
     wait_seconds: Histogram,
@@ -92,7 +92,7 @@ impl<T> Queue<T> {
     pub fn new(wake: Arc<Wake>, gauge: Gauge, wait_seconds: Histogram) -> Arc<Queue<T>> {
         gauge.set(0.0);
         Arc::new(Queue {
-            state: Mutex::new(State {
+            state: Mutex::new(QueueState {
                 lines: Lines::new(),
                 decided: HashMap::new(),
                 closed: false,
@@ -103,7 +103,7 @@ impl<T> Queue<T> {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState<T>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -161,7 +161,7 @@ impl<T> Queue<T> {
 
     fn line_up(
         &self,
-        s: &mut State<T>,
+        s: &mut QueueState<T>,
         source: IpNet,
         waiter: Waiter,
         turn: Turn,
@@ -223,7 +223,7 @@ impl<T> Queue<T> {
                 allowed: seen.allowed,
             };
             let Some(slot) = grant(&waiter) else { break };
-            s.decide(place, true, Outcome::Granted(slot));
+            s.decide(place, true, WaitEnd::Granted(slot));
         }
         self.update(&s);
     }
@@ -232,7 +232,7 @@ impl<T> Queue<T> {
     pub fn expire(&self, now: Instant) -> Option<Instant> {
         let mut s = self.lock();
         while let Some(place) = s.lines.due(now) {
-            s.decide(place, false, Outcome::TimedOut);
+            s.decide(place, false, WaitEnd::TimedOut);
         }
         self.update(&s);
         s.lines.soonest()
@@ -254,7 +254,7 @@ impl<T> Queue<T> {
     pub fn expire_all(&self) {
         let mut s = self.lock();
         while let Some(place) = s.lines.first() {
-            s.decide(place, false, Outcome::TimedOut);
+            s.decide(place, false, WaitEnd::TimedOut);
         }
         self.update(&s);
     }
@@ -264,7 +264,7 @@ impl<T> Queue<T> {
         let mut s = self.lock();
         s.closed = true;
         while let Some(place) = s.lines.first() {
-            s.decide(place, false, Outcome::Draining);
+            s.decide(place, false, WaitEnd::Draining);
         }
         self.update(&s);
     }
@@ -276,16 +276,16 @@ impl<T> Queue<T> {
         self.wait_seconds.record(waited.as_secs_f64());
     }
 
-    fn update(&self, s: &State<T>) {
+    fn update(&self, s: &QueueState<T>) {
         self.wake.set_waiting(s.lines.len());
         self.gauge.set(s.lines.len() as f64);
     }
 }
 
-impl<T> State<T> {
+impl<T> QueueState<T> {
     /// Takes a waiter out of line with its outcome, and wakes it to collect it. `served`: it
     /// had its turn, so its class's round moves on to its tag.
-    fn decide(&mut self, place: Place, served: bool, outcome: Outcome<T>) {
+    fn decide(&mut self, place: Place, served: bool, outcome: WaitEnd<T>) {
         let waker = self.lines.decide(place, served);
         self.decided.insert(place, outcome);
         if let Some(w) = waker {
@@ -301,7 +301,7 @@ impl<T> Ticket<T> {
     }
 
     /// Ready when the dispatcher hands over a slot, the wait times out or the queue closes.
-    pub fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Outcome<T>> {
+    pub fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<WaitEnd<T>> {
         let mut s = self.queue.lock();
         if s.lines.waiting(self.place) {
             s.lines.set_waker(self.place, cx.waker());
@@ -315,27 +315,27 @@ impl<T> Ticket<T> {
             // The client may yet come back (a backend that says busy sends it to the head of
             // the line again): its wait is recorded once, by [`Queue::record_wait`], when it
             // is over for good.
-            Some(outcome @ Outcome::Granted(_)) => {
+            Some(outcome @ WaitEnd::Granted(_)) => {
                 self.done = true;
                 Poll::Ready(outcome)
             }
             outcome => {
                 self.finish();
-                Poll::Ready(outcome.unwrap_or(Outcome::Draining))
+                Poll::Ready(outcome.unwrap_or(WaitEnd::Draining))
             }
         }
     }
 
     /// Leaves the queue (the client gave up, or its time is over). `None` if it was still
     /// waiting; otherwise the outcome already decided for it.
-    pub fn leave(mut self) -> Option<Outcome<T>> {
+    pub fn leave(mut self) -> Option<WaitEnd<T>> {
         let outcome = self.take();
         self.finish();
         outcome
     }
 
     /// Takes this waiter out of the queue, or its decided outcome.
-    fn take(&mut self) -> Option<Outcome<T>> {
+    fn take(&mut self) -> Option<WaitEnd<T>> {
         let mut s = self.queue.lock();
         let outcome = if s.lines.decided(self.place) {
             s.decided.remove(&self.place)

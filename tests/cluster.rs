@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use rustix::process::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -143,11 +144,8 @@ impl Instance {
     ) -> Instance {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args(["run", "--hostname", HOST, "--pregreet", "off"])
-            .args(["--backend", &backend.to_string()])
-            .args(["--listen", &listen.to_string()])
-            .args(["--metrics", &metrics.to_string()])
+        let child = Spawn::new(backend, listen)
+            .metrics(metrics)
             .args(
                 (!extra.contains(&"--cluster-redis"))
                     .then(|| ["--cluster-redis".to_string(), redis.url()])
@@ -156,8 +154,7 @@ impl Instance {
             )
             .args(["--cluster-name", cluster, "--cluster-instance", name])
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .command()
             .stderr(log)
             .spawn()
             .expect("mxgate starts");
@@ -200,8 +197,7 @@ impl Instance {
     }
 
     fn terminate(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = send_signal(self.child.id(), Signal::TERM);
         let status = self.child.wait().unwrap();
         assert!(
             status.success(),
@@ -476,9 +472,8 @@ async fn a_redis_that_stops_answering_costs_an_admission_its_timeout_not_its_ses
     let a = Instance::start(backend.addr, &redis, "slow", "a", &limits).await;
     let mut held = futures_hold(a.listen, "127.0.7", 2).await;
     // Redis still holds the connection open but answers nothing.
-    let pid = redis.child.as_ref().unwrap().id() as i32;
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let pid = redis.child.as_ref().unwrap().id();
+    let _ = send_signal(pid, Signal::STOP);
     let started = Instant::now();
     held.push(hold("127.0.7.3", a.listen).await);
     // Served alone once the admission's 50 ms ran out, not after a TCP timeout.
@@ -489,8 +484,7 @@ async fn a_redis_that_stops_answering_costs_an_admission_its_timeout_not_its_ses
     );
     a.wait_connected(false).await;
     held.push(hold("127.0.7.4", a.listen).await);
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let _ = send_signal(pid, Signal::CONT);
     a.wait_connected(true).await;
     // What Redis counts is the live sessions, the two admitted alone included.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -547,9 +541,8 @@ async fn a_redis_restarted_empty_holds_each_host_to_its_share_until_every_host_r
     assert_eq!(redis.count("empty", "g"), 8);
 
     // b cannot run (it stays silent as a slow host would), and Redis comes back empty.
-    let b_pid = b.child.id() as i32;
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    let b_pid = b.child.id();
+    let _ = send_signal(b_pid, Signal::STOP);
     redis.down();
     redis.up().await;
     // a's next refresh finds no lease; it registers into the new, empty copy.
@@ -567,8 +560,7 @@ async fn a_redis_restarted_empty_holds_each_host_to_its_share_until_every_host_r
     assert_eq!(redis.count("empty", "g"), 5, "the refusal took nothing");
 
     // b runs again, finds its lease gone and registers its 8.
-    // SAFETY: as above.
-    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    let _ = send_signal(b_pid, Signal::CONT);
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis.count("empty", "g") != 13 {
         assert!(

@@ -11,25 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use mxgate::config::{BackendSpec, Config};
 use mxgate::load::sink::{Behaviour, Sink, EXCHANGE_BUSY};
 use mxgate::load::{self, Bound, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// mxgate in front of one backend with a learned limit, and a queue of `queue_timeout`.
-fn auto_config(backend: SocketAddr, queue_timeout: Duration) -> Config {
-    let mut c = config(backend);
-    let spec: BackendSpec = format!("{backend},max_connections=auto").parse().unwrap();
-    c.backends = vec![spec];
-    c.max_connections = 1000;
-    c.max_per_source = 1000;
-    c.max_per_ipv6_network = 1000;
-    c.max_queued = 1000;
-    c.queue_timeout = queue_timeout;
-    c
-}
-
 fn opts(target: SocketAddr, sources: &str, concurrency: usize, bound: Bound) -> Options {
     Options {
         sources: Some(sources.parse().unwrap()),
@@ -71,7 +58,7 @@ async fn the_backends_421_never_reaches_the_client_and_the_limit_converges() {
     let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), Behaviour::exchange(37))
         .await
         .unwrap();
-    let mx = start(auto_config(sink.addr, Duration::from_secs(30))).await;
+    let mx = start(auto_config(sink.addr, 1000, Duration::from_secs(30))).await;
     let metrics = mx.metrics_addr().unwrap();
     let label = sink.addr.to_string();
     let limit_series: &'static str =
@@ -126,7 +113,7 @@ async fn a_static_limit_above_the_backends_own_shows_clients_no_421() {
     let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), Behaviour::exchange(37))
         .await
         .unwrap();
-    let mut c = auto_config(sink.addr, Duration::from_secs(30));
+    let mut c = auto_config(sink.addr, 1000, Duration::from_secs(30));
     c.backends = vec![sink.addr.to_string().parse().unwrap()];
     c.max_connections = 100;
     let mx = start(c).await;
@@ -170,7 +157,7 @@ async fn a_greeting_time_that_climbs_alone_sets_the_limit() {
     let sink = Sink::start_with("127.0.0.1:0".parse().unwrap(), steep)
         .await
         .unwrap();
-    let mx = start(auto_config(sink.addr, Duration::from_secs(30))).await;
+    let mx = start(auto_config(sink.addr, 1000, Duration::from_secs(30))).await;
     let metrics = mx.metrics_addr().unwrap();
     let series: &'static str =
         Box::leak(format!("mxgate_backend_limit{{backend=\"{}\"}}", sink.addr).into_boxed_str());
@@ -247,7 +234,7 @@ impl Switchable {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_says_busy_is_never_marked_down_and_serves_again() {
     let backend = Switchable::start().await;
-    let mut c = auto_config(backend.addr, Duration::from_secs(60));
+    let mut c = auto_config(backend.addr, 1000, Duration::from_secs(60));
     // Checked often, and down after two failures: a 421 counted as one would show at once.
     c.health_checks = true;
     c.health_interval = Duration::from_millis(100);
@@ -330,7 +317,7 @@ async fn multi_line_and_5xx_greetings_reach_the_client_byte_for_byte() {
     const REFUSED: &[u8] = b"554 5.3.2 mx.example.com no SMTP service here\r\n";
     for greeting in [MULTI, REFUSED] {
         let backend = greets_with(greeting).await;
-        let mx = start(auto_config(backend, Duration::from_secs(30))).await;
+        let mx = start(auto_config(backend, 1000, Duration::from_secs(30))).await;
         let mut s = connect_from("127.18.3.1", mx.listen_addrs()[0])
             .await
             .unwrap();
@@ -442,7 +429,7 @@ async fn a_client_that_speaks_first_is_forwarded_as_before() {
     // Regression: a half-close, or more than can be replayed, before any greeting stalled
     // the session until the idle timeout.
     let half_close = client_speaks_first(usize::MAX).await;
-    let mx = start(auto_config(half_close, Duration::from_secs(30))).await;
+    let mx = start(auto_config(half_close, 1000, Duration::from_secs(30))).await;
     let mut s = connect_from("127.18.5.1", mx.listen_addrs()[0])
         .await
         .unwrap();
@@ -455,7 +442,7 @@ async fn a_client_that_speaks_first_is_forwarded_as_before() {
     mx.shutdown(Duration::ZERO).await;
 
     let talker = client_speaks_first(8192).await;
-    let mx = start(auto_config(talker, Duration::from_secs(30))).await;
+    let mx = start(auto_config(talker, 1000, Duration::from_secs(30))).await;
     let mut s = connect_from("127.18.5.2", mx.listen_addrs()[0])
         .await
         .unwrap();
@@ -480,7 +467,7 @@ async fn a_drain_does_not_wait_for_a_greeting_that_never_comes() {
             let _ = tx.send(s).await;
         }
     });
-    let mx = start(auto_config(silent, Duration::from_secs(30))).await;
+    let mx = start(auto_config(silent, 1000, Duration::from_secs(30))).await;
     let _client = connect_from("127.18.6.1", mx.listen_addrs()[0])
         .await
         .unwrap();

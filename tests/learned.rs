@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use mxgate::config::{BackendSpec, Config};
+use mxgate::config::Config;
 use mxgate::load::sink::{Behaviour, Sink};
 use mxgate::load::{self, Bound, Options};
 use tokio::time::Instant;
@@ -31,15 +31,10 @@ async fn exchange_sink() -> Sink {
         .unwrap()
 }
 
-fn auto_config(backend: SocketAddr, state_dir: Option<&Path>) -> Config {
-    let mut c = config(backend);
-    let spec: BackendSpec = format!("{backend},max_connections=auto").parse().unwrap();
-    c.backends = vec![spec];
-    c.max_connections = 1000;
-    c.max_per_source = 1000;
-    c.max_per_ipv6_network = 1000;
-    c.max_queued = 2000;
-    c.queue_timeout = Duration::from_secs(60);
+/// The learned-limit config of these tests: up to 2000 clients wait a minute, and the
+/// learned limit is kept in `state_dir` when there is one.
+fn learned_config(backend: SocketAddr, state_dir: Option<&Path>) -> Config {
+    let mut c = auto_config(backend, 2000, Duration::from_secs(60));
     c.state_dir = state_dir.map(Path::to_path_buf);
     c
 }
@@ -100,7 +95,7 @@ fn state_dir(tag: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_limit_climbs_to_hundreds_in_seconds_with_a_bounded_overshoot() {
     let sink = exchange_sink().await;
-    let mx = Arc::new(start(auto_config(sink.addr, None)).await);
+    let mx = Arc::new(start(learned_config(sink.addr, None)).await);
     assert_eq!(limit_of(&mx), 5);
     assert_eq!(
         mx.snapshot().backends[0].phase.as_deref(),
@@ -158,7 +153,7 @@ async fn a_cold_limit_climbs_to_hundreds_in_seconds_with_a_bounded_overshoot() {
 async fn a_restart_with_the_state_directory_resumes_the_learned_limit() {
     let sink = exchange_sink().await;
     let dir = state_dir("restart");
-    let mx = Arc::new(start(auto_config(sink.addr, Some(&dir))).await);
+    let mx = Arc::new(start(learned_config(sink.addr, Some(&dir))).await);
     let (_, seen) = climb(&mx, 450, Duration::from_secs(12)).await;
     assert!(!seen.is_empty());
     let learned = limit_of(&mx);
@@ -170,7 +165,7 @@ async fn a_restart_with_the_state_directory_resumes_the_learned_limit() {
     assert!(text.contains("\"phase\": \"steady\""), "{text}");
 
     // The next start resumes it before any client comes, and says so.
-    let mx = start(auto_config(sink.addr, Some(&dir))).await;
+    let mx = start(learned_config(sink.addr, Some(&dir))).await;
     assert_eq!(limit_of(&mx), learned);
     assert_eq!(
         backend_series(&mx, "mxgate_backend_limit", sink.addr),
@@ -182,14 +177,14 @@ async fn a_restart_with_the_state_directory_resumes_the_learned_limit() {
     mx.shutdown(Duration::from_secs(5)).await;
 
     // Without the directory, the same backend starts cold.
-    let cold = start(auto_config(sink.addr, None)).await;
+    let cold = start(learned_config(sink.addr, None)).await;
     assert_eq!(limit_of(&cold), 5);
     assert!(!cold.snapshot().backends[0].resumed);
     cold.shutdown(Duration::from_secs(5)).await;
 
     // A damaged file is ignored: a cold start, and the next save replaces it.
     std::fs::write(dir.join("learned-limits.json"), "{\"version\": 1, \"backe").unwrap();
-    let mx = start(auto_config(sink.addr, Some(&dir))).await;
+    let mx = start(learned_config(sink.addr, Some(&dir))).await;
     assert_eq!(limit_of(&mx), 5);
     mx.shutdown(Duration::from_secs(5)).await;
     let text = std::fs::read_to_string(dir.join("learned-limits.json")).unwrap();
@@ -205,7 +200,7 @@ async fn an_unwritable_state_directory_does_not_stop_mxgate() {
     // A file where the directory should be: nothing can be created under it, even by root.
     let not_a_dir = dir.join("file");
     std::fs::write(&not_a_dir, "").unwrap();
-    let mx = start(auto_config(sink.addr, Some(&not_a_dir))).await;
+    let mx = start(learned_config(sink.addr, Some(&not_a_dir))).await;
     let mut client = connect_from("127.0.0.1", mx.listen_addrs()[0])
         .await
         .unwrap();
@@ -231,20 +226,10 @@ async fn the_binary_takes_its_state_directory_from_systemd_and_warns_once_about_
     let backend = format!("{},max_connections=auto", sink.addr);
     let run = |log: &Path| {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args([
-                "run",
-                "--metrics",
-                "off",
-                "--pregreet",
-                "off",
-                "--backend",
-                &backend,
-            ])
-            .args(["--listen", &listen.to_string()])
+        let child = Spawn::new(&backend, listen)
+            .default_hostname()
+            .command()
             .env("STATE_DIRECTORY", &dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
             .spawn()
             .unwrap();

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use rustix::process::Signal;
 use tokio::io::AsyncWriteExt;
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -105,8 +106,7 @@ fn spawn_ready(cmd: &mut Command, notify: &UnixDatagram) -> std::process::Child 
 
 /// SIGTERM, then the exit, which must be a clean one within 20 s.
 fn stop(mut child: std::process::Child) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    send_signal(child.id(), Signal::TERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {

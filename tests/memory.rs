@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -63,20 +62,10 @@ async fn sessions(target: SocketAddr, count: usize) {
 async fn growth_with_metrics(metrics: &str) -> u64 {
     let backend = greet_and_close().await;
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-        .args(["run", "--hostname", HOST, "--metrics", metrics])
-        .args(["--backend", &backend.to_string()])
-        .args(["--listen", &listen.to_string()])
-        .args([
-            "--max-per-source",
-            "100",
-            "--threads",
-            "1",
-            "--pregreet",
-            "off",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+    let mut child = Spawn::new(backend, listen)
+        .metrics(metrics)
+        .args(["--max-per-source", "100", "--threads", "1"])
+        .command()
         .spawn()
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -380,18 +380,13 @@ async fn by_default_a_failure_is_served_and_logged_once_per_source_and_a_pass_is
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = state_dir("default-log");
     let log = dir.join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mxgate"))
-        .args(["run", "--hostname", HOST, "--pregreet-wait", "300ms"])
-        .args([
-            "--backend",
-            &b.addr.to_string(),
-            "--listen",
-            &listen.to_string(),
-        ])
-        .args(["--metrics", &metrics.to_string()])
-        .env_remove("RUST_LOG")
+    let mut child = Spawn::new(b.addr, listen)
+        .metrics(metrics)
+        .default_pregreet()
+        .log(None)
+        .args(["--pregreet-wait", "300ms"])
+        .command()
         .env_remove("STATE_DIRECTORY")
-        .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();

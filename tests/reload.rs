@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
+use rustix::process::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -119,8 +120,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         ),
     )
     .unwrap();
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
+    send_signal(child.0.id(), Signal::HUP).unwrap();
     let mut named = Vec::new();
     // The reloaded config's warnings are logged like start-up's (a loopback backend without
     // proxy_protocol or transparent in force).
@@ -140,8 +140,8 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
         }
     }
     // The one list reload enforces and the docs print: every key in it changed above.
-    assert!(!mxgate::server::RESTART_ONLY.is_empty());
-    for key in mxgate::server::RESTART_ONLY {
+    assert!(!mxgate::config::RESTART_ONLY.is_empty());
+    for key in mxgate::config::RESTART_ONLY {
         assert!(
             named.iter().any(|l| l.contains(&format!("key=\"{key}\""))),
             "a warning names {key}: {named:#?}"
@@ -149,7 +149,7 @@ async fn a_reload_keeps_every_restart_only_key_as_it_was() {
     }
     assert_eq!(
         named.len(),
-        mxgate::server::RESTART_ONLY.len(),
+        mxgate::config::RESTART_ONLY.len(),
         "{named:#?}"
     );
     assert!(relay_warned, "the relay warning is logged on reload");
@@ -239,8 +239,7 @@ async fn a_reload_with_a_value_past_its_range_keeps_the_old_config_and_the_proce
     .enumerate()
     {
         std::fs::write(&file, format!("{base}{bad}")).unwrap();
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) }, 0);
+        send_signal(child.0.id(), Signal::HUP).unwrap();
         let want = (round + 1) as f64;
         let mut failed = 0.0;
         for _ in 0..1000 {

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use rustix::process::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DRAIN_LINE: &[u8] = b"421 4.3.2 mx.test Service shutting down, try again later\r\n";
@@ -80,9 +81,8 @@ impl Notify {
     }
 }
 
-fn signal(child: &std::process::Child, sig: i32) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+fn signal(child: &std::process::Child, sig: Signal) {
+    send_signal(child.id(), sig).unwrap();
 }
 
 /// Waits for the child to exit within `limit` and returns its exit code.
@@ -124,7 +124,7 @@ async fn notify_ready_reloading_stopping() {
     let mut s = expect_admitted("127.0.0.2", listen).await;
 
     std::fs::write(&config, "max_per_source = 1\n").unwrap();
-    signal(&child.0, libc::SIGHUP);
+    signal(&child.0, Signal::HUP);
     let reloading = notify.next();
     assert!(
         reloading.contains(&"RELOADING=1".to_string()),
@@ -143,7 +143,7 @@ async fn notify_ready_reloading_stopping() {
 
     s.shutdown().await.unwrap();
     drop(s);
-    signal(&child.0, libc::SIGTERM);
+    signal(&child.0, Signal::TERM);
     let stopping = notify.next();
     assert!(stopping.contains(&"STOPPING=1".to_string()), "{stopping:?}");
     assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
@@ -183,7 +183,7 @@ async fn the_status_line_follows_the_load() {
         s.shutdown().await.unwrap();
     }
     notify.status_until("0/10 sessions, 0 waiting, 1/1 backends up");
-    signal(&child.0, libc::SIGTERM);
+    signal(&child.0, Signal::TERM);
     let stopping = notify.next();
     assert!(stopping.contains(&"STOPPING=1".to_string()), "{stopping:?}");
     assert_eq!(wait_exit(&mut child.0, Duration::from_secs(10)), 0);
@@ -268,7 +268,7 @@ async fn socket_activation_uses_the_inherited_listener() {
         "--listen was not bound"
     );
     // `listen` was set and is not used: the operator is told at start-up.
-    signal(&child, libc::SIGTERM);
+    signal(&child, Signal::TERM);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), 0);
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
@@ -300,7 +300,7 @@ async fn socket_activated_drain_leaves_newcomers_to_the_next_instance() {
     let mut queued = connect_from("127.0.0.3", addr).await.unwrap();
     notify.status_until("1/1 sessions, 1 waiting, 1/1 backends up");
 
-    signal(&old.0, libc::SIGTERM);
+    signal(&old.0, Signal::TERM);
     assert!(notify.next().contains(&"STOPPING=1".to_string()));
     // The queue is closed only once no accept loop is left: from here on nothing accepts.
     assert_eq!(read_to_end(&mut queued).await, DRAIN_LINE);
@@ -356,7 +356,7 @@ async fn sigterm_drains_held_sessions_then_exits_zero() {
     eventually("listening", || std::net::TcpStream::connect(listen).is_ok()).await;
     let mut held = expect_admitted("127.0.0.2", listen).await;
 
-    signal(&child.0, libc::SIGTERM);
+    signal(&child.0, Signal::TERM);
     // New clients get the draining reply; poll until the signal has been handled.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -395,7 +395,7 @@ async fn drain_timeout_cuts_held_sessions_and_still_exits_zero() {
     eventually("listening", || std::net::TcpStream::connect(listen).is_ok()).await;
     let mut held = expect_admitted("127.0.0.2", listen).await;
     let sent = Instant::now();
-    signal(&child.0, libc::SIGTERM);
+    signal(&child.0, Signal::TERM);
     let rest = read_to_end(&mut held).await;
     let cut_after = sent.elapsed();
     assert!(rest.is_empty());
@@ -420,10 +420,10 @@ async fn a_second_sigterm_exits_at_once() {
     assert!(notify.next().contains(&"READY=1".to_string()));
     // A held session would keep the drain going for the default 30 s.
     let _held = expect_admitted("127.0.0.2", listen).await;
-    signal(&child.0, libc::SIGTERM);
+    signal(&child.0, Signal::TERM);
     assert!(notify.next().contains(&"STOPPING=1".to_string()));
     let second = Instant::now();
-    signal(&child.0, libc::SIGTERM);
+    signal(&child.0, Signal::TERM);
     assert_eq!(wait_exit(&mut child.0, Duration::from_secs(5)), 0);
     assert!(
         second.elapsed() < Duration::from_secs(2),

@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,18 +71,11 @@ async fn soak() {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_mxgate"))
-            .args(["run", "--hostname", HOST, "--max-per-source", "16"])
-            .args(["--pregreet", "off"])
-            .args([
-                "--backend",
-                &backend_addr.to_string(),
-                "--listen",
-                &listen.to_string(),
-            ])
-            .args(["--metrics", &metrics_addr.to_string()])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
+        Spawn::new(backend_addr, listen)
+            .metrics(metrics_addr)
+            .log(Some("error"))
+            .args(["--max-per-source", "16"])
+            .command()
             .spawn()
             .unwrap(),
     );

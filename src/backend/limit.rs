@@ -16,12 +16,12 @@
 //!   limit was in use.
 //!
 //! Growth has two phases, as TCP's congestion window does:
-//! - **Slow start**, below a threshold ([`Phase::SlowStart`]): every session greeted while the
+//! - **Slow start**, below a threshold ([`LimitPhase::SlowStart`]): every session greeted while the
 //!   limit is in use raises the limit by one, so the limit doubles per limit's worth of greeted
 //!   sessions. From 5, a backend that takes 400 is reached in about seven limit's worths, a few
 //!   session lengths, instead of the hundreds that one step per limit's worth would take. The
-//!   threshold starts at the maximum: until the backend first signals, nothing is known about
-//!   it, and each step is still one greeted session past the last.
+//!   threshold starts at the maximum: until the backend first signals, nothing is known about it,
+//!   and each step is still one greeted session past the last.
 //! - **Steady**, at or above the threshold: after a limit's worth of such sessions (additive,
 //!   as TCP's congestion avoidance), one more session is let in as a probe, and the limit rises
 //!   only once that probe is greeted. The limit in force is a number of sessions the backend
@@ -94,18 +94,18 @@ impl Why {
 /// How the limit grows now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Phase {
+pub enum LimitPhase {
     /// Below the threshold: one more session per session greeted while the limit is in use.
     SlowStart,
     /// At or above it: one more per limit's worth of such sessions, after a greeted probe.
     Steady,
 }
 
-impl Phase {
+impl LimitPhase {
     pub fn label(self) -> &'static str {
         match self {
-            Phase::SlowStart => "slow start",
-            Phase::Steady => "steady",
+            LimitPhase::SlowStart => "slow start",
+            LimitPhase::Steady => "steady",
         }
     }
 }
@@ -118,7 +118,7 @@ pub struct Saved {
     /// The quiet-time greeting time, seconds, once one was seen.
     pub baseline: Option<f64>,
     /// The phase, for the reader; the threshold below decides it.
-    pub phase: Phase,
+    pub phase: LimitPhase,
     /// Fast growth up to here; `None` until the backend first signalled.
     pub threshold: Option<usize>,
 }
@@ -225,11 +225,11 @@ impl Learned {
     }
 
     /// How the limit grows now.
-    pub fn phase(&self) -> Phase {
+    pub fn phase(&self) -> LimitPhase {
         if self.limit < self.threshold {
-            Phase::SlowStart
+            LimitPhase::SlowStart
         } else {
-            Phase::Steady
+            LimitPhase::Steady
         }
     }
 

@@ -30,18 +30,18 @@ pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 struct StateFile {
     version: u32,
     /// By backend address, as configured.
-    backends: BTreeMap<String, Entry>,
+    backends: BTreeMap<String, SavedBackend>,
 }
 
 /// Only the version, read first, so that a file of a newer layout is named as such.
 #[derive(Deserialize)]
-struct Versioned {
+struct VersionedState {
     version: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
+struct SavedBackend {
     #[serde(flatten)]
     saved: Saved,
     /// When it was written, seconds since the Unix epoch.
@@ -126,7 +126,7 @@ pub fn load(dir: &Path, learning: &Learning<'_>, now: SystemTime) -> Found {
 
 /// The file's contents, or why they cannot be used.
 fn parse(text: &str) -> Result<StateFile, String> {
-    let version = serde_json::from_str::<Versioned>(text)
+    let version = serde_json::from_str::<VersionedState>(text)
         .map_err(|e| format!("is not a learned-limits file ({e})"))?
         .version;
     if version != VERSION {
@@ -155,7 +155,7 @@ pub fn save(dir: &Path, limits: &BTreeMap<String, Saved>, now: SystemTime) -> st
             .map(|(b, s)| {
                 (
                     b.clone(),
-                    Entry {
+                    SavedBackend {
                         saved: *s,
                         saved_at,
                     },
@@ -190,15 +190,15 @@ pub fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
 
 /// Keeps the file in step with the learned limits: writes only what changed, and warns once
 /// when writing starts to fail (and says so when it works again), not at every attempt.
-pub struct Keeper {
+pub struct LimitKeeper {
     dir: PathBuf,
     last: std::sync::Mutex<Option<BTreeMap<String, Saved>>>,
     failing: std::sync::atomic::AtomicBool,
 }
 
-impl Keeper {
-    pub fn new(dir: PathBuf) -> Keeper {
-        Keeper {
+impl LimitKeeper {
+    pub fn new(dir: PathBuf) -> LimitKeeper {
+        LimitKeeper {
             dir,
             last: std::sync::Mutex::new(None),
             failing: std::sync::atomic::AtomicBool::new(false),

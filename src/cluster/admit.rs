@@ -7,7 +7,7 @@ use std::sync::Arc;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
-use super::{fallback_cap, Ask, Claim, Cluster, Keys, Link, State, Verdict};
+use super::{fallback_cap, Ask, Claim, Cluster, ClusterVerdict, Keys, Link, State};
 use crate::reason::RejectReason;
 
 impl Cluster {
@@ -16,21 +16,21 @@ impl Cluster {
     /// under its fallback share. Never refuses because Redis is down. A refusal for the
     /// global limit (or this host's share of it) paces this host's next asks
     /// ([`super::pace`]).
-    pub async fn admit(self: &Arc<Self>, ask: &Ask) -> Verdict {
+    pub async fn admit(self: &Arc<Self>, ask: &Ask) -> ClusterVerdict {
         let verdict = self.decide(ask).await;
         match &verdict {
-            Verdict::Refused(RejectReason::GlobalLimit) => self.pace.refused(),
-            Verdict::Admitted(..) => {
+            ClusterVerdict::Refused(RejectReason::GlobalLimit) => self.pace.refused(),
+            ClusterVerdict::Admitted(..) => {
                 if self.pace.admitted(self.wake.waiting()) {
                     self.wake.kick();
                 }
             }
-            Verdict::Refused(_) => {}
+            ClusterVerdict::Refused(_) => {}
         }
         verdict
     }
 
-    async fn decide(self: &Arc<Self>, ask: &Ask) -> Verdict {
+    async fn decide(self: &Arc<Self>, ask: &Ask) -> ClusterVerdict {
         let keys = self.keys(ask);
         let link = if self.connected() { self.link() } else { None };
         // Counted here first, so a registration meanwhile includes it: drift over-counts.
@@ -152,7 +152,7 @@ impl Cluster {
         epoch: u64,
         code: i64,
         warming: bool,
-    ) -> Verdict {
+    ) -> ClusterVerdict {
         self.set_warming(warming);
         let reason = match code {
             1 => Some(RejectReason::SourceLimit),
@@ -162,7 +162,7 @@ impl Cluster {
         };
         if let (Some(reason), true) = (reason, ask.enforce) {
             self.unclaim(&keys, epoch);
-            return Verdict::Refused(reason);
+            return ClusterVerdict::Refused(reason);
         }
         let claim = Claim {
             cluster: self.clone(),
@@ -179,9 +179,9 @@ impl Cluster {
             Some(over) if ask.enforce => {
                 // Counted in Redis: the claim's drop gives it back there too.
                 drop(claim);
-                Verdict::Refused(over)
+                ClusterVerdict::Refused(over)
             }
-            over => Verdict::Admitted(claim, reason.or(over)),
+            over => ClusterVerdict::Admitted(claim, reason.or(over)),
         }
     }
 
@@ -216,7 +216,7 @@ impl Cluster {
 
     /// The decision without Redis: this instance's own sessions against `fallback_share` of
     /// each limit.
-    fn alone(self: &Arc<Self>, keys: Keys, ask: &Ask, epoch: u64) -> Verdict {
+    fn alone(self: &Arc<Self>, keys: Keys, ask: &Ask, epoch: u64) -> ClusterVerdict {
         let mut state = self.lock();
         let over = self.over_share(&state, &keys, ask);
         if let (Some(reason), true) = (over, ask.enforce) {
@@ -224,7 +224,7 @@ impl Cluster {
             if state.epoch != epoch {
                 self.send_release(&keys);
             }
-            return Verdict::Refused(reason);
+            return ClusterVerdict::Refused(reason);
         }
         state.fallback_since_snapshot += 1;
         if state.connected {
@@ -233,7 +233,7 @@ impl Cluster {
         }
         drop(state);
         self.series.fallback_admissions.increment(1);
-        Verdict::Admitted(
+        ClusterVerdict::Admitted(
             Claim {
                 cluster: self.clone(),
                 keys,

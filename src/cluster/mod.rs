@@ -60,7 +60,7 @@ pub(crate) const UPKEEP_TIMEOUT: Duration = Duration::from_secs(1);
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The cluster's answer.
-pub enum Verdict {
+pub enum ClusterVerdict {
     /// Admitted, with what a dry run would have refused.
     Admitted(Claim, Option<RejectReason>),
     Refused(RejectReason),

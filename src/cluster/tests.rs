@@ -52,15 +52,15 @@ async fn a_slot_freed_here_is_not_refused_to_the_next_client_by_its_release_on_t
             held.pop();
         }
         match cluster.admit(&ask).await {
-            Verdict::Admitted(claim, None) => held.push(claim),
-            Verdict::Admitted(_, Some(r)) | Verdict::Refused(r) => {
+            ClusterVerdict::Admitted(claim, None) => held.push(claim),
+            ClusterVerdict::Admitted(_, Some(r)) | ClusterVerdict::Refused(r) => {
                 panic!("round {round}: {r:?} with {} held", held.len())
             }
         }
     }
     assert!(matches!(
         cluster.admit(&ask).await,
-        Verdict::Refused(RejectReason::GlobalLimit)
+        ClusterVerdict::Refused(RejectReason::GlobalLimit)
     ));
     assert_eq!(cluster.local_sessions(), 3);
     cluster.abandon();

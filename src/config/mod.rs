@@ -6,6 +6,7 @@
 //! [`Settings::validate`] into a `Config` in which every value is checked and every default filled.
 //! Nothing here binds a socket: a bad config is rejected before anything is opened.
 
+mod restart_only;
 mod settings;
 mod validate;
 pub mod value;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+pub use restart_only::{keep_restart_only, RESTART_ONLY};
 pub use settings::{ClusterSettings, Settings};
 pub use validate::redact;
 pub use value::{

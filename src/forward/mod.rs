@@ -140,7 +140,7 @@ pub struct Traffic {
 }
 
 /// State the two pumps of one session share.
-struct Shared<'a> {
+struct PumpShared<'a> {
     traffic: &'a Traffic,
     /// When the session started; activity is measured from here.
     start: Instant,
@@ -153,10 +153,10 @@ struct Shared<'a> {
     splice_failed: AtomicBool,
 }
 
-impl<'a> Shared<'a> {
+impl<'a> PumpShared<'a> {
     /// A session's shared state, starting now with what was `relayed` before it.
-    fn new(traffic: &'a Traffic, relayed: Relayed) -> Shared<'a> {
-        Shared {
+    fn new(traffic: &'a Traffic, relayed: Relayed) -> PumpShared<'a> {
+        PumpShared {
             traffic,
             start: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
@@ -197,13 +197,13 @@ struct Flow<'a> {
     dst: &'a TcpStream,
     /// The peer `dst` belongs to; `src` is the other one.
     to: Side,
-    shared: &'a Shared<'a>,
+    shared: &'a PumpShared<'a>,
     /// Whether the last burst was bulk: the next one then skips the small first read.
     bulk: AtomicBool,
 }
 
 impl<'a> Flow<'a> {
-    fn new(src: &'a TcpStream, dst: &'a TcpStream, to: Side, shared: &'a Shared<'a>) -> Self {
+    fn new(src: &'a TcpStream, dst: &'a TcpStream, to: Side, shared: &'a PumpShared<'a>) -> Self {
         Flow {
             src,
             dst,
@@ -242,7 +242,7 @@ pub async fn forward(
     relayed: Relayed,
     cancel: std::pin::Pin<&mut (dyn Future<Output = ()> + Send)>,
 ) -> Report {
-    let shared = Shared::new(traffic, relayed);
+    let shared = PumpShared::new(traffic, relayed);
     let mut cancel = cancel;
     let up = Flow::new(client, backend, Side::Backend, &shared);
     let down = Flow::new(backend, client, Side::Client, &shared);
@@ -310,7 +310,7 @@ pub async fn forward(
 /// instead, so moving bytes never touches it.
 fn poll_idle(
     mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
-    shared: &Shared<'_>,
+    shared: &PumpShared<'_>,
     limit: Duration,
     end: End,
     cx: &mut std::task::Context<'_>,

@@ -82,7 +82,7 @@ async fn idle_state_stays_small() {
     let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (b, _) = l.accept().await.unwrap();
     let traffic = noop_traffic();
-    let shared = Shared::new(&traffic, Relayed::default());
+    let shared = PumpShared::new(&traffic, Relayed::default());
     let flow = Flow {
         src: &a,
         dst: &b,

@@ -18,12 +18,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{Admission, Global, GlobalSlot, Guard};
+use crate::admission::{global_cap, Admission, Global, GlobalSlot, Guard};
 use crate::backend::{Lease, NoBackend, Pool};
 use crate::config::Config;
 use crate::forward::{Mode, Traffic};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{mask, Listing, Policy};
 use crate::queue::{Entered, Queue, Ticket, Waiter};
 use crate::wake::Wake;
 
@@ -65,6 +65,28 @@ impl Live {
     /// Whether a client that finds the capacity full waits for a slot ([`Config::queues`]).
     pub(crate) fn queues(&self) -> bool {
         self.config.queues()
+    }
+
+    /// What the cluster is asked for a session admitted here: the same keys and limits this
+    /// instance decided with. Built here, above both, so that admission never names the
+    /// cluster's types and the cluster never reads the policy.
+    pub(crate) fn cluster_ask(&self, ip: IpAddr, guard: &Guard) -> crate::cluster::Ask {
+        let policy = &self.policy;
+        let class = policy.classify(ip);
+        let allowed = class.listing == Some(Listing::Allow);
+        let rule = class.rule;
+        crate::cluster::Ask {
+            source: guard.source(),
+            source_cap: (!allowed).then_some(rule.max_per_source),
+            network: if allowed {
+                None
+            } else {
+                rule.network_cap(ip)
+                    .map(|(len, cap)| (mask(ip, len, len), cap))
+            },
+            global_cap: global_cap(policy, allowed),
+            enforce: !policy.dry_run,
+        }
     }
 }
 

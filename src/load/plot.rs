@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::ramp::{RampReport, Verdict};
+use super::ramp::{RampReport, StepVerdict};
 
 const WIDTH: f64 = 760.0;
 const HEIGHT: f64 = 440.0;
@@ -42,7 +42,7 @@ impl Frame {
                     p.load,
                     p.stats.delivered_per_second(),
                     p.stats.session.value_at_quantile(0.99) as f64 / 1000.0,
-                    p.verdict == Verdict::Good,
+                    p.verdict == StepVerdict::Good,
                 )
             })
             .collect();

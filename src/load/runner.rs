@@ -51,7 +51,7 @@ pub fn nth_source(net: IpNet, i: u64) -> IpAddr {
 }
 
 /// What a run shares between its sessions.
-struct Shared {
+struct RunShared {
     opts: Options,
     bodies: smtp::Bodies,
     stats: Mutex<Stats>,
@@ -69,14 +69,14 @@ struct Shared {
     samples: AtomicU64,
 }
 
-impl Shared {
-    fn new(opts: &Options) -> Arc<Shared> {
+impl RunShared {
+    fn new(opts: &Options) -> Arc<RunShared> {
         let largest = match opts.sizes {
             Sizes::Fixed(n) => n,
             Sizes::LogNormal { mean } => (mean as f64 * rng::LOG_NORMAL_CAP) as usize,
         }
         .min(MAX_MESSAGE);
-        Arc::new(Shared {
+        Arc::new(RunShared {
             opts: opts.clone(),
             bodies: smtp::Bodies::new(largest),
             stats: Mutex::new(Stats::new()),
@@ -138,7 +138,7 @@ impl Shared {
 
 /// Runs one load until its bound: closed or open loop, as `opts.arrivals` says.
 pub async fn run(opts: &Options) -> Stats {
-    let shared = Shared::new(opts);
+    let shared = RunShared::new(opts);
     let started = Instant::now();
     let progress = opts.progress.then(|| spawn_progress(shared.clone()));
     let sampler = spawn_sampler(shared.clone());
@@ -173,7 +173,7 @@ pub async fn run(opts: &Options) -> Stats {
 }
 
 /// `n` clients in a loop: each starts its next session when its last one ends.
-async fn closed_loop(shared: &Arc<Shared>, n: usize, started: Instant) {
+async fn closed_loop(shared: &Arc<RunShared>, n: usize, started: Instant) {
     let issued = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..n.max(1) {
@@ -204,7 +204,7 @@ async fn closed_loop(shared: &Arc<Shared>, n: usize, started: Instant) {
 }
 
 /// Counts `n` sessions cut at the end of the run as timeouts.
-fn cut(shared: &Shared, n: u64) {
+fn cut(shared: &RunShared, n: u64) {
     if n == 0 {
         return;
     }
@@ -216,7 +216,7 @@ fn cut(shared: &Shared, n: u64) {
 /// Sessions on a Poisson schedule at `rate` per second, started whether or not the server has
 /// finished the earlier ones. Past `max_in_flight` open, an arrival is not started; past the
 /// window and one step timeout, the sessions still under way are cut.
-async fn open_loop(shared: &Arc<Shared>, rate: f64, started: Instant) {
+async fn open_loop(shared: &Arc<RunShared>, rate: f64, started: Instant) {
     let mut gaps = rng::Rng::new(shared.opts.seed);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         shared.opts.max_in_flight.max(1),
@@ -268,7 +268,7 @@ async fn open_loop(shared: &Arc<Shared>, rate: f64, started: Instant) {
 
 /// Samples the open-session count every [`SAMPLE_EVERY`], for a mean measured independently of
 /// Little's law.
-fn spawn_sampler(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+fn spawn_sampler(shared: Arc<RunShared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -282,7 +282,7 @@ fn spawn_sampler(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
 }
 
 /// Progress on stderr: a bar on a terminal, a plain line every second otherwise.
-fn spawn_progress(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+fn spawn_progress(shared: Arc<RunShared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let started = Instant::now();
         let bound = shared.opts.bound;

@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::cache::{Entry, Verdict};
+use super::cache::{Cached, Verdict};
 use crate::cluster::Cluster;
 
 pub struct Shared {
@@ -27,7 +27,7 @@ impl Shared {
 
     /// The cluster's verdict on `ip` and when it ends (`now` plus the key's TTL), if Redis
     /// has one and answers in time.
-    pub async fn get(&self, ip: IpAddr, now: u64) -> Option<Entry> {
+    pub async fn get(&self, ip: IpAddr, now: u64) -> Option<Cached> {
         let (mut conn, prefix) = self.cluster.shared_link()?;
         let key = key(prefix, ip);
         let timeout = self.cluster.config().admission_timeout;
@@ -49,7 +49,7 @@ impl Shared {
         };
         // A key without a TTL (-1) was not written by mxgate: not trusted.
         let ttl = u64::try_from(ttl).ok().filter(|&t| t > 0)?;
-        Some(Entry {
+        Some(Cached {
             verdict,
             until: now.saturating_add(ttl),
         })

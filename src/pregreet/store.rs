@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::cache::{Cache, Entry, Verdict};
+use super::cache::{Cache, Cached, Verdict};
 
 /// The file's name in `state_dir`.
 pub const FILE: &str = "pregreet-cache.json";
@@ -26,12 +26,12 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(30);
 #[serde(deny_unknown_fields)]
 struct CacheFile {
     version: u32,
-    entries: Vec<Saved>,
+    entries: Vec<SavedStore>,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Saved {
+struct SavedStore {
     source: IpAddr,
     verdict: Verdict,
     /// Seconds since the Unix epoch.
@@ -39,7 +39,7 @@ struct Saved {
 }
 
 #[derive(Deserialize)]
-struct Versioned {
+struct VersionedStore {
     version: u32,
 }
 
@@ -52,7 +52,7 @@ pub fn load(dir: &Path, cache: &Cache) -> Result<usize, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(empty(&file, &format!("cannot be read ({e})"))),
     };
-    let version = serde_json::from_str::<Versioned>(&text)
+    let version = serde_json::from_str::<VersionedStore>(&text)
         .map_err(|e| empty(&file, &format!("is not a pregreet cache file ({e})")))?
         .version;
     if version != VERSION {
@@ -65,7 +65,7 @@ pub fn load(dir: &Path, cache: &Cache) -> Result<usize, String> {
         serde_json::from_str(&text).map_err(|e| empty(&file, &format!("is damaged ({e})")))?;
     let before = cache.len();
     for s in saved.entries {
-        let entry = Entry {
+        let entry = Cached {
             verdict: s.verdict,
             until: s.until,
         };
@@ -86,7 +86,7 @@ fn empty(file: &Path, why: &str) -> String {
 pub struct Keeper {
     dir: std::path::PathBuf,
     /// What was written last, to skip a write that would change nothing.
-    last: Mutex<Option<Vec<(IpAddr, Entry)>>>,
+    last: Mutex<Option<Vec<(IpAddr, Cached)>>>,
     failing: AtomicBool,
 }
 
@@ -111,7 +111,7 @@ impl Keeper {
             version: VERSION,
             entries: entries
                 .iter()
-                .map(|(ip, e)| Saved {
+                .map(|(ip, e)| SavedStore {
                     source: *ip,
                     verdict: e.verdict,
                     until: e.until,
@@ -141,64 +141,4 @@ impl Keeper {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pregreet::cache::Clock;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Arc;
-
-    fn dir(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("mxgate-pregreet-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    #[test]
-    fn live_entries_survive_a_restart_with_their_own_expiry() {
-        let d = dir("restart");
-        let clock = Arc::new(AtomicU64::new(5000));
-        let before = Cache::new(100, Clock::Manual(clock.clone()));
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "2001:db8::1".parse().unwrap();
-        let gone: IpAddr = "192.0.2.9".parse().unwrap();
-        before.put(a, Verdict::Pass, 86_400);
-        before.put(b, Verdict::Fail, 600);
-        before.put(gone, Verdict::Fail, 10);
-        clock.store(5010, Ordering::Relaxed);
-        assert!(Keeper::new(d.clone()).keep(&before));
-        let after = Cache::new(100, Clock::Manual(clock.clone()));
-        assert_eq!(load(&d, &after), Ok(2));
-        assert_eq!(after.get(a), Some(Verdict::Pass));
-        assert_eq!(after.get(b), Some(Verdict::Fail));
-        assert_eq!(after.get(gone), None);
-        clock.store(5600, Ordering::Relaxed);
-        assert_eq!(after.get(b), None, "the failure keeps its first expiry");
-        let _ = std::fs::remove_dir_all(&d);
-    }
-
-    #[test]
-    fn a_damaged_file_is_one_warning_and_an_empty_cache() {
-        let d = dir("damaged");
-        std::fs::write(
-            d.join(FILE),
-            "{\"version\":1,\"entries\":[{\"source\":\"x\"",
-        )
-        .unwrap();
-        let cache = Cache::new(100, Clock::System);
-        let warning = load(&d, &cache).unwrap_err();
-        assert!(
-            warning.contains("is damaged") || warning.contains("is not a pregreet cache file"),
-            "{warning}"
-        );
-        assert!(
-            warning.ends_with("it is ignored, and the pregreet cache starts empty"),
-            "{warning}"
-        );
-        assert!(cache.is_empty());
-        std::fs::write(d.join(FILE), "{\"version\":7,\"entries\":[]}").unwrap();
-        let warning = load(&d, &cache).unwrap_err();
-        assert!(warning.contains("has version 7"), "{warning}");
-        let _ = std::fs::remove_dir_all(&d);
-    }
-}
+mod tests;

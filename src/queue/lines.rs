@@ -89,7 +89,7 @@ pub(super) enum Turn {
 }
 
 /// What the dispatcher needs to know of a waiter.
-pub(super) struct Seen {
+pub(super) struct WaiterView {
     pub(super) v4: bool,
     pub(super) allowed: bool,
 }
@@ -213,9 +213,9 @@ impl Lines {
         None
     }
 
-    pub(super) fn seen(&self, place: Place) -> Seen {
+    pub(super) fn seen(&self, place: Place) -> WaiterView {
         let flags = self.nodes[place.index as usize].flags;
-        Seen {
+        WaiterView {
             v4: flags & V4 != 0,
             allowed: flags & ALLOWED != 0,
         }

@@ -40,7 +40,7 @@ fn serve(q: &Queue<u32>, n: u32) {
 }
 
 /// The outcome decided for `t`, if any, taken as its task would.
-fn poll(t: &mut Ticket<u32>) -> Option<Outcome<u32>> {
+fn poll(t: &mut Ticket<u32>) -> Option<WaitEnd<u32>> {
     let mut cx = Context::from_waker(Waker::noop());
     match t.poll_outcome(&mut cx) {
         Poll::Ready(o) => Some(o),
@@ -50,7 +50,7 @@ fn poll(t: &mut Ticket<u32>) -> Option<Outcome<u32>> {
 
 fn granted(t: &mut Ticket<u32>) -> Option<u32> {
     match poll(t) {
-        Some(Outcome::Granted(i)) => Some(i),
+        Some(WaitEnd::Granted(i)) => Some(i),
         _ => None,
     }
 }
@@ -119,7 +119,7 @@ fn leaving_frees_the_place_and_bounds_hold() {
     // A slot sent to a waiter that then leaves comes back with `leave`.
     let t = join(&q, "10.0.0.3/32", false);
     serve(&q, 1);
-    assert!(matches!(t.leave(), Some(Outcome::Granted(0))));
+    assert!(matches!(t.leave(), Some(WaitEnd::Granted(0))));
 }
 
 #[test]
@@ -128,10 +128,10 @@ fn close_tells_every_waiter_and_shuts_the_door() {
     let t = join(&q, "10.0.0.1/32", false);
     let rest: Vec<_> = (0..3).map(|_| join(&q, "10.0.0.2/32", false)).collect();
     q.close();
-    assert!(matches!(t.rx_state(), Some(Outcome::Draining)));
+    assert!(matches!(t.rx_state(), Some(WaitEnd::Draining)));
     assert!(rest
         .into_iter()
-        .all(|t| matches!(t.rx_state(), Some(Outcome::Draining))));
+        .all(|t| matches!(t.rx_state(), Some(WaitEnd::Draining))));
     assert_eq!(q.len(), 0);
     assert!(matches!(
         q.enter(net("10.0.0.1/32"), waiter(false), (9, LONG), || None),
@@ -158,14 +158,14 @@ fn waits_end_at_their_deadline_in_deadline_order() {
     assert_eq!(q.len(), 2);
     let next = q.expire(now + Duration::from_secs(1)).unwrap();
     assert!(next > now + Duration::from_secs(3000));
-    assert!(matches!(soon.rx_state(), Some(Outcome::TimedOut)));
+    assert!(matches!(soon.rx_state(), Some(WaitEnd::TimedOut)));
     assert_eq!(q.len(), 1);
     drop(long);
     assert_eq!(q.expire(now), None);
 }
 
 impl Ticket<u32> {
-    fn rx_state(mut self) -> Option<Outcome<u32>> {
+    fn rx_state(mut self) -> Option<WaitEnd<u32>> {
         poll(&mut self)
     }
 }
@@ -210,7 +210,7 @@ fn a_waiter_put_back_goes_first_and_keeps_its_deadline() {
     ));
     assert_eq!(q.len(), 2);
     q.expire(Instant::now());
-    assert!(matches!(poll(&mut late), Some(Outcome::TimedOut)));
+    assert!(matches!(poll(&mut late), Some(WaitEnd::TimedOut)));
     assert_eq!(q.len(), 1);
     q.close();
     assert!(matches!(

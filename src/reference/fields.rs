@@ -6,12 +6,12 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 
 /// The field names `T` accepts (renames applied, aliases left out).
 pub fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
-    let mut probe = Probe(&[]);
+    let mut probe = FieldProbe(&[]);
     let _ = T::deserialize(&mut probe);
     probe.0
 }
 
-struct Probe(&'static [&'static str]);
+struct FieldProbe(&'static [&'static str]);
 
 /// The probe's only "error": it stops deserializing once the field list is seen.
 #[derive(Debug)]
@@ -31,7 +31,7 @@ impl de::Error for Stop {
     }
 }
 
-impl<'de> Deserializer<'de> for &mut Probe {
+impl<'de> Deserializer<'de> for &mut FieldProbe {
     type Error = Stop;
 
     fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::{keys, Key, Table};
-use crate::server::RESTART_ONLY;
+use crate::config::RESTART_ONLY;
 
 /// mxgate.toml(5).
 pub fn config_man() -> String {

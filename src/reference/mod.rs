@@ -14,9 +14,9 @@ mod render;
 
 use clap::Args;
 
+use crate::config::RESTART_ONLY;
 use crate::config::{self, ClusterSettings, NetworkRule, ReplyOverrides, Settings};
 use crate::reason::RejectReason;
-use crate::server::RESTART_ONLY;
 
 pub use fields::fields_of;
 pub use man::config_man;

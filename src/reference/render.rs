@@ -3,8 +3,8 @@
 use std::fmt::Write;
 
 use super::{keys, Key, Table};
+use crate::config::RESTART_ONLY;
 use crate::metrics::families::{HELP, HISTOGRAMS};
-use crate::server::RESTART_ONLY;
 
 /// The first line of every generated page: what it is and how it is made.
 pub const GENERATED: &str =

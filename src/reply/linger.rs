@@ -61,7 +61,7 @@ pub struct Lingerer {
     epoll: AsyncFd<OwnedFd>,
     /// Watched sockets by descriptor. A descriptor is only reused by the kernel once its socket
     /// has been closed, and a watched socket is closed only by its removal from here.
-    open: HashMap<RawFd, Entry>,
+    open: HashMap<RawFd, WatchedSocket>,
     /// Deadlines in order (every socket lingers equally long), with the entry's generation so a
     /// reused descriptor is never closed by its predecessor's deadline.
     deadlines: VecDeque<(Instant, RawFd, u64)>,
@@ -83,7 +83,7 @@ struct Fresh {
 }
 
 /// A socket watched in the epoll set.
-struct Entry {
+struct WatchedSocket {
     socket: TcpStream,
     /// Bytes read and discarded so far.
     seen: usize,
@@ -195,7 +195,7 @@ impl Lingerer {
         self.generation += 1;
         self.open.insert(
             fd,
-            Entry {
+            WatchedSocket {
                 socket: f.socket,
                 seen,
                 generation: self.generation,

@@ -31,20 +31,20 @@ const BUCKET: Duration = Duration::from_secs(10);
 
 /// Refusals by source, for the view and the per-source lines.
 pub struct SourceRefusals {
-    table: Mutex<Table>,
+    table: Mutex<SourceTable>,
     /// Bucket numbers count from here.
     epoch: Instant,
 }
 
 #[derive(Default)]
-struct Table {
-    sources: HashMap<IpNet, Vec<Tally>>,
+struct SourceTable {
+    sources: HashMap<IpNet, Vec<SourceCount>>,
     /// Newcomers not tracked because the table was full, since the last flush.
     untracked: u64,
 }
 
 /// One source's refusals for one reason.
-struct Tally {
+struct SourceCount {
     reason: RejectReason,
     /// Refusals per bucket; `ring[b % BUCKETS]` holds bucket `b` when `stamp[..]` says so.
     ring: [u32; BUCKETS],
@@ -81,9 +81,9 @@ impl Default for SourceRefusals {
     }
 }
 
-impl Tally {
-    fn new(reason: RejectReason) -> Tally {
-        Tally {
+impl SourceCount {
+    fn new(reason: RejectReason) -> SourceCount {
+        SourceCount {
             reason,
             ring: [0; BUCKETS],
             stamp: [0; BUCKETS],
@@ -153,7 +153,7 @@ impl SourceRefusals {
         match tallies.iter_mut().find(|x| x.reason == reason) {
             Some(x) => x.add(bucket),
             None => {
-                let mut x = Tally::new(reason);
+                let mut x = SourceCount::new(reason);
                 x.add(bucket);
                 tallies.push(x);
             }

@@ -12,8 +12,9 @@
 //!
 //! A reload (`reload`) swaps the policy, replies, backend and timeouts for new connections at
 //! once. Sessions already forwarding are never cut and keep their slots. Settings that would
-//! need new sockets, threads, a new forwarder or a new security check ([`RESTART_ONLY`]) keep
-//! their old values in force, with a warning naming each.
+//! need new sockets, threads, a new forwarder or a new security check
+//! ([`RESTART_ONLY`](crate::config::RESTART_ONLY)) keep their old values in force, with a
+//! warning naming each.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,7 +44,6 @@ use accept::{worker_count, AcceptLoop, Workers};
 
 use crate::gate::{self, Gate, Live};
 use reload::set_limit_gauges;
-pub use reload::{keep_restart_only, RESTART_ONLY};
 
 /// A running mxgate instance.
 pub struct Running {
@@ -68,7 +68,7 @@ pub struct Running {
     /// The threads that accept and run sessions.
     workers: Workers,
     /// Keeps the learned backend limits in `state_dir`, when one is set.
-    keeper: Option<Arc<crate::backend::state::Keeper>>,
+    keeper: Option<Arc<crate::backend::state::LimitKeeper>>,
 }
 
 /// What `mxgate check` does beyond validation: builds the runtime state exactly as start-up
@@ -189,7 +189,7 @@ async fn serve(listeners: Vec<std::net::TcpListener>, config: Config) -> anyhow:
 /// Resumes the learned backend limits an earlier run kept in `state_dir`, with one warning
 /// for each thing ignored or clamped, and returns what keeps them from now on; `None` without
 /// a `state_dir`. Saving once here tells at start whether the directory can be written.
-fn resume_learned(gate: &Gate) -> Option<Arc<crate::backend::state::Keeper>> {
+fn resume_learned(gate: &Gate) -> Option<Arc<crate::backend::state::LimitKeeper>> {
     use crate::backend::state;
     let live = gate.live.load();
     let config = &live.config;
@@ -206,7 +206,7 @@ fn resume_learned(gate: &Gate) -> Option<Arc<crate::backend::state::Keeper>> {
     }
     live.pool
         .resume(&found.limits, config.adaptive_min, config.max_connections);
-    let keeper = Arc::new(state::Keeper::new(dir));
+    let keeper = Arc::new(state::LimitKeeper::new(dir));
     if !backends.is_empty() {
         keeper.keep(live.pool.learned_limits());
     }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{keep_restart_only, Config};
 use crate::metrics::Metrics;
 
 use super::{preflight, Running};
@@ -92,41 +92,3 @@ pub(super) fn set_limit_gauges(metrics: &Metrics, config: &Config) {
         .set(config.reserved_for_allowed as f64);
     metrics.dry_run.set(if config.dry_run { 1.0 } else { 0.0 });
 }
-
-/// Declares the one list of restart-only keys and the function that enforces it, from the same
-/// names: the docs, the man page and the tests read [`RESTART_ONLY`], reload calls
-/// [`keep_restart_only`], so the two cannot disagree.
-macro_rules! restart_only {
-    ($($key:ident),*) => {
-        /// The keys a reload cannot change: they need new sockets, threads, a new forwarder, a
-        /// new security check or a new cluster connection. `cluster` is the whole `[cluster]`
-        /// table.
-        pub const RESTART_ONLY: &[&str] = &[$(stringify!($key)),*];
-
-        /// Puts back, in `new`, every setting a reload cannot change, and names each one that
-        /// differed.
-        pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
-            let mut kept = Vec::new();
-            $(
-                if old.$key != new.$key {
-                    kept.push(stringify!($key));
-                    new.$key = old.$key.clone();
-                }
-            )*
-            kept
-        }
-    };
-}
-
-restart_only!(
-    listen,
-    metrics,
-    forwarding,
-    pipe_size,
-    threads,
-    log_format,
-    transparent,
-    transparent_port,
-    cluster,
-    state_dir
-);

@@ -47,7 +47,7 @@ use crate::admission::Guard;
 use crate::backend::Lease;
 use crate::forward;
 use crate::gate::{Entry, Gate, HeaderWait, Live, Start};
-use crate::queue::Outcome;
+use crate::queue::WaitEnd;
 use crate::reason::RejectReason;
 use crate::reply::display_source;
 
@@ -275,7 +275,7 @@ impl Gate {
         // early-bytes bound gets the readiness its watch cleared back first. One the reactor
         // will not take again is closed, its wait or its refusal still on record.
         let reason = match outcome {
-            Some(Outcome::Granted(grant)) => {
+            Some(WaitEnd::Granted(grant)) => {
                 let Some(client) = wait::rearm(client, &origin.early) else {
                     self.queue.record_wait(waited);
                     return None;
@@ -290,8 +290,8 @@ impl Gate {
                     self.clone().opening(client, slots, origin, live, span),
                 ));
             }
-            Some(Outcome::TimedOut) => RejectReason::QueueTimeout,
-            Some(Outcome::Draining) => RejectReason::Draining,
+            Some(WaitEnd::TimedOut) => RejectReason::QueueTimeout,
+            Some(WaitEnd::Draining) => RejectReason::Draining,
             None => {
                 // Gone: the ticket leaves the queue, and a slot sent meanwhile is freed.
                 drop(ticket);

@@ -316,9 +316,9 @@ impl Gate {
             return Said::Admitted;
         }
         let ip = origin.client.ip().to_canonical();
-        let ask = crate::admission::cluster_ask(&live.policy, ip, guard);
+        let ask = live.cluster_ask(ip, guard);
         match cluster.admit(&ask).await {
-            crate::cluster::Verdict::Admitted(claim, would_reject) => {
+            crate::cluster::ClusterVerdict::Admitted(claim, would_reject) => {
                 if let Some(r) = would_reject {
                     self.metrics.would_reject(r).increment(1);
                     self.summary.record_dry_run(r, guard.source());
@@ -326,10 +326,10 @@ impl Gate {
                 guard.hold_claim(claim);
                 Said::Admitted
             }
-            crate::cluster::Verdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
+            crate::cluster::ClusterVerdict::Refused(RejectReason::GlobalLimit) if live.queues() => {
                 Said::Full
             }
-            crate::cluster::Verdict::Refused(reason) => Said::Refused(reason),
+            crate::cluster::ClusterVerdict::Refused(reason) => Said::Refused(reason),
         }
     }
 

@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use super::origin::Origin;
 use crate::admission::Guard;
 use crate::gate::{Grant, Live};
-use crate::queue::{Outcome, Ticket};
+use crate::queue::{Ticket, WaitEnd};
 
 /// How many bytes a client that talks while it waits in the queue may send before mxgate stops
 /// reading (TCP flow control then holds the rest). Every byte is forwarded, in order, once a
@@ -47,7 +47,7 @@ impl Waiting {
 /// How a wait in the queue ended.
 pub(super) enum Waited {
     /// The queue's outcome: a slot, its timeout, or a drain.
-    Turn(Outcome<Grant>),
+    Turn(WaitEnd<Grant>),
     /// The client closed or reset its side.
     Gone,
     /// The client spoke after the pregreet teaser, before the greeting's end.

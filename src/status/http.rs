@@ -34,7 +34,7 @@ const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// One answer: status line, content type, body.
-struct Answer {
+struct Response {
     status: &'static str,
     kind: &'static str,
     body: String,
@@ -42,9 +42,9 @@ struct Answer {
     head_only: bool,
 }
 
-impl Answer {
-    fn text(status: &'static str, body: &str) -> Answer {
-        Answer {
+impl Response {
+    fn text(status: &'static str, body: &str) -> Response {
+        Response {
             status,
             kind: TEXT,
             body: body.to_string(),
@@ -75,7 +75,7 @@ async fn answer(
     let local = stream.local_addr().ok();
     let a = match head {
         Some(head) => route(&head, gate, local),
-        None => Answer::text("400 Bad Request", "bad request\n"),
+        None => Response::text("400 Bad Request", "bad request\n"),
     };
     let is_head = a.head_only;
     let policy = if a.kind.starts_with("text/html") {
@@ -121,28 +121,28 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(complete.then_some(head))
 }
 
-fn route(head: &[u8], gate: &Gate, local: Option<SocketAddr>) -> Answer {
+fn route(head: &[u8], gate: &Gate, local: Option<SocketAddr>) -> Response {
     let line_end = head
         .iter()
         .position(|&b| b == b'\r' || b == b'\n')
         .unwrap_or(head.len());
     let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Answer::text("400 Bad Request", "bad request\n");
+        return Response::text("400 Bad Request", "bad request\n");
     };
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Answer::text("400 Bad Request", "bad request\n");
+        return Response::text("400 Bad Request", "bad request\n");
     };
     if !version.starts_with("HTTP/") {
-        return Answer::text("400 Bad Request", "bad request\n");
+        return Response::text("400 Bad Request", "bad request\n");
     }
     if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Answer::text("505 HTTP Version Not Supported", "only HTTP/1.0 and 1.1\n");
+        return Response::text("505 HTTP Version Not Supported", "only HTTP/1.0 and 1.1\n");
     }
     if method != "GET" && method != "HEAD" {
-        return Answer::text("405 Method Not Allowed", "only GET and HEAD\n");
+        return Response::text("405 Method Not Allowed", "only GET and HEAD\n");
     }
     let path = target.split('?').next().unwrap_or("");
     let live = gate.live.load();
@@ -153,7 +153,7 @@ fn route(head: &[u8], gate: &Gate, local: Option<SocketAddr>) -> Answer {
         let known =
             host_header(head).is_some_and(|h| host_allowed(h, local, &live.config.status_hosts));
         if !known {
-            return Answer::text(
+            return Response::text(
                 "403 Forbidden",
                 "unknown Host: use the listen address, localhost, or a name in status_hosts\n",
             );
@@ -164,28 +164,28 @@ fn route(head: &[u8], gate: &Gate, local: Option<SocketAddr>) -> Answer {
             // Counted at the scrape, so it is never a tick behind.
             let refused = gate.sources.refused_sources();
             gate.metrics.sources_refused.set(refused as f64);
-            Answer {
+            Response {
                 status: "200 OK",
                 kind: PROMETHEUS,
                 body: gate.metrics.render(),
                 head_only: false,
             }
         }
-        "/status" if status_on => Answer {
+        "/status" if status_on => Response {
             status: "200 OK",
             kind: "application/json",
             body: serde_json::to_string(&Snapshot::take(gate)).expect("a snapshot serialises"),
             head_only: false,
         },
-        "/status" => Answer::text("404 Not Found", "the live view is off (status = false)\n"),
-        "/" if status_on => Answer {
+        "/status" => Response::text("404 Not Found", "the live view is off (status = false)\n"),
+        "/" if status_on => Response {
             status: "200 OK",
             kind: "text/html; charset=utf-8",
             body: PAGE.to_string(),
             head_only: false,
         },
-        "/" => Answer::text("200 OK", "mxgate: metrics at /metrics\n"),
-        _ => Answer::text("404 Not Found", "not found\n"),
+        "/" => Response::text("200 OK", "mxgate: metrics at /metrics\n"),
+        _ => Response::text("404 Not Found", "not found\n"),
     };
     a.head_only = method == "HEAD";
     a

@@ -318,6 +318,12 @@ pub fn modes() -> Vec<Forwarding> {
     m
 }
 
+/// Sends `sig` to the test's own child `pid`, with rustix's safe `kill`.
+pub fn send_signal(pid: u32, sig: rustix::process::Signal) -> rustix::io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+    rustix::process::kill_process(pid, sig)
+}
+
 /// A child process that is killed when the test ends, even by a panic.
 pub struct KillOnDrop(pub Child);
 
@@ -351,30 +357,109 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
-/// The real binary's `run` with the test host name, metrics off, quiet logs and no pregreet
-/// test, in front of `backend` on `listen`; `extra` flags are appended.
-pub fn mxgate_command(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mxgate"));
-    c.args([
-        "run",
-        "--hostname",
-        HOST,
-        "--metrics",
-        "off",
-        "--pregreet",
-        "off",
-    ])
-    .args([
-        "--backend",
-        &backend.to_string(),
-        "--listen",
-        &listen.to_string(),
-    ])
-    .args(extra)
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
+/// A config whose one backend learns its limit (`max_connections=auto`), with global and
+/// per-source limits far above it, so the learned limit is the one that binds; clients over it
+/// wait up to `queue_timeout`, at most `max_queued` of them.
+pub fn auto_config(backend: SocketAddr, max_queued: usize, queue_timeout: Duration) -> Config {
+    let mut c = config(backend);
+    let spec: mxgate::config::BackendSpec =
+        format!("{backend},max_connections=auto").parse().unwrap();
+    c.backends = vec![spec];
+    c.max_connections = 1000;
+    c.max_per_source = 1000;
+    c.max_per_ipv6_network = 1000;
+    c.max_queued = max_queued;
+    c.queue_timeout = queue_timeout;
     c
+}
+
+/// How a test starts the real binary's `run`, in front of `backend` on `listen`. As built by
+/// [`Spawn::new`]: the test host name, metrics off, no pregreet test, `RUST_LOG=warn`, stdout
+/// discarded and stderr the test's own; each option changes one of these, and [`Spawn::args`]
+/// appends flags. [`Spawn::command`] gives the `Command`, for a test to redirect or extend.
+pub struct Spawn {
+    backend: String,
+    listen: SocketAddr,
+    metrics: String,
+    hostname: bool,
+    pregreet_off: bool,
+    log: Option<&'static str>,
+    args: Vec<String>,
+}
+
+impl Spawn {
+    /// `backend` is a backend spec: an address, or one with options such as
+    /// `max_connections=auto`.
+    pub fn new(backend: impl ToString, listen: SocketAddr) -> Spawn {
+        Spawn {
+            backend: backend.to_string(),
+            listen,
+            metrics: "off".into(),
+            hostname: true,
+            pregreet_off: true,
+            log: Some("warn"),
+            args: Vec::new(),
+        }
+    }
+
+    /// Serves metrics on `at` (an address, or `off`).
+    pub fn metrics(mut self, at: impl ToString) -> Spawn {
+        self.metrics = at.to_string();
+        self
+    }
+
+    /// Leaves the host name to its default (the machine's).
+    pub fn default_hostname(mut self) -> Spawn {
+        self.hostname = false;
+        self
+    }
+
+    /// Leaves the pregreet test to its default.
+    pub fn default_pregreet(mut self) -> Spawn {
+        self.pregreet_off = false;
+        self
+    }
+
+    /// `RUST_LOG` set to `level`, or, with `None`, removed, so the default level applies.
+    pub fn log(mut self, level: Option<&'static str>) -> Spawn {
+        self.log = level;
+        self
+    }
+
+    /// Flags appended after the ones above.
+    pub fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Spawn {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mxgate"));
+        c.arg("run");
+        if self.hostname {
+            c.args(["--hostname", HOST]);
+        }
+        c.args(["--metrics", &self.metrics]);
+        if self.pregreet_off {
+            c.args(["--pregreet", "off"]);
+        }
+        c.args(["--backend", &self.backend])
+            .args(["--listen", &self.listen.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match self.log {
+            Some(level) => c.env("RUST_LOG", level),
+            None => c.env_remove("RUST_LOG"),
+        };
+        c
+    }
+}
+
+/// The real binary's `run` as [`Spawn::new`] has it, in front of `backend` on `listen`; `extra`
+/// flags are appended.
+pub fn mxgate_command(backend: SocketAddr, listen: SocketAddr, extra: &[&str]) -> Command {
+    Spawn::new(backend, listen).args(extra).command()
 }
 
 /// Sends `payload` and reads everything the other side sends, concurrently. When

@@ -34,9 +34,7 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
+use common::in_ci;
 
 /// The .deb `systemd/build-deb.sh` built, or why the test cannot run.
 fn ready() -> Result<PathBuf, String> {

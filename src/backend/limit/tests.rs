@@ -113,7 +113,7 @@ fn sessions_greeted_after_a_cut_do_not_undo_it() {
 #[test]
 fn slow_start_doubles_per_limits_worth_of_greetings_until_the_first_signal() {
     let mut learned = Learned::new(5, 1000, 5);
-    assert_eq!(learned.phase(), Phase::SlowStart);
+    assert_eq!(learned.phase(), LimitPhase::SlowStart);
     // A limit's worth of sessions greeted while it is in use doubles it.
     for limit in [5, 10, 20, 40, 80, 160, 320] {
         assert_eq!(learned.limit(), limit);
@@ -126,12 +126,12 @@ fn slow_start_doubles_per_limits_worth_of_greetings_until_the_first_signal() {
         }
     }
     assert_eq!(learned.limit(), 640);
-    assert_eq!(learned.phase(), Phase::SlowStart);
+    assert_eq!(learned.phase(), LimitPhase::SlowStart);
     // The backend says busy with 400 held: the cut is anchored to what it held, and growth is
     // steady from then on (the threshold is half of that).
     learned.observe(Signal::Busy { held: 400 });
     assert_eq!(learned.limit(), 360);
-    assert_eq!(learned.phase(), Phase::Steady);
+    assert_eq!(learned.phase(), LimitPhase::Steady);
     assert_eq!(learned.saved().threshold, Some(200));
     // A limit's worth more greetings now earns one probe, not a doubling.
     for _ in 0..361 {
@@ -175,14 +175,14 @@ fn a_slow_greeting_ends_slow_start_and_fast_growth_resumes_only_to_half_the_last
         }
     }
     assert!(learned.limit() < 64, "{}", learned.limit());
-    assert_eq!(learned.phase(), Phase::Steady);
+    assert_eq!(learned.phase(), LimitPhase::Steady);
     assert_eq!(learned.saved().threshold, Some(32));
     // Busy far below what worked: the cut lands under the threshold, and fast growth resumes
     // from there, but only up to it.
     learned.observe(Signal::Busy { held: 20 });
     assert_eq!(learned.limit(), 18);
     assert_eq!(learned.saved().threshold, Some(10));
-    assert_eq!(learned.phase(), Phase::Steady);
+    assert_eq!(learned.phase(), LimitPhase::Steady);
 }
 
 #[test]
@@ -222,7 +222,7 @@ fn a_resumed_limit_starts_where_it_was_within_the_bounds() {
     let saved = before.saved();
     assert_eq!(
         (saved.limit, saved.phase, saved.threshold),
-        (360, Phase::Steady, Some(200))
+        (360, LimitPhase::Steady, Some(200))
     );
     let resumed = Learned::resume(5, 1000, &saved);
     assert!(resumed.resumed());

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use super::super::limit::{Learned, Phase, Saved};
+use super::super::limit::{Learned, LimitPhase, Saved};
 use super::{Member, Pool};
 
 impl Member {
@@ -15,7 +15,7 @@ impl Member {
 
     /// The learned limit's phase and whether it was resumed from a restart's state, for the
     /// live view; `None` for a fixed limit.
-    pub fn learning(&self) -> Option<(Phase, bool)> {
+    pub fn learning(&self) -> Option<(LimitPhase, bool)> {
         self.learned().as_ref().map(|l| (l.phase(), l.resumed()))
     }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::limit::Phase;
+use crate::backend::limit::LimitPhase;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -11,7 +11,7 @@ fn saved(limit: usize) -> Saved {
     Saved {
         limit,
         baseline: Some(0.000_25),
-        phase: Phase::Steady,
+        phase: LimitPhase::Steady,
         threshold: Some(limit / 2),
     }
 }
@@ -172,7 +172,7 @@ fn an_entry_outside_the_bounds_is_clamped_with_a_warning() {
 #[test]
 fn the_keeper_writes_only_changes_and_survives_an_unwritable_directory() {
     let d = dir();
-    let keeper = Keeper::new(d.path().to_path_buf());
+    let keeper = LimitKeeper::new(d.path().to_path_buf());
     let limits: BTreeMap<_, _> = [("192.0.2.25:25".to_string(), saved(40))].into();
     assert!(keeper.keep(limits.clone()));
     assert!(path(d.path()).exists());
@@ -192,6 +192,6 @@ fn the_keeper_writes_only_changes_and_survives_an_unwritable_directory() {
     // A directory that cannot hold the file: no panic, no file, and false.
     let not_a_dir = d.path().join("a-file");
     std::fs::write(&not_a_dir, "").unwrap();
-    let keeper = Keeper::new(not_a_dir);
+    let keeper = LimitKeeper::new(not_a_dir);
     assert!(!keeper.keep(limits));
 }

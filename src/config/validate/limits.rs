@@ -5,7 +5,7 @@ use super::super::*;
 use super::{bad, Bad};
 
 /// The connection limits and the source policy.
-pub(super) struct Limits {
+pub(super) struct CheckedLimits {
     pub(super) max_connections: usize,
     pub(super) ipv4_prefix: u8,
     pub(super) ipv6_prefix: u8,
@@ -24,7 +24,7 @@ fn prefix(key: &str, set: Option<u8>, default: u8, max: u8) -> Result<u8, Bad> {
     Ok(p)
 }
 
-pub(super) fn limits(s: &Settings) -> Result<Limits, Bad> {
+pub(super) fn limits(s: &Settings) -> Result<CheckedLimits, Bad> {
     let ipv4_prefix = prefix("ipv4_prefix", s.ipv4_prefix, DEFAULT_IPV4_PREFIX, 32)?;
     let ipv6_prefix = prefix("ipv6_prefix", s.ipv6_prefix, DEFAULT_IPV6_PREFIX, 128)?;
     let ipv6_network_prefix = prefix(
@@ -82,7 +82,7 @@ pub(super) fn limits(s: &Settings) -> Result<Limits, Bad> {
             return Err(bad(&key("cidr"), format!("{} is listed twice", rule.cidr)));
         }
     }
-    Ok(Limits {
+    Ok(CheckedLimits {
         max_connections,
         ipv4_prefix,
         ipv6_prefix,

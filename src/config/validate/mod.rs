@@ -217,7 +217,7 @@ fn backends(s: &Settings) -> Result<Backends, Bad> {
 }
 
 /// Every timeout.
-struct Timeouts {
+struct CheckedTimeouts {
     connect: Duration,
     idle: Duration,
     half_close: Duration,
@@ -225,7 +225,7 @@ struct Timeouts {
     drain: Duration,
 }
 
-fn timeouts(s: &Settings) -> Result<Timeouts, Bad> {
+fn timeouts(s: &Settings) -> Result<CheckedTimeouts, Bad> {
     let greeting = match s.backend_greeting_timeout {
         Some(d) => Some(positive("backend_greeting_timeout", Some(d), d.0)?),
         None => None,
@@ -234,7 +234,7 @@ fn timeouts(s: &Settings) -> Result<Timeouts, Bad> {
         Some(d) => bounded(d.0).map_err(|e| bad("drain_timeout", e))?,
         None => DEFAULT_DRAIN_TIMEOUT,
     };
-    Ok(Timeouts {
+    Ok(CheckedTimeouts {
         connect: positive(
             "connect_timeout",
             s.connect_timeout,

@@ -115,7 +115,7 @@ impl<'de> de::Visitor<'de> for BackendVisitor {
     fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<BackendSpec, A::Error> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct Table {
+        struct SpecTable {
             address: String,
             weight: Option<u32>,
             max_connections: Option<Cap>,
@@ -128,7 +128,7 @@ impl<'de> de::Visitor<'de> for BackendVisitor {
             Fixed(usize),
             Word(String),
         }
-        let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let t = SpecTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
         let weight = t.weight.unwrap_or(1);
         if weight == 0 {
             return Err(de::Error::custom("weight must be at least 1"));

@@ -23,7 +23,7 @@ pub const BISECT_ROUNDS: usize = 3;
 
 /// Whether a point ran well, judged against the last good one.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Verdict {
+pub enum StepVerdict {
     Good,
     /// Failed sessions over the tolerance: the fraction.
     Errors(f64),
@@ -34,23 +34,28 @@ pub enum Verdict {
 }
 
 /// Judges `stats` at `load` against the last good point.
-pub fn verdict(stats: &Stats, load: f64, last: Option<(f64, &Stats)>, max_errors: f64) -> Verdict {
+pub fn verdict(
+    stats: &Stats,
+    load: f64,
+    last: Option<(f64, &Stats)>,
+    max_errors: f64,
+) -> StepVerdict {
     if stats.sessions() == 0 {
-        return Verdict::Empty;
+        return StepVerdict::Empty;
     }
     let errors = stats.error_fraction();
     if errors > max_errors {
-        return Verdict::Errors(errors);
+        return StepVerdict::Errors(errors);
     }
     let Some((prev_load, prev)) = last else {
-        return Verdict::Good;
+        return StepVerdict::Good;
     };
     let gain = stats.delivered_per_second() / prev.delivered_per_second().max(1e-9) - 1.0;
     let needed = FLAT_GAIN.min((load / prev_load - 1.0) / 2.0);
     if gain < needed {
-        Verdict::Flat(gain)
+        StepVerdict::Flat(gain)
     } else {
-        Verdict::Good
+        StepVerdict::Good
     }
 }
 
@@ -59,7 +64,7 @@ pub struct Point {
     pub load: f64,
     /// A step of the ramp, or a bisection round.
     pub bisect: bool,
-    pub verdict: Verdict,
+    pub verdict: StepVerdict,
     pub stats: Stats,
 }
 
@@ -125,7 +130,7 @@ impl Search<'_> {
             .map(|g| (self.points[g].load, &self.points[g].stats));
         let v = verdict(&stats, load, last, self.max_errors);
         progress(self.base, self.ramp, load, bisect, &stats, &v);
-        let ok = v == Verdict::Good;
+        let ok = v == StepVerdict::Good;
         self.points.push(Point {
             load,
             bisect,
@@ -141,7 +146,7 @@ impl Search<'_> {
     }
 }
 
-fn progress(base: &Options, ramp: Ramp, load: f64, bisect: bool, stats: &Stats, v: &Verdict) {
+fn progress(base: &Options, ramp: Ramp, load: f64, bisect: bool, stats: &Stats, v: &StepVerdict) {
     if !base.progress {
         return;
     }

@@ -4,7 +4,7 @@
 //! It works on points already measured and must never run a load: the recommendation follows
 //! from the points alone, so the same points always give the same report.
 
-use super::{Point, Ramp, RampReport, Verdict};
+use super::{Point, Ramp, RampReport, StepVerdict};
 
 pub(super) fn recommend(
     ramp: Ramp,
@@ -21,15 +21,15 @@ pub(super) fn recommend(
     let knee = bad.map(|b| points[b].load);
     let last_good = good.map(|g| points[g].load);
     let cause = bad.map(|b| match points[b].verdict {
-        Verdict::Errors(f) => format!(
+        StepVerdict::Errors(f) => format!(
             "{:.1} % of its sessions failed (refused, timed out or not connected; --max-errors allows {:.1} %)",
             f * 100.0,
             max_errors * 100.0
         ),
-        Verdict::Flat(g) if g < 0.0 => format!("its delivered rate fell ({:+.1} %)", g * 100.0),
-        Verdict::Flat(g) => format!("its delivered rate grew only {:+.1} %", g * 100.0),
-        Verdict::Empty => "no session ran in the step (lengthen --duration)".to_string(),
-        Verdict::Good => unreachable!("a bad point"),
+        StepVerdict::Flat(g) if g < 0.0 => format!("its delivered rate fell ({:+.1} %)", g * 100.0),
+        StepVerdict::Flat(g) => format!("its delivered rate grew only {:+.1} %", g * 100.0),
+        StepVerdict::Empty => "no session ran in the step (lengthen --duration)".to_string(),
+        StepVerdict::Good => unreachable!("a bad point"),
     });
     let (max_connections, reasoning) = match (good, knee, cause) {
         (None, _, cause) => (
@@ -115,10 +115,10 @@ impl RampReport {
                         what: load(p.load),
                         "phase": if p.bisect { "bisect" } else { "step" },
                         "verdict": match p.verdict {
-                            Verdict::Good => "good",
-                            Verdict::Errors(_) => "errors",
-                            Verdict::Flat(_) => "flat",
-                            Verdict::Empty => "empty",
+                            StepVerdict::Good => "good",
+                            StepVerdict::Errors(_) => "errors",
+                            StepVerdict::Flat(_) => "flat",
+                            StepVerdict::Empty => "empty",
                         },
                         "summary": p.stats.to_json(),
                     })
@@ -151,14 +151,14 @@ impl RampReport {
                 s.session.value_at_quantile(0.99) as f64 / 1000.0,
                 s.peak_concurrency,
                 match p.verdict {
-                    Verdict::Good => "good",
-                    Verdict::Errors(_) => "errors",
-                    Verdict::Flat(_) => "flat",
-                    Verdict::Empty => "empty",
+                    StepVerdict::Good => "good",
+                    StepVerdict::Errors(_) => "errors",
+                    StepVerdict::Flat(_) => "flat",
+                    StepVerdict::Empty => "empty",
                 }
             );
         }
-        if let Some(first_bad) = self.points.iter().find(|p| p.verdict != Verdict::Good) {
+        if let Some(first_bad) = self.points.iter().find(|p| p.verdict != StepVerdict::Good) {
             out += &first_bad.stats.explain();
         }
         match self.max_connections {

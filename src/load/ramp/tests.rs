@@ -49,30 +49,30 @@ fn stats(delivered: u64, errors: u64, secs: f64) -> Stats {
 #[test]
 fn verdicts_weigh_errors_then_gain() {
     let base = stats(100, 0, 1.0);
-    assert_eq!(verdict(&base, 10.0, None, 0.01), Verdict::Good);
+    assert_eq!(verdict(&base, 10.0, None, 0.01), StepVerdict::Good);
     // 2 errors in 102 sessions is over 1 %.
     assert!(matches!(
         verdict(&stats(100, 2, 1.0), 10.0, None, 0.01),
-        Verdict::Errors(_)
+        StepVerdict::Errors(_)
     ));
     let last = Some((10.0, &base));
     // Doubling the load: 5 % gain needed.
     assert_eq!(
         verdict(&stats(110, 0, 1.0), 20.0, last, 0.01),
-        Verdict::Good
+        StepVerdict::Good
     );
     assert!(matches!(
         verdict(&stats(104, 0, 1.0), 20.0, last, 0.01),
-        Verdict::Flat(_)
+        StepVerdict::Flat(_)
     ));
     assert!(matches!(
         verdict(&stats(90, 0, 1.0), 20.0, last, 0.01),
-        Verdict::Flat(g) if g < 0.0
+        StepVerdict::Flat(g) if g < 0.0
     ));
-    assert_eq!(verdict(&Stats::new(), 20.0, last, 0.01), Verdict::Empty);
+    assert_eq!(verdict(&Stats::new(), 20.0, last, 0.01), StepVerdict::Empty);
     // A 4 % step in load needs only a 2 % gain.
     assert_eq!(
         verdict(&stats(103, 0, 1.0), 10.4, last, 0.01),
-        Verdict::Good
+        StepVerdict::Good
     );
 }

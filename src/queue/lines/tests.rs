@@ -57,9 +57,9 @@ impl Model {
 }
 
 /// A small xorshift: the same sequence every run.
-struct Rng(u64);
+struct TestRng(u64);
 
-impl Rng {
+impl TestRng {
     fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -79,7 +79,7 @@ fn the_calendar_serves_exactly_the_order_of_the_plain_statement() {
     let mut lines = Lines::new();
     let t0 = Instant::now();
     let mut model = Model::default();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = TestRng(0x9e37_79b9_7f4a_7c15);
     // id -> its place; decided places wait to be taken.
     let mut places: Vec<Place> = Vec::new();
     let mut waiting: Vec<usize> = Vec::new();
