@@ -155,6 +155,9 @@ async fn with_descriptors_held_exhausted_newcomers_and_scrapes_are_answered() {
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_mxgate"))
         .args(["run", "--hostname", HOST, "--threads", &THREADS.to_string()])
+        // Not about the pregreet test (on by default as `ignore`): admitted clients get the
+        // backend's greeting at once.
+        .args(["--pregreet", "off"])
         .args(["--backend", &backend.addr.to_string()])
         .args(["--listen", &listen.to_string()])
         .args(["--metrics", &metrics.to_string()])
