@@ -7,8 +7,9 @@
 //! - when the holders quit, exactly 20 waiters are served, and none gets
 //!   `backend_unavailable`.
 //!
-//! `MXGATE_EXHAUSTION_CLIENTS` sets how many silent clients (1,000 by default: enough to run
-//! out of descriptors; `benches/exhaustion.sh` runs the 3,000).
+//! `MXGATE_EXHAUSTION_CLIENTS` sets how many silent clients (the 3,000 by default, far
+//! more than it takes to run out of descriptors; refused ones keep their connection until
+//! mxgate closes it, so the flood need not outrun the refusals' closes).
 
 mod common;
 
@@ -29,7 +30,7 @@ fn clients() -> usize {
     std::env::var("MXGATE_EXHAUSTION_CLIENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(3000)
 }
 
 fn raise_nofile() {
@@ -147,7 +148,14 @@ fn silent_clients(
                     Some(Seen::Unavailable) => {
                         unavailable.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => {}
+                    // Refused: it stays until mxgate closes (its refusal lingers), as a
+                    // client that does not hang up at once would; closing here would hand
+                    // the descriptor back at once, and the flood would have to outrun that.
+                    Some(_) => {
+                        let mut b = [0u8; 64];
+                        while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                    }
+                    None => {}
                 }
             });
             // Let the connects go out in a burst without starving the readers.
