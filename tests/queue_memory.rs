@@ -39,6 +39,7 @@ fn wake_ups(pid: u32) -> u64 {
 async fn spawn_mxgate(
     backend: SocketAddr,
     max_connections: usize,
+    max_queued: usize,
 ) -> (KillOnDrop, SocketAddr, SocketAddr) {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -53,7 +54,12 @@ async fn spawn_mxgate(
             "--max-per-ipv6-network",
             "20000",
         ])
-        .args(["--max-queued", "20000", "--queue-timeout", "5m"])
+        .args([
+            "--max-queued",
+            &max_queued.to_string(),
+            "--queue-timeout",
+            "5m",
+        ])
         .command()
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -117,7 +123,9 @@ fn raise_nofile(need: usize) {
 /// have read their greeting and sit idle.
 async fn idle_session_kib(count: usize) -> f64 {
     let backend = GreetingBackend::start().await;
-    let (child, listen, metrics) = spawn_mxgate(backend.addr, 20_000).await;
+    // Room for `count` sessions and no queue: a config whose descriptor budget fits the
+    // limit, which would otherwise hold `max_connections` below `count`.
+    let (child, listen, metrics) = spawn_mxgate(backend.addr, count + 10, 10).await;
     let pid = child.0.id();
     let open = |i: usize| async move {
         let mut s = connect_from(&nth_source(i), listen).await.unwrap();
@@ -142,11 +150,13 @@ async fn idle_session_kib(count: usize) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_waiting_clients_cost_one_descriptor_and_no_more_than_idle_sessions() {
     const WAITERS: usize = 10_000;
-    const IDLE: usize = 4_000;
+    // Spliced sessions count 4 descriptors each in the budget (2 sockets, 2 pipes): 1,500
+    // fit a hard limit of 20,000 with room to spare.
+    const IDLE: usize = 1_500;
     // The test holds one socket per waiter, or two per idle session.
     raise_nofile(WAITERS + 2_000);
     let backend = GreetingBackend::start().await;
-    let (child, listen, metrics) = spawn_mxgate(backend.addr, 1).await;
+    let (child, listen, metrics) = spawn_mxgate(backend.addr, 1, 20_000).await;
     let pid = child.0.id();
     let mut held = connect_from("127.13.0.1", listen).await.unwrap();
     greeted(&mut held).await;
