@@ -11,6 +11,8 @@
 //! client gets the global-limit 421 within 1 s, and a scrape is answered 200 within 2 s.
 
 mod common;
+#[path = "exhaustion/shared.rs"]
+mod shared;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +21,7 @@ use std::time::Duration;
 
 use common::*;
 use mxgate::reply::{DENY_TIME, MAX_DENYING};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use shared::*;
 use tokio::time::Instant;
 
 const LIMIT: u64 = 512;
@@ -28,62 +30,6 @@ const THREADS: usize = 2;
 const PROBES: usize = 5;
 /// The denied network, from which the burst comes (`source(60, i)`).
 const DENIED: &str = "127.60.0.0/16";
-
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let l = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: l.maximum,
-            maximum: l.maximum,
-        },
-    );
-}
-
-/// The first line a client reads, within `wait`; `None` if nothing whole came.
-async fn first_line(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    let read = async {
-        while !line.ends_with(b"\n") {
-            match s.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => line.push(b[0]),
-            }
-        }
-    };
-    tokio::time::timeout(wait, read).await.ok()?;
-    line.ends_with(b"\n").then_some(line)
-}
-
-async fn get_metrics(m: SocketAddr) -> Option<String> {
-    let mut s = connect_from("127.0.0.1", m).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.ok()?;
-    String::from_utf8(out).ok()
-}
-
-fn sample(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("series {series} missing"))
-        .parse()
-        .unwrap()
-}
-
-/// The address of the `i`th client of a group, each from its own source.
-fn source(base: usize, i: usize) -> String {
-    format!(
-        "127.{}.{}.{}",
-        base + i / 62_500,
-        (i / 250) % 250,
-        1 + i % 250
-    )
-}
 
 /// Clients that connect from `127.{base}.x.y`, `most` at most, one every `pace` (all at once
 /// when zero), until `stop`; each keeps its connection open and never sends a byte, whatever

@@ -12,6 +12,8 @@
 //! mxgate closes it, so the flood need not outrun the refusals' closes).
 
 mod common;
+#[path = "exhaustion/shared.rs"]
+mod shared;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use shared::*;
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 const LIMIT: u64 = 512;
@@ -33,18 +36,6 @@ fn clients() -> usize {
         .unwrap_or(3000)
 }
 
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let l = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: l.maximum,
-            maximum: l.maximum,
-        },
-    );
-}
-
 /// What a silent client saw first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
@@ -54,22 +45,6 @@ enum Seen {
     Other,
 }
 
-/// The first line a client reads, within `wait`; `None` if nothing came.
-async fn first_line(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    let read = async {
-        while !line.ends_with(b"\n") {
-            match s.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => line.push(b[0]),
-            }
-        }
-    };
-    tokio::time::timeout(wait, read).await.ok()?;
-    Some(line)
-}
-
 fn seen(line: &[u8]) -> Seen {
     match line {
         l if l == GREETING => Seen::Greeting,
@@ -77,28 +52,6 @@ fn seen(line: &[u8]) -> Seen {
         l if l == BACKEND_LINE => Seen::Unavailable,
         _ => Seen::Other,
     }
-}
-
-async fn get_metrics(m: SocketAddr) -> Option<String> {
-    get_metrics_from("127.0.0.1", m).await
-}
-
-async fn get_metrics_from(source: &str, m: SocketAddr) -> Option<String> {
-    let mut s = connect_from(source, m).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.ok()?;
-    String::from_utf8(out).ok()
-}
-
-fn sample(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("series {series} missing"))
-        .parse()
-        .unwrap()
 }
 
 /// A scrape answered 200 within 2 s.
@@ -125,12 +78,7 @@ fn silent_clients(
         let mut tasks = tokio::task::JoinSet::new();
         let mut opened = 0;
         while opened < most && !stop.load(Ordering::Relaxed) {
-            let source = format!(
-                "127.{}.{}.{}",
-                base + opened / 62_500,
-                (opened / 250) % 250,
-                1 + opened % 250
-            );
+            let source = source(base, opened);
             opened += 1;
             let (greeted, unavailable) = (greeted.clone(), unavailable.clone());
             tasks.spawn(async move {
