@@ -75,10 +75,12 @@ pub struct Guard {
     network: Option<IpNet>,
     /// Whether a global slot is held (a waiter in the queue has none yet).
     holds_global: bool,
-    /// The session's place in the cluster's counts, once the cluster admitted it.
-    /// (Boxed: most sessions of a clustered instance hold one, an unclustered none, and a
-    /// waiting client's guard stays small.)
-    claim: Option<Box<crate::cluster::Claim>>,
+    /// The session's place in the cluster's counts, once the cluster admitted it. Admission
+    /// does not name the cluster's type (the cluster sits above it): it keeps the place alive
+    /// as long as the session's own slots and releases it first. (Boxed: most sessions of a
+    /// clustered instance hold one, an unclustered none, and a waiting client's guard stays
+    /// small.)
+    claim: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Guard {
@@ -123,8 +125,9 @@ impl Guard {
         self.claim = None;
     }
 
-    /// Keeps the cluster's place for as long as the session's own slots.
-    pub fn hold_claim(&mut self, claim: crate::cluster::Claim) {
+    /// Keeps the cluster's place (its `cluster::Claim`, released by its drop) for as long as
+    /// the session's own slots.
+    pub fn hold_claim<C: Send + Sync + 'static>(&mut self, claim: C) {
         self.claim = Some(Box::new(claim));
     }
 

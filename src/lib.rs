@@ -8,7 +8,7 @@
 //! | the command line: subcommands, man pages, completions | [`cli`] |
 //! | flags, file, validation, warnings | [`config`] |
 //! | the reference (keys, metrics, reply texts) the docs and man pages are generated from | [`reference`](mod@reference) |
-//! | where a connection is admitted: the decision in the accept loop, the shared state, the capacity and the queue's grants | [`gate`] |
+//! | where a connection is admitted: the decision in the accept loop, the shared state, the capacity, and the queue's dispatcher that grants its slots | [`gate`] |
 //! | what admission counts and the rules it applies: per-source and global counts, the guard | [`admission`], with [`policy`] (lists, per-network rules, rates) |
 //! | limits shared between instances through Redis | [`cluster`] |
 //! | where a client waits for a slot, fair between sources | [`queue`] |

@@ -9,7 +9,7 @@
 //! always served before the others.
 //!
 //! Nobody jumps the queue: while anyone waits, a newcomer joins it instead of trying for a slot
-//! ([`Queue::enter`]). Slots are handed out by one dispatcher ([`Queue::serve`]), woken through
+//! ([`Queue::enter`]). Slots are handed out by one dispatcher (the gate's loop around [`Queue::serve`]), woken through
 //! [`Wake`] whenever a slot may have freed (a session's global slot or backend lease returned,
 //! a backend up again, a reload). The same dispatcher ends the waits that reach their deadline
 //! ([`Queue::expire`]), so a waiter needs no timer of its own: its task sleeps on its one-shot

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
-
 use common::*;
 
 /// The action installed for SIGPIPE right now.
@@ -42,31 +40,22 @@ async fn sigpipe_from_splice_does_not_kill_the_process() {
     let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let _peer = l.accept().unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array for pipe2; both ends are closed below. The write reads
-    // four bytes from a live static slice, and splice with null offsets touches no user memory.
-    let (n, err) = unsafe {
-        assert_eq!(libc::pipe2(fds.as_mut_ptr(), 0), 0);
-        assert_eq!(libc::write(fds[1], b"data".as_ptr().cast(), 4), 4);
-        let n = libc::splice(
-            fds[0],
-            std::ptr::null_mut(),
-            s.as_raw_fd(),
-            std::ptr::null_mut(),
-            4,
-            libc::SPLICE_F_NONBLOCK,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-        (n, err)
-    };
-    assert_eq!(n, -1);
-    assert_eq!(err.raw_os_error(), Some(libc::EPIPE), "{err}");
+    let (read_end, write_end) = rustix::pipe::pipe().unwrap();
+    assert_eq!(rustix::io::write(&write_end, b"data").unwrap(), 4);
+    let err = rustix::pipe::splice(
+        &read_end,
+        None,
+        &s,
+        None,
+        4,
+        rustix::pipe::SpliceFlags::NONBLOCK,
+    )
+    .expect_err("a splice into a socket shut for writing fails");
+    assert_eq!(err, rustix::io::Errno::PIPE, "{err}");
 
     // And a SIGPIPE sent outright.
-    // SAFETY: raise has no preconditions.
-    assert_eq!(unsafe { libc::raise(libc::SIGPIPE) }, 0);
+    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::PIPE)
+        .unwrap();
 
     // Still alive, and still serving.
     let c = expect_admitted("127.0.0.2", mx.listen_addrs()[0]).await;

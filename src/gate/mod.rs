@@ -1,7 +1,8 @@
 //! Where a connection is admitted. [`Gate`] is the shared state every accept loop and
 //! connection task holds, [`Live`] the part a reload swaps whole. Admission of a new connection
 //! is decided here, in the accept loop, without I/O ([`Gate::triage`]): admitted, refused, or
-//! put in the wait queue, whose slots [`Gate::capacity`] hands out. After a PROXY header the
+//! put in the wait queue, whose slots [`Gate::capacity`] hands out and whose one dispatcher
+//! ([`Gate::dispatch`]) runs here. After a PROXY header the
 //! connection's task asks [`Gate::admit`]. The record of reloads ([`Reloads`]) is kept here too.
 //!
 //! Why a folder of its own, apart from `admission` and `policy`: those two count and apply the
@@ -27,6 +28,7 @@ use crate::policy::{mask, Listing, Policy};
 use crate::queue::{Entered, Queue, Ticket, Waiter};
 use crate::wake::Wake;
 
+mod dispatch;
 mod reloads;
 use crate::reason::{Refusal, RejectReason};
 use crate::reply::{Closer, RejectSummary, Replies, SourceRefusals};

@@ -30,50 +30,11 @@ impl Running {
         });
     }
 
-    /// The wait queue's one dispatcher: whenever a slot may have freed, hands out every slot
-    /// there is, in the queue's order; at the next deadline, ends the waits that reached it;
-    /// when a pause after a local failure ends, looks again. In a cluster that said full, it
-    /// also looks at each turn of the waiters to ask it.
+    /// The wait queue's one dispatcher ([`crate::gate::Gate::dispatch`]).
     pub(super) fn spawn_queue_dispatcher(&self) {
         let (gate, stop) = (self.gate.clone(), self.stop.clone());
-        self.background.spawn(async move {
-            let mut next: Option<std::time::Instant> = None;
-            loop {
-                let deadline = next.map(tokio::time::Instant::from_std);
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = gate.wake.notified() => {}
-                    () = sleep_until_some(deadline) => {}
-                }
-                let live = gate.live.load_full();
-                // The queue's only dispatcher must outlive a bug in one turn: a panic here
-                // would leave every waiter unserved until its client gave up. This relies on
-                // `panic = "unwind"` (Cargo.toml's profiles keep it): under `abort`,
-                // catch_unwind catches nothing and the process ends.
-                let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    gate.queue.serve(|waiter| gate.capacity(&live, waiter));
-                    let expiry = gate.queue.expire(std::time::Instant::now());
-                    let Some(cluster) = &gate.cluster else {
-                        return expiry;
-                    };
-                    cluster.queue_changed();
-                    // A full cluster: the next waiter asks it at its turn.
-                    let ask = cluster.next_ask().filter(|_| !gate.queue.is_empty());
-                    expiry.into_iter().chain(ask).min()
-                }));
-                next = match turn {
-                    // A pause after a local failure ends with a look of its own.
-                    Ok(next) => match gate.local.paused_until().map(|t| t.into_std()) {
-                        Some(resume) => Some(next.map_or(resume, |n| n.min(resume))),
-                        None => next,
-                    },
-                    Err(_) => {
-                        tracing::error!("the wait queue's dispatcher panicked; it goes on");
-                        Some(std::time::Instant::now() + std::time::Duration::from_secs(1))
-                    }
-                };
-            }
-        });
+        self.background
+            .spawn(async move { gate.dispatch(stop).await });
     }
 
     /// Writes the learned backend limits to `state_dir` every few seconds while they change.
@@ -135,13 +96,5 @@ impl Running {
                 }
             }
         });
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

@@ -8,7 +8,8 @@
 //! ([`crate::session`]).
 //!
 //! The background tasks (`background`): health checks, housekeeping, and the queue's
-//! dispatcher, which hands freed slots to clients waiting in [`crate::queue`].
+//! dispatcher ([`crate::gate::Gate::dispatch`], which hands freed slots to clients waiting in
+//! [`crate::queue`]), spawned here and run by the gate.
 //!
 //! A reload (`reload`) swaps the policy, replies, backend and timeouts for new connections at
 //! once. Sessions already forwarding are never cut and keep their slots. Settings that would

@@ -433,9 +433,9 @@ impl Drop for Container {
             std::thread::sleep(Duration::from_millis(50));
         }
         if let Ok(None) = self.nspawn.try_wait() {
-            // SAFETY: kill(2) on the container's init (ending its PID namespace) and on our child.
-            unsafe {
-                libc::kill(self.pid as i32, libc::SIGKILL);
+            // The container's init: killing it ends its PID namespace; then our own child.
+            if let Some(init) = rustix::process::Pid::from_raw(self.pid as i32) {
+                let _ = rustix::process::kill_process(init, rustix::process::Signal::KILL);
             }
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
@@ -456,10 +456,13 @@ impl NetNs {
     /// Moves the calling thread into the namespace. Meant for threads made for this.
     pub fn enter(&self) {
         let ns = std::fs::File::open(&self.path).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns(2) on a descriptor we own; only this thread's network namespace changes.
-        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        // setns(2): only this thread's network namespace changes.
+        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+        move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&ns),
+            Some(LinkNameSpaceType::Network),
+        )
+        .unwrap_or_else(|e| panic!("setns: {e}"));
     }
 
     /// Connects to `to` from `source` inside the namespace, from a short-lived thread.
