@@ -212,13 +212,39 @@ async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
         mx.queued() == 1
     })
     .await;
+    // Quiet through its wait, but its greeting has not ended: no pass yet, so a second
+    // connection from its address is tested, not let through on the first one's account.
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (0.0, 0.0));
+    let mut sibling = connect_from("127.0.0.6", at).await.unwrap();
+    expect(&mut sibling, TEASER, "the sibling is tested too").await;
+    drop(sibling);
     s.write_all(b"EHLO bot\r\n").await.unwrap();
     assert_eq!(read_to_end(&mut s).await, DROP);
     eventually("its place is given up", || mx.queued() == 0).await;
     let m = metrics_of(&mx).await;
-    assert_eq!((result(&m, "pass"), result(&m, "fail")), (1.0, 1.0));
+    assert_eq!(
+        (result(&m, "pass"), result(&m, "fail")),
+        (0.0, 1.0),
+        "one verdict for the connection: it failed"
+    );
     assert_eq!(b.accepted.load(Ordering::SeqCst), 1, "only the holder's");
+
+    // A quiet client that waits in the queue passes when its greeting ends, not before.
+    let mut quiet = connect_from("127.0.0.9", at).await.unwrap();
+    expect(&mut quiet, TEASER, "the teaser").await;
+    eventually("the quiet client waits in the queue", || mx.queued() == 1).await;
+    assert_eq!(result(&metrics_of(&mx).await, "pass"), 0.0);
     drop(holder);
+    expect(
+        &mut quiet,
+        b"220 backend.test ready\r\n",
+        "its greeting ends the reply",
+    )
+    .await;
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (1.0, 1.0));
+    assert_eq!(metric(&m, "mxgate_pregreet_cache_entries"), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

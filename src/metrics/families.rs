@@ -119,7 +119,7 @@ pub const HELP: &[(&str, Option<Unit>, &str)] = &[
     (
         "mxgate_pregreet_total",
         None,
-        "Pregreet test results, by result: pass, fail (spoke before its turn), cached_pass and cached_fail (decided by the cache, not tested).",
+        "Pregreet test results, by result: pass (quiet until its greeting's final line), fail (spoke before it), cached_pass and cached_fail (decided by the cache, not tested). A tested connection counts once.",
     ),
     (
         "mxgate_pregreet_cache_entries",

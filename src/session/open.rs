@@ -213,6 +213,7 @@ impl Gate {
         if !origin.talked && !origin.early.is_empty() && self.spoke(origin, live) {
             return Teased::Spoke;
         }
+        self.greeting_ends(origin, live);
         let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit);
         match read.await {
             Some(Rewrite::Whole(words)) => Teased::Greeted(words),

@@ -23,6 +23,11 @@ pub(super) struct Origin {
     pub(super) teased: bool,
     /// It failed the pregreet test already (under `ignore`, and served anyway): not again.
     pub(super) talked: bool,
+    /// It stayed quiet through the pregreet wait. The test ends with the greeting's final
+    /// line, so its pass is counted and cached only then, unless it speaks first: a client
+    /// still waiting in the queue has not passed yet, and another connection from its address
+    /// is tested meanwhile rather than let through on a pass it may still fail.
+    pub(super) quiet: bool,
 }
 
 impl Origin {
@@ -35,6 +40,7 @@ impl Origin {
             waited: None,
             teased: false,
             talked: false,
+            quiet: false,
         }
     }
 }
@@ -61,5 +67,6 @@ pub(super) async fn upstream_header(
         waited: None,
         teased: false,
         talked: false,
+        quiet: false,
     })
 }

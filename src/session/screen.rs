@@ -84,18 +84,21 @@ impl Gate {
         };
         let watched = if !origin.early.is_empty() {
             // Bytes behind an upstream's PROXY header came before the teaser: it spoke first.
-            Watched::Talked
+            Some(Watched::Talked)
         } else {
             tokio::select! {
-                w = crate::pregreet::watch(&client, wait, &mut origin.early, MAX_EARLY_BYTES) => w,
-                // Shutdown: the drain's refusal follows, after the greeting's completion.
-                () = self.cut.cancelled() => Watched::Quiet,
+                w = crate::pregreet::watch(&client, wait, &mut origin.early, MAX_EARLY_BYTES) => Some(w),
+                // Shutdown cut the wait short: no verdict either way; the drain's refusal
+                // follows, after the greeting's completion.
+                () = self.cut.cancelled() => None,
             }
         };
         match watched {
-            Watched::Gone => return Opened::Done,
-            Watched::Quiet => self.pregreet.passed(ip, config),
-            Watched::Talked => {
+            None => {}
+            Some(Watched::Gone) => return Opened::Done,
+            // Counted and cached when its greeting ends ([`Gate::greeting_ends`]).
+            Some(Watched::Quiet) => origin.quiet = true,
+            Some(Watched::Talked) => {
                 if self.spoke(&mut origin, &live) {
                     drop(guard);
                     self.answer_spoke(client, origin.early, ip, &live).await;
@@ -162,6 +165,7 @@ impl Gate {
         let ip = origin.client.ip().to_canonical();
         let action = live.replies.pregreet;
         origin.talked = true;
+        origin.quiet = false;
         let source = live.policy.classify(ip).rule.source_key(ip);
         self.pregreet
             .failed(ip, &live.config.pregreet, action.refuses(), source);
@@ -189,8 +193,18 @@ impl Gate {
             .await
     }
 
+    /// The greeting's final line is about to go out to a teased client: one that stayed quiet
+    /// through the pregreet wait and since has passed the test, counted and cached now.
+    pub(super) fn greeting_ends(&self, origin: &mut Origin, live: &Live) {
+        if std::mem::take(&mut origin.quiet) {
+            let ip = origin.client.ip().to_canonical();
+            self.pregreet.passed(ip, &live.config.pregreet);
+        }
+    }
+
     /// mxgate's own answer to `refusal`, counted: the reply line as always, or, once the
-    /// teaser has gone out, the greeting completed and the line at the client's first command.
+    /// teaser has gone out, the greeting completed (the test passed, if the client was quiet
+    /// and its pass not yet counted) and the line at the client's first command.
     pub(super) async fn answer(
         &self,
         client: TcpStream,
@@ -198,6 +212,10 @@ impl Gate {
         origin: &Origin,
         live: &Live,
     ) {
+        if origin.quiet {
+            let ip = origin.client.ip().to_canonical();
+            self.pregreet.passed(ip, &live.config.pregreet);
+        }
         if origin.teased {
             let heard = origin.early.clone();
             self.closer
