@@ -98,13 +98,13 @@ impl Gate {
             Some(Watched::Gone) => return Opened::Done,
             // Counted and cached when its greeting ends ([`Gate::greeting_ends`]).
             Some(Watched::Quiet) => origin.quiet = true,
-            Some(Watched::Talked) => {
-                if self.spoke(&mut origin, &live) {
-                    drop(guard);
-                    self.answer_spoke(client, origin.early, ip, &live).await;
-                    return Opened::Done;
-                }
+            Some(Watched::Talked) if self.spoke(&mut origin, &live) => {
+                drop(guard);
+                self.answer_spoke(client, origin.early, ip, &live).await;
+                return Opened::Done;
             }
+            // Under `ignore` it goes on, tested no more.
+            Some(Watched::Talked) => {}
         }
         self.after_screen(client, guard, origin, live).await
     }
