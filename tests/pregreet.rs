@@ -248,6 +248,76 @@ async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_never_replaces_a_failure_that_another_connection_earned_meanwhile() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let mut c = screened(b.addr, Pregreet::Drop);
+    c.max_connections = 1;
+    c.queue_timeout = Duration::from_secs(30);
+    c.allow = vec!["127.0.0.50/32".parse().unwrap()];
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let mut holder = connect_from("127.0.0.50", at).await.unwrap();
+    expect(&mut holder, b"220 backend.test ready\r\n", "the holder").await;
+    // A bot's patient connection waits out the test and queues...
+    let mut patient = connect_from("127.0.0.10", at).await.unwrap();
+    expect(&mut patient, TEASER, "the teaser").await;
+    eventually("the patient connection waits in the queue", || {
+        mx.queued() == 1
+    })
+    .await;
+    // ...while another of its connections speaks first and fails.
+    let mut eager = connect_from("127.0.0.10", at).await.unwrap();
+    eager.write_all(b"EHLO bot\r\n").await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(DROP);
+    assert_eq!(read_to_end(&mut eager).await, want);
+    // The patient one is served and passes, but its pass does not clear the failure.
+    drop(holder);
+    expect(&mut patient, b"220 backend.test ready\r\n", "its greeting").await;
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (1.0, 1.0));
+    let mut next = connect_from("127.0.0.10", at).await.unwrap();
+    assert_eq!(
+        read_to_end(&mut next).await,
+        DROP,
+        "the address is still refused at connect"
+    );
+    assert_eq!(result(&metrics_of(&mx).await, "cached_fail"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_speaks_while_a_backend_fails_to_greet_fails_the_test() {
+    // A backend that accepts and never greets.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let mut c = screened(addr, Pregreet::Drop);
+    c.backend_greeting_timeout = Some(Duration::from_secs(3));
+    let mx = start(c).await;
+    let at = mx.listen_addrs()[0];
+    let mut s = connect_from("127.0.0.11", at).await.unwrap();
+    expect(&mut s, TEASER, "the teaser").await;
+    eventually("past its wait, at the backend", || {
+        accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    s.write_all(b"EHLO early\r\n").await.unwrap();
+    // Its words were kept while the backend said nothing: it spoke before its greeting.
+    assert_eq!(read_to_end(&mut s).await, DROP);
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (0.0, 1.0));
+    assert_eq!(rejected(&m), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_after_the_teaser_completes_the_greeting_then_answers_421() {
     let b = backend(b"220 backend.test ready\r\n").await;
     let mut c = screened(b.addr, Pregreet::Drop);

@@ -9,15 +9,17 @@
 //!     │
 //!     ▼ per-source slots only: no global slot, no backend
 //!  "220-{hostname} ESMTP" ── pregreet_wait (pregreet_wait_busy while anyone queues) ──┐
-//!     │ spoke: fail                                                           quiet: pass
+//!     │ spoke: fail                                                         quiet: goes on
 //!     ▼                                                                                ▼
 //!  ignore: served anyway · enforce: "220 {hostname} ESMTP", then 550s · drop: 521
 //!                          global slot or the queue ─▶ backend greeting, rewritten to "220-…"/"220 …"
+//!                          (spoke meanwhile: fail, as above; quiet until the greeting: pass)
 //! ```
 //!
 //! After the teaser, a reply must stay valid: every later refusal completes the greeting
 //! (`220 {hostname} ESMTP`) and answers the first command with its 421. A client that speaks
-//! before the final line (while it waits in the queue or the backend greets) fails too.
+//! before the final line (while it waits in the queue or the backend greets) fails too, so a
+//! pass is counted and cached only when the greeting ends.
 //!
 //! The cache ([`cache`]) is a verdict per address, kept in `state_dir` ([`store`]) and, with a
 //! `[cluster]`, shared through Redis ([`shared`]). It lives in the server's shared state, not
@@ -72,7 +74,7 @@ impl Pregreet {
 /// What the client did while it was watched.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Watched {
-    /// Nothing: it passes.
+    /// Nothing: it goes on, and passes if it stays quiet until its greeting ends.
     Quiet,
     /// It spoke; its bytes are in `early`.
     Talked,
@@ -283,9 +285,15 @@ impl Screen {
         }
     }
 
-    /// A client that waited for its turn: counted, remembered for `pregreet_pass_ttl`.
+    /// A client that stayed quiet until its greeting: counted, remembered for
+    /// `pregreet_pass_ttl`, unless another connection from its address failed meanwhile: a
+    /// failure stands for its `pregreet_fail_ttl`, or one patient connection of a bot would
+    /// clear it for all the others.
     pub fn passed(&self, ip: IpAddr, config: &PregreetConfig) {
         self.series.pass.increment(1);
+        if self.cache.get(ip) == Some(Verdict::Fail) {
+            return;
+        }
         self.remember(ip, Verdict::Pass, config.pass_ttl);
     }
 

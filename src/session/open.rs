@@ -161,6 +161,8 @@ impl Gate {
                 }
                 Greeting::Silent | Greeting::Failed => {
                     tracing::debug!(backend = %lease.member.label, "backend sent no greeting");
+                    // What the client said meanwhile: a teased client that spoke fails.
+                    origin.early = kept;
                     drop((backend, guard, lease));
                     return self.unavailable(client, &origin, &live).await;
                 }

@@ -162,10 +162,16 @@ impl Gate {
     /// refused (`enforce`, `drop`: [`Gate::answer_spoke`] answers and counts the refusal);
     /// under `ignore` it goes on, tested no more.
     pub(super) fn spoke(&self, origin: &mut Origin, live: &Live) -> bool {
-        let ip = origin.client.ip().to_canonical();
-        let action = live.replies.pregreet;
         origin.talked = true;
         origin.quiet = false;
+        self.failed_test(origin, live)
+    }
+
+    /// The failure of `origin`'s client, counted and (when the action refuses it) cached;
+    /// returns whether it is refused.
+    fn failed_test(&self, origin: &Origin, live: &Live) -> bool {
+        let ip = origin.client.ip().to_canonical();
+        let action = live.replies.pregreet;
         let source = live.policy.classify(ip).rule.source_key(ip);
         self.pregreet
             .failed(ip, &live.config.pregreet, action.refuses(), source);
@@ -193,8 +199,10 @@ impl Gate {
             .await
     }
 
-    /// The greeting's final line is about to go out to a teased client: one that stayed quiet
-    /// through the pregreet wait and since has passed the test, counted and cached now.
+    /// The backend's greeting has come for a teased client that has not spoken: one that
+    /// stayed quiet through the pregreet wait, the queue and the greeting's first read passes
+    /// the test, counted and cached now. (What it might send while the rest of a greeting that
+    /// comes in pieces is read is not watched; it is forwarded after the greeting.)
     pub(super) fn greeting_ends(&self, origin: &mut Origin, live: &Live) {
         if std::mem::take(&mut origin.quiet) {
             let ip = origin.client.ip().to_canonical();
@@ -214,7 +222,15 @@ impl Gate {
     ) {
         if origin.quiet {
             let ip = origin.client.ip().to_canonical();
-            self.pregreet.passed(ip, &live.config.pregreet);
+            if origin.early.is_empty() {
+                self.pregreet.passed(ip, &live.config.pregreet);
+            } else if self.failed_test(origin, live) {
+                // It spoke while a backend greeted (then failed, or said busy): a failure,
+                // answered as one rather than with this refusal.
+                self.answer_spoke(client, origin.early.clone(), ip, live)
+                    .await;
+                return;
+            }
         }
         if origin.teased {
             let heard = origin.early.clone();
