@@ -32,7 +32,7 @@ REJECT_SECONDS = 2 if QUICK else 5
 # The paced reject load, connections a second: below every proxy's closed-loop rate here.
 REJECT_RATE = int(os.environ.get("REJECT_RATE") or 10000)
 # Idle sessions held for the per-session RSS and descriptors. mxgate's descriptor budget holds
-# its sessions to what the hard RLIMIT_NOFILE allows (about 1,800 under a hard limit of 20,000,
+# its sessions to what the hard RLIMIT_NOFILE allows (2,331 under a hard limit of 20,000,
 # with this bench's limits): where the hard limit is that low, HOLD_SESSIONS=1500 keeps every
 # target measured over the same count.
 HOLD_SESSIONS = int(os.environ.get("HOLD_SESSIONS") or (1000 if QUICK else 5000))
