@@ -317,6 +317,84 @@ async fn a_client_that_speaks_while_a_backend_fails_to_greet_fails_the_test() {
     assert_eq!(rejected(&m), 1.0);
 }
 
+/// A backend that sends the first line of its greeting, then the last when told, then echoes.
+async fn greeting_in_two_pieces() -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (first_sent, rest) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let (sent, go) = (first_sent.clone(), rest.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (sent, go) = (sent.clone(), go.clone());
+            tokio::spawn(async move {
+                s.write_all(b"220-backend.test first\r\n").await.unwrap();
+                sent.fetch_add(1, Ordering::SeqCst);
+                go.notified().await;
+                s.write_all(b"220 backend.test last\r\n").await.unwrap();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, first_sent, rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_word_between_the_pieces_of_a_backend_greeting_fails_the_test() {
+    let (addr, first_sent, rest) = greeting_in_two_pieces().await;
+    let mx = start(screened(addr, Pregreet::Drop)).await;
+    let at = mx.listen_addrs()[0];
+    let mut s = connect_from("127.0.0.12", at).await.unwrap();
+    expect(&mut s, TEASER, "the teaser").await;
+    eventually("the backend sent its first line", || {
+        first_sent.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let m = metrics_of(&mx).await;
+    assert_eq!(
+        (result(&m, "pass"), result(&m, "fail")),
+        (0.0, 0.0),
+        "no pass before the greeting is whole"
+    );
+    s.write_all(b"EHLO early\r\n").await.unwrap();
+    rest.notify_one();
+    assert_eq!(
+        read_to_end(&mut s).await,
+        DROP,
+        "it spoke before its greeting"
+    );
+    let m = metrics_of(&mx).await;
+    assert_eq!((result(&m, "pass"), result(&m, "fail")), (0.0, 1.0));
+
+    // Under ignore, the same talker is served, its words forwarded after the greeting.
+    let (addr, first_sent, rest) = greeting_in_two_pieces().await;
+    let mx = start(screened(addr, Pregreet::Ignore)).await;
+    let mut s = connect_from("127.0.0.13", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    expect(&mut s, TEASER, "the teaser").await;
+    eventually("the backend sent its first line", || {
+        first_sent.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    s.write_all(b"EHLO early\r\n").await.unwrap();
+    rest.notify_one();
+    expect(
+        &mut s,
+        b"220-backend.test first\r\n220 backend.test last\r\nEHLO early\r\n",
+        "the greeting whole, then the echo of its words",
+    )
+    .await;
+    assert_eq!(result(&metrics_of(&mx).await, "fail"), 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_after_the_teaser_completes_the_greeting_then_answers_421() {
     let b = backend(b"220 backend.test ready\r\n").await;

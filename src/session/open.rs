@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::origin::Origin;
-use super::wait::Waiting;
+use super::wait::{Waiting, MAX_EARLY_BYTES};
 use super::{deadline_after, Opened, Ready};
 use crate::admission::Guard;
 use crate::backend::{greeting, BusyAbout, Greeting, Lease, Unconnected};
@@ -126,7 +126,7 @@ impl Gate {
                     if origin.teased {
                         origin.early = kept;
                         let screened = self
-                            .after_teaser(&backend, first_words, &mut origin, &plan, &live)
+                            .after_teaser(&client, &backend, first_words, &mut origin, &plan, &live)
                             .await;
                         first_words = match screened {
                             Teased::Greeted(words) => words,
@@ -202,23 +202,39 @@ impl Gate {
         Opened::Done
     }
 
-    /// A backend greeted a client that had the pregreet teaser: a word from the client while
-    /// it greeted fails the test, and its greeting is rewritten to end the teaser's reply.
+    /// A backend greeted a client that had the pregreet teaser: its greeting is read whole and
+    /// rewritten to end the teaser's reply. A word from the client before that fails the test:
+    /// while the greeting's first part came (kept already) or its rest, for a greeting that
+    /// comes in pieces (read here from the client's socket, to be forwarded in order after
+    /// the greeting when the client goes on).
     async fn after_teaser(
         &self,
+        client: &TcpStream,
         backend: &TcpStream,
         first_words: Vec<u8>,
         origin: &mut Origin,
         plan: &Plan,
         live: &Live,
     ) -> Teased {
+        let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit).await;
+        // What the greeting's first read kept has gone to the backend already; what is taken
+        // here has not.
+        let forwarded = origin.early.len();
+        if !origin.talked {
+            take_available(client, &mut origin.early);
+        }
         if !origin.talked && !origin.early.is_empty() && self.spoke(origin, live) {
             return Teased::Spoke;
         }
         self.greeting_ends(origin, live);
-        let read = crate::pregreet::read_greeting(backend, first_words, plan.greeting_limit);
-        match read.await {
-            Some(Rewrite::Whole(words)) => Teased::Greeted(words),
+        match read {
+            Some(Rewrite::Whole(words)) => {
+                let taken = &origin.early[forwarded..];
+                if !taken.is_empty() && greeting::write_all(backend, taken).await.is_err() {
+                    return Teased::Unusable;
+                }
+                Teased::Greeted(words)
+            }
             Some(Rewrite::Refused(reply)) => Teased::Refused(reply),
             // No SMTP, a close or silence: the backend is not there for this client.
             _ => Teased::Unusable,
@@ -453,6 +469,19 @@ impl Gate {
             },
             relayed,
         )
+    }
+}
+
+/// Moves what the client has sent and mxgate has not read into `early`, up to
+/// [`MAX_EARLY_BYTES`] in all, without waiting; the rest stays in the socket, in order behind it.
+fn take_available(client: &TcpStream, early: &mut Vec<u8>) {
+    let mut buf = [0u8; 1024];
+    while early.len() < MAX_EARLY_BYTES {
+        let room = (MAX_EARLY_BYTES - early.len()).min(buf.len());
+        match client.try_read(&mut buf[..room]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => early.extend_from_slice(&buf[..n]),
+        }
     }
 }
 

@@ -199,10 +199,9 @@ impl Gate {
             .await
     }
 
-    /// The backend's greeting has come for a teased client that has not spoken: one that
-    /// stayed quiet through the pregreet wait, the queue and the greeting's first read passes
-    /// the test, counted and cached now. (What it might send while the rest of a greeting that
-    /// comes in pieces is read is not watched; it is forwarded after the greeting.)
+    /// The backend's greeting has come whole for a teased client that has not spoken: one
+    /// that stayed quiet through the pregreet wait, the queue and the greeting passes the
+    /// test, counted and cached now.
     pub(super) fn greeting_ends(&self, origin: &mut Origin, live: &Live) {
         if std::mem::take(&mut origin.quiet) {
             let ip = origin.client.ip().to_canonical();
