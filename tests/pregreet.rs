@@ -189,16 +189,19 @@ async fn ignore_counts_a_talker_and_serves_it_and_tests_it_again() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
+/// mxgate under `drop` with its one slot held by an allowed source (127.0.0.50), untested,
+/// whose backend greeting has been read: the next clients wait in the queue, or with a
+/// `queue_timeout` of 0 are refused.
+async fn one_slot_held(
+    queue_timeout: Duration,
+) -> (Backend, mxgate::Running, SocketAddr, TcpStream) {
     let b = backend(b"220 backend.test ready\r\n").await;
     let mut c = screened(b.addr, Pregreet::Drop);
     c.max_connections = 1;
-    c.queue_timeout = Duration::from_secs(30);
+    c.queue_timeout = queue_timeout;
     c.allow = vec!["127.0.0.50/32".parse().unwrap()];
     let mx = start(c).await;
     let at = mx.listen_addrs()[0];
-    // The allowed holder gets the backend's greeting at once, untested.
     let mut holder = connect_from("127.0.0.50", at).await.unwrap();
     expect(
         &mut holder,
@@ -206,6 +209,13 @@ async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
         "allowed: no teaser",
     )
     .await;
+    (b, mx, at, holder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
+    // The allowed holder gets the backend's greeting at once, untested.
+    let (b, mx, at, holder) = one_slot_held(Duration::from_secs(30)).await;
     let mut s = connect_from("127.0.0.6", at).await.unwrap();
     expect(&mut s, TEASER, "the teaser").await;
     eventually("the screened client waits in the queue", || {
@@ -249,15 +259,7 @@ async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_never_replaces_a_failure_that_another_connection_earned_meanwhile() {
-    let b = backend(b"220 backend.test ready\r\n").await;
-    let mut c = screened(b.addr, Pregreet::Drop);
-    c.max_connections = 1;
-    c.queue_timeout = Duration::from_secs(30);
-    c.allow = vec!["127.0.0.50/32".parse().unwrap()];
-    let mx = start(c).await;
-    let at = mx.listen_addrs()[0];
-    let mut holder = connect_from("127.0.0.50", at).await.unwrap();
-    expect(&mut holder, b"220 backend.test ready\r\n", "the holder").await;
+    let (_b, mx, at, holder) = one_slot_held(Duration::from_secs(30)).await;
     // A bot's patient connection waits out the test and queues...
     let mut patient = connect_from("127.0.0.10", at).await.unwrap();
     expect(&mut patient, TEASER, "the teaser").await;
@@ -397,15 +399,7 @@ async fn a_word_between_the_pieces_of_a_backend_greeting_fails_the_test() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_after_the_teaser_completes_the_greeting_then_answers_421() {
-    let b = backend(b"220 backend.test ready\r\n").await;
-    let mut c = screened(b.addr, Pregreet::Drop);
-    c.max_connections = 1;
-    c.queue_timeout = Duration::ZERO;
-    c.allow = vec!["127.0.0.50/32".parse().unwrap()];
-    let mx = start(c).await;
-    let at = mx.listen_addrs()[0];
-    let mut holder = connect_from("127.0.0.50", at).await.unwrap();
-    expect(&mut holder, b"220 backend.test ready\r\n", "the holder").await;
+    let (_b, _mx, at, holder) = one_slot_held(Duration::ZERO).await;
     let mut s = connect_from("127.0.0.7", at).await.unwrap();
     let mut want = TEASER.to_vec();
     want.extend_from_slice(COMPLETION);
