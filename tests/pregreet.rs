@@ -213,6 +213,31 @@ async fn one_slot_held(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_serves_a_talker_and_counts_what_drop_would_have_done() {
+    let b = backend(b"220 backend.test ready\r\n").await;
+    let mut c = screened(b.addr, Pregreet::Drop);
+    c.dry_run = true;
+    let mx = start(c).await;
+    let mut s = connect_from("127.0.0.14", mx.listen_addrs()[0])
+        .await
+        .unwrap();
+    s.write_all(b"EHLO early\r\n").await.unwrap();
+    let mut want = TEASER.to_vec();
+    want.extend_from_slice(b"220 backend.test ready\r\nEHLO early\r\n");
+    expect(&mut s, &want, "served, as ignore serves it").await;
+    let m = metrics_of(&mx).await;
+    assert_eq!(result(&m, "fail"), 1.0);
+    assert_eq!(rejected(&m), 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "mxgate_connections_would_reject_total{reason=\"pregreet\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_word_in_the_queue_fails_and_allowed_sources_skip_the_test() {
     // The allowed holder gets the backend's greeting at once, untested.
     let (b, mx, at, holder) = one_slot_held(Duration::from_secs(30)).await;

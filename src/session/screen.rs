@@ -175,6 +175,14 @@ impl Gate {
         let source = live.policy.classify(ip).rule.source_key(ip);
         self.pregreet
             .failed(ip, &live.config.pregreet, action.refuses(), source);
+        // Dry run serves it (the action in force is `ignore`), but counts what the configured
+        // action would have done, as for every other reason.
+        if live.config.dry_run && live.config.pregreet.action.refuses() {
+            self.metrics
+                .would_reject(RejectReason::Pregreet)
+                .increment(1);
+            self.summary.record_dry_run(RejectReason::Pregreet, source);
+        }
         tracing::debug!(
             src = %ip,
             action = ?action,
