@@ -153,6 +153,15 @@ impl Instance {
                     .flatten(),
             )
             .args(["--cluster-name", cluster, "--cluster-instance", name])
+            // A test that is not about Redis's delay gives it a second: on a loaded host a
+            // loopback answer can come later than the 50 ms default, and the instance then
+            // decides alone under its fallback share, which such a test does not expect.
+            .args(
+                (!extra.contains(&"--cluster-admission-timeout"))
+                    .then_some(["--cluster-admission-timeout", "1s"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .command()
             .stderr(log)
