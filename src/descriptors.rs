@@ -1,9 +1,9 @@
 //! The descriptor budget: how many file descriptors a config can hold open at once, checked
 //! against `RLIMIT_NOFILE` at start-up, on reload and by `mxgate check`. A soft limit that
 //! falls short is raised toward the hard one, as HAProxy does from its `maxconn`; a hard
-//! limit that still falls short is warned about, with the numbers, and `max_connections`
-//! and `max_queued` are held to what fits under it ([`caps`]), so that a client granted a slot
-//! always has its backend descriptor.
+//! limit that still falls short is warned about, with the numbers, and `max_connections`,
+//! `max_queued` and `pregreet_max_clients` are held to what fits under it ([`caps`]), so that
+//! a client granted a slot always has its backend descriptor.
 
 use crate::config::Config;
 
@@ -18,6 +18,8 @@ pub struct Budget {
     pub sessions: u64,
     /// One per waiting client.
     pub queue: u64,
+    /// One per client under the pregreet test.
+    pub screening: u64,
     /// Refused clients lingering, and denied ones in their dialogue.
     pub lingering: u64,
     /// Connections waiting for a trusted upstream's PROXY header.
@@ -41,6 +43,11 @@ impl Budget {
         Budget {
             sessions: 2 * config.max_connections as u64,
             queue: config.max_queued as u64,
+            screening: if config.pregreet.action == crate::config::Pregreet::Off {
+                0
+            } else {
+                config.pregreet.max_clients as u64
+            },
             lingering: (crate::reply::MAX_LINGERING + crate::reply::MAX_DENYING) as u64,
             headers: if config.accept_proxy_protocol.is_empty() {
                 0
@@ -63,6 +70,7 @@ impl Budget {
     pub fn total(&self) -> u64 {
         self.sessions
             + self.queue
+            + self.screening
             + self.lingering
             + self.headers
             + self.pipes
@@ -75,11 +83,12 @@ impl std::fmt::Display for Budget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} = sessions {} + queue {} + lingering {} + PROXY headers {} + pipes {} + \
-             listeners {} + margin {}",
+            "{} = sessions {} + queue {} + pregreet test {} + lingering {} + PROXY headers {} + \
+             pipes {} + listeners {} + margin {}",
             self.total(),
             self.sessions,
             self.queue,
+            self.screening,
             self.lingering,
             self.headers,
             self.pipes,
@@ -100,6 +109,7 @@ pub fn limits() -> (Option<u64>, Option<u64>) {
 pub struct Caps {
     pub max_connections: usize,
     pub max_queued: usize,
+    pub pregreet_max_clients: usize,
 }
 
 /// A descriptor limit short of a config's budget: what it is, and the caps that fit under it.
@@ -109,7 +119,8 @@ pub struct Shortfall {
     /// The soft limit in force.
     pub soft: u64,
     pub hard: Option<u64>,
-    /// `max_connections` and `max_queued` held to what fits under the reachable limit.
+    /// `max_connections`, `max_queued` and `pregreet_max_clients` held to what fits under the
+    /// reachable limit.
     pub caps: Caps,
 }
 
@@ -118,33 +129,51 @@ impl Shortfall {
     pub fn apply(&self, config: &mut Config) {
         config.max_connections = self.caps.max_connections;
         config.max_queued = self.caps.max_queued;
+        config.pregreet.max_clients = self.caps.pregreet_max_clients;
     }
 }
 
 impl std::fmt::Display for Shortfall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The pregreet test's room is named only while the test is on (and counted).
+        let (held, lower) = if self.budget.screening == 0 {
+            (
+                format!(
+                    "max_connections is held at {} and max_queued at {}",
+                    self.caps.max_connections, self.caps.max_queued
+                ),
+                "max_connections or max_queued",
+            )
+        } else {
+            (
+                format!(
+                    "max_connections is held at {}, max_queued at {} and pregreet_max_clients \
+                     at {}",
+                    self.caps.max_connections, self.caps.max_queued, self.caps.pregreet_max_clients
+                ),
+                "max_connections, max_queued or pregreet_max_clients",
+            )
+        };
         write!(
             f,
             "the descriptor limit (RLIMIT_NOFILE soft {}, hard {}) is below what this config \
-             can hold open, {}: until it is raised, max_connections is held at {} and \
-             max_queued at {}, so that a client granted a slot has its backend descriptor; \
-             raise LimitNOFILE to at least {}, or lower max_connections or max_queued",
+             can hold open, {}: until it is raised, {held}, so that a client granted a slot \
+             has its backend descriptor; raise LimitNOFILE to at least {}, or lower {lower}",
             self.soft,
             self.hard.map_or("unlimited".to_string(), |h| h.to_string()),
             self.budget,
-            self.caps.max_connections,
-            self.caps.max_queued,
             self.budget.total(),
         )
     }
 }
 
-/// `max_connections` and `max_queued` held to what fits under `limit` descriptors. The
-/// listeners, PROXY-header waits and the margin come first; the refused clients lingering get
-/// at most a quarter of the rest (past their share they are closed sooner, or wait in the
-/// backlog); sessions (two descriptors, and a pipe's two when splicing) at most half of what
-/// is left, and the queue the remainder. A waiter granted a slot then finds its backend
-/// descriptor free: every waiter's and session's descriptors are counted.
+/// `max_connections`, `max_queued` and `pregreet_max_clients` held to what fits under `limit`
+/// descriptors. The listeners, PROXY-header waits and the margin come first; the refused
+/// clients lingering get at most a quarter of the rest (past their share they are closed
+/// sooner, or wait in the backlog); sessions (two descriptors, and a pipe's two when splicing)
+/// at most half of what is left, and the queue and the pregreet test the remainder, in
+/// proportion to what each asks for. A waiter granted a slot then finds its backend
+/// descriptor free: every waiter's, tested client's and session's descriptors are counted.
 pub fn caps(config: &Config, budget: &Budget, limit: u64) -> Caps {
     let rest = limit.saturating_sub(budget.headers + budget.listeners + budget.margin);
     let room = rest - budget.lingering.min(rest / 4);
@@ -154,10 +183,24 @@ pub fn caps(config: &Config, budget: &Budget, limit: u64) -> Caps {
     let sessions = configured
         .min(room / 2 / per_session)
         .max(configured.min(1));
-    let queue = (config.max_queued as u64).min(room.saturating_sub(sessions * per_session));
+    let left = room.saturating_sub(sessions * per_session);
+    let (queue, screening) = (config.max_queued as u64, budget.screening);
+    let (queue, screening) = if queue + screening <= left {
+        (queue, screening)
+    } else {
+        let queue = left * queue / (queue + screening);
+        (queue, left - queue)
+    };
     Caps {
         max_connections: sessions as usize,
         max_queued: queue as usize,
+        // With the test off it is not counted: kept as configured. Never 0 from a nonzero
+        // room, as for sessions: under drop or enforce, 0 would refuse every new client.
+        pregreet_max_clients: if budget.screening == 0 {
+            config.pregreet.max_clients
+        } else {
+            screening.max(budget.screening.min(1)) as usize
+        },
     }
 }
 

@@ -117,6 +117,8 @@ async fn with_descriptors_held_exhausted_newcomers_and_scrapes_are_answered() {
     scrape_until(metrics, Duration::from_secs(10), |_| true).await;
     let mut same = mxgate::config::Config::for_backend(backend.addr);
     (same.max_connections, same.max_queued, same.threads) = (20, 2000, THREADS);
+    // As the process runs it: with the pregreet test off, which the budget then leaves out.
+    same.pregreet.action = mxgate::config::Pregreet::Off;
     let budget = mxgate::descriptors::Budget::of(&same, THREADS);
     let queue = mxgate::descriptors::caps(&same, &budget, LIMIT).max_queued;
 

@@ -312,6 +312,8 @@ pub struct PregreetConfig {
     pub wait_busy: Duration,
     pub pass_ttl: Duration,
     pub fail_ttl: Duration,
+    /// Clients under the test at once, at most.
+    pub max_clients: usize,
 }
 
 /// A validated `[cluster]` table.
@@ -475,6 +477,7 @@ impl Config {
             pregreet_wait_busy: Some(Dur(self.pregreet.wait_busy)),
             pregreet_pass_ttl: Some(Dur(self.pregreet.pass_ttl)),
             pregreet_fail_ttl: Some(Dur(self.pregreet.fail_ttl)),
+            pregreet_max_clients: Some(self.pregreet.max_clients),
             // The password, if the URL has one, is not printed.
             cluster: self
                 .cluster

@@ -255,6 +255,14 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pregreet_fail_ttl: Option<Dur>,
 
+    /// How many clients may be under the pregreet test at once (each holds a descriptor and
+    /// no slot); past it, enforce and drop answer a new client with the global-limit 421
+    /// (counted as queue_full), and ignore serves it untested. Held lower while the
+    /// descriptor limit cannot hold it [default: max_queued, at least 1]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pregreet_max_clients: Option<usize>,
+
     /// Global slots kept for allowed networks only [default: 0]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -465,7 +473,8 @@ impl Settings {
             pregreet_wait,
             pregreet_wait_busy,
             pregreet_pass_ttl,
-            pregreet_fail_ttl
+            pregreet_fail_ttl,
+            pregreet_max_clients
         );
         self
     }

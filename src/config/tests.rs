@@ -285,6 +285,16 @@ fn the_queue_defaults_to_30s_and_five_times_max_connections_and_is_bounded() {
     .validate(None)
     .unwrap();
     assert_eq!((off.queue_timeout, off.max_queued), (Duration::ZERO, 5));
+    // The pregreet test's room follows the queue's, and a config with no queue stays valid
+    // under drop (the hostile run found it refused: the default inherited max_queued's 0).
+    assert_eq!(off.pregreet.max_clients, 5);
+    let no_queue = Settings::from_toml(
+        "backend = \"127.0.0.1:25\"\nhostname = \"mx.t\"\nmax_queued = 0\npregreet = \"drop\"",
+    )
+    .unwrap()
+    .validate(None)
+    .unwrap();
+    assert_eq!((no_queue.max_queued, no_queue.pregreet.max_clients), (0, 1));
     for (toml, key, reason) in [
         (
             "queue_timeout = \"6m\"",

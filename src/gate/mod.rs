@@ -179,8 +179,9 @@ pub enum Start {
     AfterHeader(Arc<Live>, HeaderWait),
     /// Admitted by the accept loop, or put in the wait queue.
     Entered(Entry, Arc<Live>),
-    /// To be screened by the pregreet test first, holding its per-source slots only.
-    Screen(Guard, Arc<Live>),
+    /// To be screened by the pregreet test first, holding its per-source slots and its place
+    /// under the test only.
+    Screen((Guard, crate::pregreet::Place), Arc<Live>),
 }
 
 impl Gate {
@@ -203,7 +204,7 @@ impl Gate {
         }
         if let Some(screened) = self.screen_triage(ip, &live) {
             return match screened {
-                Ok(guard) => Triage::Task(Start::Screen(guard, live)),
+                Ok(screened) => Triage::Task(Start::Screen(screened, live)),
                 Err(refusal) => Triage::Refuse(refusal, live),
             };
         }

@@ -127,6 +127,11 @@ pub const HELP: &[(&str, Option<Unit>, &str)] = &[
         "Addresses in this instance's pregreet cache (passes and failures not yet expired or swept).",
     ),
     (
+        "mxgate_pregreet_testing",
+        None,
+        "Clients under the pregreet test now (each holds a descriptor, no slot): at most pregreet_max_clients, except for a moment after a reload lowers it.",
+    ),
+    (
         "mxgate_bytes_total",
         Some(Unit::Bytes),
         "Bytes forwarded, by direction.",

@@ -80,6 +80,7 @@ pub struct Metrics {
     pub limit_max_connections: Gauge,
     pub limit_max_per_source: Gauge,
     pub limit_max_queued: Gauge,
+    pub limit_pregreet_max_clients: Gauge,
     pub limit_reserved_for_allowed: Gauge,
     pub queued: Gauge,
     pub queue_wait_seconds: Histogram,
@@ -185,6 +186,8 @@ impl Metrics {
             limit_max_connections: r.gauge("mxgate_limit", &[("kind", "max_connections")]),
             limit_max_per_source: r.gauge("mxgate_limit", &[("kind", "max_per_source")]),
             limit_max_queued: r.gauge("mxgate_limit", &[("kind", "max_queued")]),
+            limit_pregreet_max_clients: r
+                .gauge("mxgate_limit", &[("kind", "pregreet_max_clients")]),
             limit_reserved_for_allowed: r
                 .gauge("mxgate_limit", &[("kind", "reserved_for_allowed")]),
             // The queue, and the wait for a PROXY header before admission.
@@ -262,6 +265,11 @@ impl Metrics {
             cached_fail: result("cached_fail"),
             cache_entries: r.gauge("mxgate_pregreet_cache_entries", &[]),
         }
+    }
+
+    /// Clients under the pregreet test now.
+    pub fn pregreet_testing(&self) -> Gauge {
+        Registrar::new(&self.recorder).gauge("mxgate_pregreet_testing", &[])
     }
 
     /// The series of the backend configured as `label` (registered on first use, found after).

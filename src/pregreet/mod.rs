@@ -31,6 +31,7 @@ pub mod store;
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,16 @@ impl Pregreet {
     /// Whether a failure is answered by mxgate (and remembered), rather than only counted.
     pub fn refuses(self) -> bool {
         matches!(self, Pregreet::Enforce | Pregreet::Drop)
+    }
+
+    /// The value as the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pregreet::Off => "off",
+            Pregreet::Ignore => "ignore",
+            Pregreet::Enforce => "enforce",
+            Pregreet::Drop => "drop",
+        }
     }
 }
 
@@ -218,6 +229,28 @@ pub struct Screen {
     /// Failures served anyway (`ignore`), by source: one log line per source a minute at most,
     /// as the refusals' own lines are bounded; not refusals, so not in those lines' table.
     ignored: SourceRefusals,
+    /// Clients under the test now: each holds a descriptor and no slot, so they are bounded
+    /// ([`Screen::place`]).
+    room: Arc<Room>,
+}
+
+/// The clients under the test now, and their gauge.
+struct Room {
+    testing: AtomicUsize,
+    gauge: metrics::Gauge,
+}
+
+/// A client's place among those under the test, held from its triage until it goes on (to a
+/// slot, the queue or its answer); shown in `mxgate_pregreet_testing`. One pointer: it rides
+/// in every session task's first phase.
+#[must_use = "dropping the place ends the client's test at once"]
+pub struct Place(Arc<Room>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.testing.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.decrement(1.0);
+    }
 }
 
 impl Screen {
@@ -255,9 +288,31 @@ impl Screen {
             series: metrics.pregreet(),
             keeper: state_dir.map(|d| store::Keeper::new(d.to_path_buf())),
             ignored: SourceRefusals::default(),
+            room: Arc::new(Room {
+                testing: AtomicUsize::new(0),
+                gauge: metrics.pregreet_testing(),
+            }),
         };
         screen.series.cache_entries.set(screen.cache.len() as f64);
         screen
+    }
+
+    /// A place under the test, while fewer than `max_clients` hold one; `None` when the room
+    /// is full.
+    pub fn place(&self, max_clients: usize) -> Option<Place> {
+        self.room
+            .testing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_clients).then_some(n + 1)
+            })
+            .ok()?;
+        self.room.gauge.increment(1.0);
+        Some(Place(self.room.clone()))
+    }
+
+    /// Clients under the test now.
+    pub fn testing(&self) -> usize {
+        self.room.testing.load(Ordering::Acquire)
     }
 
     /// The local verdict on `ip`, counted as a cached result when there is one.

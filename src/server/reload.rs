@@ -87,6 +87,13 @@ pub(super) fn set_limit_gauges(metrics: &Metrics, config: &Config) {
         0
     };
     metrics.limit_max_queued.set(max_queued as f64);
+    // With the test off, nobody is tested.
+    let testing = if config.pregreet.action == crate::config::Pregreet::Off {
+        0
+    } else {
+        config.pregreet.max_clients
+    };
+    metrics.limit_pregreet_max_clients.set(testing as f64);
     metrics
         .limit_reserved_for_allowed
         .set(config.reserved_for_allowed as f64);

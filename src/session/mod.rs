@@ -163,9 +163,9 @@ impl Gate {
                 };
                 self.placed(placed, span)
             }
-            Start::Screen(guard, live) => Phase::Open(Box::pin(
+            Start::Screen(screened, live) => Phase::Open(Box::pin(
                 self.clone()
-                    .screen(client, guard, Origin::peer(peer), live)
+                    .screen(client, screened, Origin::peer(peer), live)
                     .instrument(span),
             )),
             Start::AfterHeader(live, wait) => {
@@ -187,11 +187,11 @@ impl Gate {
             peer,
         } = placed;
         let entry = match entry {
-            Placement::Screen(guard) => {
+            Placement::Screen(screened) => {
                 let span = conn_span(origin.client);
                 return Phase::Open(Box::pin(
                     self.clone()
-                        .screen(client, guard, origin, live)
+                        .screen(client, screened, origin, live)
                         .instrument(span),
                 ));
             }
@@ -389,11 +389,11 @@ impl Gate {
         // The client the header names is tested as any client is, under its own address.
         if let Some(screened) = self.screen_triage(ip, &live) {
             return match screened {
-                Ok(guard) => Some(Placed {
+                Ok(screened) => Some(Placed {
                     client,
                     origin,
                     live,
-                    entry: Placement::Screen(guard),
+                    entry: Placement::Screen(screened),
                     peer,
                 }),
                 Err(refusal) => {
@@ -502,8 +502,9 @@ struct Placed {
 
 /// Where a placed client goes next.
 enum Placement {
-    /// The pregreet test first, holding its per-source slots only.
-    Screen(Guard),
+    /// The pregreet test first, holding its per-source slots and its place under the test
+    /// only.
+    Screen((Guard, crate::pregreet::Place)),
     /// Admitted, or in the queue.
     Entry(Entry),
 }

@@ -16,15 +16,29 @@ use crate::admission::{Global, Guard};
 use crate::backend::greeting;
 use crate::config::Pregreet;
 use crate::gate::{Entry, Gate, Live};
-use crate::pregreet::{Verdict, Watched};
+use crate::pregreet::{Place, Verdict, Watched};
 use crate::reason::{Refusal, RejectReason};
 
 impl Gate {
     /// In the accept loop, without I/O: whether a new client is screened, and if so its
-    /// per-source slots (the test holds no global slot) or its refusal.
+    /// per-source slots (the test holds no global slot) and its place under the test, or its
+    /// refusal.
     /// `None`: the test does not apply (off, an allowed or denied source, a cached pass, or a
-    /// cached failure under `ignore`), and admission goes on as before.
-    pub(crate) fn screen_triage(&self, ip: IpAddr, live: &Live) -> Option<Result<Guard, Refusal>> {
+    /// cached failure under `ignore`; or every place under the test is taken, under `ignore`
+    /// or a dry run), and admission goes on as before.
+    ///
+    /// The room is checked before the per-source limits: a client that finds it full is
+    /// refused as `queue_full` even if its source is over its own limit too.
+    ///
+    /// The places (`pregreet_max_clients`) bound the clients that hold a descriptor and no
+    /// slot while they are tested: without them, silent clients from many sources would take
+    /// every descriptor. Past them, `enforce` and `drop` answer a new client with the
+    /// global-limit 421 (`queue_full`, as a full queue does) before any teaser.
+    pub(crate) fn screen_triage(
+        &self,
+        ip: IpAddr,
+        live: &Live,
+    ) -> Option<Result<(Guard, Place), Refusal>> {
         let action = live.replies.pregreet;
         if action == Pregreet::Off || live.policy.classify(ip).listing.is_some() {
             return None;
@@ -36,24 +50,33 @@ impl Gate {
             Some(_) => return None,
             None => {}
         }
+        let Some(place) = self.pregreet.place(live.config.pregreet.max_clients) else {
+            if action.refuses() {
+                return Some(Err(self.refusal_of(RejectReason::QueueFull, ip, live)));
+            }
+            // Untested, it is admitted (and a dry run's would-be refusals counted) as any
+            // client is.
+            return None;
+        };
         match self.admission.admit_with(&live.policy, ip, Global::Leave) {
             Ok(admitted) => {
                 if let Some(r) = admitted.would_reject {
                     self.metrics.would_reject(r).increment(1);
                     self.summary.record_dry_run(r, admitted.guard.source());
                 }
-                Some(Ok(admitted.guard))
+                Some(Ok((admitted.guard, place)))
             }
             Err(refusal) => Some(Err(refusal)),
         }
     }
 
     /// The test itself, in the connection's task: the cluster's verdict after a local miss,
-    /// else the teaser and the watch; then, for a client that may go on, its capacity.
+    /// else the teaser and the watch; then, for a client that may go on, its capacity. The
+    /// client's `place` under the test is given back as soon as it has a verdict.
     pub(super) async fn screen(
         self: Arc<Self>,
         client: TcpStream,
-        guard: Guard,
+        (guard, place): (Guard, Place),
         mut origin: Origin,
         live: Arc<Live>,
     ) -> Opened {
@@ -61,11 +84,14 @@ impl Gate {
         let action = live.replies.pregreet;
         match self.pregreet.ask_cluster(ip).await {
             Some(Verdict::Fail) if action.refuses() => {
-                drop(guard);
+                drop((guard, place));
                 self.reject(client, RejectReason::Pregreet, ip, &live).await;
                 return Opened::Done;
             }
-            Some(_) => return self.after_screen(client, guard, origin, live).await,
+            Some(_) => {
+                drop(place);
+                return self.after_screen(client, guard, origin, live).await;
+            }
             None => {}
         }
         if greeting::write_all(&client, &live.replies.teaser)
@@ -93,6 +119,9 @@ impl Gate {
                 () = self.cut.cancelled() => None,
             }
         };
+        // Tested: the place goes to the next client, whatever comes next for this one (its
+        // answer, a slot, the queue, or the backend's greeting, which ends the test).
+        drop(place);
         match watched {
             None => {}
             Some(Watched::Gone) => return Opened::Done,

@@ -92,8 +92,9 @@ pub fn render(s: &Snapshot) -> String {
     summary(&mut out, s);
     if let Some(p) = &s.pregreet {
         out.push_str(&format!(
-            "pregreet {}: {} sources cached as passed, {} as failed\n",
-            p.action, p.cached_pass, p.cached_fail
+            "pregreet {}: {} of {} clients under the test, {} sources cached as passed, {} as \
+             failed\n",
+            p.action, p.testing, p.max_clients, p.cached_pass, p.cached_fail
         ));
     }
     if let Some(c) = &s.cluster {

@@ -85,6 +85,11 @@ pub struct PregreetView {
     /// Sources remembered as passed, and as failed.
     pub cached_pass: usize,
     pub cached_fail: usize,
+    /// Clients under the test now, and the most there may be (`pregreet_max_clients`).
+    #[serde(default)]
+    pub testing: usize,
+    #[serde(default)]
+    pub max_clients: usize,
 }
 
 /// This instance's membership in a cluster, and the counts as Redis sees them.
@@ -212,6 +217,8 @@ impl Snapshot {
                     action: format!("{:?}", live.replies.pregreet).to_lowercase(),
                     cached_pass: counts.pass,
                     cached_fail: counts.fail,
+                    testing: gate.pregreet.testing(),
+                    max_clients: live.config.pregreet.max_clients,
                 }
             }),
         }

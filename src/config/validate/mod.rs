@@ -46,7 +46,7 @@ impl Settings {
         let moving = forwarding(&self)?;
         let hostname = hostname(self.hostname.clone())?;
         let cluster = cluster(&self.cluster)?;
-        let pregreet = pregreet::pregreet(&self)?;
+        let pregreet = pregreet::pregreet(&self, queue.max_queued)?;
         Ok(Config {
             listen,
             listen_set: !self.listen.is_empty(),
