@@ -248,6 +248,10 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
     let (summary, sources) = (Arc::default(), Arc::default());
     let tally = Tally::new(metrics.clone(), Arc::clone(&summary), Arc::clone(&sources));
+    // Held to their share when the descriptor limit is short (the limit does not change at a
+    // reload, so neither do they).
+    let refusal_bounds =
+        crate::descriptors::refusal_bounds(&live.config, worker_count(&live.config));
     Arc::new(Gate {
         pregreet: Arc::new(pregreet),
         mode: forwarding_mode(&live.config, metrics),
@@ -259,7 +263,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
             metrics.queue_wait_seconds.clone(),
         ),
         wake,
-        closer: Closer::new(tally),
+        closer: Closer::with_bounds(tally, refusal_bounds),
         summary,
         sources,
         reloads: crate::gate::Reloads::default(),
@@ -343,7 +347,7 @@ impl Running {
 
     /// Refused connections lingering right now (answered, waiting for the client's FIN).
     pub fn lingering(&self) -> usize {
-        crate::reply::MAX_LINGERING - self.gate.closer.bound().available_permits()
+        self.gate.closer.lingering()
     }
 
     /// Denied clients in their 554 dialogue right now.
