@@ -231,6 +231,7 @@ async fn out_of_descriptors_waiters_are_served_and_newcomers_answered() {
         unavailable.clone(),
     );
     // Out of descriptors: the accept loops have met EMFILE.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let page = scrape_within_2s(metrics).await;
         if sample(&page, emfile) > 0.0 {

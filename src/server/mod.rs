@@ -248,8 +248,8 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
     let (summary, sources) = (Arc::default(), Arc::default());
     let tally = Tally::new(metrics.clone(), Arc::clone(&summary), Arc::clone(&sources));
-    // Held to their share when the descriptor limit is short (the limit does not change at a
-    // reload, so neither do they).
+    // Held to their share when the descriptor limit is short. Set once, here: a reload that
+    // changes the budget (the listeners, the PROXY headers) keeps them until a restart.
     let refusal_bounds =
         crate::descriptors::refusal_bounds(&live.config, worker_count(&live.config));
     Arc::new(Gate {
