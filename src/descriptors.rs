@@ -110,10 +110,6 @@ pub struct Caps {
     pub max_connections: usize,
     pub max_queued: usize,
     pub pregreet_max_clients: usize,
-    /// Refused clients lingering after their reply, and denied clients in their dialogue, at
-    /// most: their quarter of the room, split as their full bounds are.
-    pub lingering: usize,
-    pub denying: usize,
 }
 
 /// A descriptor limit short of a config's budget: what it is, and the caps that fit under it.
@@ -162,13 +158,10 @@ impl std::fmt::Display for Shortfall {
             f,
             "the descriptor limit (RLIMIT_NOFILE soft {}, hard {}) is below what this config \
              can hold open, {}: until it is raised, {held}, so that a client granted a slot \
-             has its backend descriptor (refused clients linger {} at most, denied ones \
-             talk {} at most); raise LimitNOFILE to at least {}, or lower {lower}",
+             has its backend descriptor; raise LimitNOFILE to at least {}, or lower {lower}",
             self.soft,
             self.hard.map_or("unlimited".to_string(), |h| h.to_string()),
             self.budget,
-            self.caps.lingering,
-            self.caps.denying,
             self.budget.total(),
         )
     }
@@ -183,18 +176,7 @@ impl std::fmt::Display for Shortfall {
 /// descriptor free: every waiter's, tested client's and session's descriptors are counted.
 pub fn caps(config: &Config, budget: &Budget, limit: u64) -> Caps {
     let rest = limit.saturating_sub(budget.headers + budget.listeners + budget.margin);
-    let refused = budget.lingering.min(rest / 4);
-    let room = rest - refused;
-    // Held by the closer itself ([`crate::reply::Closer::with_bounds`]): the share is what
-    // the others were sized around, so it must hold, not only be counted.
-    let (max_lingering, max_denying) = (
-        crate::reply::MAX_LINGERING as u64,
-        crate::reply::MAX_DENYING as u64,
-    );
-    let lingering = (refused * max_lingering)
-        .checked_div(budget.lingering)
-        .map_or(0, |l| l.max(1));
-    let denying = refused.saturating_sub(lingering).min(max_denying);
+    let room = rest - budget.lingering.min(rest / 4);
     let per_session = if budget.pipes > 0 { 4 } else { 2 };
     let configured = config.max_connections as u64;
     // Never 0 from a nonzero limit: 0 would refuse everyone.
@@ -219,22 +201,6 @@ pub fn caps(config: &Config, budget: &Budget, limit: u64) -> Caps {
         } else {
             screening.max(budget.screening.min(1)) as usize
         },
-        lingering: lingering.min(max_lingering) as usize,
-        denying: denying as usize,
-    }
-}
-
-/// The bounds of the refused clients that linger and of the denied clients' dialogues under
-/// the soft limit in force: their full bounds when it holds `config`'s budget, else their
-/// share of what it holds ([`caps`]).
-pub fn refusal_bounds(config: &Config, workers: usize) -> (usize, usize) {
-    let budget = Budget::of(config, workers);
-    match limits().0 {
-        Some(soft) if soft < budget.total() => {
-            let held = caps(config, &budget, soft);
-            (held.lingering, held.denying)
-        }
-        _ => (crate::reply::MAX_LINGERING, crate::reply::MAX_DENYING),
     }
 }
 

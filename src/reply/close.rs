@@ -40,24 +40,14 @@ pub const MAX_DENYING: usize = 256;
 pub struct Closer {
     pub(super) lingering: Arc<Semaphore>,
     pub(super) denying: Arc<Semaphore>,
-    /// The two bounds: [`MAX_LINGERING`] and [`MAX_DENYING`], or less under a descriptor limit
-    /// that cannot hold them ([`crate::descriptors::refusal_bounds`]).
-    bounds: (usize, usize),
     tally: Arc<Tally>,
 }
 
 impl Closer {
     pub fn new(tally: Tally) -> Closer {
-        Closer::with_bounds(tally, (MAX_LINGERING, MAX_DENYING))
-    }
-
-    /// A closer that lets at most `lingering` refused clients linger and `denying` denied
-    /// ones talk at once.
-    pub fn with_bounds(tally: Tally, (lingering, denying): (usize, usize)) -> Closer {
         Closer {
-            lingering: Arc::new(Semaphore::new(lingering)),
-            denying: Arc::new(Semaphore::new(denying)),
-            bounds: (lingering, denying),
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            denying: Arc::new(Semaphore::new(MAX_DENYING)),
             tally: Arc::new(tally),
         }
     }
@@ -91,17 +81,7 @@ impl Closer {
 
     /// Denied clients in their dialogue right now.
     pub fn denying(&self) -> usize {
-        self.bounds.1 - self.denying.available_permits()
-    }
-
-    /// Refused clients lingering right now.
-    pub fn lingering(&self) -> usize {
-        self.bounds.0 - self.lingering.available_permits()
-    }
-
-    /// The lingering and denying bounds in force.
-    pub fn bounds(&self) -> (usize, usize) {
-        self.bounds
+        MAX_DENYING - self.denying.available_permits()
     }
 
     /// Writes `line`, half-closes, drains what the client still sends for a bounded time, then
@@ -136,30 +116,13 @@ impl Closer {
     /// RFC 5321 §3.1 for a client that will never be accepted: greet with 554, answer every
     /// command with 503 until QUIT, which gets 221. Bounded by [`DENY_TIME`] and [`DENY_BYTES`],
     /// and by [`MAX_DENYING`]: past it the client gets the greeting and a close.
-    pub async fn deny(&self, stream: TcpStream, replies: &Replies) {
-        let Ok(place) = self.denying.clone().try_acquire_owned() else {
+    pub async fn deny(&self, mut stream: TcpStream, replies: &Replies) {
+        let greeting = replies.line(RejectReason::Denied);
+        let Ok(_permit) = self.denying.try_acquire() else {
             // Past the bound: the greeting and a close, without taking one of the lingering
             // slots the other refused clients need.
-            return line_and_close(stream, replies.line(RejectReason::Denied)).await;
+            return line_and_close(stream, greeting).await;
         };
-        self.deny_dialogue(stream, replies, place).await
-    }
-
-    /// A denied client's place in the dialogues, taken where it was refused: the accept loop
-    /// takes it before it spawns the dialogue's task, so a burst never holds more sockets in
-    /// tasks than the bound.
-    pub(super) fn dialogue_place(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.denying.clone().try_acquire_owned().ok()
-    }
-
-    /// The dialogue itself, holding `_place` until it ends.
-    pub(super) async fn deny_dialogue(
-        &self,
-        mut stream: TcpStream,
-        replies: &Replies,
-        _place: tokio::sync::OwnedSemaphorePermit,
-    ) {
-        let greeting = replies.line(RejectReason::Denied);
         let dialogue = async {
             stream.write_all(greeting).await?;
             let mut pending: Vec<u8> = Vec::new();

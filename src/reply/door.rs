@@ -54,31 +54,27 @@ impl Door {
         let reason = refusal.reason;
         #[cfg(target_os = "linux")]
         let stream = match reason {
-            // A denied client's dialogue place is taken here, before its task exists. Past the
-            // bound it gets its greeting and the close here, at once, taking no lingering slot
-            // (those are the other refusals'): a task each would hold a descriptor per client
-            // of a burst, beyond every bound, until the tasks ran.
-            RejectReason::Denied => match self.closer.dialogue_place() {
-                Some(place) => {
-                    if let Ok(s) = TcpStream::from_std(stream) {
-                        let (closer, replies) = (self.closer.clone(), replies.clone());
-                        tasks.spawn(async move { closer.deny_dialogue(s, &replies, place).await });
-                    }
-                    return;
-                }
-                None => {
-                    use std::io::Write;
-                    // One short line into an empty send buffer: it fits.
-                    let _ = (&stream).write(replies.line(reason));
-                    let _ = stream.shutdown(std::net::Shutdown::Write);
-                    return;
-                }
-            },
-            RejectReason::BadProxyHeader => stream,
+            RejectReason::Denied | RejectReason::BadProxyHeader => stream,
             RejectReason::Pregreet if replies.pregreet == crate::config::Pregreet::Enforce => {
                 stream
             }
-            _ => return self.lingered(stream, replies.line(reason), tasks),
+            _ => {
+                let line = replies.line(reason);
+                match self.lingerer.refuse(stream, line) {
+                    super::linger::Lingered::Done => return,
+                    super::linger::Lingered::Partial { socket, written } => {
+                        // Only a zero window at connect time gets here: finish in a task.
+                        let rest = line[written..].to_vec();
+                        if let Ok(s) = TcpStream::from_std(socket) {
+                            let closer = self.closer.clone();
+                            tasks.spawn(async move {
+                                closer.reply_and_close(s, &rest).await;
+                            });
+                        }
+                        return;
+                    }
+                }
+            }
         };
         let stream = match TcpStream::from_std(stream) {
             Ok(s) => s,
@@ -89,24 +85,6 @@ impl Door {
         };
         let (closer, replies) = (self.closer.clone(), replies.clone());
         tasks.spawn(async move { closer.answer(stream, reason, &replies).await });
-    }
-
-    /// A one-line refusal, answered and lingered on in this loop's set.
-    #[cfg(target_os = "linux")]
-    fn lingered(&mut self, stream: std::net::TcpStream, line: &[u8], tasks: &TaskTracker) {
-        match self.lingerer.refuse(stream, line) {
-            super::linger::Lingered::Done => {}
-            super::linger::Lingered::Partial { socket, written } => {
-                // Only a zero window at connect time gets here: finish in a task.
-                let rest = line[written..].to_vec();
-                if let Ok(s) = TcpStream::from_std(socket) {
-                    let closer = self.closer.clone();
-                    tasks.spawn(async move {
-                        closer.reply_and_close(s, &rest).await;
-                    });
-                }
-            }
-        }
     }
 }
 

@@ -248,10 +248,6 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
         crate::pregreet::Screen::new(metrics, cluster.clone(), live.config.state_dir.as_deref());
     let (summary, sources) = (Arc::default(), Arc::default());
     let tally = Tally::new(metrics.clone(), Arc::clone(&summary), Arc::clone(&sources));
-    // Held to their share when the descriptor limit is short. Set once, here: a reload that
-    // changes the budget (the listeners, the PROXY headers) keeps them until a restart.
-    let refusal_bounds =
-        crate::descriptors::refusal_bounds(&live.config, worker_count(&live.config));
     Arc::new(Gate {
         pregreet: Arc::new(pregreet),
         mode: forwarding_mode(&live.config, metrics),
@@ -263,7 +259,7 @@ fn build_gate(config: Config, metrics: &Arc<Metrics>) -> Arc<Gate> {
             metrics.queue_wait_seconds.clone(),
         ),
         wake,
-        closer: Closer::with_bounds(tally, refusal_bounds),
+        closer: Closer::new(tally),
         summary,
         sources,
         reloads: crate::gate::Reloads::default(),
@@ -347,7 +343,7 @@ impl Running {
 
     /// Refused connections lingering right now (answered, waiting for the client's FIN).
     pub fn lingering(&self) -> usize {
-        self.gate.closer.lingering()
+        crate::reply::MAX_LINGERING - self.gate.closer.bound().available_permits()
     }
 
     /// Denied clients in their 554 dialogue right now.

@@ -23,24 +23,6 @@ pub fn raise_nofile() {
     );
 }
 
-/// Lowers process `pid`'s RLIMIT_NOFILE, soft and hard, to `to`: descriptors spent outside
-/// what mxgate counts (another program's `prlimit`, here). mxgate holds the refused clients,
-/// like everything else, to its budget under the limit it started with, so only a limit
-/// lowered under it (or descriptors used by something it does not count) exhausts it.
-pub fn lower_nofile(pid: u32, to: u64) {
-    use rustix::process::{prlimit, Pid, Resource, Rlimit};
-    let pid = Pid::from_raw(pid as i32).expect("a live process");
-    prlimit(
-        Some(pid),
-        Resource::Nofile,
-        Rlimit {
-            current: Some(to),
-            maximum: Some(to),
-        },
-    )
-    .expect("prlimit lowers another process's limit");
-}
-
 /// The first line a client reads, within `wait`; `None` if nothing whole came.
 pub async fn first_line(s: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
     let mut line = Vec::new();
